@@ -1,0 +1,82 @@
+#!/bin/sh
+# agentize-fleet run wrapper: the one way every agent run starts, locally and over SSH.
+#
+#   sh runner.sh RUN_DIR LEASE_FILE LEASE_TIMEOUT WORKDIR -- ARGV...
+#
+# The agent (ARGV, executed without a shell) runs in a session of its own, so that its process
+# group id is its pid and `kill -SIG -- -PID` reaches its whole tree.  Files in RUN_DIR:
+#   stdout, stderr  the agent's output, appended (read back from any byte offset)
+#   pid             "PID START_TICKS" (field 22 of /proc/PID/stat), written atomically
+#   wrapper         the wrapper's own pid
+#   exit            the agent's exit status (128+N when killed by signal N), written atomically
+#   note            why the wrapper intervened (lease expired), if it did
+# A watchdog kills the agent's group when LEASE_FILE has not been touched for LEASE_TIMEOUT
+# seconds (0 disables it): a run never outlives its supervisor unnoticed.  When the agent ends,
+# whatever it left behind in its group is killed too (systemd's KillMode=control-group).
+# POSIX sh, coreutils and util-linux's setsid only: remote machines need nothing else.
+set -u
+run_dir=$1
+lease=$2
+lease_timeout=$3
+workdir=$4
+shift 5
+
+echo $$ >"$run_dir/wrapper"
+: >>"$run_dir/stdout"
+: >>"$run_dir/stderr"
+
+if ! cd "$workdir" 2>>"$run_dir/stderr"; then
+    echo 127 >"$run_dir/exit.tmp" && mv -f "$run_dir/exit.tmp" "$run_dir/exit"
+    exit 127
+fi
+
+# The inner sh records its own pid and start time after setsid (so pid == pgid == sid), then
+# becomes the agent with exec, which keeps both.
+setsid sh -c '
+    f=$1
+    shift
+    read -r st </proc/self/stat || st=""
+    start() { ticks=${20}; }
+    set -f
+    start ${st##*) }
+    set +f
+    echo "$$ $ticks" >"$f.tmp" && mv -f "$f.tmp" "$f"
+    exec "$@"
+' agentize-fleet-run "$run_dir/pid" "$@" </dev/null >>"$run_dir/stdout" 2>>"$run_dir/stderr" &
+agent=$!
+
+dog=""
+case "$lease_timeout" in
+0 | 0.0 | "") ;;
+*)
+    limit=${lease_timeout%%.*}
+    [ "$limit" -ge 1 ] 2>/dev/null || limit=1
+    every=$((limit / 3))
+    [ "$every" -ge 1 ] || every=1
+    (
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        while :; do
+            sleep "$every" &
+            nap=$!
+            wait "$nap"
+            now=$(date +%s)
+            seen=$(stat -c %Y "$lease" 2>/dev/null || echo 0)
+            if [ $((now - seen)) -gt "$limit" ]; then
+                echo "lease $lease not renewed for ${limit}s: stopping the run" >>"$run_dir/note"
+                kill -s TERM -- "-$agent" 2>/dev/null
+                sleep 5
+                kill -s KILL -- "-$agent" 2>/dev/null
+                exit 0
+            fi
+        done
+    ) </dev/null >/dev/null 2>&1 &
+    dog=$!
+    ;;
+esac
+
+wait "$agent"
+code=$?
+kill -s KILL -- "-$agent" 2>/dev/null
+[ -n "$dog" ] && kill "$dog" 2>/dev/null
+echo "$code" >"$run_dir/exit.tmp" && mv -f "$run_dir/exit.tmp" "$run_dir/exit"
+exit 0
