@@ -1,0 +1,344 @@
+"""The fleet config: one TOML file, overridable by environment variables and CLI flags.
+
+This is the one place configuration is read and validated.  Precedence, highest first: CLI
+flags (passed as keyword overrides), environment variables ``AGENTIZE_FLEET_<FIELD>`` (nested
+with ``__``, e.g. ``AGENTIZE_FLEET_RESTART__MAX_CRASHES=5``), the TOML file.  Relative paths in
+the file are resolved against the file's directory, so a config works the same from cron's
+bare environment as from an interactive shell.
+
+Any problem becomes a :class:`ConfigError` whose message is one paragraph naming the file, the
+field and the fix -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "AGENTIZE_FLEET_"
+DEFAULT_CONFIG = Path("configs/fleet.toml")
+DEFAULT_MILESTONE_GLOBS = (
+    ".tmp/milestones/issue-{issue}-milestone-*.md",
+    ".milestones/issue-{issue}-milestone-*.md",
+)
+PLACEHOLDERS = frozenset({"issue", "title", "prompt", "workspace"})
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message says where, what and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentConfig(_Strict):
+    """How an agent run is started."""
+
+    command: list[str] = Field(
+        default_factory=lambda: ["claude", "-p", "{prompt}", "--dangerously-skip-permissions"],
+        min_length=1,
+        description="argument list, run without a shell; placeholders "
+        "{issue} {title} {prompt} {workspace}",
+    )
+    first_prompt: str = "/issue-to-impl {issue}"
+    resume_prompt: str = "Continue from the latest milestone"
+    env: dict[str, str] = Field(default_factory=dict)
+    usage_limit_patterns: list[str] | None = None
+    rate_limit_patterns: list[str] | None = None
+
+    @field_validator("command", "first_prompt", "resume_prompt")
+    @classmethod
+    def _known_placeholders(cls, value: str | list[str]) -> str | list[str]:
+        for text in [value] if isinstance(value, str) else value:
+            for name in re.findall(r"(?<!\{)\{([^{}]*)\}(?!\})", text):
+                if name not in PLACEHOLDERS:
+                    known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+                    raise ValueError(f"unknown placeholder {{{name}}}; known: {known}")
+        return value
+
+
+    @field_validator("usage_limit_patterns", "rate_limit_patterns")
+    @classmethod
+    def _regexes(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
+
+
+class RestartConfig(_Strict):
+    """Crash backoff, restart intensity and milestone caps (see ``policy.py``)."""
+
+    backoff_base: Annotated[float, Field(gt=0)] = 2.0
+    backoff_max: Annotated[float, Field(gt=0)] = 300.0
+    max_crashes: Annotated[int, Field(ge=0)] = 3
+    crash_window: Annotated[float, Field(gt=0)] = 600.0
+    max_milestones: Annotated[int, Field(ge=0)] = 20
+    max_usage_pauses: Annotated[int, Field(ge=0)] = 5
+    usage_pause_default: Annotated[float, Field(gt=0)] = 900.0
+
+
+class TaskConfig(_Strict):
+    """One unit of work: a GitHub issue number with an optional title and prompt."""
+
+    issue: Annotated[int, Field(gt=0)]
+    title: str = ""
+    prompt: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    machine: str | None = None
+
+
+class TasksConfig(_Strict):
+    """Where tasks come from: a fixed list, or GitHub issues through the ``gh`` CLI."""
+
+    source: Literal["list", "github"] = "list"
+    items: list[TaskConfig] = Field(default_factory=list)
+    repo: str | None = None
+    labels: list[str] = Field(default_factory=list)
+    assignee: str | None = None
+    milestone: str | None = None
+    skip_labels: list[str] = Field(default_factory=list)
+    limit: Annotated[int, Field(gt=0)] = 100
+    poll_interval: Annotated[float, Field(gt=0)] = 300.0
+
+
+class LocalMachineConfig(_Strict):
+    """The machine the supervisor runs on; ``max_agents = 0`` uses only remote machines."""
+
+    max_agents: Annotated[int, Field(ge=0)] = 3
+
+
+class SSHMachineConfig(_Strict):
+    """An SSH-reachable machine of the pool."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(gt=0, lt=65536)] = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = None
+    max_agents: Annotated[int, Field(ge=0)] = 2
+    workdir: str = "~/agentize-fleet"
+    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    keepalive_interval: Annotated[float, Field(gt=0)] = 5.0
+    keepalive_count_max: Annotated[int, Field(gt=0)] = 3
+    unreachable_after: Annotated[float, Field(gt=0)] = 120.0
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "agentize_fleet_config_file", default=None
+)
+
+
+class FleetConfig(BaseSettings):
+    """A whole fleet: repository, machines, tasks, agent command, policies."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "fleet"
+    repository: Annotated[str, Field(min_length=1)]
+    default_branch: str | None = None
+    workspace_root: str = "~/.local/share/agentize-fleet/workspaces"
+    clone_name: str | None = None
+    worktree_name: str = "issue-{issue}"
+    concurrency: Annotated[int, Field(ge=1)] = 3
+    start_interval: Annotated[float, Field(ge=0)] = 2.0
+    stop_timeout: Annotated[float, Field(gt=0)] = 10.0
+    lease_timeout: Annotated[float, Field(ge=0)] = 60.0
+    milestone_globs: list[str] = Field(default_factory=lambda: list(DEFAULT_MILESTONE_GLOBS))
+    state_dir: str | None = None
+    max_line_bytes: Annotated[int, Field(ge=1024)] = 65536
+    on_orphans: Literal["adopt", "stop"] = "adopt"
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    local: LocalMachineConfig = Field(default_factory=LocalMachineConfig)
+    machines: list[SSHMachineConfig] = Field(default_factory=list)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+
+    # Not a setting: the directory relative paths are resolved against.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_as_list(cls, data: Any) -> Any:
+        # ``[[tasks]]`` in TOML is the common form: a plain list of tasks.
+        if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+            data = {**data, "tasks": {"items": data["tasks"]}}
+        return data
+
+    @field_validator("worktree_name")
+    @classmethod
+    def _worktree_name(cls, value: str) -> str:
+        if "{issue}" not in value or "/" in value:
+            raise ValueError('must contain {issue} and no "/" (e.g. "issue-{issue}")')
+        if not value.startswith("issue-{issue}"):
+            raise ValueError(
+                'must start with "issue-{issue}" so that Agentize\'s `wt pathto N` finds it'
+            )
+        unknown = set(re.findall(r"\{([^{}]*)\}", value)) - {"issue", "slug"}
+        if unknown:
+            first = sorted(unknown)[0]
+            raise ValueError(f"unknown placeholder {{{first}}}; known: {{issue}} {{slug}}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FleetConfig:
+        names = [m.name for m in self.machines]
+        if "local" in names:
+            raise ValueError('machines: the name "local" is reserved for this machine')
+        if len(set(names)) != len(names):
+            raise ValueError("machines: two machines share a name; give each its own `name`")
+        if self.local.max_agents == 0 and not any(m.max_agents for m in self.machines):
+            raise ValueError(
+                "local.max_agents is 0 and no SSH machine has max_agents > 0: "
+                "no agent could ever run"
+            )
+        issues = [t.issue for t in self.tasks.items]
+        if len(set(issues)) != len(issues):
+            dup = sorted({i for i in issues if issues.count(i) > 1})[0]
+            raise ValueError(f"tasks: issue {dup} is listed twice")
+        known = {"local", *names}
+        for task in self.tasks.items:
+            if task.machine is not None and task.machine not in known:
+                raise ValueError(
+                    f"tasks: issue {task.issue} names machine {task.machine!r}, "
+                    f"which is not configured (known: {', '.join(sorted(known))})"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # -- resolved views -------------------------------------------------------------------
+
+    def resolve(self, path: str) -> Path:
+        """A config path made absolute: ``~`` expanded, relative to the config's directory."""
+        expanded = Path(os.path.expanduser(path))
+        return expanded if expanded.is_absolute() else (self.base_dir / expanded).resolve()
+
+    @property
+    def repository_url(self) -> str:
+        """The repository as git should see it: URLs as given, local paths made absolute."""
+        repo = self.repository
+        if "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo):
+            return repo
+        return str(self.resolve(repo))
+
+    @property
+    def state_path(self) -> Path:
+        """Where run logs, summaries and the state file live."""
+        if self.state_dir:
+            return self.resolve(self.state_dir)
+        base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return Path(base) / "agentize-fleet" / self.name
+
+    @property
+    def clone_dir_name(self) -> str:
+        """``NAME.git``, the worker clone's directory name."""
+        tail = self.repository.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+        name = self.clone_name or tail
+        return name if name.endswith(".git") else f"{name}.git"
+
+    @property
+    def agent_command(self) -> list[str]:
+        """The command template with a relative program path resolved like other paths."""
+        program, *rest = self.agent.command
+        if "/" in program and not program.startswith(("/", "~", "{")):
+            program = str(self.resolve(program))
+        elif program.startswith("~"):
+            program = os.path.expanduser(program)
+        return [program, *rest]
+
+
+def _fix_hint(field: str, error_type: str) -> str:
+    if error_type == "extra_forbidden":
+        return "remove it or check its spelling against configs/fleet.example.toml"
+    if error_type == "missing":
+        return "add it to the file (or set the environment variable)"
+    if field.endswith("concurrency"):
+        return "set it to 1 or more"
+    if error_type.startswith(("int", "float", "bool", "string", "list", "dict")):
+        return "give a value of the right type, as in configs/fleet.example.toml"
+    return "see configs/fleet.example.toml for a valid value"
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    loc = loc.replace("tasks.items.", "tasks.")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    env_name = ENV_PREFIX + loc.upper().replace(".", "__")
+    got = ""
+    if error["type"] not in ("missing",) and "input" in error and not isinstance(
+        error["input"], dict
+    ):
+        got = f" (got {error['input']!r})"
+    return (
+        f"field `{loc}`: {message}{got}; fix: {_fix_hint(loc, str(error['type']))} "
+        f"[env override: {env_name}]"
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> FleetConfig:
+    """Read, merge and validate the fleet config; raise :class:`ConfigError` on any problem."""
+    file = Path(path) if path is not None else DEFAULT_CONFIG
+    file = Path(os.path.expanduser(file))
+    if not file.is_file():
+        hint = (
+            "pass --config FILE, or copy configs/fleet.example.toml to configs/fleet.toml"
+            if path is None
+            else "check the path passed to --config"
+        )
+        raise ConfigError(f"config file {file} does not exist; fix: {hint}.")
+    try:
+        with file.open("rb") as handle:
+            tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}; fix the syntax at that line.") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read: {exc.strerror}.") from None
+    token = _config_file.set(file)
+    try:
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        config = FleetConfig(**clean)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{file}: invalid config: {problems}.") from None
+    except ValueError as exc:  # a malformed env override (e.g. bad JSON) lands here
+        raise ConfigError(f"{file}: invalid config: {exc}.") from None
+    finally:
+        _config_file.reset(token)
+    config.base_dir = file.resolve().parent
+    return config

@@ -1,0 +1,322 @@
+"""The machine the supervisor runs on.
+
+Runs start through ``runner.sh`` like everywhere else (see ``hosts/base.py``); the wrapper is
+our child in a session of its own (so a Ctrl-C at the terminal reaches the supervisor, which
+then stops the agents in order, rather than every process at once).  Output is read back from
+the run's files in-process, by byte offset: the agent never blocks on a slow supervisor, and a
+supervisor that died can be replaced by one that resumes reading where the old one stopped.
+
+Process trees are found with psutil and always checked against the recorded start time, so a
+pid reused by an unrelated process is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as globlib
+import os
+import signal as signals
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import psutil
+
+from supervisor.hosts.base import (
+    STREAMS,
+    Chunk,
+    CommandFailed,
+    CommandResult,
+    ExitStatus,
+    Host,
+    HostError,
+    RunHandle,
+    RunIdentity,
+    RunSpec,
+    Stream,
+    TreeStats,
+)
+
+READ_SIZE = 1 << 20
+POLL_MIN = 0.005
+POLL_MAX = 0.5
+PID_WAIT = 10.0
+
+
+def runner_script() -> str:
+    """Path of the packaged run wrapper."""
+    return str(resources.files("supervisor").joinpath("runner.sh"))
+
+
+def read_start_ticks(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks since boot), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def read_pid_file(path: str) -> tuple[int, int] | None:
+    """``(pid, start_ticks)`` from a wrapper's ``pid`` file, or None if not (yet) there."""
+    try:
+        pid_text, ticks_text = Path(path).read_text().split()
+        return int(pid_text), int(ticks_text)
+    except (OSError, ValueError):
+        return None
+
+
+def read_exit_file(run_dir: str) -> int | None:
+    try:
+        return int(Path(run_dir, "exit").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class LocalRunHandle(RunHandle):
+    """A run on this machine, started by us or found again after a supervisor restart."""
+
+    def __init__(
+        self, identity: RunIdentity, wrapper: anyio.abc.Process | None = None
+    ) -> None:
+        self.identity = identity
+        self._wrapper = wrapper
+        self._ended = anyio.Event()
+        self._status: ExitStatus | None = None
+        self._procs: dict[int, psutil.Process] = {}
+
+    # the process tree --------------------------------------------------------------------
+
+    def _leader(self) -> psutil.Process | None:
+        """The agent's process, if it still lives as the very process we started."""
+        ident = self.identity
+        if read_start_ticks(ident.pid) != ident.start_ticks:
+            return None
+        try:
+            proc = psutil.Process(ident.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    def _tree(self) -> list[psutil.Process]:
+        """The agent and all it started: its descendants and whatever stayed in its group."""
+        leader = self._leader()
+        if leader is None:
+            return []
+        found: dict[int, psutil.Process] = {leader.pid: leader}
+        with contextlib.suppress(psutil.Error):
+            for child in leader.children(recursive=True):
+                found[child.pid] = child
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.pid not in found and os.getpgid(proc.pid) == leader.pid:
+                    found[proc.pid] = proc
+        return list(found.values())
+
+    async def signal(self, signum: int) -> None:
+        for proc in self._tree():
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signum)
+        if self._leader() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.identity.pid, signum)
+
+    async def alive(self) -> bool:
+        return self._leader() is not None
+
+    async def stats(self) -> TreeStats:
+        tree = self._tree()
+        cpu = 0.0
+        rss = 0
+        live: dict[int, psutil.Process] = {}
+        for proc in tree:
+            cached = self._procs.get(proc.pid, proc)
+            with contextlib.suppress(psutil.Error):
+                cpu += cached.cpu_percent(interval=None)
+                rss += cached.memory_info().rss
+                live[proc.pid] = cached
+        self._procs = live
+        return TreeStats(processes=len(live), cpu_percent=cpu, rss_bytes=rss)
+
+    # its end -------------------------------------------------------------------------------
+
+    async def wait(self) -> ExitStatus:
+        if self._status is not None:
+            return self._status
+        run_dir = self.identity.run_dir
+        if self._wrapper is not None:
+            await self._wrapper.wait()
+        else:
+            delay = POLL_MIN
+            while read_exit_file(run_dir) is None and self._wrapper_alive():
+                await anyio.sleep(delay)
+                delay = min(delay * 2, POLL_MAX)
+        code = read_exit_file(run_dir)
+        if code is None:
+            # The wrapper died without recording the end (someone killed it): make sure
+            # nothing of the agent is left, and report the run as lost.
+            await self.signal(signals.SIGKILL)
+            self._status = ExitStatus(code=None, lost=True, reason="run wrapper vanished")
+        else:
+            self._status = ExitStatus(code=code)
+        self._ended.set()
+        return self._status
+
+    def _wrapper_alive(self) -> bool:
+        try:
+            pid = int(Path(self.identity.run_dir, "wrapper").read_text().strip())
+            proc = psutil.Process(pid)
+            return proc.status() != psutil.STATUS_ZOMBIE and any(
+                "runner.sh" in part for part in proc.cmdline()
+            )
+        except (OSError, ValueError, psutil.Error):
+            return False
+
+    # its output ------------------------------------------------------------------------------
+
+    async def output(self, offsets: Mapping[Stream, int] | None = None) -> AsyncIterator[Chunk]:
+        start = dict(offsets or {})
+        files = {s: open(Path(self.identity.run_dir, s), "rb") for s in STREAMS}  # noqa: SIM115
+        try:
+            position = {s: start.get(s, 0) for s in STREAMS}
+            for stream, handle in files.items():
+                handle.seek(position[stream])
+            delay = POLL_MIN
+            while True:
+                ended = self._ended.is_set() or (
+                    self._wrapper is None and read_exit_file(self.identity.run_dir) is not None
+                )
+                got = False
+                for stream, handle in files.items():
+                    while data := handle.read(READ_SIZE):
+                        got = True
+                        position[stream] += len(data)
+                        yield Chunk(stream, data, position[stream])
+                        if len(data) < READ_SIZE:
+                            break
+                if got:
+                    delay = POLL_MIN
+                    await anyio.lowlevel.checkpoint()
+                    continue
+                if ended:
+                    return
+                with anyio.move_on_after(delay):
+                    await self._ended.wait()
+                delay = min(delay * 2, POLL_MAX)
+        finally:
+            for handle in files.values():
+                handle.close()
+
+    def note_ended(self) -> None:
+        """Wake the output reader at once (the caller saw the run end)."""
+        self._ended.set()
+
+
+class LocalHost(Host):
+    """This machine: subprocesses, files and psutil."""
+
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
+        self._runner = runner_script()
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        check: bool = True,
+        timeout: float = 300.0,
+    ) -> CommandResult:
+        try:
+            with anyio.fail_after(timeout):
+                done = await anyio.run_process(
+                    list(argv), cwd=cwd, check=False, stdin=subprocess.DEVNULL
+                )
+        except TimeoutError:
+            command = " ".join(argv)
+            raise HostError(self.name, f"`{command}` took longer than {timeout:g}s") from None
+        except OSError as exc:
+            raise HostError(self.name, f"cannot run `{argv[0]}`: {exc.strerror}") from None
+        result = CommandResult(
+            done.returncode,
+            done.stdout.decode("utf-8", "replace"),
+            done.stderr.decode("utf-8", "replace"),
+        )
+        if check and result.exit_code != 0:
+            raise CommandFailed(self.name, argv, result)
+        return result
+
+    async def resolve_path(self, path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    async def glob(self, directory: str, patterns: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for pattern in patterns:
+            for match in globlib.glob(pattern, root_dir=directory):
+                found.add(match)
+        return found
+
+    async def touch_lease(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
+
+    async def start(self, spec: RunSpec) -> RunHandle:
+        run_dir = Path(spec.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        await self.touch_lease(spec.lease_path)
+        argv = [
+            "sh",
+            self._runner,
+            spec.run_dir,
+            spec.lease_path,
+            f"{spec.lease_timeout:g}",
+            spec.cwd,
+            "--",
+            *spec.argv,
+        ]
+        try:
+            wrapper = await anyio.open_process(
+                argv,
+                env={**os.environ, **spec.env},
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            raise HostError(self.name, f"cannot start the run wrapper: {exc.strerror}") from None
+        pid_file = str(run_dir / "pid")
+        with anyio.move_on_after(PID_WAIT):
+            delay = 0.0005
+            while (found := read_pid_file(pid_file)) is None and wrapper.returncode is None:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        found = read_pid_file(pid_file)
+        if found is None:
+            # The wrapper could not start the agent (bad cwd, no setsid): it recorded an exit
+            # code, or we stop it and report what it wrote.
+            if wrapper.returncode is None:
+                wrapper.kill()
+            await wrapper.wait()
+            detail = ""
+            with contextlib.suppress(OSError):
+                detail = (run_dir / "stderr").read_text(errors="replace").strip()[-300:]
+            raise HostError(self.name, f"the run did not start in {spec.cwd}: {detail}")
+        pid, ticks = found
+        return LocalRunHandle(RunIdentity(self.name, spec.run_dir, pid, ticks), wrapper)
+
+    async def attach(self, identity: RunIdentity) -> RunHandle | None:
+        if not Path(identity.run_dir).is_dir():
+            return None
+        return LocalRunHandle(identity)

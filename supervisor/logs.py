@@ -1,0 +1,309 @@
+"""Log records: every agent line and every supervisor event, tagged, numbered and multiplexed.
+
+One record per line, always with the same fields (DESIGN.md)::
+
+    {"ts", "fleet", "worker", "task", "machine", "run", "stream", "seq", "line"}
+
+``stream`` is ``stdout``, ``stderr`` or ``fleet`` (a supervisor event, which also carries
+``event`` and its own fields).  ``seq`` counts per worker without gaps, so a reader can prove
+that nothing was lost or reordered.  The JSONL file is the source of truth (``logs -f`` reads
+it); the terminal view is a rendering of the same records.
+
+Throughput matters: an agent can print hundreds of thousands of lines a second.  Output lines
+therefore take a fast path -- the record prefix is formatted once per chunk, the line is
+escaped by the C JSON encoder, writes are batched and flushed by a background task -- while
+supervisor events go through structlog like any other structured log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import structlog
+
+_encode: Callable[[str], str] = json.encoder.encode_basestring
+
+FLUSH_INTERVAL = 0.1
+FLUSH_BYTES = 1 << 20
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-28T07:05:12.345Z``."""
+    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# -- turning bytes into lines -------------------------------------------------------------
+
+
+def _utf8_cut(data: bytes, limit: int) -> int:
+    """The largest cut <= ``limit`` that does not split a UTF-8 character."""
+    cut = limit
+    while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > 0 else limit
+
+
+class LineSplitter:
+    """Splits one stream's bytes into text lines, never holding more than ``max_bytes``.
+
+    Invalid UTF-8 becomes U+FFFD; a line longer than ``max_bytes`` is emitted in pieces (cut on
+    character boundaries).  ``offset`` is the byte offset just after the last emitted line: the
+    point from which a re-attached reader must resume to lose and repeat nothing.
+    """
+
+    def __init__(self, max_bytes: int = 65536, offset: int = 0) -> None:
+        self.max_bytes = max_bytes
+        self.offset = offset
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        buf = self._pending + data if self._pending else data
+        end = buf.rfind(b"\n")
+        lines: list[str] = []
+        if end < 0:
+            self._pending = buf
+        else:
+            complete = buf[:end]
+            self._pending = buf[end + 1 :]
+            parts = complete.split(b"\n") if len(complete) > self.max_bytes else None
+            if parts is not None and any(len(part) > self.max_bytes for part in parts):
+                for part in parts:
+                    lines.extend(self._pieces(part, final=True))
+            else:
+                lines = complete.decode("utf-8", "replace").split("\n")
+            self.offset += end + 1
+        if len(self._pending) > self.max_bytes:
+            lines.extend(self._pieces(self._pending, final=False))
+        return lines
+
+    def _pieces(self, part: bytes, *, final: bool) -> list[str]:
+        """Cut an over-long line into pieces; keep a short tail pending unless ``final``."""
+        out: list[str] = []
+        while len(part) > self.max_bytes:
+            cut = _utf8_cut(part, self.max_bytes)
+            out.append(part[:cut].decode("utf-8", "replace"))
+            part = part[cut:]
+            if not final:
+                self.offset += cut
+        if final:
+            out.append(part.decode("utf-8", "replace"))
+        else:
+            self._pending = part
+        return out
+
+    def finish(self) -> list[str]:
+        """Whatever is left when the stream ends, as a last line (it had no newline)."""
+        if not self._pending:
+            return []
+        rest, self._pending = self._pending, b""
+        self.offset += len(rest)
+        return [rest.decode("utf-8", "replace")]
+
+
+# -- sinks ----------------------------------------------------------------------------------
+
+
+_COLOURS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91")
+
+
+def use_colour(stream: TextIO) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set (no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Who a record is about: the fields every record of one worker's run shares."""
+
+    worker: str
+    task: int | None
+    machine: str
+    run: int
+
+
+class ConsoleRenderer:
+    """Renders records as ``w2 #42 │ line`` with a colour per worker, aligned."""
+
+    def __init__(self, out: TextIO, *, colour: bool | None = None, width: int = 10) -> None:
+        self.out = out
+        self.colour = use_colour(out) if colour is None else colour
+        self.width = width
+        self._colour_of: dict[str, str] = {}
+
+    def prefix(self, worker: str, task: int | None, stream: str) -> str:
+        label = f"{worker} #{task}" if task is not None else worker
+        bar = {"stdout": "│", "stderr": "┃", "fleet": "┆"}.get(stream, "│")
+        text = f"{label:<{self.width}} {bar} "
+        if not self.colour:
+            return text
+        code = self._colour_of.setdefault(worker, _COLOURS[len(self._colour_of) % len(_COLOURS)])
+        if worker == "fleet":
+            code = "1"
+        return f"\x1b[{code}m{text}\x1b[0m"
+
+    def render(self, worker: str, task: int | None, stream: str, lines: Iterable[str]) -> str:
+        prefix = self.prefix(worker, task, stream)
+        if stream == "fleet" and self.colour:
+            return "".join(f"{prefix}\x1b[2m{line}\x1b[0m\n" for line in lines)
+        return "".join(f"{prefix}{line}\n" for line in lines)
+
+
+class LogMux:
+    """The one place records are made: numbers them, writes JSONL, renders the terminal view."""
+
+    def __init__(
+        self,
+        fleet: str,
+        jsonl_path: Path,
+        console: ConsoleRenderer | None,
+    ) -> None:
+        self.fleet = fleet
+        self.jsonl_path = jsonl_path
+        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(jsonl_path, "a", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
+        self._console = console
+        self._seq: dict[str, int] = {}
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._console_pending: list[str] = []
+        self._fleet_json = _encode(fleet)
+        self.records = 0
+        self.last_output: dict[str, float] = {}
+
+    # records ---------------------------------------------------------------------------
+
+    def seq(self, worker: str) -> int:
+        """The last ``seq`` given to ``worker`` (0 when none)."""
+        return self._seq.get(worker, 0)
+
+    def resume_seq(self, worker: str, seq: int) -> None:
+        """Continue ``worker``'s numbering after ``seq`` (used when a run is re-adopted)."""
+        self._seq[worker] = max(self._seq.get(worker, 0), seq)
+
+    def _head(self, tag: Tag, stream: str, ts: str) -> str:
+        task = "null" if tag.task is None else str(tag.task)
+        return (
+            f'{{"ts":"{ts}","fleet":{self._fleet_json},"worker":{_encode(tag.worker)},'
+            f'"task":{task},"machine":{_encode(tag.machine)},"run":{tag.run},'
+            f'"stream":"{stream}",'
+        )
+
+    def output(self, tag: Tag, stream: str, lines: list[str]) -> None:
+        """Record agent output lines (fast path)."""
+        if not lines:
+            return
+        now = time.time()
+        head = self._head(tag, stream, utc_timestamp(now))
+        seq = self._seq.get(tag.worker, 0)
+        parts = [f'{head}"seq":{seq + i},"line":{_encode(line)}}}\n' for i, line in
+                 enumerate(lines, 1)]
+        self._seq[tag.worker] = seq + len(lines)
+        self.last_output[tag.worker] = now
+        self._append(parts)
+        if self._console is not None:
+            self._console_pending.append(self._console.render(tag.worker, tag.task, stream, lines))
+
+    def event(self, tag: Tag, event: str, message: str, fields: Mapping[str, Any]) -> None:
+        """Record a supervisor event (stream ``fleet``)."""
+        seq = self._seq.get(tag.worker, 0) + 1
+        self._seq[tag.worker] = seq
+        record: dict[str, Any] = {
+            "ts": utc_timestamp(),
+            "fleet": self.fleet,
+            "worker": tag.worker,
+            "task": tag.task,
+            "machine": tag.machine,
+            "run": tag.run,
+            "stream": "fleet",
+            "seq": seq,
+            "line": message,
+            "event": event,
+        }
+        for key, value in fields.items():
+            record.setdefault(key, value)
+        self._append([json.dumps(record, ensure_ascii=False, default=str) + "\n"])
+        if self._console is not None:
+            self._console_pending.append(
+                self._console.render(tag.worker, tag.task, "fleet", [message])
+            )
+            self.flush()
+
+    def _append(self, parts: list[str]) -> None:
+        self._pending.extend(parts)
+        self.records += len(parts)
+        self._pending_bytes += sum(map(len, parts))
+        if self._pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    # writing ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self._pending:
+            self._file.write("".join(self._pending))
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._file.flush()
+        if self._console_pending and self._console is not None:
+            try:
+                self._console.out.write("".join(self._console_pending))
+                self._console.out.flush()
+            except (BrokenPipeError, ValueError):
+                self._console = None  # the terminal went away; the JSONL still has everything
+            self._console_pending.clear()
+
+    async def flush_periodically(self, interval: float = FLUSH_INTERVAL) -> None:
+        """Flush batched writes every ``interval`` seconds until cancelled."""
+        while True:
+            await anyio.sleep(interval)
+            self.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+
+    # structlog ---------------------------------------------------------------------------
+
+    def logger(self, tag: Tag) -> structlog.typing.FilteringBoundLogger:
+        """A structlog logger whose events become ``fleet`` records of ``tag``'s worker."""
+        mux = self
+
+        def sink(
+            _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+        ) -> Mapping[str, Any]:
+            event = str(event_dict.pop("event", ""))
+            message = str(event_dict.pop("msg", event))
+            worker_tag = Tag(
+                worker=str(event_dict.pop("worker", tag.worker)),
+                task=event_dict.pop("task", tag.task),
+                machine=str(event_dict.pop("machine", tag.machine)),
+                run=int(event_dict.pop("run", tag.run)),
+            )
+            mux.event(worker_tag, event, message, event_dict)
+            raise structlog.DropEvent
+
+        logger: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
+            None,
+            processors=[structlog.processors.add_log_level, sink],
+            wrapper_class=structlog.make_filtering_bound_logger(0),
+        )
+        return logger
+
+
+def terminal_console() -> ConsoleRenderer:
+    """The terminal view on standard output."""
+    return ConsoleRenderer(sys.stdout)

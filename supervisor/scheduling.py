@@ -1,0 +1,135 @@
+"""Who may start a run now: the global cap, per-machine caps and the start stagger.
+
+:func:`choose_machine` is the pure rule (least-loaded machine with room, under the global
+cap); :class:`SlotPool` applies it to waiters in FIFO order with anyio events; and
+:class:`StartGate` keeps a minimum gap between two agent starts across the fleet, because
+agent CLIs started in a burst hit burst rate limits and race on their shared settings files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import anyio
+
+
+def choose_machine(
+    running: Mapping[str, int],
+    capacity: Mapping[str, int],
+    *,
+    total_cap: int,
+    preferred: str | None = None,
+    closed: frozenset[str] = frozenset(),
+) -> str | None:
+    """The machine a new run should go to now, or None when none has room.
+
+    ``preferred`` pins the run to one machine (its workspace lives there).  Otherwise the
+    least-loaded machine (lowest share of its capacity in use; ties by order) wins.  Machines in
+    ``closed`` (paused, unreachable) take no new runs.
+    """
+    if sum(running.values()) >= total_cap:
+        return None
+    if preferred is not None:
+        ok = preferred not in closed and running.get(preferred, 0) < capacity.get(preferred, 0)
+        return preferred if ok else None
+    best: str | None = None
+    best_load = math.inf
+    for name, cap in capacity.items():
+        if name in closed or cap <= 0 or running.get(name, 0) >= cap:
+            continue
+        load = running.get(name, 0) / cap
+        if load < best_load:
+            best, best_load = name, load
+    return best
+
+
+@dataclass
+class _Waiter:
+    preferred: str | None
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    machine: str | None = None
+
+
+class SlotPool:
+    """Run slots under a global cap and per-machine caps, handed out first come, first served."""
+
+    def __init__(self, total_cap: int, capacity: Mapping[str, int]) -> None:
+        self.total_cap = total_cap
+        self.capacity = dict(capacity)
+        self.running = dict.fromkeys(capacity, 0)
+        self.closed: set[str] = set()
+        self.peak = 0
+        self._waiters: deque[_Waiter] = deque()
+
+    @property
+    def total(self) -> int:
+        return sum(self.running.values())
+
+    async def acquire(self, preferred: str | None = None) -> str:
+        """Wait for a slot (on ``preferred`` if given) and return the machine it is on."""
+        waiter = _Waiter(preferred)
+        self._waiters.append(waiter)
+        self._dispatch()
+        try:
+            await waiter.ready.wait()
+        except BaseException:
+            if waiter.machine is not None:
+                self.release(waiter.machine)
+            else:
+                self._waiters.remove(waiter)
+            raise
+        assert waiter.machine is not None
+        return waiter.machine
+
+    def release(self, machine: str) -> None:
+        self.running[machine] -= 1
+        self._dispatch()
+
+    def close(self, machine: str) -> None:
+        """Take no new runs on ``machine`` (paused or unreachable) until :meth:`reopen`."""
+        self.closed.add(machine)
+
+    def reopen(self, machine: str) -> None:
+        self.closed.discard(machine)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        # FIFO, but a waiter pinned to a full machine does not block the others behind it.
+        for waiter in list(self._waiters):
+            machine = choose_machine(
+                self.running,
+                self.capacity,
+                total_cap=self.total_cap,
+                preferred=waiter.preferred,
+                closed=frozenset(self.closed),
+            )
+            if machine is None:
+                if self.total >= self.total_cap:
+                    return
+                continue
+            self._waiters.remove(waiter)
+            self.running[machine] += 1
+            self.peak = max(self.peak, self.total)
+            waiter.machine = machine
+            waiter.ready.set()
+
+
+class StartGate:
+    """At least ``interval`` seconds between two starts, fleet-wide."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = anyio.Lock()
+        self._last = -math.inf
+
+    async def wait_turn(self) -> None:
+        if self.interval <= 0:
+            return
+        async with self._lock:
+            delay = self._last + self.interval - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+            self._last = anyio.current_time()

@@ -1,0 +1,492 @@
+"""One worker: a task bound to a machine and a worktree, driven through its runs.
+
+The worker owns the I/O of a task's life -- preparing the worktree, starting runs through its
+:class:`~supervisor.hosts.base.Host`, pumping their output into the log, noticing milestones --
+and asks the pure parts what to do: :func:`supervisor.lifecycle.advance` for every state
+change and :func:`supervisor.policy.decide` after every run.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import random
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from supervisor import policy
+from supervisor.config import FleetConfig, TaskConfig
+from supervisor.hosts.base import ExitStatus, Host, HostError, RunHandle, RunSpec
+from supervisor.lifecycle import WorkerState, advance
+from supervisor.limits import LimitDetector, LimitHit, LimitPatterns
+from supervisor.logs import LineSplitter, LogMux, Tag
+from supervisor.scheduling import SlotPool, StartGate
+from supervisor.workspace import Clone, ensure_worktree, worktree_name
+
+_PLACEHOLDER = re.compile(r"\{(issue|title|prompt|workspace)\}")
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Fill ``{issue}``-style placeholders once; values are never re-scanned or shell-parsed."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+class StopControl:
+    """The fleet's stop request: graceful first, forced on a second request."""
+
+    def __init__(self) -> None:
+        self.requested = anyio.Event()
+        self.forced = anyio.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if self.requested.is_set():
+            self.forced.set()
+        else:
+            self.reason = reason
+            self.requested.set()
+
+
+@dataclass
+class WorkerStatus:
+    """What ``status`` and the summary show of one worker."""
+
+    worker: str
+    task: int
+    title: str
+    state: WorkerState = WorkerState.PENDING
+    machine: str | None = None
+    workspace: str | None = None
+    run: int = 0
+    pid: int | None = None
+    start_ticks: int | None = None
+    run_dir: str | None = None
+    milestones: int = 0
+    crashes: int = 0
+    usage_pauses: int = 0
+    last_exit: int | None = None
+    reason: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    run_started_at: float | None = None
+    next_run_at: float | None = None
+    history: policy.History = field(default_factory=policy.History)
+
+    @property
+    def wall_time(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return (self.ended_at or time.time()) - self.started_at
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "task": self.task,
+            "title": self.title,
+            "state": str(self.state),
+            "machine": self.machine,
+            "workspace": self.workspace,
+            "runs": self.run,
+            "pid": self.pid,
+            "start_ticks": self.start_ticks,
+            "run_dir": self.run_dir,
+            "milestones": self.milestones,
+            "crashes": self.crashes,
+            "usage_pauses": self.usage_pauses,
+            "last_exit": self.last_exit,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "run_started_at": self.run_started_at,
+            "next_run_at": self.next_run_at,
+            "wall_time": round(self.wall_time, 3),
+        }
+
+
+class FleetServices(Protocol):
+    """What a worker needs from its fleet (``fleet.Fleet`` provides it)."""
+
+    @property
+    def config(self) -> FleetConfig: ...
+
+    @property
+    def hosts(self) -> Mapping[str, Host]: ...
+
+    @property
+    def pool(self) -> SlotPool: ...
+
+    @property
+    def gate(self) -> StartGate: ...
+
+    @property
+    def mux(self) -> LogMux: ...
+
+    @property
+    def stop(self) -> StopControl: ...
+
+    @property
+    def starts_open(self) -> anyio.Event: ...
+
+    async def clone_on(self, machine: str) -> Clone: ...
+
+    def run_root(self, machine: str) -> str: ...
+
+    def lease_path(self, machine: str) -> str: ...
+
+    def changed(self) -> None: ...
+
+
+class Worker:
+    """Drives one task from ``pending`` to a final state."""
+
+    def __init__(self, name: str, task: TaskConfig, fleet: FleetServices) -> None:
+        self.name = name
+        self.task = task
+        self.fleet = fleet
+        self.status = WorkerStatus(worker=name, task=task.issue, title=task.title)
+        self._policy = policy.RestartPolicy(**fleet.config.restart.model_dump())
+        agent = fleet.config.agent
+        defaults = LimitPatterns()
+        self._limits = LimitDetector(
+            LimitPatterns(
+                usage=tuple(agent.usage_limit_patterns or defaults.usage),
+                rate=tuple(agent.rate_limit_patterns or defaults.rate),
+            )
+        )
+        self._limit_hit: LimitHit | None = None
+        self._restart_requested = False
+        self._current: RunHandle | None = None
+
+    # helpers -----------------------------------------------------------------------------
+
+    @property
+    def tag(self) -> Tag:
+        return Tag(self.name, self.task.issue, self.status.machine or "-", self.status.run)
+
+    def log(self, event: str, message: str, **fields: Any) -> None:
+        self.fleet.mux.logger(self.tag).info(event, msg=message, **fields)
+
+    def _set(self, state: WorkerState, reason: str = "") -> None:
+        self.status.state = advance(self.status.state, state)
+        if reason:
+            self.status.reason = reason
+        if state.final:
+            self.status.ended_at = time.time()
+        self.fleet.changed()
+
+    async def _unless_stopped(self, wait: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first."""
+        finished = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await self.fleet.stop.requested.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await wait()
+            finished = True
+            tg.cancel_scope.cancel()
+        return finished
+
+    # the life ----------------------------------------------------------------------------
+
+    async def run(self) -> WorkerStatus:
+        """Run the task to its end; never raises for the task's own failures."""
+        try:
+            await self._live()
+        except HostError as exc:
+            self.log("failed", f"✗ {exc}", error=str(exc))
+            if not self.status.state.final:
+                self.status.state = WorkerState.FAILED
+                self.status.reason = str(exc)
+                self.status.ended_at = time.time()
+                self.fleet.changed()
+        return self.status
+
+    async def _live(self) -> None:
+        fleet = self.fleet
+        slot: str | None = None
+
+        async def first_slot() -> None:
+            nonlocal slot
+            await fleet.starts_open.wait()
+            slot = await fleet.pool.acquire(self.task.machine)
+
+        if not await self._unless_stopped(first_slot) or slot is None:
+            self._set(WorkerState.STOPPED, "stopped before it started")
+            return
+        try:
+            self.status.machine = slot
+            self.status.started_at = time.time()
+            self._set(WorkerState.PREPARING)
+            clone = await fleet.clone_on(slot)
+            tree = worktree_name(fleet.config.worktree_name, self.task.issue, self.task.title)
+            self.status.workspace = await ensure_worktree(clone, tree)
+            workspace = self.status.workspace
+            self.log("prepared", f"worktree {workspace}", workspace=workspace)
+            prompt_kind = "first"
+            while True:
+                decision = await self._one_run(fleet.hosts[slot], prompt_kind)
+                if fleet.stop.requested.is_set():
+                    self._set(WorkerState.STOPPED, fleet.stop.reason)
+                    return
+                if isinstance(decision, policy.Finish):
+                    self._set(WorkerState.DONE)
+                    self.log("done", f"✓ done after {self.status.run} run(s)")
+                    return
+                if isinstance(decision, policy.GiveUp):
+                    self._set(WorkerState.FAILED, decision.reason)
+                    self.log("gave-up", f"✗ giving up: {decision.reason}", reason=decision.reason)
+                    return
+                if isinstance(decision, policy.Resume):
+                    self._set(WorkerState.RESUMING)
+                    prompt_kind = "resume"
+                    continue  # keeps its slot: a milestone hand-off is not a failure
+                # Backoff or pause: give the slot to others meanwhile.
+                fleet.pool.release(slot)
+                slot_held, slot = slot, None
+                until = (
+                    time.time() + decision.delay
+                    if isinstance(decision, policy.Restart)
+                    else decision.until
+                )
+                self.status.next_run_at = until
+                self.fleet.changed()
+                prompt_kind = "resume" if isinstance(decision, policy.Pause) else "auto"
+
+                async def wait_and_reacquire(machine: str = slot_held, at: float = until) -> None:
+                    nonlocal slot
+                    while (left := at - time.time()) > 0 and not self._restart_requested:
+                        with anyio.move_on_after(min(left, 1.0)):
+                            await fleet.stop.requested.wait()
+                    await fleet.starts_open.wait()
+                    slot = await fleet.pool.acquire(machine)
+
+                if not await self._unless_stopped(wait_and_reacquire) or slot is None:
+                    self._set(WorkerState.STOPPED, fleet.stop.reason)
+                    return
+                self.status.next_run_at = None
+                self._restart_requested = False
+        finally:
+            if slot is not None:
+                fleet.pool.release(slot)
+
+    async def _prompt(self, host: Host, kind: str) -> tuple[str, str]:
+        config = self.fleet.config
+        if kind == "auto":  # after a crash: resume if any milestone exists in the worktree
+            assert self.status.workspace is not None
+            existing = await host.glob(self.status.workspace, self._globs())
+            kind = "resume" if existing else "first"
+        template = (
+            config.agent.resume_prompt
+            if kind == "resume"
+            else (self.task.prompt or config.agent.first_prompt)
+        )
+        return kind, render(template, self._values(""))
+
+    def _values(self, prompt: str) -> dict[str, str]:
+        return {
+            "issue": str(self.task.issue),
+            "title": self.task.title,
+            "prompt": prompt,
+            "workspace": self.status.workspace or "",
+        }
+
+    def _globs(self) -> list[str]:
+        issue = str(self.task.issue)
+        return [g.replace("{issue}", issue) for g in self.fleet.config.milestone_globs]
+
+    async def _one_run(self, host: Host, prompt_kind: str) -> policy.Decision:
+        fleet = self.fleet
+        config = fleet.config
+        assert self.status.workspace is not None and self.status.machine is not None
+        workspace = self.status.workspace
+        kind, prompt = await self._prompt(host, prompt_kind)
+        before = await host.glob(workspace, self._globs())
+        await fleet.gate.wait_turn()
+        self.status.run += 1
+        run = self.status.run
+        argv = [render(part, self._values(prompt)) for part in config.agent_command]
+        env = {
+            **config.agent.env,
+            **self.task.env,
+            "AGENTIZE_FLEET_ISSUE": str(self.task.issue),
+            "AGENTIZE_FLEET_RUN": str(run),
+            "AGENTIZE_FLEET_WORKSPACE": workspace,
+            "AGENTIZE_FLEET_TITLE": self.task.title,
+        }
+        run_dir = posixpath.join(fleet.run_root(self.status.machine), self.name, f"run-{run}")
+        spec = RunSpec(
+            argv=argv,
+            cwd=workspace,
+            run_dir=run_dir,
+            lease_path=fleet.lease_path(self.status.machine),
+            lease_timeout=config.lease_timeout,
+            env=env,
+        )
+        self._limit_hit = None
+        handle = await host.start(spec)
+        self._current = handle
+        self.status.pid = handle.identity.pid
+        self.status.start_ticks = handle.identity.start_ticks
+        self.status.run_dir = run_dir
+        self.status.run_started_at = time.time()
+        self._set(WorkerState.RUNNING)
+        self.log(
+            "run-started",
+            f"▶ run {run} started (pid {handle.identity.pid}, {kind} prompt: {prompt})",
+            pid=handle.identity.pid,
+            prompt=prompt,
+            prompt_kind=kind,
+            run_dir=run_dir,
+        )
+        status = await self._follow(handle)
+        self._current = None
+        self.status.pid = None
+        self.status.last_exit = status.code
+        after = await host.glob(workspace, self._globs())
+        new = sorted(after - before)
+        return self._decide(status, new)
+
+    async def _follow(self, handle: RunHandle) -> ExitStatus:
+        """Pump the run's output into the log until it ends; stop it if the fleet stops."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump, handle)
+            watcher = anyio.CancelScope()
+            tg.start_soon(self._stop_when_asked, handle, watcher)
+            status = await handle.wait()
+            watcher.cancel()
+        return status
+
+    async def _pump(self, handle: RunHandle) -> None:
+        max_bytes = self.fleet.config.max_line_bytes
+        splitters = {"stdout": LineSplitter(max_bytes), "stderr": LineSplitter(max_bytes)}
+        mux = self.fleet.mux
+        tag = self.tag
+        limits = self._limits
+        async for chunk in handle.output():
+            lines = splitters[chunk.stream].feed(chunk.data)
+            if lines:
+                mux.output(tag, chunk.stream, lines)
+                self._scan(lines, limits)
+        for stream, splitter in splitters.items():
+            rest = splitter.finish()
+            if rest:
+                mux.output(tag, stream, rest)
+                self._scan(rest, limits)
+
+    def _scan(self, lines: list[str], limits: LimitDetector) -> None:
+        if self._limit_hit is not None and self._limit_hit.kind == "usage":
+            return
+        now = time.time()
+        for line in lines:
+            hit = limits.feed(line, now)
+            if hit is not None and (self._limit_hit is None or hit.kind == "usage"):
+                self._limit_hit = hit
+                if hit.kind == "usage":
+                    return
+
+    async def _stop_when_asked(self, handle: RunHandle, scope: anyio.CancelScope) -> None:
+        stop = self.fleet.stop
+        with scope:
+            await stop.requested.wait()
+            self._set(WorkerState.STOPPING)
+            timeout = self.fleet.config.stop_timeout
+            self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
+            await handle.signal(signal.SIGTERM)
+            with anyio.move_on_after(timeout):
+                await stop.forced.wait()
+            self.log("killing", "■ SIGKILL to what is left of the run's process tree")
+            await handle.signal(signal.SIGKILL)
+
+    async def restart_run(self) -> bool:
+        """Stop the current run so that it is restarted at once (``agentize-fleet restart``)."""
+        handle = self._current
+        if handle is None:
+            if self.status.state in (WorkerState.BACKOFF, WorkerState.PAUSED):
+                self._restart_requested = True
+                return True
+            return False
+        self._restart_requested = True
+        await handle.signal(signal.SIGTERM)
+        with anyio.move_on_after(self.fleet.config.stop_timeout):
+            await handle.wait()
+        await handle.signal(signal.SIGKILL)
+        return True
+
+    def _decide(self, status: ExitStatus, new_milestones: list[str]) -> policy.Decision:
+        now = time.time()
+        hit = self._limit_hit
+        if self.fleet.stop.requested.is_set():
+            self.log("run-ended", f"■ run {self.status.run} ended with {status.code} (stopped)",
+                     exit_code=status.code)
+            return policy.Finish()
+        if self._restart_requested:
+            self.log("restarting", f"↻ run {self.status.run} restarted on request")
+            return policy.Resume() if new_milestones else policy.Restart(0.0)
+        if new_milestones:
+            outcome = policy.Outcome.MILESTONE
+        elif hit is not None and hit.kind == "usage":
+            outcome = policy.Outcome.USAGE_LIMIT
+        elif status.ok:
+            outcome = policy.Outcome.DONE
+        else:
+            outcome = policy.Outcome.CRASH
+        decision, self.status.history = policy.decide(
+            self._policy,
+            self.status.history,
+            outcome,
+            now=now,
+            rand=random.random(),
+            reset_at=hit.reset_at if hit is not None else None,
+        )
+        code = "lost" if status.lost else str(status.code)
+        if outcome is policy.Outcome.MILESTONE:
+            self.status.milestones += 1
+            self.log(
+                "milestone",
+                f"⚑ run {self.status.run} left milestone {', '.join(new_milestones)}: resuming",
+                milestones=new_milestones,
+                exit_code=status.code,
+            )
+        elif outcome is policy.Outcome.USAGE_LIMIT:
+            self.status.usage_pauses += 1
+            assert hit is not None
+            if isinstance(decision, policy.Pause):
+                self._set(WorkerState.PAUSED, "usage limit")
+            self.log(
+                "usage-limit",
+                f"⏸ usage limit reached: pausing until {_clock(getattr(decision, 'until', now))}",
+                line=hit.line,
+                reset_at=hit.reset_at,
+                exit_code=status.code,
+            )
+        elif outcome is policy.Outcome.CRASH:
+            self.status.crashes += 1
+            detail = status.reason or f"exit {code}"
+            if isinstance(decision, policy.Restart):
+                self._set(WorkerState.BACKOFF, detail)
+                self.log(
+                    "crashed",
+                    f"✗ run {self.status.run} crashed ({detail}); restarting in "
+                    f"{decision.delay:.1f}s",
+                    exit_code=status.code,
+                    backoff=round(decision.delay, 3),
+                )
+            else:
+                self.log("crashed", f"✗ run {self.status.run} crashed ({detail})",
+                         exit_code=status.code)
+        else:
+            self.log("run-ended", f"■ run {self.status.run} exited 0 with no new milestone",
+                     exit_code=status.code)
+        return decision
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch))

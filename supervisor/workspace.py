@@ -1,0 +1,131 @@
+"""Worker clones and worktrees, laid out the way Agentize's ``wt`` lays them out.
+
+A worker clone is a bare repository ``NAME.git`` under the machine's workspace root, made as
+``wt clone`` makes it (``git clone --bare``, origin tracking branches, ``fetch.prune``), with
+``trees/main`` on the default branch as ``wt init`` makes it.  Each task gets
+``trees/issue-N`` on branch ``issue-N`` (``wt spawn``'s naming), so that a user can switch
+between the fleet and ``wt`` by hand on the same clone.
+
+Unlike ``wt spawn``, an existing worktree is re-used, never recreated: a resumed or restarted
+run must see its predecessor's commits and files.  All of it runs through ``Host.run``, so the
+same code prepares local and remote machines.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+
+import anyio
+
+from supervisor.hosts.base import Host
+
+_locks: dict[tuple[str, str], anyio.Lock] = {}
+
+
+def _lock(host: Host, clone: str) -> anyio.Lock:
+    """Git does not like two ``worktree add`` at once in one repository: one at a time."""
+    return _locks.setdefault((host.name, clone), anyio.Lock())
+
+
+def slugify(title: str, max_length: int = 40) -> str:
+    """The ``issue-N-title`` suffix older ``wt`` versions used: lower case, dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return slug[:max_length].rstrip("-")
+
+
+def worktree_name(template: str, issue: int, title: str) -> str:
+    """``issue-42`` (or ``issue-42-fix-the-parser`` with the older template)."""
+    name = template.replace("{issue}", str(issue)).replace("{slug}", slugify(title))
+    return name.rstrip("-")
+
+
+@dataclass(frozen=True)
+class Clone:
+    """A worker clone on one machine."""
+
+    host: Host
+    path: str
+    default_branch: str
+
+    def tree(self, name: str) -> str:
+        return posixpath.join(self.path, "trees", name)
+
+
+async def _git(host: Host, *args: str, cwd: str | None = None, check: bool = True) -> str:
+    result = await host.run(["git", *args], cwd=cwd, check=check, timeout=600.0)
+    return result.stdout.strip() if result.exit_code == 0 else ""
+
+
+async def _exists(host: Host, path: str) -> bool:
+    result = await host.run(["test", "-e", path], check=False)
+    return result.exit_code == 0
+
+
+async def detect_default_branch(host: Host, clone_path: str, override: str | None) -> str:
+    """``wt``'s rule: the override, else what the bare repo's HEAD names, else main, else master."""
+    if override:
+        return override
+    head = await _git(host, "symbolic-ref", "--short", "HEAD", cwd=clone_path, check=False)
+    candidates = [head] if head else []
+    candidates += ["main", "master"]
+    for branch in candidates:
+        ok = await host.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
+            cwd=clone_path,
+            check=False,
+        )
+        if ok.exit_code == 0:
+            return branch
+    return candidates[0]
+
+
+async def ensure_clone(
+    host: Host, repository: str, root: str, name: str, default_branch: str | None
+) -> Clone:
+    """Make (once) the bare worker clone ``root/name`` with ``trees/main``, and return it."""
+    root = await host.resolve_path(root)
+    path = posixpath.join(root, name)
+    async with _lock(host, path):
+        if not await _exists(host, posixpath.join(path, "HEAD")):
+            await host.run(["mkdir", "-p", root])
+            partial = f"{path}.partial"
+            await host.run(["rm", "-rf", partial])
+            await _git(host, "clone", "--quiet", "--bare", repository, partial)
+            await _git(
+                host, "config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*",
+                cwd=partial,
+            )
+            await _git(host, "config", "fetch.prune", "true", cwd=partial)
+            await _git(host, "fetch", "--quiet", "origin", cwd=partial)
+            await host.run(["mv", partial, path])
+        branch = await detect_default_branch(host, path, default_branch)
+        main_tree = posixpath.join(path, "trees", "main")
+        if not await _exists(host, main_tree):
+            await _git(host, "worktree", "prune", cwd=path)
+            await _git(host, "worktree", "add", "--quiet", main_tree, branch, cwd=path)
+    return Clone(host, path, branch)
+
+
+async def ensure_worktree(clone: Clone, name: str) -> str:
+    """The task's worktree ``trees/NAME`` on branch ``NAME``: re-used if it exists."""
+    host = clone.host
+    path = clone.tree(name)
+    async with _lock(host, clone.path):
+        if await _exists(host, posixpath.join(path, ".git")):
+            return path
+        await _git(host, "worktree", "prune", cwd=clone.path)
+        has_branch = await host.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{name}"],
+            cwd=clone.path,
+            check=False,
+        )
+        if has_branch.exit_code == 0:
+            await _git(host, "worktree", "add", "--quiet", path, name, cwd=clone.path)
+        else:
+            await _git(
+                host, "worktree", "add", "--quiet", "-b", name, path, clone.default_branch,
+                cwd=clone.path,
+            )
+    return path
