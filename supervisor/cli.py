@@ -1,22 +1,41 @@
 """The ``agentize-fleet`` command line.
 
 Each sub-command is a small function over the library; errors a user can cause (a bad config,
-an unreachable machine) end as one clear paragraph on stderr and a documented exit code, never
-as a traceback.
+an unreachable machine, a fleet already running) end as one clear paragraph on stderr and a
+documented exit code, never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import anyio
 
-from supervisor.config import ConfigError, FleetConfig, load_config
-from supervisor.fleet import EXIT_USAGE, Fleet, summary_table
+from supervisor import control
+from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
+from supervisor.fleet import (
+    EXIT_LOCKED,
+    EXIT_NOTHING,
+    EXIT_USAGE,
+    Deadline,
+    Fleet,
+    summary_table,
+)
+from supervisor.rundir import FleetLocked, acquire_lock, list_runs, lock_holder, socket_path
 
 PROG = "agentize-fleet"
+
+
+class UsageError(Exception):
+    """A bad flag value; exit 2 with the message."""
 
 
 def _error(message: str, code: int = EXIT_USAGE) -> int:
@@ -28,18 +47,240 @@ def _load(args: argparse.Namespace, **overrides: object) -> FleetConfig:
     return load_config(args.config, **overrides)
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "state_dir", None):
+        return Path(args.state_dir).expanduser().resolve()
+    return _load(args).state_path
+
+
+# -- durations and deadlines ---------------------------------------------------------------
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """``8h``, ``30m``, ``45s``, ``1h30m``, ``90`` (seconds) → seconds."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise UsageError(f"{text!r} is not a duration; use e.g. 8h, 30m, 45s or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def parse_clock(text: str, now: datetime) -> datetime:
+    """``07:00`` → the next 07:00 local time after ``now`` (today or tomorrow)."""
+    try:
+        clock = datetime.strptime(text.strip(), "%H:%M").time()
+    except ValueError:
+        raise UsageError(f"--until {text!r}: use HH:MM (24-hour local time), e.g. 07:00") from None
+    moment = datetime.combine(now.date(), clock)
+    return moment if moment > now else moment + timedelta(days=1)
+
+
+def deadline_from(args: argparse.Namespace) -> Deadline:
+    now = time.time()
+    candidates = []
+    if args.until:
+        candidates.append(parse_clock(args.until, datetime.fromtimestamp(now)).timestamp())
+    if args.max_duration:
+        candidates.append(now + parse_duration(args.max_duration))
+    if not candidates:
+        return Deadline()
+    soft = min(candidates)
+    grace = parse_duration(args.grace) if args.grace else 1800.0
+    return Deadline(soft=soft, hard=soft + grace)
+
+
+# -- up ------------------------------------------------------------------------------------
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the fleet in the foreground until every task has ended (or it is stopped)."""
     config = _load(args, concurrency=args.concurrency)
-    colour = False if args.no_colour else None
-    fleet = Fleet(config, console=None if args.quiet else sys.stdout, colour=colour)
-    result = anyio.run(fleet.run)
+    deadline = deadline_from(args)
+    try:
+        lock = acquire_lock(config.state_path)
+    except FleetLocked as exc:
+        return _error(str(exc), EXIT_LOCKED)
+    try:
+        if config.tasks.source == "github":
+            config.tasks.items = anyio.run(_github_tasks, config)
+        if not config.tasks.items:
+            print(f"{PROG}: nothing to do: the config lists no tasks", file=sys.stderr)
+            return EXIT_NOTHING
+        colour = False if args.no_colour else None
+        fleet = Fleet(
+            config,
+            console=None if args.quiet else sys.stdout,
+            colour=colour,
+            deadline=deadline,
+        )
+        result = anyio.run(fleet.run)
+    finally:
+        lock.release()
     if not args.quiet:
         print()
         print(summary_table(result.workers))
         print(f"\nlogs: {result.run_dir / 'fleet.jsonl'}")
         print(f"summary: {result.run_dir / 'summary.json'}")
     return result.exit_code
+
+
+async def _github_tasks(config: FleetConfig) -> list[TaskConfig]:
+    from supervisor.sources import GitHubQuery, TaskSourceError, fetch_github_tasks
+
+    src = config.tasks
+    query = GitHubQuery(
+        repo=src.repo,
+        labels=tuple(src.labels),
+        assignee=src.assignee,
+        milestone=src.milestone,
+        limit=src.limit,
+        skip_labels=tuple(src.skip_labels),
+    )
+    try:
+        found = await fetch_github_tasks(query, cwd=str(config.base_dir))
+    except TaskSourceError as exc:
+        raise ConfigError(f"tasks.source = \"github\": {exc}") from None
+    return [TaskConfig(issue=t.issue, title=t.title) for t in found]
+
+
+# -- talking to a running fleet ---------------------------------------------------------------
+
+
+def _ask(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any] | int:
+    state_dir = _state_dir(args)
+    if lock_holder(state_dir) is None:
+        print(f"{PROG}: no fleet is running on {state_dir}", file=sys.stderr)
+        return EXIT_NOTHING
+    try:
+        return anyio.run(control.request, socket_path(state_dir), payload)
+    except control.ControlError as exc:
+        return _error(str(exc), 1)
+
+
+def _human_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}G"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def status_table(workers: list[dict[str, Any]], now: float) -> str:
+    header = ("task", "worker", "machine", "state", "pid", "run", "milestones", "crashes",
+              "uptime", "last out", "cpu%", "rss")
+    rows = [header]
+    for w in workers:
+        started = w.get("run_started_at") if w.get("pid") else None
+        cpu = w.get("cpu_percent")
+        rows.append((
+            f"#{w['task']}",
+            str(w["worker"]),
+            str(w.get("machine") or "-"),
+            str(w["state"]),
+            str(w.get("pid") or "-"),
+            str(w.get("runs") or 0),
+            str(w.get("milestones") or 0),
+            str(w.get("crashes") or 0),
+            _age(now - started) if started else "-",
+            _age(w.get("last_output_age")),
+            "-" if cpu is None else f"{cpu:.0f}",
+            _human_bytes(w.get("rss_bytes")),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the running fleet's workers."""
+    answer = _ask(args, {"cmd": "status"})
+    if isinstance(answer, int):
+        return answer
+    if args.json:
+        print(json.dumps(answer, indent=2, default=str))
+        return 0
+    paused = " (new runs paused)" if answer.get("paused") else ""
+    print(f"fleet {answer.get('fleet')} (pid {answer.get('pid')}){paused}")
+    print(status_table(answer.get("workers", []), time.time()))
+    return 0
+
+
+def _simple(payload_of: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        payload = payload_of(args)
+        answer = _ask(args, payload)
+        if isinstance(answer, int):
+            return answer
+        if not answer.get("ok"):
+            return _error(str(answer.get("error")), 1)
+        what = {"down": "stopping the fleet", "pause": "new runs paused",
+                "resume": "new runs allowed", "restart": f"task #{payload.get('task')} restarting",
+                "add": f"task #{payload.get('task')} added"}[payload["cmd"]]
+        print(f"{PROG}: {what}")
+        return 0
+
+    return run
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List past fleet runs with their summaries."""
+    state_dir = _state_dir(args)
+    runs = list_runs(state_dir)
+    if not runs:
+        print(f"{PROG}: no fleet runs in {state_dir}", file=sys.stderr)
+        return EXIT_NOTHING
+    running = lock_holder(state_dir)
+    rows: list[tuple[str, ...]] = [("run", "state", "tasks", "done", "failed", "exit", "meaning")]
+    out: list[dict[str, Any]] = []
+    for info in runs:
+        data = info.summary or info.state or {}
+        workers = data.get("workers", [])
+        if info.summary is not None:
+            state = "ended"
+        elif running and data.get("pid") == running:
+            state = "running"
+        else:
+            state = "died"
+        code = data.get("exit_code") if info.summary else None
+        row = {
+            "run": info.run_id,
+            "state": state,
+            "tasks": len(workers),
+            "done": sum(1 for w in workers if w.get("state") == "done"),
+            "failed": sum(1 for w in workers if w.get("state") == "failed"),
+            "exit_code": code,
+            "meaning": data.get("exit_meaning", "") if info.summary else "",
+            "path": str(info.path),
+        }
+        out.append(row)
+        rows.append((info.run_id, state, str(row["tasks"]), str(row["done"]), str(row["failed"]),
+                     "-" if code is None else str(code), str(row["meaning"])))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+# -- the parser ---------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,17 +291,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_config(sub: argparse.ArgumentParser, state: bool = True) -> argparse.ArgumentParser:
         sub.add_argument(
             "-c", "--config", metavar="FILE", help="fleet config (default: configs/fleet.toml)"
         )
+        if state:
+            sub.add_argument("--state-dir", metavar="DIR", help="state directory (default: "
+                             "the config's state_dir)")
         return sub
 
-    up = with_config(commands.add_parser("up", help="run the fleet in the foreground"))
+    up = with_config(commands.add_parser("up", help="run the fleet in the foreground"), False)
     up.add_argument("--concurrency", type=int, metavar="N", help="at most N agents at once")
     up.add_argument("-q", "--quiet", action="store_true", help="no terminal output")
     up.add_argument("--no-colour", "--no-color", action="store_true", help="plain prefixes")
+    up.add_argument("--until", metavar="HH:MM", help="soft deadline: no new run after this time")
+    up.add_argument("--max-duration", metavar="DUR", help="soft deadline after DUR (8h, 90m)")
+    up.add_argument("--grace", metavar="DUR",
+                    help="after the soft deadline, running agents may finish for DUR (30m)")
     up.set_defaults(func=cmd_up)
+
+    status = with_config(commands.add_parser("status", aliases=["ps"],
+                                             help="show the running fleet"))
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(func=cmd_status)
+
+    down = with_config(commands.add_parser("down", help="stop the running fleet (like Ctrl-C)"))
+    down.set_defaults(func=_simple(lambda a: {"cmd": "down"}))
+    for name, text in (("pause", "start no new runs"), ("resume", "allow new runs again")):
+        sub = with_config(commands.add_parser(name, help=text))
+        sub.set_defaults(func=_simple(lambda a, n=name: {"cmd": n}))
+    restart = with_config(commands.add_parser("restart", help="restart one task's run"))
+    restart.add_argument("task", type=int, metavar="ISSUE")
+    restart.set_defaults(func=_simple(lambda a: {"cmd": "restart", "task": a.task}))
+    add = with_config(commands.add_parser("add", help="queue a new task in the running fleet"))
+    add.add_argument("task", type=int, metavar="ISSUE")
+    add.add_argument("--title", default="")
+    add.add_argument("--prompt")
+    add.set_defaults(func=_simple(lambda a: {"cmd": "add", "task": a.task, "title": a.title,
+                                             "prompt": a.prompt}))
+    runs = with_config(commands.add_parser("runs", help="list past fleet runs"))
+    runs.add_argument("--json", action="store_true", help="machine-readable")
+    runs.set_defaults(func=cmd_runs)
     return parser
 
 
@@ -69,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         return _error(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -169,7 +169,9 @@ class FleetConfig(BaseSettings):
     milestone_globs: list[str] = Field(default_factory=lambda: list(DEFAULT_MILESTONE_GLOBS))
     state_dir: str | None = None
     max_line_bytes: Annotated[int, Field(ge=1024)] = 65536
+    log_rotate_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024
     on_orphans: Literal["adopt", "stop"] = "adopt"
+    usage_limit_scope: Literal["machine", "fleet"] = "machine"
     agent: AgentConfig = Field(default_factory=AgentConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)
     local: LocalMachineConfig = Field(default_factory=LocalMachineConfig)

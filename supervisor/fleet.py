@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import anyio.abc
 
+from supervisor import control
 from supervisor.config import FleetConfig, TaskConfig
-from supervisor.hosts.base import Host
+from supervisor.hosts.base import Host, RunHandle, RunIdentity, Stream
 from supervisor.hosts.local import LocalHost
 from supervisor.lifecycle import WorkerState
 from supervisor.logs import ConsoleRenderer, LogMux, Tag
-from supervisor.scheduling import SlotPool, StartGate
-from supervisor.worker import StopControl, Worker, WorkerStatus
+from supervisor.rundir import list_runs, socket_path
+from supervisor.scheduling import SlotPool, StartGate, StartsGate
+from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
 from supervisor.workspace import Clone, ensure_clone
 
 EXIT_OK = 0
@@ -40,6 +43,18 @@ EXIT_DEADLINE = 5
 EXIT_INTERRUPTED = 130
 
 STATE_WRITE_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """``soft``: no new run starts after it; ``hard``: running ones are stopped (epoch seconds)."""
+
+    soft: float | None = None
+    hard: float | None = None
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
 def new_run_id() -> str:
@@ -74,8 +89,10 @@ class Fleet:
         console: TextIO | None = None,
         colour: bool | None = None,
         hosts: Mapping[str, Host] | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.config = config
+        self.deadline = deadline or Deadline()
         self.fleet_id = new_run_id()
         self.run_dir = config.state_path / "runs" / self.fleet_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,18 +101,26 @@ class Fleet:
         self.pool = SlotPool(config.concurrency, capacity)
         self.gate = StartGate(config.start_interval)
         self.stop = StopControl()
-        self.starts_open = anyio.Event()
-        self.starts_open.set()
+        self.starts = StartsGate()
         width = max([len(f"w{len(config.tasks.items)} #{t.issue}") for t in config.tasks.items]
                     + [5])
         renderer = ConsoleRenderer(console, colour=colour, width=width) if console else None
-        self.mux = LogMux(self.fleet_id, self.run_dir / "fleet.jsonl", renderer)
+        self.mux = LogMux(
+            self.fleet_id,
+            self.run_dir / "fleet.jsonl",
+            renderer,
+            rotate_bytes=config.log_rotate_bytes,
+        )
         self.log = self.mux.logger(Tag("fleet", None, "-", 0))
         self.workers: list[Worker] = []
         self._clones: dict[str, Clone] = {}
         self._clone_locks: dict[str, anyio.Lock] = {}
         self._roots: dict[str, str] = {}
+        self._services_tg: anyio.abc.TaskGroup | None = None
+        self._extra_leases: dict[str, set[str]] = {}
         self._dirty = anyio.Event()
+        self._workers_tg: anyio.abc.TaskGroup | None = None
+        self.deadline_hit = False
         self.started_at = time.time()
         for task in config.tasks.items:
             self.add_task(task)
@@ -136,10 +161,19 @@ class Fleet:
         return 0
 
     def add_task(self, task: TaskConfig) -> Worker:
+        """Queue a task; once the fleet runs, its worker starts at once (``agentize-fleet add``)."""
         worker = Worker(f"w{len(self.workers) + 1}", task, self)
         self.workers.append(worker)
+        if self._workers_tg is not None:
+            self._workers_tg.start_soon(worker.run)
         self.changed()
         return worker
+
+    def worker_for(self, issue: int) -> Worker | None:
+        for worker in self.workers:
+            if worker.task.issue == issue:
+                return worker
+        return None
 
     # FleetServices ---------------------------------------------------------------------
 
@@ -200,6 +234,8 @@ class Fleet:
             "config": str(self.config.base_dir),
             "concurrency": self.config.concurrency,
             "stopping": self.stop.requested.is_set(),
+            "paused": self.starts.paused,
+            "deadline": {"soft": self.deadline.soft, "hard": self.deadline.hard},
             "peak_running": self.pool.peak,
             "workers": [w.status.as_dict() for w in self.workers],
         }
@@ -218,9 +254,51 @@ class Fleet:
         interval = max(0.5, self.config.lease_timeout / 4) if self.config.lease_timeout else 30.0
         while True:
             for name, host in self.hosts.items():
-                with contextlib.suppress(Exception):
-                    await host.touch_lease(self.lease_path(name))
+                for path in {self.lease_path(name), *self._extra_leases.get(name, ())}:
+                    with contextlib.suppress(Exception):
+                        await host.touch_lease(path)
             await anyio.sleep(interval)
+
+    def pause_machine(self, machine: str, until: float, reason: str) -> None:
+        """No new runs on ``machine`` (or everywhere) until ``until``: a usage limit was hit."""
+        machines = list(self.hosts) if self.config.usage_limit_scope == "fleet" else [machine]
+        for name in machines:
+            self.pool.close(name)
+        self.log.info(
+            "machine-paused",
+            msg=f"⏸ new runs on {', '.join(machines)} paused until "
+            f"{time.strftime('%H:%M:%S', time.localtime(until))} ({reason})",
+            machines=machines,
+            until=until,
+        )
+        if self._services_tg is not None:
+            self._services_tg.start_soon(self._reopen_at, machines, until)
+
+    async def _reopen_at(self, machines: list[str], until: float) -> None:
+        await anyio.sleep(max(0.0, until - time.time()))
+        for name in machines:
+            self.pool.reopen(name)
+        self.log.info("machine-resumed", msg=f"▶ new runs on {', '.join(machines)} allowed again")
+
+    async def _keep_deadlines(self) -> None:
+        soft, hard = self.deadline.soft, self.deadline.hard
+        if soft is None:
+            return
+        await anyio.sleep(max(0.0, soft - time.time()))
+        self.deadline_hit = True
+        self.starts.close(f"soft deadline {_clock(soft)} reached")
+        self.log.info(
+            "deadline-soft",
+            msg=f"⏰ soft deadline {_clock(soft)}: no new runs; running ones may finish until "
+            f"{_clock(hard) if hard else 'they end'}",
+        )
+        self.changed()
+        if hard is None:
+            return
+        await anyio.sleep(max(0.0, hard - time.time()))
+        self.log.info("deadline-hard", msg=f"⏰ hard deadline {_clock(hard)}: stopping all runs")
+        self.stop.request("hard deadline")
+        self.changed()
 
     async def _handle_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -243,11 +321,17 @@ class Fleet:
         """Run every task to its end (or until stopped) and return the result."""
         try:
             async with anyio.create_task_group() as services:
+                self._services_tg = services
                 services.start_soon(self.mux.flush_periodically)
                 services.start_soon(self._handle_signals)
                 await self._resolve_roots()
+                await self._handle_orphans()
                 services.start_soon(self._keep_state)
                 services.start_soon(self._keep_leases)
+                services.start_soon(self._keep_deadlines)
+                await services.start(
+                    control.serve, socket_path(self.config.state_path), self.handle_request
+                )
                 self.log.info(
                     "fleet-started",
                     msg=f"fleet {self.fleet_id}: {len(self.workers)} task(s), cap "
@@ -256,8 +340,10 @@ class Fleet:
                     run_dir=str(self.run_dir),
                 )
                 async with anyio.create_task_group() as workers:
+                    self._workers_tg = workers
                     for worker in self.workers:
                         workers.start_soon(worker.run)
+                self._workers_tg = None
                 services.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -266,14 +352,160 @@ class Fleet:
                         await host.aclose()
         return self._finish()
 
+    # steering -------------------------------------------------------------------------------
+
+    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one control-socket request (see ``control.py`` for the protocol)."""
+        cmd = request["cmd"]
+        if cmd == "status":
+            return {"ok": True, **self.snapshot(), "workers": await self._live_status()}
+        if cmd == "down":
+            self.log.info("stopping", msg="down requested: stopping all runs")
+            self.stop.request("down")
+            self.changed()
+            return {"ok": True}
+        if cmd in ("pause", "resume"):
+            if cmd == "pause":
+                self.starts.pause()
+            else:
+                self.starts.resume()
+            effect = "held" if cmd == "pause" else "allowed"
+            self.log.info(cmd, msg=f"{cmd} requested: new runs {effect}")
+            self.changed()
+            return {"ok": True, "paused": self.starts.paused}
+        if cmd in ("restart", "add"):
+            issue = request.get("task")
+            if not isinstance(issue, int) or isinstance(issue, bool) or issue <= 0:
+                return {"ok": False, "error": f'"{cmd}" needs "task": a positive issue number'}
+            worker = self.worker_for(issue)
+            if cmd == "restart":
+                if worker is None:
+                    return {"ok": False, "error": f"task #{issue} is not in this fleet"}
+                if not await worker.restart_run():
+                    return {"ok": False, "error": f"task #{issue} has no run to restart "
+                            f"(state {worker.status.state})"}
+                return {"ok": True}
+            if worker is not None and not worker.status.state.final:
+                return {"ok": False, "error": f"task #{issue} is already in the fleet "
+                        f"(state {worker.status.state})"}
+            if self.stop.requested.is_set():
+                return {"ok": False, "error": "the fleet is stopping"}
+            title = request.get("title") or ""
+            prompt = request.get("prompt")
+            task = TaskConfig(issue=issue, title=str(title),
+                              prompt=str(prompt) if prompt else None)
+            added = self.add_task(task)
+            self.log.info("task-added", msg=f"task #{issue} added as {added.name}", task=issue)
+            return {"ok": True, "worker": added.name}
+        known = "add, down, pause, restart, resume, status"
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: {known}"}
+
+    async def _live_status(self) -> list[dict[str, Any]]:
+        rows = []
+        now = time.time()
+        for worker in self.workers:
+            row = worker.status.as_dict()
+            handle = worker.current
+            row.update(cpu_percent=None, rss_bytes=None, processes=None)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    stats = await handle.stats()
+                    row.update(cpu_percent=stats.cpu_percent, rss_bytes=stats.rss_bytes,
+                               processes=stats.processes)
+            last = self.mux.last_output.get(worker.name)
+            row["last_output_age"] = None if last is None else round(now - last, 1)
+            rows.append(row)
+        return rows
+
+    # orphans of a dead supervisor -----------------------------------------------------------
+
+    async def _handle_orphans(self) -> None:
+        """Find runs of earlier fleets that died, and adopt or stop those that still live."""
+        for info in list_runs(self.config.state_path):
+            if info.run_id == self.fleet_id or info.summary is not None or info.state is None:
+                continue
+            handled: list[str] = []
+            for row in info.state.get("workers", []):
+                note = await self._orphan(info.run_id, info.path, row)
+                if note:
+                    handled.append(note)
+            write_json_atomic(
+                info.path / "summary.json",
+                {
+                    **info.state,
+                    "ended_at": None,
+                    "exit_code": None,
+                    "exit_meaning": f"supervisor died; found by fleet {self.fleet_id}",
+                    "orphans": handled,
+                },
+            )
+
+    async def _orphan(self, run_id: str, run_path: Path, row: dict[str, Any]) -> str | None:
+        pid, ticks, run_dir = row.get("pid"), row.get("start_ticks"), row.get("run_dir")
+        machine = row.get("machine")
+        if not (isinstance(pid, int) and isinstance(ticks, int) and run_dir and machine):
+            return None
+        host = self.hosts.get(machine)
+        if host is None:
+            if machine != "local":
+                self.log.warning("orphan-unknown-machine",
+                                 msg=f"run {run_dir} of dead fleet {run_id} is on machine "
+                                 f"{machine}, which is no longer configured: left alone")
+                return None
+            host = LocalHost("local")
+        handle = await host.attach(RunIdentity(machine, run_dir, pid, ticks))
+        if handle is None:
+            return None
+        issue = int(row["task"])
+        alive = await handle.alive()
+        label = f"#{issue} run {row.get('runs')} (pid {pid}) of dead fleet {run_id}"
+        worker = self.worker_for(issue)
+        if self.config.on_orphans == "stop" or worker is None or worker.adoption is not None:
+            if alive:
+                await self._stop_orphan(handle)
+                self.log.info("orphan-stopped", msg=f"■ stopped orphan {label}", task=issue,
+                              pid=pid, from_fleet=run_id)
+                return f"stopped {label}"
+            return None
+        offsets, _seq = last_offsets(run_path, str(row.get("worker")), int(row.get("runs") or 0))
+        lease = row.get("lease_path")
+        if isinstance(lease, str):
+            self._extra_leases.setdefault(machine, set()).add(lease)
+            with contextlib.suppress(Exception):
+                await host.touch_lease(lease)
+        worker.adoption = Adoption(
+            machine=machine,
+            handle=handle,
+            run=int(row.get("runs") or 1),
+            workspace=str(row.get("workspace")),
+            offsets=offsets,
+            before=set(row.get("milestones_before") or []),
+            from_fleet=run_id,
+            lease_path=str(lease),
+            milestones=int(row.get("milestones") or 0),
+            crashes=int(row.get("crashes") or 0),
+        )
+        worker.status.adopted_from = run_id
+        return f"adopted {label} as {worker.name}"
+
+    async def _stop_orphan(self, handle: RunHandle) -> None:
+        await handle.signal(signal.SIGTERM)
+        with anyio.move_on_after(self.config.stop_timeout):
+            await handle.wait()
+        await handle.signal(signal.SIGKILL)
+        with anyio.move_on_after(self.config.stop_timeout):
+            await handle.wait()
+
     def exit_code(self) -> int:
+        states = [w.status.state for w in self.workers]
+        if states and all(s is WorkerState.DONE for s in states):
+            return EXIT_OK
+        if self.deadline_hit:
+            return EXIT_DEADLINE
         if self.stop.requested.is_set():
             return EXIT_INTERRUPTED
-        states = [w.status.state for w in self.workers]
         if not states:
             return EXIT_NOTHING
-        if all(s is WorkerState.DONE for s in states):
-            return EXIT_OK
         return EXIT_FAILED
 
     def _finish(self) -> FleetResult:
@@ -303,6 +535,33 @@ EXIT_MEANINGS = {
     EXIT_DEADLINE: "deadline reached with work left",
     EXIT_INTERRUPTED: "interrupted",
 }
+
+
+def last_offsets(run_path: Path, worker: str, run: int) -> tuple[dict[Stream, int], int]:
+    """Where a dead fleet's log stopped reading ``worker``'s run ``run``: the last ``off`` per
+    stream, and the worker's last ``seq``.  Rotated segments are read too, oldest first."""
+    offsets: dict[Stream, int] = {}
+    seq = 0
+    main = run_path / "fleet.jsonl"
+    segments = sorted(run_path.glob("fleet.jsonl.*"), key=lambda p: int(p.suffix[1:] or 0))
+    needle = f'"worker":{json.dumps(worker)},'
+    for path in [*segments, main]:
+        with contextlib.suppress(OSError), open(path, "rb") as handle:
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break  # a half-written last line: never reached the log
+                line = raw.decode("utf-8", "replace")
+                if needle not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                seq = max(seq, int(record.get("seq") or 0))
+                stream = record.get("stream")
+                if record.get("run") == run and "off" in record and stream in ("stdout", "stderr"):
+                    offsets[stream] = int(record["off"])
+    return offsets, seq
 
 
 def summary_table(statuses: list[WorkerStatus]) -> str:

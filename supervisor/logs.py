@@ -171,11 +171,16 @@ class LogMux:
         fleet: str,
         jsonl_path: Path,
         console: ConsoleRenderer | None,
+        *,
+        rotate_bytes: int = 0,
     ) -> None:
         self.fleet = fleet
         self.jsonl_path = jsonl_path
+        self.rotate_bytes = rotate_bytes
         jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(jsonl_path, "a", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
+        self._fd = os.open(jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        self._segments = len(list(jsonl_path.parent.glob(jsonl_path.name + ".*")))
         self._console = console
         self._seq: dict[str, int] = {}
         self._pending: list[str] = []
@@ -203,16 +208,24 @@ class LogMux:
             f'"stream":"{stream}",'
         )
 
-    def output(self, tag: Tag, stream: str, lines: list[str]) -> None:
-        """Record agent output lines (fast path)."""
+    def output(self, tag: Tag, stream: str, lines: list[str], end_offset: int) -> None:
+        """Record agent output lines (fast path).
+
+        The last record of the batch also carries ``off``, the byte offset in the run's
+        ``stream`` file just after these lines.  Batches reach the file whole (one ``write``),
+        so after a crash the last ``off`` in the log says exactly where a re-adopting
+        supervisor must resume reading: nothing lost, nothing repeated.
+        """
         if not lines:
             return
         now = time.time()
         head = self._head(tag, stream, utc_timestamp(now))
         seq = self._seq.get(tag.worker, 0)
+        last = len(lines)
         parts = [f'{head}"seq":{seq + i},"line":{_encode(line)}}}\n' for i, line in
-                 enumerate(lines, 1)]
-        self._seq[tag.worker] = seq + len(lines)
+                 enumerate(lines[:-1], 1)]
+        parts.append(f'{head}"seq":{seq + last},"off":{end_offset},"line":{_encode(lines[-1])}}}\n')
+        self._seq[tag.worker] = seq + last
         self.last_output[tag.worker] = now
         self._append(parts)
         if self._console is not None:
@@ -254,10 +267,16 @@ class LogMux:
 
     def flush(self) -> None:
         if self._pending:
-            self._file.write("".join(self._pending))
+            data = "".join(self._pending).encode("utf-8", "replace")
             self._pending.clear()
             self._pending_bytes = 0
-            self._file.flush()
+            if self.rotate_bytes and self._size and self._size + len(data) > self.rotate_bytes:
+                self._rotate()
+            view = memoryview(data)
+            while view:  # one write() for a regular file unless the disk is full
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self._size += len(data)
         if self._console_pending and self._console is not None:
             try:
                 self._console.out.write("".join(self._console_pending))
@@ -272,9 +291,21 @@ class LogMux:
             await anyio.sleep(interval)
             self.flush()
 
+    def _rotate(self) -> None:
+        """``fleet.jsonl`` → ``fleet.jsonl.N`` (N = 1, 2, … oldest first), then a new file.
+
+        Only ever between whole batches, so a reader that finishes the renamed file and then
+        opens the new one sees every record once.
+        """
+        self._segments += 1
+        os.rename(self.jsonl_path, f"{self.jsonl_path}.{self._segments}")
+        os.close(self._fd)
+        self._fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = 0
+
     def close(self) -> None:
         self.flush()
-        self._file.close()
+        os.close(self._fd)
 
     # structlog ---------------------------------------------------------------------------
 

@@ -133,3 +133,45 @@ class StartGate:
             if delay > 0:
                 await anyio.sleep(delay)
             self._last = anyio.current_time()
+
+
+class StartsGate:
+    """Whether new runs may start: open, paused (``pause``/``resume``), or closed for good.
+
+    Closed for good is the soft deadline: no new run starts any more (milestone resumes
+    included) and whoever waits is told so, so that the fleet can end.
+    """
+
+    def __init__(self) -> None:
+        self._changed = anyio.Event()
+        self.paused = False
+        self.closed_reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.closed_reason)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def pause(self) -> None:
+        self.paused = True
+        self._notify()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._notify()
+
+    def close(self, reason: str) -> None:
+        self.closed_reason = reason
+        self._notify()
+
+    async def wait(self) -> bool:
+        """Wait until starts are allowed (True) or closed for good (False)."""
+        while True:
+            if self.closed:
+                return False
+            if not self.paused:
+                return True
+            await self._changed.wait()

@@ -13,6 +13,7 @@ import random
 import re
 import signal
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,11 +22,19 @@ import anyio
 
 from supervisor import policy
 from supervisor.config import FleetConfig, TaskConfig
-from supervisor.hosts.base import ExitStatus, Host, HostError, RunHandle, RunSpec
+from supervisor.hosts.base import (
+    STREAMS,
+    ExitStatus,
+    Host,
+    HostError,
+    RunHandle,
+    RunSpec,
+    Stream,
+)
 from supervisor.lifecycle import WorkerState, advance
 from supervisor.limits import LimitDetector, LimitHit, LimitPatterns
 from supervisor.logs import LineSplitter, LogMux, Tag
-from supervisor.scheduling import SlotPool, StartGate
+from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
 
 _PLACEHOLDER = re.compile(r"\{(issue|title|prompt|workspace)\}")
@@ -75,6 +84,9 @@ class WorkerStatus:
     ended_at: float | None = None
     run_started_at: float | None = None
     next_run_at: float | None = None
+    milestones_before: list[str] = field(default_factory=list)
+    lease_path: str | None = None
+    adopted_from: str | None = None
     history: policy.History = field(default_factory=policy.History)
 
     @property
@@ -104,8 +116,27 @@ class WorkerStatus:
             "ended_at": self.ended_at,
             "run_started_at": self.run_started_at,
             "next_run_at": self.next_run_at,
+            "milestones_before": self.milestones_before,
+            "lease_path": self.lease_path,
+            "adopted_from": self.adopted_from,
             "wall_time": round(self.wall_time, 3),
         }
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """A run of a dead supervisor that this worker takes over instead of starting one."""
+
+    machine: str
+    handle: RunHandle
+    run: int
+    workspace: str
+    offsets: Mapping[Stream, int]
+    before: set[str]
+    from_fleet: str
+    lease_path: str
+    milestones: int
+    crashes: int
 
 
 class FleetServices(Protocol):
@@ -130,7 +161,7 @@ class FleetServices(Protocol):
     def stop(self) -> StopControl: ...
 
     @property
-    def starts_open(self) -> anyio.Event: ...
+    def starts(self) -> StartsGate: ...
 
     async def clone_on(self, machine: str) -> Clone: ...
 
@@ -140,15 +171,26 @@ class FleetServices(Protocol):
 
     def changed(self) -> None: ...
 
+    def pause_machine(self, machine: str, until: float, reason: str) -> None: ...
+
 
 class Worker:
     """Drives one task from ``pending`` to a final state."""
 
-    def __init__(self, name: str, task: TaskConfig, fleet: FleetServices) -> None:
+    def __init__(
+        self,
+        name: str,
+        task: TaskConfig,
+        fleet: FleetServices,
+        adoption: Adoption | None = None,
+    ) -> None:
         self.name = name
         self.task = task
         self.fleet = fleet
+        self.adoption = adoption
         self.status = WorkerStatus(worker=name, task=task.issue, title=task.title)
+        if adoption is not None:
+            self.status.adopted_from = adoption.from_fleet
         self._policy = policy.RestartPolicy(**fleet.config.restart.model_dump())
         agent = fleet.config.agent
         defaults = LimitPatterns()
@@ -163,6 +205,11 @@ class Worker:
         self._current: RunHandle | None = None
 
     # helpers -----------------------------------------------------------------------------
+
+    @property
+    def current(self) -> RunHandle | None:
+        """The run in progress, if any."""
+        return self._current
 
     @property
     def tag(self) -> Tag:
@@ -201,38 +248,55 @@ class Worker:
         try:
             await self._live()
         except HostError as exc:
-            self.log("failed", f"✗ {exc}", error=str(exc))
-            if not self.status.state.final:
-                self.status.state = WorkerState.FAILED
-                self.status.reason = str(exc)
-                self.status.ended_at = time.time()
-                self.fleet.changed()
+            self._fail(str(exc))
+        except Exception as exc:  # a bug must cost one task, never the fleet or its agents
+            self._fail(f"internal error: {exc!r}", traceback.format_exc())
+            handle = self._current
+            if handle is not None:
+                with anyio.CancelScope(shield=True):
+                    await handle.signal(signal.SIGKILL)
         return self.status
+
+    def _fail(self, reason: str, detail: str = "") -> None:
+        self.log("failed", f"✗ {reason}", error=reason, traceback=detail or None)
+        if not self.status.state.final:
+            self.status.state = WorkerState.FAILED
+            self.status.reason = reason
+            self.status.ended_at = time.time()
+            self.fleet.changed()
 
     async def _live(self) -> None:
         fleet = self.fleet
         slot: str | None = None
+        adoption = self.adoption
 
         async def first_slot() -> None:
             nonlocal slot
-            await fleet.starts_open.wait()
-            slot = await fleet.pool.acquire(self.task.machine)
+            if adoption is None and not await fleet.starts.wait():
+                return
+            slot = await fleet.pool.acquire(adoption.machine if adoption else self.task.machine)
 
         if not await self._unless_stopped(first_slot) or slot is None:
-            self._set(WorkerState.STOPPED, "stopped before it started")
+            self._set(WorkerState.STOPPED, f"not started: {self._stop_reason()}")
             return
         try:
             self.status.machine = slot
-            self.status.started_at = time.time()
-            self._set(WorkerState.PREPARING)
-            clone = await fleet.clone_on(slot)
-            tree = worktree_name(fleet.config.worktree_name, self.task.issue, self.task.title)
-            self.status.workspace = await ensure_worktree(clone, tree)
-            workspace = self.status.workspace
-            self.log("prepared", f"worktree {workspace}", workspace=workspace)
+            self.status.started_at = self.status.started_at or time.time()
+            host = fleet.hosts[slot]
+            decision: policy.Decision | None = None
+            if adoption is not None:
+                decision = await self._adopt(host, adoption)
+            else:
+                self._set(WorkerState.PREPARING)
+                clone = await fleet.clone_on(slot)
+                tree = worktree_name(fleet.config.worktree_name, self.task.issue, self.task.title)
+                self.status.workspace = await ensure_worktree(clone, tree)
+                workspace = self.status.workspace
+                self.log("prepared", f"worktree {workspace}", workspace=workspace)
             prompt_kind = "first"
             while True:
-                decision = await self._one_run(fleet.hosts[slot], prompt_kind)
+                if decision is None:
+                    decision = await self._one_run(host, prompt_kind)
                 if fleet.stop.requested.is_set():
                     self._set(WorkerState.STOPPED, fleet.stop.reason)
                     return
@@ -247,7 +311,13 @@ class Worker:
                 if isinstance(decision, policy.Resume):
                     self._set(WorkerState.RESUMING)
                     prompt_kind = "resume"
-                    continue  # keeps its slot: a milestone hand-off is not a failure
+                    decision = None
+                    # Keeps its slot: a milestone hand-off is not a failure.  But no new run
+                    # starts while the fleet is paused, nor after the soft deadline.
+                    if not await self._unless_stopped(fleet.starts.wait) or fleet.starts.closed:
+                        self._set(WorkerState.STOPPED, self._stop_reason())
+                        return
+                    continue
                 # Backoff or pause: give the slot to others meanwhile.
                 fleet.pool.release(slot)
                 slot_held, slot = slot, None
@@ -256,26 +326,32 @@ class Worker:
                     if isinstance(decision, policy.Restart)
                     else decision.until
                 )
+                decision = None
                 self.status.next_run_at = until
                 self.fleet.changed()
-                prompt_kind = "resume" if isinstance(decision, policy.Pause) else "auto"
+                prompt_kind = "resume" if self.status.state is WorkerState.PAUSED else "auto"
 
                 async def wait_and_reacquire(machine: str = slot_held, at: float = until) -> None:
                     nonlocal slot
                     while (left := at - time.time()) > 0 and not self._restart_requested:
-                        with anyio.move_on_after(min(left, 1.0)):
+                        with anyio.move_on_after(min(left, 0.5)):
                             await fleet.stop.requested.wait()
-                    await fleet.starts_open.wait()
-                    slot = await fleet.pool.acquire(machine)
+                    if await fleet.starts.wait():
+                        slot = await fleet.pool.acquire(machine)
 
                 if not await self._unless_stopped(wait_and_reacquire) or slot is None:
-                    self._set(WorkerState.STOPPED, fleet.stop.reason)
+                    self._set(WorkerState.STOPPED, self._stop_reason())
                     return
                 self.status.next_run_at = None
                 self._restart_requested = False
         finally:
             if slot is not None:
                 fleet.pool.release(slot)
+
+    def _stop_reason(self) -> str:
+        if self.fleet.stop.requested.is_set():
+            return self.fleet.stop.reason
+        return self.fleet.starts.closed_reason or "stopped"
 
     async def _prompt(self, host: Host, kind: str) -> tuple[str, str]:
         config = self.fleet.config
@@ -322,22 +398,20 @@ class Worker:
             "AGENTIZE_FLEET_TITLE": self.task.title,
         }
         run_dir = posixpath.join(fleet.run_root(self.status.machine), self.name, f"run-{run}")
+        lease = fleet.lease_path(self.status.machine)
         spec = RunSpec(
             argv=argv,
             cwd=workspace,
             run_dir=run_dir,
-            lease_path=fleet.lease_path(self.status.machine),
+            lease_path=lease,
             lease_timeout=config.lease_timeout,
             env=env,
         )
         self._limit_hit = None
         handle = await host.start(spec)
-        self._current = handle
-        self.status.pid = handle.identity.pid
-        self.status.start_ticks = handle.identity.start_ticks
-        self.status.run_dir = run_dir
-        self.status.run_started_at = time.time()
-        self._set(WorkerState.RUNNING)
+        self.status.milestones_before = sorted(before)
+        self.status.lease_path = lease
+        self._running(handle)
         self.log(
             "run-started",
             f"▶ run {run} started (pid {handle.identity.pid}, {kind} prompt: {prompt})",
@@ -346,39 +420,78 @@ class Worker:
             prompt_kind=kind,
             run_dir=run_dir,
         )
-        status = await self._follow(handle)
+        return await self._finish_run(host, handle, before, {})
+
+    def _running(self, handle: RunHandle) -> None:
+        self._current = handle
+        self.status.pid = handle.identity.pid
+        self.status.start_ticks = handle.identity.start_ticks
+        self.status.run_dir = handle.identity.run_dir
+        self.status.run_started_at = time.time()
+        self._set(WorkerState.RUNNING)
+
+    async def _finish_run(
+        self,
+        host: Host,
+        handle: RunHandle,
+        before: set[str],
+        offsets: Mapping[Stream, int],
+    ) -> policy.Decision:
+        assert self.status.workspace is not None
+        status = await self._follow(handle, offsets)
         self._current = None
         self.status.pid = None
         self.status.last_exit = status.code
-        after = await host.glob(workspace, self._globs())
-        new = sorted(after - before)
-        return self._decide(status, new)
+        after = await host.glob(self.status.workspace, self._globs())
+        return self._decide(status, sorted(after - before))
 
-    async def _follow(self, handle: RunHandle) -> ExitStatus:
+    async def _adopt(self, host: Host, adoption: Adoption) -> policy.Decision:
+        """Take over a run whose supervisor died: keep reading it from where the log stopped."""
+        self.status.run = adoption.run
+        self.status.workspace = adoption.workspace
+        self.status.milestones = adoption.milestones
+        self.status.crashes = adoption.crashes
+        self.status.milestones_before = sorted(adoption.before)
+        self.status.lease_path = adoption.lease_path
+        self._set(WorkerState.PREPARING)
+        self._running(adoption.handle)
+        offsets = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
+        self.log(
+            "adopted",
+            f"⇄ adopted run {adoption.run} (pid {adoption.handle.identity.pid}) of dead fleet "
+            f"{adoption.from_fleet}, reading its output from {offsets}",
+            pid=adoption.handle.identity.pid,
+            from_fleet=adoption.from_fleet,
+            offsets=dict(adoption.offsets),
+        )
+        return await self._finish_run(host, adoption.handle, adoption.before, adoption.offsets)
+
+    async def _follow(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, handle)
+            tg.start_soon(self._pump, handle, offsets)
             watcher = anyio.CancelScope()
             tg.start_soon(self._stop_when_asked, handle, watcher)
             status = await handle.wait()
             watcher.cancel()
         return status
 
-    async def _pump(self, handle: RunHandle) -> None:
+    async def _pump(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> None:
         max_bytes = self.fleet.config.max_line_bytes
-        splitters = {"stdout": LineSplitter(max_bytes), "stderr": LineSplitter(max_bytes)}
+        splitters = {s: LineSplitter(max_bytes, offsets.get(s, 0)) for s in STREAMS}
         mux = self.fleet.mux
         tag = self.tag
         limits = self._limits
-        async for chunk in handle.output():
-            lines = splitters[chunk.stream].feed(chunk.data)
+        async for chunk in handle.output(offsets):
+            splitter = splitters[chunk.stream]
+            lines = splitter.feed(chunk.data)
             if lines:
-                mux.output(tag, chunk.stream, lines)
+                mux.output(tag, chunk.stream, lines, splitter.offset)
                 self._scan(lines, limits)
         for stream, splitter in splitters.items():
             rest = splitter.finish()
             if rest:
-                mux.output(tag, stream, rest)
+                mux.output(tag, stream, rest, splitter.offset)
                 self._scan(rest, limits)
 
     def _scan(self, lines: list[str], limits: LimitDetector) -> None:
@@ -429,7 +542,10 @@ class Worker:
             return policy.Finish()
         if self._restart_requested:
             self.log("restarting", f"↻ run {self.status.run} restarted on request")
-            return policy.Resume() if new_milestones else policy.Restart(0.0)
+            if new_milestones:
+                return policy.Resume()
+            self._set(WorkerState.BACKOFF, "restart requested")
+            return policy.Restart(0.0)
         if new_milestones:
             outcome = policy.Outcome.MILESTONE
         elif hit is not None and hit.kind == "usage":
@@ -460,6 +576,8 @@ class Worker:
             assert hit is not None
             if isinstance(decision, policy.Pause):
                 self._set(WorkerState.PAUSED, "usage limit")
+                assert self.status.machine is not None
+                self.fleet.pause_machine(self.status.machine, decision.until, "usage limit")
             self.log(
                 "usage-limit",
                 f"⏸ usage limit reached: pausing until {_clock(getattr(decision, 'until', now))}",
