@@ -1,0 +1,391 @@
+"""SSHHost against real OpenSSH sshd instances on the loopback interface.
+
+The "remote" machine is this machine, so the tests can look at the run's processes with psutil.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from supervisor.hosts.base import (
+    Chunk,
+    CommandFailed,
+    ExitStatus,
+    HostAuthError,
+    HostError,
+    HostUnreachable,
+    RunIdentity,
+    RunSpec,
+)
+from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget
+from tests import sshd as machines
+from tests.sshd import SSHD, keygen, known_hosts_line, session_processes
+
+# the fixtures this module uses
+client_key = machines.client_key
+sshd = machines.sshd
+session_reaper = machines.session_reaper
+closed_port = machines.closed_port
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def host(sshd: SSHD) -> AsyncIterator[SSHHost]:
+    h = SSHHost(sshd.target())
+    try:
+        yield h
+    finally:
+        with anyio.fail_after(10):
+            await h.aclose()
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "work"
+    d.mkdir()
+    yield d
+
+
+def spec_for(work: Path, argv: list[str], name: str = "run-1", **kw: object) -> RunSpec:
+    return RunSpec(
+        argv=argv,
+        cwd=str(work),
+        run_dir=str(work / "runs" / name),
+        lease_path=str(work / "lease"),
+        lease_timeout=float(kw.pop("lease_timeout", 120.0)),  # type: ignore[arg-type]
+        env=kw.pop("env", {}),  # type: ignore[arg-type]
+    )
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.02)
+
+
+async def collect(handle: SSHRunHandle, **kw: object) -> tuple[bytes, bytes, list[Chunk]]:
+    chunks = [c async for c in handle.output(**kw)]  # type: ignore[arg-type]
+    out = b"".join(c.data for c in chunks if c.stream == "stdout")
+    err = b"".join(c.data for c in chunks if c.stream == "stderr")
+    return out, err, chunks
+
+
+# ---- short commands -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_run_glob_resolve(host: SSHHost, work: Path) -> None:
+    with anyio.fail_after(20):
+        r = await host.run(["sh", "-c", 'printf "%s|" "$@"; echo; echo oops >&2', "x", "a b", "*"])
+        assert r.exit_code == 0
+        assert r.stdout == "a b|*|\n"
+        assert r.stderr == "oops\n"
+
+        r = await host.run(["pwd"], cwd=str(work))
+        assert r.stdout.strip() == str(work)
+
+        with pytest.raises(CommandFailed) as info:
+            await host.run(["sh", "-c", "echo bad news >&2; exit 7"])
+        assert info.value.result.exit_code == 7
+        assert "bad news" in str(info.value) and "m1" in str(info.value)
+        r = await host.run(["sh", "-c", "exit 7"], check=False)
+        assert r.exit_code == 7
+
+        r = await host.run(["sh", "-c", "printf '\\377\\376ok'"])
+        assert r.stdout.endswith("ok") and "\ufffd" in r.stdout
+
+        with pytest.raises(HostError) as timed_out:
+            await host.run(["sleep", "30"], timeout=1, check=False)
+        assert "took longer than 1s" in str(timed_out.value)
+
+        home = os.path.expanduser("~")
+        assert await host.resolve_path("~") == home
+        assert await host.resolve_path("~/a/b") == f"{home}/a/b"
+        assert await host.resolve_path("/x/../y") == "/y"
+
+        m = work / ".tmp" / "milestones"
+        m.mkdir(parents=True)
+        (m / "issue-5-milestone-1.md").write_text("x")
+        (m / "issue-5-milestone-2.md").write_text("x")
+        (m / "issue-50-milestone-1.md").write_text("x")
+        (work / "with space.md").write_text("x")
+        found = await host.glob(
+            str(work),
+            [".tmp/milestones/issue-5-milestone-*.md", "*.md", "nothing-*", "$(touch pwned)"],
+        )
+        assert found == {
+            ".tmp/milestones/issue-5-milestone-1.md",
+            ".tmp/milestones/issue-5-milestone-2.md",
+            "with space.md",
+        }
+        assert not (work / "pwned").exists()
+        assert await host.glob(str(work / "missing"), ["*"]) == set()
+
+        lease = work / "deep" / "lease"
+        await host.touch_lease(str(lease))
+        assert lease.exists()
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_run_output_and_exit(host: SSHHost, work: Path, session_reaper: list[int]) -> None:
+    script = "for i in $(seq 1 2000); do echo line $i; done; echo err >&2; exit 3"
+    with anyio.fail_after(30):
+        handle = await host.start(spec_for(work, ["sh", "-c", script], env={"FOO": "bar baz"}))
+        session_reaper.append(handle.identity.pid)
+        assert handle.identity.pid > 1 and handle.identity.start_ticks > 0
+        out, err, chunks = await collect(handle)
+        status = await handle.wait()
+    assert out.decode().splitlines() == [f"line {i}" for i in range(1, 2001)]
+    assert err == b"err\n"
+    assert status == ExitStatus(code=3)
+    assert await handle.wait() is status  # idempotent
+    # offsets are byte positions in each file
+    last = {c.stream: c.end for c in chunks}
+    assert last == {"stdout": len(out), "stderr": len(err)}
+    # resuming from an offset yields exactly the rest
+    rest, _, _ = await collect(handle, offsets={"stdout": 100, "stderr": len(err)})
+    assert rest == out[100:]
+    # an attached handle sees the same recorded status
+    again = await host.attach(handle.identity)
+    assert again is not None and await again.wait() == ExitStatus(code=3)
+    assert not await handle.alive()
+    gone = RunIdentity(host="m1", run_dir=str(work / "runs" / "nope"), pid=1234, start_ticks=1)
+    assert await host.attach(gone) is None
+
+
+@pytest.mark.anyio
+async def test_env_and_arguments_arrive_literally(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    nasty = ['"; rm -rf ~', "$(touch pwned)", "a'b", "`id`", "*", "", "new\nline"]
+    argv = ["sh", "-c", 'for a in "$@"; do printf "<%s>\\n" "$a"; done; printf "%s" "$X"', "sh"]
+    with anyio.fail_after(20):
+        handle = await host.start(
+            spec_for(work, [*argv, *nasty], env={"X": "$(touch pwned2); ~ 'q'"})
+        )
+        session_reaper.append(handle.identity.pid)
+        out, _, _ = await collect(handle)
+        assert (await handle.wait()).code == 0
+    expected = "".join(f"<{a}>\n" for a in nasty) + "$(touch pwned2); ~ 'q'"
+    assert out.decode() == expected
+    assert not (work / "pwned").exists() and not (work / "pwned2").exists()
+
+
+@pytest.mark.anyio
+async def test_output_survives_lost_link(
+    sshd: SSHD, host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    script = "i=1; while [ $i -le 300 ]; do echo line $i; i=$((i+1)); sleep 0.01; done"
+    with anyio.fail_after(40):
+        handle = await host.start(spec_for(work, ["sh", "-c", script]))
+        session_reaper.append(handle.identity.pid)
+        received: list[bytes] = []
+        some_read = anyio.Event()
+
+        async def reader() -> None:
+            async for chunk in handle.output():
+                if chunk.stream == "stdout":
+                    received.append(chunk.data)
+                    if b"".join(received).count(b"\n") >= 30:
+                        some_read.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await some_read.wait()
+            killed = sshd.kill_connections()
+        status = await handle.wait()
+    assert killed >= 1
+    assert host.connects >= 2, "the handle should have reconnected"
+    lines = b"".join(received).decode().splitlines()
+    assert lines == [f"line {i}" for i in range(1, 301)]
+    assert status.code == 0
+
+
+@pytest.mark.anyio
+async def test_stop_kills_whole_tree(host: SSHHost, work: Path, session_reaper: list[int]) -> None:
+    script = 'trap "" TERM; sleep 600 & sleep 600 & echo ready; wait'
+    with anyio.fail_after(30):
+        handle = await host.start(spec_for(work, ["sh", "-c", script]))
+        sid = handle.identity.pid
+        session_reaper.append(sid)
+        stdout = work / "runs" / "run-1" / "stdout"
+        assert await eventually(lambda: b"ready" in stdout.read_bytes())
+        assert len(session_processes(sid)) == 3
+        assert await handle.alive()
+        stats = await handle.stats()
+        assert stats.processes == 3 and stats.rss_bytes > 0
+
+        await handle.signal(signal.SIGTERM)
+        await anyio.sleep(1.0)
+        assert len(session_processes(sid)) == 3, "TERM is ignored by this run"
+        await handle.signal(signal.SIGKILL)
+        status = await handle.wait()
+        assert await eventually(lambda: not session_processes(sid))
+    assert status.code == 128 + signal.SIGKILL
+    assert not await handle.alive()
+    assert (await handle.stats()).processes == 0
+    await handle.signal(signal.SIGTERM)  # already gone: not an error
+
+
+@pytest.mark.anyio
+async def test_reused_pid_is_not_signalled(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    with anyio.fail_after(30):
+        handle = await host.start(spec_for(work, ["sleep", "600"]))
+        session_reaper.append(handle.identity.pid)
+        ident = handle.identity
+        impostor = RunIdentity(ident.host, ident.run_dir, ident.pid, ident.start_ticks + 1)
+        other = await host.attach(impostor)
+        assert other is not None
+        await other.signal(signal.SIGKILL)
+        await anyio.sleep(0.3)
+        assert psutil.pid_exists(ident.pid)
+        assert not await other.alive()
+        assert await handle.alive()
+        await handle.signal(signal.SIGKILL)
+        assert (await handle.wait()).code == 128 + signal.SIGKILL
+
+
+@pytest.mark.anyio
+async def test_failed_start_raises(host: SSHHost, work: Path) -> None:
+    spec = RunSpec(
+        argv=["true"],
+        cwd=str(work / "no-such-dir"),
+        run_dir=str(work / "runs" / "bad"),
+        lease_path=str(work / "lease"),
+        lease_timeout=0,
+    )
+    with anyio.fail_after(20), pytest.raises(HostError) as info:
+        await host.start(spec)
+    assert "did not start" in str(info.value) and "no-such-dir" in str(info.value)
+    # a used run directory is never started again
+    with anyio.fail_after(20), pytest.raises(HostError) as info:
+        await host.start(spec)
+    assert "already holds a run" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_wrapper_killed_means_lost(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    with anyio.fail_after(20):
+        handle = await host.start(spec_for(work, ["sleep", "600"]))
+        session_reaper.append(handle.identity.pid)
+        wrapper = int((work / "runs" / "run-1" / "wrapper").read_text())
+        session_reaper.append(wrapper)  # its lease watchdog lives on in the wrapper's session
+        os.kill(wrapper, signal.SIGKILL)
+        status = await handle.wait()
+        assert status.lost and status.code is None
+        _ = [c async for c in handle.output()]  # ends too
+
+
+@pytest.mark.anyio
+async def test_unreachable_machine_makes_run_lost(
+    sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    h = SSHHost(sshd.target(unreachable_after=1.0))
+    try:
+        with anyio.fail_after(30):
+            handle = await h.start(spec_for(work, ["sleep", "600"]))
+            session_reaper.append(handle.identity.pid)
+            sshd.stop()
+            chunks = [c async for c in handle.output()]
+            assert chunks == []
+            status = await handle.wait()
+            assert status.lost and "unreachable" in status.reason
+    finally:
+        await h.aclose()
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_wrong_key_is_auth_error(sshd: SSHD, tmp_path: Path) -> None:
+    other = keygen(tmp_path / "other_key")
+    h = SSHHost(sshd.target(identity_file=str(other)))
+    try:
+        with anyio.fail_after(20), pytest.raises(HostAuthError) as info:
+            await h.run(["true"])
+    finally:
+        await h.aclose()
+    msg = str(info.value)
+    assert msg.startswith("m1: ") and "authentication failed" in msg and str(other) in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.anyio
+async def test_host_key_mismatch_is_auth_error(sshd: SSHD, tmp_path: Path) -> None:
+    impostor = keygen(tmp_path / "impostor_host_key")
+    known = tmp_path / "known_hosts_other"
+    known.write_text(known_hosts_line(sshd.address, sshd.port, Path(f"{impostor}.pub")))
+    h = SSHHost(sshd.target(known_hosts=str(known)))
+    try:
+        with anyio.fail_after(20), pytest.raises(HostAuthError) as info:
+            await h.run(["true"])
+    finally:
+        await h.aclose()
+    msg = str(info.value)
+    assert "known_hosts" in msg and "ssh-keygen -R" in msg and "ssh-keyscan" in msg
+    assert getattr(info.value, "host_key", False)
+
+
+@pytest.mark.anyio
+async def test_known_hosts_none_disables_checking(sshd: SSHD, tmp_path: Path) -> None:
+    h = SSHHost(sshd.target(known_hosts="none"))
+    try:
+        with anyio.fail_after(20):
+            assert (await h.run(["echo", "hi"])).stdout == "hi\n"
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_closed_port_is_unreachable(closed_port: int) -> None:
+    h = SSHHost(SSHTarget(name="dead", host="127.0.0.3", port=closed_port, known_hosts="none"))
+    try:
+        with anyio.fail_after(20), pytest.raises(HostUnreachable) as info:
+            await h.run(["true"])
+        assert "refused" in str(info.value) and str(info.value).startswith("dead: ")
+        # a second try within the backoff window fails fast with the same error
+        t0 = time.monotonic()
+        with pytest.raises(HostUnreachable):
+            await h.run(["true"])
+        assert time.monotonic() - t0 < 1
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_many_concurrent_commands_share_channels(sshd: SSHD) -> None:
+    h = SSHHost(sshd.target(max_channels=3))
+    try:
+        with anyio.fail_after(30):
+            results = await asyncio.gather(
+                *(h.run(["sh", "-c", f"sleep 0.2; echo {i}"]) for i in range(20))
+            )
+        assert [r.stdout for r in results] == [f"{i}\n" for i in range(20)]
+    finally:
+        await h.aclose()
