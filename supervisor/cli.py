@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from supervisor import control
+from supervisor import control, report
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
 from supervisor.fleet import (
     EXIT_LOCKED,
@@ -29,7 +29,14 @@ from supervisor.fleet import (
     Fleet,
     summary_table,
 )
-from supervisor.rundir import FleetLocked, acquire_lock, list_runs, lock_holder, socket_path
+from supervisor.rundir import (
+    FleetLocked,
+    acquire_lock,
+    find_run,
+    list_runs,
+    lock_holder,
+    socket_path,
+)
 
 PROG = "agentize-fleet"
 
@@ -103,10 +110,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     except FleetLocked as exc:
         return _error(str(exc), EXIT_LOCKED)
     try:
-        if config.tasks.source == "github":
+        github = config.tasks.source == "github"
+        if args.watch and not github:
+            raise UsageError('--watch needs tasks.source = "github" in the config')
+        if github:
             config.tasks.items = anyio.run(_github_tasks, config)
-        if not config.tasks.items:
-            print(f"{PROG}: nothing to do: the config lists no tasks", file=sys.stderr)
+        if not config.tasks.items and not args.watch:
+            print(f"{PROG}: nothing to do: no tasks", file=sys.stderr)
             return EXIT_NOTHING
         colour = False if args.no_colour else None
         fleet = Fleet(
@@ -114,6 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             console=None if args.quiet else sys.stdout,
             colour=colour,
             deadline=deadline,
+            watch=(lambda: _github_tasks(config)) if args.watch else None,
         )
         result = anyio.run(fleet.run)
     finally:
@@ -280,6 +291,77 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild a run's report.md/report.json from its summary, its log and its worktrees."""
+    config = _load(args)
+    state_dir = _state_dir(args)
+    info = find_run(state_dir, args.run)
+    if info is None:
+        what = f"no run matching {args.run!r}" if args.run else "no fleet runs"
+        print(f"{PROG}: {what} in {state_dir}", file=sys.stderr)
+        return EXIT_NOTHING
+    summary = info.summary or info.state
+    if summary is None:
+        return _error(f"run {info.run_id} has neither summary.json nor state.json", 1)
+
+    async def build() -> dict[str, Any]:
+        hosts = Fleet.make_hosts(config)
+        try:
+            return await report.collect(
+                summary, info.path, hosts,
+                milestone_globs=config.milestone_globs,
+                default_branch={},
+            )
+        finally:
+            for host in hosts.values():
+                await host.aclose()
+
+    data = anyio.run(build)
+    md, js = report.write_report(info.path, data)
+    if args.print:
+        print(md.read_text(encoding="utf-8"), end="")
+    print(f"{PROG}: wrote {md} and {js}")
+    return 0
+
+
+def cmd_cron(args: argparse.Namespace) -> int:
+    """Print what to install for a nightly run: a crontab line and a systemd timer unit."""
+    at = parse_clock(args.at, datetime.now())
+    parse_clock(args.until, datetime.now())
+    parse_duration(args.grace)
+    exe = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).exists() else Path(PROG)
+    config = Path(args.config or "configs/fleet.toml").expanduser().resolve()
+    command = (f"{exe} up --config {config} --once --until {args.until} --grace {args.grace}"
+               " --quiet")
+    log = config.parent / "fleet-cron.log"
+    print(f"""# crontab -e, then add (starts at {args.at} every day; exit codes: see the README):
+{at.minute} {at.hour} * * * {command} >>{log} 2>&1
+
+# or, with systemd (user units): ~/.config/systemd/user/agentize-fleet.service
+[Unit]
+Description=agentize-fleet nightly run
+
+[Service]
+Type=exec
+ExecStart={command}
+KillMode=mixed
+TimeoutStopSec=120
+
+# ~/.config/systemd/user/agentize-fleet.timer
+[Unit]
+Description=agentize-fleet nightly at {args.at}
+
+[Timer]
+OnCalendar=*-*-* {at.hour:02d}:{at.minute:02d}:00
+Persistent=false
+
+[Install]
+WantedBy=timers.target
+
+# then: systemctl --user daemon-reload && systemctl --user enable --now agentize-fleet.timer""")
+    return 0
+
+
 # -- the parser ---------------------------------------------------------------------------------
 
 
@@ -308,7 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-duration", metavar="DUR", help="soft deadline after DUR (8h, 90m)")
     up.add_argument("--grace", metavar="DUR",
                     help="after the soft deadline, running agents may finish for DUR (30m)")
+    once = up.add_mutually_exclusive_group()
+    once.add_argument("--once", action="store_true",
+                      help="exit when the queue is drained (the default)")
+    once.add_argument("--watch", action="store_true",
+                      help="keep polling the GitHub task source for new issues")
     up.set_defaults(func=cmd_up)
+
+    rep = with_config(commands.add_parser("report", help="write (again) a run's morning report"))
+    rep.add_argument("--run", metavar="ID", help="run id or unique prefix (default: latest)")
+    rep.add_argument("--print", action="store_true", help="print the Markdown report too")
+    rep.set_defaults(func=cmd_report)
+
+    cron = with_config(commands.add_parser("cron", help="print a crontab line and a systemd "
+                                           "timer for nightly runs"), False)
+    cron.add_argument("--at", metavar="HH:MM", default="22:00", help="start time (22:00)")
+    cron.add_argument("--until", metavar="HH:MM", default="07:00", help="soft deadline (07:00)")
+    cron.add_argument("--grace", metavar="DUR", default="30m", help="grace after it (30m)")
+    cron.set_defaults(func=cmd_cron)
 
     status = with_config(commands.add_parser("status", aliases=["ps"],
                                              help="show the running fleet"))

@@ -117,6 +117,22 @@ class TasksConfig(_Strict):
     poll_interval: Annotated[float, Field(gt=0)] = 300.0
 
 
+class NotifyConfig(_Strict):
+    """What to run when a fleet ends: a command (``{report}`` → the report JSON's path; appended
+    when absent) and/or a webhook that receives the report JSON by POST."""
+
+    command: list[str] | None = None
+    webhook: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("webhook")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class LocalMachineConfig(_Strict):
     """The machine the supervisor runs on; ``max_agents = 0`` uses only remote machines."""
 
@@ -177,6 +193,7 @@ class FleetConfig(BaseSettings):
     local: LocalMachineConfig = Field(default_factory=LocalMachineConfig)
     machines: list[SSHMachineConfig] = Field(default_factory=list)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     # Not a setting: the directory relative paths are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)

@@ -15,7 +15,7 @@ import posixpath
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from supervisor import control
+from supervisor import control, report
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import Host, RunHandle, RunIdentity, Stream
 from supervisor.hosts.local import LocalHost
@@ -43,6 +43,7 @@ EXIT_DEADLINE = 5
 EXIT_INTERRUPTED = 130
 
 STATE_WRITE_INTERVAL = 0.2
+REPORT_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,15 @@ class Fleet:
         colour: bool | None = None,
         hosts: Mapping[str, Host] | None = None,
         deadline: Deadline | None = None,
+        watch: Callable[[], Awaitable[list[TaskConfig]]] | None = None,
     ) -> None:
         self.config = config
+        self.watch = watch
         self.deadline = deadline or Deadline()
         self.fleet_id = new_run_id()
         self.run_dir = config.state_path / "runs" / self.fleet_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.hosts: dict[str, Host] = dict(hosts) if hosts is not None else self._make_hosts()
+        self.hosts: dict[str, Host] = dict(hosts) if hosts is not None else self.make_hosts(config)
         capacity = {name: self._capacity(name) for name in self.hosts}
         self.pool = SlotPool(config.concurrency, capacity)
         self.gate = StartGate(config.start_interval)
@@ -127,14 +130,16 @@ class Fleet:
 
     # construction ----------------------------------------------------------------------
 
-    def _make_hosts(self) -> dict[str, Host]:
+    @staticmethod
+    def make_hosts(config: FleetConfig) -> dict[str, Host]:
+        """One host per configured machine (``local`` when it may run agents)."""
         hosts: dict[str, Host] = {}
-        if self.config.local.max_agents > 0:
+        if config.local.max_agents > 0:
             hosts["local"] = LocalHost("local")
-        if self.config.machines:
+        if config.machines:
             from supervisor.hosts.ssh import SSHHost, SSHTarget
 
-            for machine in self.config.machines:
+            for machine in config.machines:
                 hosts[machine.name] = SSHHost(
                     SSHTarget(
                         name=machine.name,
@@ -343,14 +348,62 @@ class Fleet:
                     self._workers_tg = workers
                     for worker in self.workers:
                         workers.start_soon(worker.run)
+                    if self.watch is not None:
+                        workers.start_soon(self._watch_source)
                 self._workers_tg = None
                 services.cancel_scope.cancel()
+            summary = self._summary()
+            with anyio.move_on_after(REPORT_TIMEOUT, shield=True):
+                await self._report(summary)
         finally:
             with anyio.CancelScope(shield=True):
                 for host in self.hosts.values():
                     with contextlib.suppress(Exception):
                         await host.aclose()
-        return self._finish()
+        return self._finish(summary)
+
+    async def _watch_source(self) -> None:
+        """``--watch``: re-read the task source every poll interval and queue new tasks."""
+        assert self.watch is not None
+        interval = self.config.tasks.poll_interval
+        while not self.stop.requested.is_set() and not self.starts.closed:
+            with anyio.move_on_after(interval):
+                await self.stop.requested.wait()
+            if self.stop.requested.is_set() or self.starts.closed:
+                return
+            try:
+                tasks = await self.watch()
+            except Exception as exc:  # a failing source is logged and polled again
+                self.log.warning("source-failed", msg=f"task source failed: {exc}")
+                continue
+            for task in tasks:
+                if self.worker_for(task.issue) is None:
+                    self.add_task(task)
+                    self.log.info("task-added", msg=f"task #{task.issue} found by --watch",
+                                  task=task.issue)
+
+    async def _report(self, summary: dict[str, Any]) -> None:
+        """Write the morning report and run the notification hooks."""
+        try:
+            data = await report.collect(
+                summary,
+                self.run_dir,
+                self.hosts,
+                milestone_globs=self.config.milestone_globs,
+                default_branch={m: c.default_branch for m, c in self._clones.items()},
+            )
+            _, report_json = report.write_report(self.run_dir, data)
+        except Exception as exc:  # the report must never cost the summary or the exit code
+            self.log.warning("report-failed", msg=f"could not write the report: {exc!r}")
+            return
+        notify = self.config.notify
+        if notify.command or notify.webhook:
+            problems = await report.notify(notify.command, notify.webhook, report_json,
+                                           timeout=notify.timeout)
+            for problem in problems:
+                self.log.warning("notify-failed", msg=f"notification failed: {problem}")
+            if not problems:
+                self.log.info("notified", msg="notifications sent")
 
     # steering -------------------------------------------------------------------------------
 
@@ -508,9 +561,8 @@ class Fleet:
             return EXIT_NOTHING
         return EXIT_FAILED
 
-    def _finish(self) -> FleetResult:
+    def _summary(self) -> dict[str, Any]:
         code = self.exit_code()
-        statuses = [w.status for w in self.workers]
         summary = {
             **self.snapshot(),
             "ended_at": time.time(),
@@ -519,6 +571,11 @@ class Fleet:
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.write_state()
+        return summary
+
+    def _finish(self, summary: dict[str, Any]) -> FleetResult:
+        code = int(summary["exit_code"])
+        statuses = [w.status for w in self.workers]
         self.log.info("fleet-ended", msg=f"fleet ended: exit {code} ({EXIT_MEANINGS.get(code)})",
                       exit_code=code)
         self.mux.close()

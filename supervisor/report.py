@@ -1,0 +1,246 @@
+"""The morning report: what every agent did overnight, as Markdown and JSON in the run directory.
+
+Per task: final state, runs, milestones (with the latest milestone file's "Work Remaining"
+section), crashes with the last 20 lines of output of the last crashed run, the commits made
+on its branch, wall time; then totals and the fleet's exit code explained.
+
+Collecting needs the machines (milestone files and branches live there), so :func:`collect`
+runs through the hosts; :func:`render_markdown` is pure.  Notification hooks (a command, a
+webhook) run after the report is written; their failures are logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import re
+import urllib.request
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from supervisor.hosts.base import Host
+
+TAIL_LINES = 20
+
+
+def _segments(run_dir: Path) -> list[Path]:
+    rotated = sorted(run_dir.glob("fleet.jsonl.*"), key=lambda p: int(p.suffix[1:] or 0))
+    return [*rotated, run_dir / "fleet.jsonl"]
+
+
+def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]:
+    """The last lines of output of run ``runs[worker]`` of each worker, from the JSONL."""
+    tails: dict[str, deque[str]] = {w: deque(maxlen=TAIL_LINES) for w in runs}
+    for path in _segments(run_dir):
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+            for raw in f:
+                if '"stream":"fleet"' in raw or not raw.endswith("\n"):
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                worker = record.get("worker")
+                if worker in tails and record.get("run") == runs[worker]:
+                    tails[worker].append(str(record.get("line", "")))
+    return {w: list(lines) for w, lines in tails.items()}
+
+
+def crashed_runs(run_dir: Path) -> dict[str, int]:
+    """The last run of each worker that crashed, from the ``crashed`` events."""
+    found: dict[str, int] = {}
+    for path in _segments(run_dir):
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+            for raw in f:
+                if '"event":"crashed"' not in raw.replace(": ", ":"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    record = json.loads(raw)
+                    found[str(record["worker"])] = int(record["run"])
+    return found
+
+
+def work_remaining(markdown: str) -> str:
+    """The "Work Remaining" section of an Agentize milestone file (empty if none)."""
+    match = re.search(r"^#+\s*Work Remaining\s*$(.*?)(?=^#+\s|\Z)", markdown, re.M | re.S)
+    return match.group(1).strip() if match else ""
+
+
+async def _branch_commits(host: Host, workspace: str, base: str) -> list[str]:
+    result = await host.run(
+        ["git", "log", "--format=%h %s", f"{base}..HEAD"], cwd=workspace, check=False, timeout=60
+    )
+    return result.stdout.splitlines() if result.exit_code == 0 else []
+
+
+async def _latest_milestone(host: Host, workspace: str, globs: Sequence[str]) -> tuple[str, str]:
+    files = await host.glob(workspace, globs)
+    if not files:
+        return "", ""
+
+    def number(name: str) -> int:
+        found = re.search(r"milestone-(\d+)", name)
+        return int(found.group(1)) if found else 0
+
+    latest = max(files, key=number)
+    result = await host.run(["cat", posixpath.join(workspace, latest)], check=False, timeout=30)
+    return latest, work_remaining(result.stdout) if result.exit_code == 0 else ""
+
+
+async def collect(
+    summary: dict[str, Any],
+    run_dir: Path,
+    hosts: Mapping[str, Host],
+    *,
+    milestone_globs: Sequence[str],
+    default_branch: Mapping[str, str],
+) -> dict[str, Any]:
+    """The report's data: the summary plus what the logs and the worktrees tell."""
+    workers = summary.get("workers", [])
+    crashed = crashed_runs(run_dir)
+    tails = output_tails(run_dir, crashed)
+    tasks = []
+    for w in workers:
+        row = dict(w)
+        row["last_crash_output"] = tails.get(str(w.get("worker")), [])
+        row["commits"] = []
+        row["latest_milestone"] = ""
+        row["work_remaining"] = ""
+        host = hosts.get(str(w.get("machine")))
+        workspace = w.get("workspace")
+        if host is not None and workspace:
+            with contextlib.suppress(Exception):
+                base = default_branch.get(str(w.get("machine")), "main")
+                row["commits"] = await _branch_commits(host, str(workspace), base)
+            with contextlib.suppress(Exception):
+                globs = [g.replace("{issue}", str(w["task"])) for g in milestone_globs]
+                row["latest_milestone"], row["work_remaining"] = await _latest_milestone(
+                    host, str(workspace), globs
+                )
+        tasks.append(row)
+    states = [t.get("state") for t in tasks]
+    totals = {
+        "tasks": len(tasks),
+        **{s: states.count(s) for s in sorted({str(x) for x in states})},
+        "runs": sum(int(t.get("runs") or 0) for t in tasks),
+        "milestones": sum(int(t.get("milestones") or 0) for t in tasks),
+        "crashes": sum(int(t.get("crashes") or 0) for t in tasks),
+        "commits": sum(len(t["commits"]) for t in tasks),
+    }
+    return {
+        "fleet": summary.get("fleet"),
+        "name": summary.get("name"),
+        "started_at": summary.get("started_at"),
+        "ended_at": summary.get("ended_at"),
+        "exit_code": summary.get("exit_code"),
+        "exit_meaning": summary.get("exit_meaning"),
+        "left": [t["task"] for t in tasks if t.get("state") not in ("done", "failed")],
+        "totals": totals,
+        "tasks": tasks,
+    }
+
+
+def _when(epoch: Any) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: a table first, then a section per task that needs reading."""
+    lines = [
+        f"# Fleet report: {report.get('name')} — run {report.get('fleet')}",
+        "",
+        f"- started {_when(report.get('started_at'))}, ended {_when(report.get('ended_at'))}",
+        f"- exit code **{report.get('exit_code')}**: {report.get('exit_meaning')}",
+    ]
+    if report.get("left"):
+        left = ", ".join(f"#{n}" for n in report["left"])
+        lines.append(f"- left unfinished: {left}")
+    totals = report["totals"]
+    lines.append("- totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    lines += [
+        "",
+        "| task | title | machine | state | runs | milestones | crashes | commits | wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in report["tasks"]:
+        title = str(t.get("title") or "").replace("|", "\\|")
+        lines.append(
+            f"| #{t['task']} | {title} | {t.get('machine') or '-'} | {t.get('state')} | "
+            f"{t.get('runs')} | {t.get('milestones')} | {t.get('crashes')} | "
+            f"{len(t['commits'])} | {float(t.get('wall_time') or 0):.0f}s |"
+        )
+    for t in report["tasks"]:
+        lines += ["", f"## #{t['task']} {t.get('title') or ''}".rstrip(), ""]
+        reason = f": {t['reason']}" if t.get("reason") else ""
+        lines.append(f"State **{t.get('state')}**{reason}")
+        if t.get("workspace"):
+            lines.append(f"Worktree `{t['workspace']}` on {t.get('machine')}.")
+        if t["commits"]:
+            lines += ["", "Commits on its branch:", ""]
+            lines += [f"- `{c}`" for c in t["commits"]]
+        if t.get("work_remaining"):
+            lines += ["", f"Work remaining (from `{t['latest_milestone']}`):", "",
+                      t["work_remaining"]]
+        if t.get("crashes") and t.get("last_crash_output"):
+            lines += ["", f"Last {len(t['last_crash_output'])} lines of its last crashed run:",
+                      "", "```", *t["last_crash_output"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` into the run directory."""
+    md, js = run_dir / "report.md", run_dir / "report.json"
+    md.write_text(render_markdown(report), encoding="utf-8")
+    js.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    return md, js
+
+
+async def notify(
+    command: Sequence[str] | None,
+    webhook: str | None,
+    report_json: Path,
+    *,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Run the notify command (``{report}`` → the JSON path) and POST the JSON to the webhook.
+
+    Returns one line per failure; failures never raise.
+    """
+    problems: list[str] = []
+    if command:
+        argv = [part.replace("{report}", str(report_json)) for part in command]
+        if not any("{report}" in part for part in command):
+            argv.append(str(report_json))
+        try:
+            with anyio.fail_after(timeout):
+                done = await anyio.run_process(argv, check=False)
+            if done.returncode != 0:
+                problems.append(f"notify command {argv[0]} exited {done.returncode}")
+        except TimeoutError:
+            problems.append(f"notify command {argv[0]} took longer than {timeout:g}s")
+        except OSError as exc:
+            problems.append(f"notify command {argv[0]} could not run: {exc.strerror}")
+    if webhook:
+        body = report_json.read_bytes()
+
+        def post() -> int:
+            request = urllib.request.Request(
+                webhook, data=body, headers={"Content-Type": "application/json"}, method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return int(response.status)
+
+        try:
+            status = await anyio.to_thread.run_sync(post)
+            if status >= 300:
+                problems.append(f"webhook answered HTTP {status}")
+        except Exception as exc:  # any network failure is reported, never fatal
+            problems.append(f"webhook POST failed: {exc}")
+    return problems
