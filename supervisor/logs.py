@@ -249,7 +249,8 @@ class LogMux:
         }
         for key, value in fields.items():
             record.setdefault(key, value)
-        self._append([json.dumps(record, ensure_ascii=False, default=str) + "\n"])
+        line = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
+        self._append([line + "\n"])
         if self._console is not None:
             self._console_pending.append(
                 self._console.render(tag.worker, tag.task, "fleet", [message])

@@ -220,8 +220,7 @@ class Worker:
 
     def _set(self, state: WorkerState, reason: str = "") -> None:
         self.status.state = advance(self.status.state, state)
-        if reason:
-            self.status.reason = reason
+        self.status.reason = reason
         if state.final:
             self.status.ended_at = time.time()
         self.fleet.changed()

@@ -175,6 +175,52 @@ async def test_run_output_and_exit(host: SSHHost, work: Path, session_reaper: li
 
 
 @pytest.mark.anyio
+async def test_chatty_stdout_and_stderr_are_drained(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    size = 3_000_000
+    script = (
+        f"head -c {size} /dev/zero | tr '\\0' o & head -c {size} /dev/zero | tr '\\0' e >&2; "
+        "wait; printf END"
+    )
+    with anyio.fail_after(30):
+        handle = await host.start(spec_for(work, ["sh", "-c", script]))
+        session_reaper.append(handle.identity.pid)
+        out, err, _ = await collect(handle)
+        assert (await handle.wait()).code == 0
+    assert len(out) == size + 3 and out.endswith(b"oEND") and set(out[:-3]) == {ord("o")}
+    assert err == b"e" * size
+
+
+@pytest.mark.anyio
+async def test_closing_output_early_leaves_no_reader_behind(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    script = "while :; do echo tick; sleep 0.05; done"
+    with anyio.fail_after(30):
+        handle = await host.start(spec_for(work, ["sh", "-c", script]))
+        session_reaper.append(handle.identity.pid)
+        run_dir = handle.identity.run_dir
+
+        def readers() -> list[psutil.Process]:
+            found = []
+            for proc in psutil.process_iter(["name", "cwd"]):
+                if proc.info["name"] == "tail" and proc.info["cwd"] == run_dir:
+                    found.append(proc)
+            return found
+
+        stream = handle.output()
+        first = await stream.__anext__()
+        assert first.data.startswith(b"tick")
+        assert len(readers()) == 2
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert await eventually(lambda: not readers(), timeout=5)
+        assert await handle.alive()
+        await handle.signal(signal.SIGKILL)
+        assert (await handle.wait()).code == 128 + signal.SIGKILL
+
+
+@pytest.mark.anyio
 async def test_env_and_arguments_arrive_literally(
     host: SSHHost, work: Path, session_reaper: list[int]
 ) -> None:

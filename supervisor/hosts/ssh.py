@@ -60,6 +60,8 @@ log = structlog.get_logger(__name__)
 
 #: Bytes read from a channel stream at a time.
 READ_SIZE = 64 * 1024
+#: Largest piece of an ended run's output fetched by one command after its stream has stopped.
+CATCH_UP_SIZE = 4 * 1024 * 1024
 #: How often ``wait()`` looks at the run directory.
 WAIT_POLL = 0.5
 #: Longest pause between two connection attempts.
@@ -177,9 +179,9 @@ _STREAM = (
 rd=$1
 cd -- "$rd" 2>/dev/null || exit 3
 exec 3<&0
-tail -c "+$2" -F stdout 2>/dev/null &
+tail -s 0.5 -c "+$2" -F stdout 2>/dev/null &
 a=$!
-tail -c "+$3" -F stderr >&2 2>/dev/null &
+tail -s 0.5 -c "+$3" -F stderr >&2 2>/dev/null &
 b=$!
 me=$$
 (cat <&3 >/dev/null 2>&1; kill "$a" "$b" "$me" 2>/dev/null) >/dev/null 2>&1 &
@@ -685,7 +687,7 @@ class SSHHost(Host):
             handle = SSHRunHandle(self, RunIdentity(self.name, run_dir, 0, 0))
             detail = ""
             with contextlib.suppress(HostError):
-                detail = _one_line(_decode(await handle._read_rest("stderr", 0)))[-300:]
+                detail = _one_line(_decode(await handle._read_rest("stderr", 0, 64 * 1024)))[-300:]
             raise HostError(self.name, f"the run did not start in {cwd}: {detail}")
         pid, ticks = int(fields[0]), int(fields[1])
         identity = RunIdentity(host=self.name, run_dir=run_dir, pid=pid, start_ticks=ticks)
@@ -761,10 +763,13 @@ class SSHRunHandle(RunHandle):
                     raise HostUnreachable(self._name, f"output stream ended with {stop.code}")
                 # The run has ended: fetch whatever the tails had not delivered yet.
                 for stream in STREAMS:
-                    rest = await self._read_rest(stream, pos[stream])
-                    if rest:
-                        pos[stream] += len(rest)
-                        yield Chunk(stream=stream, data=rest, end=pos[stream])
+                    while True:
+                        rest = await self._read_rest(stream, pos[stream], CATCH_UP_SIZE)
+                        if rest:
+                            pos[stream] += len(rest)
+                            yield Chunk(stream=stream, data=rest, end=pos[stream])
+                        if len(rest) < CATCH_UP_SIZE:
+                            break
                 return
             except HostError as err:
                 if self.host._closed:
@@ -841,10 +846,14 @@ class SSHRunHandle(RunHandle):
             with contextlib.suppress(Exception):
                 process.close()
 
-    async def _read_rest(self, stream: Stream, offset: int) -> bytes:
+    async def _read_rest(self, stream: Stream, offset: int, limit: int) -> bytes:
+        """At most ``limit`` bytes of one output file, from byte ``offset``."""
         path = posixpath.join(self.identity.run_dir, stream)
         code, out, err = await self.host._script(
-            '[ -e "$1" ] || exit 0; exec tail -c "+$2" -- "$1"', path, str(offset + 1)
+            '[ -e "$1" ] || exit 0; tail -c "+$2" -- "$1" | head -c "$3"',
+            path,
+            str(offset + 1),
+            str(limit),
         )
         if code != 0:
             raise HostError(self._name, f"cannot read {path}: {_decode(err).strip()}")
