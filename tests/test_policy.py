@@ -1,0 +1,92 @@
+"""The restart policy and the worker lifecycle: pure functions, tested exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor import policy
+from supervisor.lifecycle import InvalidTransition, WorkerState, advance
+from supervisor.policy import History, Outcome, RestartPolicy, decide
+
+P = RestartPolicy(backoff_base=1.0, backoff_max=10.0, max_crashes=2, crash_window=60.0,
+                  max_milestones=2, max_usage_pauses=1, usage_pause_default=100.0)
+
+
+def test_done_resets_consecutive_crashes() -> None:
+    decision, after = decide(P, History(consecutive_crashes=2), Outcome.DONE, now=0, rand=0.5)
+    assert decision == policy.Finish()
+    assert after.consecutive_crashes == 0
+
+
+def test_milestone_resumes_without_backoff_until_the_cap() -> None:
+    history = History()
+    for expected in (1, 2):
+        decision, history = decide(P, history, Outcome.MILESTONE, now=0, rand=0.9)
+        assert decision == policy.Resume()
+        assert history.milestones == expected
+    decision, history = decide(P, history, Outcome.MILESTONE, now=0, rand=0.9)
+    assert isinstance(decision, policy.GiveUp)
+    assert "milestone" in decision.reason
+
+
+def test_crash_backoff_is_full_jitter_exponential_and_capped() -> None:
+    assert policy.backoff_delay(P, 1, 1.0) == 1.0
+    assert policy.backoff_delay(P, 3, 1.0) == 4.0
+    assert policy.backoff_delay(P, 3, 0.5) == 2.0
+    assert policy.backoff_delay(P, 10, 1.0) == 10.0  # capped at backoff_max
+    assert policy.backoff_delay(P, 10_000, 1.0) == 10.0  # no overflow
+    assert policy.backoff_delay(P, 2, 0.0) == 0.0
+
+
+def test_intensity_limit_gives_up_after_more_than_r_crashes_in_t() -> None:
+    history = History()
+    decisions = []
+    for t in (0.0, 1.0, 2.0):
+        decision, history = decide(P, history, Outcome.CRASH, now=t, rand=1.0)
+        decisions.append(decision)
+    assert decisions[0] == policy.Restart(1.0)
+    assert decisions[1] == policy.Restart(2.0)
+    assert isinstance(decisions[2], policy.GiveUp)
+    assert "3 crashes within 60s" in decisions[2].reason
+
+
+def test_old_crashes_fall_out_of_the_window() -> None:
+    history = History()
+    for t in (0.0, 1.0, 100.0, 101.0):
+        decision, history = decide(P, history, Outcome.CRASH, now=t, rand=1.0)
+        assert isinstance(decision, policy.Restart), t
+    assert history.crash_times == (100.0, 101.0)
+
+
+def test_milestone_between_crashes_resets_the_backoff_exponent() -> None:
+    _, history = decide(P, History(), Outcome.CRASH, now=0, rand=1.0)
+    _, history = decide(P, history, Outcome.MILESTONE, now=1, rand=1.0)
+    decision, _ = decide(P, history, Outcome.CRASH, now=2, rand=1.0)
+    assert decision == policy.Restart(1.0)
+
+
+def test_usage_limit_pauses_until_reset_and_is_not_a_crash() -> None:
+    decision, history = decide(P, History(), Outcome.USAGE_LIMIT, now=10, rand=0, reset_at=50)
+    assert decision == policy.Pause(50)
+    assert history.crash_times == () and history.usage_pauses == 1
+    decision, _ = decide(P, History(), Outcome.USAGE_LIMIT, now=10, rand=0, reset_at=None)
+    assert decision == policy.Pause(110.0)
+    decision, _ = decide(P, history, Outcome.USAGE_LIMIT, now=10, rand=0, reset_at=50)
+    assert isinstance(decision, policy.GiveUp)
+
+
+def test_lifecycle_allows_the_documented_paths() -> None:
+    s = WorkerState.PENDING
+    for nxt in ("preparing", "running", "resuming", "running", "backoff", "running", "paused",
+                "running", "done"):
+        s = advance(s, WorkerState(nxt))
+    assert s.final
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [("done", "running"), ("pending", "running"), ("stopped", "running"), ("backoff", "done")],
+)
+def test_lifecycle_refuses_impossible_transitions(current: str, target: str) -> None:
+    with pytest.raises(InvalidTransition):
+        advance(WorkerState(current), WorkerState(target))
