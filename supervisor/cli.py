@@ -150,9 +150,11 @@ async def _github_tasks(config: FleetConfig) -> list[TaskConfig]:
         skip_labels=tuple(src.skip_labels),
     )
     try:
-        found = await fetch_github_tasks(query, cwd=str(config.base_dir))
+        found = await fetch_github_tasks(query, gh=src.gh, cwd=str(config.base_dir))
     except TaskSourceError as exc:
-        raise ConfigError(f"tasks.source = \"github\": {exc}") from None
+        raise ConfigError(
+            f"{config.source_file}: tasks.source = \"github\" (path to gh: tasks.gh): {exc}"
+        ) from None
     return [TaskConfig(issue=t.issue, title=t.title) for t in found]
 
 

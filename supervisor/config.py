@@ -115,6 +115,7 @@ class TasksConfig(_Strict):
     skip_labels: list[str] = Field(default_factory=list)
     limit: Annotated[int, Field(gt=0)] = 100
     poll_interval: Annotated[float, Field(gt=0)] = 300.0
+    gh: str = "gh"
 
 
 class NotifyConfig(_Strict):
@@ -197,6 +198,7 @@ class FleetConfig(BaseSettings):
 
     # Not a setting: the directory relative paths are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    source_file: Path = Field(default=Path("fleet.toml"), exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -360,4 +362,5 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     finally:
         _config_file.reset(token)
     config.base_dir = file.resolve().parent
+    config.source_file = file
     return config

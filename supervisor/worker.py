@@ -271,9 +271,10 @@ class Worker:
 
         async def first_slot() -> None:
             nonlocal slot
-            if adoption is None and not await fleet.starts.wait():
-                return
-            slot = await fleet.pool.acquire(adoption.machine if adoption else self.task.machine)
+            if adoption is not None:  # its run is already running: no gate to pass
+                slot = await fleet.pool.acquire(adoption.machine)
+            else:
+                slot = await self._acquire(self.task.machine)
 
         if not await self._unless_stopped(first_slot) or slot is None:
             self._set(WorkerState.STOPPED, f"not started: {self._stop_reason()}")
@@ -335,8 +336,7 @@ class Worker:
                     while (left := at - time.time()) > 0 and not self._restart_requested:
                         with anyio.move_on_after(min(left, 0.5)):
                             await fleet.stop.requested.wait()
-                    if await fleet.starts.wait():
-                        slot = await fleet.pool.acquire(machine)
+                    slot = await self._acquire(machine)
 
                 if not await self._unless_stopped(wait_and_reacquire) or slot is None:
                     self._set(WorkerState.STOPPED, self._stop_reason())
@@ -346,6 +346,16 @@ class Worker:
         finally:
             if slot is not None:
                 fleet.pool.release(slot)
+
+    async def _acquire(self, machine: str | None) -> str | None:
+        """A slot for a new run, once new runs are allowed; None once they never will be."""
+        fleet = self.fleet
+        while await fleet.starts.wait():
+            slot = await fleet.pool.acquire(machine)
+            if not fleet.starts.paused and not fleet.starts.closed:
+                return slot
+            fleet.pool.release(slot)  # paused or closed while we queued for the slot
+        return None
 
     def _stop_reason(self) -> str:
         if self.fleet.stop.requested.is_set():
