@@ -326,6 +326,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Connect to every machine and tell whether it can run agents (exit 1 if one cannot)."""
+    from supervisor.check import check_machine, format_check_table
+    from supervisor.hosts.local import LocalHost
+
+    config = _load(args)
+    hosts = Fleet.make_hosts(config)
+    hosts.setdefault("local", LocalHost("local"))
+    agent = config.agent_command[0]
+    workdirs = {"local": str(config.resolve(config.workspace_root))}
+    workdirs.update({m.name: m.workdir for m in config.machines})
+
+    async def check_all() -> list[Any]:
+        rows: dict[str, Any] = {}
+
+        async def one(name: str) -> None:
+            rows[name] = await check_machine(hosts[name], agent_executable=agent,
+                                             workdir=workdirs[name])
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in hosts:
+                    tg.start_soon(one, name)
+        finally:
+            for host in hosts.values():
+                await host.aclose()
+        return [rows[name] for name in hosts]
+
+    rows = anyio.run(check_all)
+    print(format_check_table(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
 def cmd_cron(args: argparse.Namespace) -> int:
     """Print what to install for a nightly run: a crontab line and a systemd timer unit."""
     at = parse_clock(args.at, datetime.now())
@@ -403,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--run", metavar="ID", help="run id or unique prefix (default: latest)")
     rep.add_argument("--print", action="store_true", help="print the Markdown report too")
     rep.set_defaults(func=cmd_report)
+
+    check = with_config(commands.add_parser("check", help="can every machine run agents?"), False)
+    check.set_defaults(func=cmd_check)
 
     cron = with_config(commands.add_parser("cron", help="print a crontab line and a systemd "
                                            "timer for nightly runs"), False)
