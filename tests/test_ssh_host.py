@@ -108,6 +108,10 @@ async def test_run_glob_resolve(host: SSHHost, work: Path) -> None:
         assert "bad news" in str(info.value) and "m1" in str(info.value)
         r = await host.run(["sh", "-c", "exit 7"], check=False)
         assert r.exit_code == 7
+        r = await host.run(["sh", "-c", "kill -9 $$"], check=False)
+        assert r.exit_code == 128 + signal.SIGKILL
+        r = await host.run(["no-such-program-xyz"], check=False)
+        assert r.exit_code == 127
 
         r = await host.run(["sh", "-c", "printf '\\377\\376ok'"])
         assert r.stdout.endswith("ok") and "\ufffd" in r.stdout
@@ -266,6 +270,38 @@ async def test_output_survives_lost_link(
     lines = b"".join(received).decode().splitlines()
     assert lines == [f"line {i}" for i in range(1, 301)]
     assert status.code == 0
+
+
+@pytest.mark.anyio
+async def test_next_supervisor_reattaches_by_offsets(
+    sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    script = "i=1; while [ $i -le 100 ]; do echo line $i; i=$((i+1)); sleep 0.01; done; exit 5"
+    first = SSHHost(sshd.target())
+    got = b""
+    offsets = {"stdout": 0, "stderr": 0}
+    try:
+        with anyio.fail_after(20):
+            handle = await first.start(spec_for(work, ["sh", "-c", script]))
+            session_reaper.append(handle.identity.pid)
+            async for chunk in handle.output():
+                got += chunk.data
+                offsets[chunk.stream] = chunk.end
+                if got.count(b"\n") >= 10:
+                    break
+    finally:
+        await first.aclose()  # the first supervisor goes away; the run does not
+    second = SSHHost(sshd.target())
+    try:
+        with anyio.fail_after(20):
+            again = await second.attach(handle.identity)
+            assert again is not None
+            async for chunk in again.output(offsets):
+                got += chunk.data
+            assert (await again.wait()).code == 5
+    finally:
+        await second.aclose()
+    assert got.decode().splitlines() == [f"line {i}" for i in range(1, 101)]
 
 
 @pytest.mark.anyio

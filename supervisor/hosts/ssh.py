@@ -62,8 +62,11 @@ log = structlog.get_logger(__name__)
 READ_SIZE = 64 * 1024
 #: Largest piece of an ended run's output fetched by one command after its stream has stopped.
 CATCH_UP_SIZE = 4 * 1024 * 1024
-#: How often ``wait()`` looks at the run directory.
+#: How often ``wait()`` looks at the run directory: every WAIT_POLL seconds for the first
+#: WAIT_FAST_POLLS looks, then every WAIT_POLL_SLOW seconds (a stream seeing the end wakes it).
 WAIT_POLL = 0.5
+WAIT_FAST_POLLS = 20
+WAIT_POLL_SLOW = 2.0
 #: Longest pause between two connection attempts.
 MAX_BACKOFF = 30.0
 #: How long ``start()`` waits for the wrapper to write the ``pid`` file (seconds).
@@ -188,8 +191,13 @@ me=$$
 c=$!
 exec 3<&-
 code=0
+w=$(cat wrapper 2>/dev/null) || w=
+n=0
 while [ ! -e exit ]; do
-    if ! wrapper_alive "$rd"; then
+    n=$((n + 1))
+    # kill -0 is cheap; every 5 s also make sure the pid was not reused by another process
+    if [ -z "$w" ] || ! kill -0 "$w" 2>/dev/null ||
+        { [ $((n % 25)) -eq 0 ] && ! wrapper_alive "$rd"; }; then
         [ -e exit ] || code=4
         break
     fi
@@ -531,27 +539,33 @@ class SSHHost(Host):
     ) -> tuple[int, bytes, bytes]:
         """Run ``command`` (a full command line) and return its status and raw output."""
         async with self._channel() as conn:
+            process: asyncssh.SSHClientProcess[bytes] | None = None
             try:
                 async with asyncio.timeout(timeout):
                     if input is None:
-                        result = await conn.run(command, encoding=None, stdin=asyncssh.DEVNULL)
+                        process = await conn.create_process(
+                            command, encoding=None, stdin=asyncssh.DEVNULL
+                        )
                     else:
-                        result = await conn.run(command, encoding=None, input=input)
+                        process = await conn.create_process(command, encoding=None, input=input)
+                    result = await process.wait()
             except TimeoutError:
+                if process is not None:
+                    process.close()  # the command may go on remotely; its channel is let go
                 raise
             except (asyncssh.Error, OSError) as exc:
                 raise self._link_error(exc) from None
-        if result.exit_status is None and result.exit_signal is None:
-            # No exit status at all: the channel was closed under the command.
-            raise HostUnreachable(self.name, "SSH link lost while a command ran")
-        if result.exit_status is not None:
-            code = result.exit_status
-        else:
-            sig = result.exit_signal[0] if result.exit_signal else ""
+        if result.exit_signal is not None:
+            name = result.exit_signal[0]
             try:
-                code = 128 + int(signal_module.Signals[f"SIG{sig}"])
+                code = 128 + int(signal_module.Signals[f"SIG{name}"])
             except KeyError:
                 code = 255
+        elif result.exit_status is None or result.exit_status < 0:
+            # No exit status at all: the channel was closed under the command.
+            raise HostUnreachable(self.name, "SSH link lost while a command ran")
+        else:
+            code = result.exit_status
         return code, _as_bytes(result.stdout), _as_bytes(result.stderr)
 
     async def _script(
@@ -717,6 +731,8 @@ class SSHRunHandle(RunHandle):
         self.identity = identity
         self._status: ExitStatus | None = None
         self._lost: str | None = None
+        # Set when an output stream saw the run end: wait() looks again at once.
+        self._ended = asyncio.Event()
 
     def __repr__(self) -> str:
         return (
@@ -757,10 +773,11 @@ class SSHRunHandle(RunHandle):
                             yield chunk
                 if stop.link_error is not None:
                     raise stop.link_error
+                if stop.code not in (0, 3, 4):
+                    raise HostUnreachable(self._name, f"output stream ended with {stop.code}")
+                self._ended.set()
                 if stop.code == 3:
                     return  # the run directory is gone: nothing left to read
-                if stop.code not in (0, 4):
-                    raise HostUnreachable(self._name, f"output stream ended with {stop.code}")
                 # The run has ended: fetch whatever the tails had not delivered yet.
                 for stream in STREAMS:
                     while True:
@@ -889,10 +906,12 @@ class SSHRunHandle(RunHandle):
         if self._status is not None:
             return self._status
         down_since: float | None = None
+        polls = 0
         while True:
             if self._lost is not None:
                 self._status = ExitStatus(code=None, lost=True, reason=self._lost)
                 return self._status
+            polls += 1
             try:
                 status = await self._poll()
                 down_since = None
@@ -906,7 +925,13 @@ class SSHRunHandle(RunHandle):
             if status is not None:
                 self._status = status
                 return status
-            await asyncio.sleep(WAIT_POLL)
+            # Poll often at first (short runs, failed starts), then less; an output stream that
+            # sees the run end wakes us at once.
+            interval = WAIT_POLL if polls <= WAIT_FAST_POLLS else WAIT_POLL_SLOW
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._ended.wait()
+                self._ended.clear()
 
     # ---- the process tree -----------------------------------------------------------------------
 
