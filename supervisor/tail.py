@@ -1,0 +1,783 @@
+"""``agentize-fleet logs``: print, filter and follow a fleet run's JSONL log.
+
+Like ``docker compose logs [-f]``: the records of one fleet run (the latest, or ``--run ID``),
+rendered with the same coloured ``w2 #42 │ line`` prefixes as the live view
+(:class:`supervisor.logs.ConsoleRenderer`), or as the raw JSONL lines with ``--json``.
+
+Where the log lives: ``<state_dir>/runs/<run-id>/fleet.jsonl``.  The writer may rotate it by
+renaming it to ``fleet.jsonl.N`` (N = 1, 2, ...; the oldest segment has the smallest N) and
+opening a new ``fleet.jsonl``; renames happen only between whole records.  The reader:
+
+- reads the rotated segments in order, then ``fleet.jsonl``;
+- identifies files by (device, inode), never by name: when following, a ``fleet.jsonl`` whose
+  inode is no longer the open file's means the open file was rotated away; the reader drains
+  the open file to its end, then continues with the next file from its start, so that no record
+  is lost or repeated across a rotation;
+- holds back a partially written last line (no newline yet) until it is complete;
+- reads in 1 MiB blocks with ``os.read``; with ``--json`` and no filter the blocks are written
+  out as they are, never parsed (only a block holding the bytes ``fleet-ended`` is looked at);
+- polls every 0.1 s at the end of the file.
+
+``-f`` ends by itself when the fleet has ended: a ``fleet-ended`` record was read; or
+``summary.json`` exists and nothing more arrived for a short grace period (the summary is
+written just before the ``fleet-ended`` record); or the supervisor named in ``state.json`` is
+gone (pid dead, or reused by a process started later) and the log is drained.  Ctrl-C ends it
+quietly with exit 130.
+
+``-n N`` starts from the last N matching records: the files are scanned backwards from the end,
+so ``logs -n 100`` is immediate on any size of log.
+
+Exit codes: 0 done, 2 bad usage (unknown ``--run``, bad ``--since``, bad ``--grep``, bad
+config), 3 no fleet run found, 130 interrupted, 141 output closed (``logs | head``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import psutil
+
+from supervisor.config import ConfigError, FleetConfig, load_config
+from supervisor.logs import ConsoleRenderer, use_colour, utc_timestamp
+
+PROG = "agentize-fleet"
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_NOTHING = 3
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+LOG_NAME = "fleet.jsonl"
+SUMMARY_NAME = "summary.json"
+STATE_NAME = "state.json"
+BLOCK = 1 << 20
+POLL_INTERVAL = 0.1
+SUMMARY_GRACE = 2.0
+LIVENESS_INTERVAL = 1.0
+ENDED_MARK = b"fleet-ended"
+STREAMS = ("stdout", "stderr", "fleet")
+
+_SEGMENT = re.compile(r"^fleet\.jsonl\.(\d+)$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+Ident = tuple[int, int]
+
+
+class LogsError(Exception):
+    """A problem the user can fix; the message is one line, ``code`` the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- which run ------------------------------------------------------------------------------
+
+
+def find_run(runs_dir: Path, run: str | None) -> Path:
+    """The run directory: ``run`` (an id, a unique prefix of one, or a path), else the latest."""
+    if run is not None and os.sep in run and (Path(run) / LOG_NAME).exists():
+        return Path(run)
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(runs_dir)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as exc:
+        raise LogsError(f"cannot list {runs_dir}: {exc.strerror}") from None
+    if run is None:
+        if not names:
+            raise LogsError(f"no fleet run found in {runs_dir}", EXIT_NOTHING)
+        return runs_dir / names[-1]
+    if run in names:
+        return runs_dir / run
+    matches = [name for name in names if name.startswith(run)]
+    if len(matches) == 1:
+        return runs_dir / matches[0]
+    if not matches:
+        if not names:
+            raise LogsError(f"no fleet run found in {runs_dir}", EXIT_NOTHING)
+        raise LogsError(f"no fleet run {run!r} in {runs_dir} (latest: {names[-1]})")
+    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+    raise LogsError(f"--run {run!r} is ambiguous: it matches {len(matches)} runs ({shown})")
+
+
+def segments(run_dir: Path) -> list[tuple[int, Path]]:
+    """The rotated segments ``fleet.jsonl.N`` of a run, oldest (smallest N) first."""
+    found: list[tuple[int, Path]] = []
+    try:
+        with os.scandir(run_dir) as entries:
+            for entry in entries:
+                match = _SEGMENT.match(entry.name)
+                if match:
+                    found.append((int(match.group(1)), Path(entry.path)))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LogsError(f"cannot list {run_dir}: {exc.strerror}") from None
+    found.sort()
+    return found
+
+
+# -- filters --------------------------------------------------------------------------------
+
+
+def parse_since(text: str, now: float | None = None) -> str:
+    """``--since`` as the record timestamp it starts at (``ts`` strings compare in time order).
+
+    A duration back from now (``30s``, ``10m``, ``2h``, ``1d``, ``1w``, ``1h30m``, a bare
+    number of seconds) or an ISO-8601 time (local time unless it names a zone; ``Z`` is UTC).
+    """
+    value = text.strip()
+    moment: float
+    if _DURATION.fullmatch(value):
+        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(value))
+        moment = (time.time() if now is None else now) - seconds
+    elif re.fullmatch(r"\d+(?:\.\d+)?", value):
+        moment = (time.time() if now is None else now) - float(value)
+    else:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise LogsError(
+                f"--since {text!r}: not a duration (30s, 10m, 2h, 1d) nor an ISO-8601 time "
+                "(2026-11-28T07:05:00Z)"
+            ) from None
+        moment = parsed.timestamp()  # a naive time is local time
+    return utc_timestamp(max(moment, 0.0))
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """Which records to show; every given condition must hold (repeated options: any of)."""
+
+    tasks: frozenset[int] | None = None
+    machines: frozenset[str] | None = None
+    streams: frozenset[str] | None = None
+    workers: frozenset[str] | None = None
+    since: str | None = None
+    grep: re.Pattern[str] | None = None
+
+    def __call__(self, record: dict[str, Any]) -> bool:
+        if self.tasks is not None and record.get("task") not in self.tasks:
+            return False
+        if self.machines is not None and record.get("machine") not in self.machines:
+            return False
+        if self.streams is not None and record.get("stream") not in self.streams:
+            return False
+        if self.workers is not None and record.get("worker") not in self.workers:
+            return False
+        if self.since is not None:
+            ts = record.get("ts")
+            if not isinstance(ts, str) or ts < self.since:
+                return False
+        if self.grep is not None:
+            line = record.get("line")
+            if not isinstance(line, str) or self.grep.search(line) is None:
+                return False
+        return True
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.tasks is None
+            and self.machines is None
+            and self.streams is None
+            and self.workers is None
+            and self.since is None
+            and self.grep is None
+        )
+
+
+def _needles(values: frozenset[str] | None) -> tuple[bytes, ...] | None:
+    """The JSON strings one of which a line must contain for its field to be one of ``values``.
+
+    Only for plain printable ASCII values, which every JSON encoder writes verbatim.
+    """
+    if values is None:
+        return None
+    needles = []
+    for value in values:
+        if not value.isascii() or not value.isprintable() or '"' in value or "\\" in value:
+            return None
+        needles.append(json.dumps(value).encode())
+    return tuple(needles)
+
+
+@dataclass(frozen=True)
+class RawPrefilter:
+    """Cheap tests on raw JSONL that every line a :class:`RecordFilter` accepts passes.
+
+    Most lines of other tasks, workers, machines or streams are skipped without being parsed
+    (a block without any of the wanted values at all is skipped whole); the lines that pass are
+    still parsed and checked.
+    """
+
+    needle_sets: tuple[tuple[bytes, ...], ...]
+    task: re.Pattern[bytes] | None
+
+    @classmethod
+    def of(cls, record_filter: RecordFilter) -> RawPrefilter | None:
+        sets = []
+        for values in (record_filter.workers, record_filter.machines, record_filter.streams):
+            needles = _needles(values)
+            if needles is not None:
+                sets.append(needles)
+        task = None
+        if record_filter.tasks is not None:
+            numbers = b"|".join(str(n).encode() for n in sorted(record_filter.tasks))
+            task = re.compile(rb'"task"\s*:\s*(?:' + numbers + rb")(?![0-9.eE])")
+        if not sets and task is None:
+            return None
+        return cls(tuple(sets), task)
+
+    def __call__(self, data: bytes) -> bool:
+        """False if no line of ``data`` (a line, or a block of lines) can match."""
+        for needles in self.needle_sets:
+            if not any(needle in data for needle in needles):
+                return False
+        return self.task is None or self.task.search(data) is not None
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_ended(line: bytes) -> bool:
+    if ENDED_MARK not in line:
+        return False
+    record = _record(line)
+    return record is not None and record.get("event") == "fleet-ended"
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    fd: int
+    ident: Ident
+    name: str
+
+
+def _lines_backwards(fd: int, end: int, *, keep_partial: bool) -> Iterator[tuple[int, bytes]]:
+    """The lines of ``fd[0:end]``, last first, as ``(offset of the line, line without "\\n")``.
+
+    A last line without its newline is left out unless ``keep_partial``.
+    """
+    pos = end
+    buf = b""  # the file's bytes [pos, pos + len(buf)) not yet yielded
+    while pos > 0:  # find the end of the last complete line
+        size = min(BLOCK, pos)
+        pos -= size
+        buf = os.pread(fd, size, pos) + buf
+        cut = buf.rfind(b"\n")
+        if cut >= 0:
+            if cut + 1 < len(buf) and keep_partial:
+                yield pos + cut + 1, buf[cut + 1 :]
+            buf = buf[: cut + 1]
+            break
+    else:
+        if buf and keep_partial:
+            yield 0, buf
+        return
+    while True:
+        j = len(buf)  # buf[j - 1] is the newline ending the next line to yield
+        while j > 0:
+            i = buf.rfind(b"\n", 0, j - 1)
+            if i < 0:
+                break
+            yield pos + i + 1, buf[i + 1 : j - 1]
+            j = i + 1
+        buf = buf[:j]
+        if pos == 0:
+            if j > 0:
+                yield 0, buf[: j - 1]
+            return
+        size = min(BLOCK, pos)
+        pos -= size
+        buf = os.pread(fd, size, pos) + buf
+
+
+class LogReader:
+    """Reads one run's log, rotated segments first, following renames by inode."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.live = run_dir / LOG_NAME
+        self.queue: list[_Source] = []  # opened files, in order; queue[0] is being read
+        self.done: set[Ident] = set()
+        self.pending = b""  # a partial last line of queue[0]
+        self.ended = False  # a fleet-ended record has been read
+
+    # files ----------------------------------------------------------------------------------
+
+    def _known(self, ident: Ident) -> bool:
+        return ident in self.done or any(s.ident == ident for s in self.queue)
+
+    def _open(self, path: Path) -> _Source | None:
+        try:
+            st = os.stat(path)
+            if self._known((st.st_dev, st.st_ino)):
+                return None
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LogsError(f"cannot read {path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        if self._known(ident):  # renamed between the stat and the open
+            os.close(fd)
+            return None
+        return _Source(fd, ident, path.name)
+
+    def _unread_segment(self) -> bool:
+        for _, path in segments(self.run_dir):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if not self._known((st.st_dev, st.st_ino)):
+                return True
+        return False
+
+    def _next_file(self) -> _Source | None:
+        """Open the oldest file not read yet: a rotated segment, else ``fleet.jsonl``."""
+        while True:
+            for _, path in segments(self.run_dir):
+                source = self._open(path)
+                if source is not None:
+                    return source
+            source = self._open(self.live)
+            if source is None:
+                return None
+            # A rotation between listing the segments and opening fleet.jsonl would make the
+            # renamed file look read: list again, and take the segment first if one appeared.
+            if not self._unread_segment():
+                return source
+            os.close(source.fd)
+
+    def _is_live(self, source: _Source) -> bool:
+        try:
+            st = os.stat(self.live)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == source.ident
+
+    def close(self) -> None:
+        for source in self.queue:
+            os.close(source.fd)
+        self.queue.clear()
+
+    # positioning --------------------------------------------------------------------------
+
+    def open_all(self) -> None:
+        """Open every file there is now, oldest first."""
+        while True:
+            source = self._next_file()
+            if source is None:
+                return
+            self.queue.append(source)
+
+    def start_at_last(self, count: int, match: Callable[[bytes], bool] | None) -> None:
+        """Position the reader at the last ``count`` lines that ``match`` (all: None)."""
+        self.open_all()
+        if not self.queue:
+            return
+        start: tuple[int, int] | None = None
+        found = 0
+        last_index = len(self.queue) - 1
+        for index in range(last_index, -1, -1):
+            source = self.queue[index]
+            size = os.fstat(source.fd).st_size
+            for offset, line in _lines_backwards(source.fd, size, keep_partial=index < last_index):
+                if not self.ended and _is_ended(line):
+                    self.ended = True
+                if count == 0:
+                    start = (index, offset + len(line) + 1)
+                    break
+                if match is None or match(line):
+                    found += 1
+                    if found >= count:
+                        start = (index, offset)
+                        break
+            if start is not None:
+                break
+        if start is None:
+            if count > 0:
+                return  # fewer matches than asked for: read everything
+            start = (0, 0)  # nothing complete in any file
+        index, offset = start
+        for source in self.queue[:index]:
+            os.close(source.fd)
+            self.done.add(source.ident)
+        del self.queue[:index]
+        os.lseek(self.queue[0].fd, offset, os.SEEK_SET)
+
+    # reading ------------------------------------------------------------------------------
+
+    def _consume(self, chunk: bytes, emit: Callable[[bytes], None]) -> None:
+        if not self.ended and ENDED_MARK in chunk:
+            self.ended = any(_is_ended(line) for line in chunk.split(b"\n") if ENDED_MARK in line)
+        emit(chunk)
+
+    def _drain(self, source: _Source, emit: Callable[[bytes], None]) -> bool:
+        """Read ``source`` to its current end; emit complete lines.  True if anything was read."""
+        got = False
+        while True:
+            data = os.read(source.fd, BLOCK)
+            if not data:
+                return got
+            got = True
+            buf = self.pending + data if self.pending else data
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:
+                self.pending = buf
+                continue
+            self.pending = buf[cut:]
+            self._consume(buf[:cut] if cut < len(buf) else buf, emit)
+
+    def _finish(self, source: _Source, emit: Callable[[bytes], None]) -> None:
+        """Done with a rotated file: its last line was whole even without a newline."""
+        if self.pending:
+            rest, self.pending = self.pending, b""
+            self._consume(rest + b"\n", emit)
+        os.close(source.fd)
+        self.done.add(source.ident)
+        self.queue.pop(0)
+
+    def pump(self, emit: Callable[[bytes], None]) -> bool:
+        """Emit every complete line there is now, across rotations.  True if anything was read."""
+        progressed = False
+        while True:
+            if not self.queue:
+                source = self._next_file()
+                if source is None:
+                    return progressed
+                self.queue.append(source)
+            source = self.queue[0]
+            progressed |= self._drain(source, emit)
+            if self._is_live(source):
+                return progressed
+            # Rotated away (or a segment): move on once the next file is there, after reading
+            # whatever reached the old file before its rename.
+            if len(self.queue) < 2:
+                following = self._next_file()
+                if following is None:
+                    return progressed  # the new fleet.jsonl is not there yet
+                self.queue.append(following)
+            progressed |= self._drain(source, emit)
+            self._finish(source, emit)
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+class Printer:
+    """Turns chunks of whole JSONL lines into output: raw lines (``--json``) or rendered."""
+
+    def __init__(
+        self, out: BinaryIO, record_filter: RecordFilter, renderer: ConsoleRenderer | None
+    ) -> None:
+        self.out = out
+        self.filter = None if record_filter.empty else record_filter
+        self.prefilter = RawPrefilter.of(record_filter)
+        self.renderer = renderer
+
+    @property
+    def passthrough(self) -> bool:
+        return self.filter is None and self.renderer is None
+
+    def matches(self, line: bytes) -> bool:
+        if self.prefilter is not None and not self.prefilter(line):
+            return False
+        record = _record(line)
+        return record is not None and (self.filter is None or self.filter(record))
+
+    def render(self, record: dict[str, Any]) -> str:
+        assert self.renderer is not None
+        task = record.get("task")
+        return self.renderer.render(
+            str(record.get("worker", "?")),
+            task if isinstance(task, int) else None,
+            str(record.get("stream", "stdout")),
+            [str(record.get("line", ""))],
+        )
+
+    def __call__(self, chunk: bytes) -> None:
+        if self.passthrough:
+            self.out.write(chunk)
+            self.out.flush()
+            return
+        prefilter = self.prefilter
+        if prefilter is not None and not prefilter(chunk):
+            return
+        raw: list[bytes] = []
+        text: list[str] = []
+        for line in chunk.split(b"\n")[:-1]:
+            if prefilter is not None and not prefilter(line):
+                continue
+            record = _record(line)
+            if record is None or (self.filter is not None and not self.filter(record)):
+                continue
+            if self.renderer is None:
+                raw.append(line)
+            else:
+                text.append(self.render(record))
+        if raw:
+            self.out.write(b"\n".join(raw) + b"\n")
+            self.out.flush()
+        elif text:
+            self.out.write("".join(text).encode("utf-8", "replace"))
+            self.out.flush()
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    for name in (SUMMARY_NAME, STATE_NAME):
+        try:
+            data = json.loads((run_dir / name).read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def make_renderer(
+    out: Any, colour: bool, run_dir: Path, config: FleetConfig | None
+) -> ConsoleRenderer:
+    """A renderer laid out like the live view's: the same label width and worker colours."""
+    workers: list[tuple[str, int | None]] = []
+    info_workers = _run_info(run_dir).get("workers")
+    if isinstance(info_workers, list):
+        for w in info_workers:
+            if isinstance(w, dict) and isinstance(w.get("worker"), str):
+                task = w.get("task")
+                workers.append((w["worker"], task if isinstance(task, int) else None))
+    elif config is not None:
+        workers = [(f"w{i}", t.issue) for i, t in enumerate(config.tasks.items, 1)]
+    # The width formula of Fleet.__init__: the widest "wN #ISSUE" label, at least 5.
+    width = max([len(f"w{len(workers)} #{task}") for _, task in workers] + [5])
+    renderer = ConsoleRenderer(out, colour=colour, width=width)
+    # Colours are handed out in order of first appearance; the live view sees the fleet's own
+    # records first, then the workers in order.  Seeding that order keeps a worker's colour the
+    # same whatever the filters or -n hide.
+    for name in ["fleet", *(w for w, _ in workers)]:
+        renderer.prefix(name, None, "stdout")
+    return renderer
+
+
+# -- the end of a fleet -----------------------------------------------------------------------
+
+
+def supervisor_gone(run_dir: Path) -> int | None:
+    """The pid of the run's supervisor if it is known to be dead (or its pid reused), else None."""
+    try:
+        state = json.loads((run_dir / STATE_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    pid = state.get("pid")
+    started = state.get("started_at")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        created = proc.create_time()
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return pid
+    except psutil.NoSuchProcess:
+        return pid
+    except psutil.Error:
+        return None
+    if isinstance(started, int | float) and created > started + 1.0:
+        return pid  # the pid now names a process started after the fleet
+    return None
+
+
+def follow(reader: LogReader, emit: Callable[[bytes], None], *, forever: bool) -> int:
+    """Print what is there; with ``forever``, keep printing until the fleet has ended."""
+    idle_since: float | None = None
+    next_liveness = 0.0
+    while True:
+        if reader.pump(emit):
+            idle_since = None
+            continue
+        if not forever or reader.ended:
+            return EXIT_OK
+        now = time.monotonic()
+        if idle_since is None:
+            idle_since = now
+        if (reader.run_dir / SUMMARY_NAME).exists():
+            if now - idle_since >= SUMMARY_GRACE:
+                return EXIT_OK
+        elif now >= next_liveness:
+            next_liveness = now + LIVENESS_INTERVAL
+            pid = supervisor_gone(reader.run_dir)
+            if pid is not None:
+                reader.pump(emit)
+                if not reader.ended and not (reader.run_dir / SUMMARY_NAME).exists():
+                    print(
+                        f"{PROG}: the fleet's supervisor (pid {pid}) is gone; "
+                        "its run ended without a summary",
+                        file=sys.stderr,
+                    )
+                return EXIT_OK
+        time.sleep(POLL_INTERVAL)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def add_logs_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``logs`` sub-command to ``commands``."""
+    logs = commands.add_parser(
+        "logs",
+        help="print a fleet run's log (-f: follow it)",
+        description="Print the records of a fleet run (the latest, or --run ID) with the live "
+        "view's prefixes, or raw with --json; -f keeps following until the fleet ends.",
+    )
+    logs.add_argument(
+        "-c", "--config", metavar="FILE", help="fleet config (default: configs/fleet.toml)"
+    )
+    logs.add_argument(
+        "--state-dir", metavar="DIR", help="state directory (default: the config's)"
+    )
+    logs.add_argument(
+        "--run", metavar="ID", help="fleet run id or a unique prefix (default: the latest)"
+    )
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new records until the fleet ends"
+    )
+    logs.add_argument(
+        "-n", "--tail", dest="lines", type=_count, metavar="N",
+        help="start from the last N matching records (default: all)",
+    )
+    logs.add_argument(
+        "--task", type=int, action="append", metavar="N", help="only task N (repeatable)"
+    )
+    logs.add_argument("--machine", action="append", metavar="NAME", help="only machine NAME")
+    logs.add_argument("--worker", action="append", metavar="NAME", help="only worker NAME (w2)")
+    logs.add_argument(
+        "--stream", action="append", choices=STREAMS, help="only this stream (repeatable)"
+    )
+    logs.add_argument(
+        "--since", metavar="WHEN", help="only records since 10m, 2h, 30s, or an ISO-8601 time"
+    )
+    logs.add_argument("--grep", metavar="REGEX", help="only records whose line matches REGEX")
+    logs.add_argument("--json", action="store_true", help="print the raw JSONL records")
+    logs.add_argument(
+        "--no-colour", "--no-color", action="store_true", help="plain prefixes, no colours"
+    )
+    logs.set_defaults(func=cmd_logs)
+
+
+def _filter_from(args: argparse.Namespace) -> RecordFilter:
+    grep = None
+    if args.grep is not None:
+        try:
+            grep = re.compile(args.grep)
+        except re.error as exc:
+            message = f"--grep {args.grep!r}: not a valid regular expression: {exc}"
+            raise LogsError(message) from None
+    return RecordFilter(
+        tasks=frozenset(args.task) if args.task else None,
+        machines=frozenset(args.machine) if args.machine else None,
+        streams=frozenset(args.stream) if args.stream else None,
+        workers=frozenset(args.worker) if args.worker else None,
+        since=parse_since(args.since) if args.since is not None else None,
+        grep=grep,
+    )
+
+
+def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
+    record_filter = _filter_from(args)
+    config: FleetConfig | None = None
+    if args.state_dir is not None:
+        state_dir = Path(os.path.expanduser(args.state_dir))
+    else:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise LogsError(" ".join(str(exc).split())) from None
+        state_dir = config.state_path
+    run_dir = find_run(state_dir / "runs", args.run)
+    renderer = None
+    if not args.json:
+        colour = False if args.no_colour else use_colour(sys.stdout)
+        renderer = make_renderer(sys.stdout, colour, run_dir, config)
+    printer = Printer(out, record_filter, renderer)
+    reader = LogReader(run_dir)
+    try:
+        if args.lines is not None:
+            reader.start_at_last(args.lines, None if printer.filter is None else printer.matches)
+        return follow(reader, printer, forever=args.follow)
+    finally:
+        reader.close()
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``agentize-fleet logs``: print (and with ``-f`` follow) a fleet run's records."""
+    try:
+        return _logs(args, sys.stdout.buffer)
+    except LogsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (``logs | head``): end quietly, and keep Python
+        # from complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m supervisor.tail [logs options]``: the same as ``agentize-fleet logs``."""
+    parser = argparse.ArgumentParser(prog=PROG)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_logs_parser(commands)
+    args = parser.parse_args(["logs", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
