@@ -37,6 +37,7 @@ from supervisor.rundir import (
     lock_holder,
     socket_path,
 )
+from supervisor.tail import add_logs_parser
 
 PROG = "agentize-fleet"
 
@@ -431,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--watch", action="store_true",
                       help="keep polling the GitHub task source for new issues")
     up.set_defaults(func=cmd_up)
+
+    add_logs_parser(commands)
 
     rep = with_config(commands.add_parser("report", help="write (again) a run's morning report"))
     rep.add_argument("--run", metavar="ID", help="run id or unique prefix (default: latest)")
