@@ -188,4 +188,4 @@ def format_check_table(rows: Sequence[CheckRow]) -> str:
     for line in table:
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(line)]
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)

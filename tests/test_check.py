@@ -115,3 +115,14 @@ async def test_check_auth_and_host_key_problems(sshd: SSHD, tmp_path: Path) -> N
     assert "known_hosts" in key_row.error
     table = format_check_table([auth_row, key_row])
     assert "badauth" in table and "badkey" in table
+
+
+@pytest.mark.anyio
+async def test_check_works_for_the_local_host(tmp_path: Path) -> None:
+    from supervisor.hosts.local import LocalHost
+
+    with anyio.fail_after(30):
+        row = await check_machine(LocalHost("local"), agent_executable="sh", workdir=str(tmp_path))
+    assert row.machine == "local" and row.ok
+    assert row.git == _git_version() and row.free_disk and row.load is not None
+    assert format_check_table([row]).splitlines()[1].startswith("local ")

@@ -26,7 +26,7 @@ from supervisor.hosts.base import (
     RunIdentity,
     RunSpec,
 )
-from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget
+from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget, _LinkLost
 from tests import sshd as machines
 from tests.sshd import SSHD, keygen, known_hosts_line, session_processes
 
@@ -302,6 +302,42 @@ async def test_next_supervisor_reattaches_by_offsets(
     finally:
         await second.aclose()
     assert got.decode().splitlines() == [f"line {i}" for i in range(1, 101)]
+
+
+@pytest.mark.anyio
+async def test_start_whose_answer_is_lost_is_found_again(
+    host: SSHHost, work: Path, session_reaper: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = host._exec_once
+    mode = {"run_it": True, "fail": True}
+
+    async def flaky(
+        command: str, *, timeout: float, input: bytes | None
+    ) -> tuple[int, bytes, bytes]:
+        if input is not None and mode["fail"]:  # only the start command sends input
+            mode["fail"] = False
+            if mode["run_it"]:
+                await real(command, timeout=timeout, input=input)
+            raise _LinkLost(host.name, "SSH link lost while a command ran", started=True)
+        return await real(command, timeout=timeout, input=input)
+
+    monkeypatch.setattr(host, "_exec_once", flaky)
+    with anyio.fail_after(30):
+        # the run started, only the answer was lost: start() finds it and returns its handle
+        handle = await host.start(spec_for(work, ["sleep", "600"], name="lost-answer"))
+        session_reaper.append(handle.identity.pid)
+        assert handle.identity.pid > 1 and await handle.alive()
+        assert psutil.Process(handle.identity.pid).name() == "sleep"
+        await handle.signal(signal.SIGKILL)
+        assert (await handle.wait()).code == 128 + signal.SIGKILL
+
+        # the run never started: start() says the machine is unreachable; a retry works
+        mode.update(run_it=False, fail=True)
+        spec = spec_for(work, ["true"], name="never-started")
+        with pytest.raises(HostUnreachable):
+            await host.start(spec)
+        handle = await host.start(spec)
+        assert (await handle.wait()).code == 0
 
 
 @pytest.mark.anyio

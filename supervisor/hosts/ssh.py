@@ -107,6 +107,14 @@ class SSHHostKeyError(HostAuthError):
     host_key = True
 
 
+class _LinkLost(HostUnreachable):
+    """The link failed under a command; ``started`` tells whether the command had begun."""
+
+    def __init__(self, host: str, message: str, *, started: bool) -> None:
+        super().__init__(host, message)
+        self.started = started
+
+
 class SSHLoginError(HostAuthError):
     """The machine refused our credentials, or our key / config files cannot be used."""
 
@@ -165,6 +173,23 @@ while [ ! -s "$rd/pid" ] && [ ! -e "$rd/exit" ]; do
     if [ "$i" -gt """
     + str(int(START_TIMEOUT / 0.05))
     + r""" ]; then echo "the wrapper wrote no pid file in $rd" >&2; exit 91; fi
+    sleep 0.05
+done
+cat "$rd/pid" 2>/dev/null || echo
+cat "$rd/wrapper" 2>/dev/null || echo
+"""
+)
+
+# After a start whose answer was lost: "none" if the wrapper never ran, else what _START prints.
+_FIND_START = (
+    r"""
+rd=$1
+[ -e "$rd/wrapper" ] || { echo none; exit 0; }
+i=0
+while [ ! -s "$rd/pid" ] && [ ! -e "$rd/exit" ] && [ "$i" -lt """
+    + str(int(START_TIMEOUT / 0.05))
+    + r""" ]; do
+    i=$((i + 1))
     sleep 0.05
 done
 cat "$rd/pid" 2>/dev/null || echo
@@ -536,8 +561,25 @@ class SSHHost(Host):
         *,
         timeout: float,
         input: bytes | None = None,
+        idempotent: bool = False,
     ) -> tuple[int, bytes, bytes]:
-        """Run ``command`` (a full command line) and return its status and raw output."""
+        """Run ``command`` (a full command line) and return its status and raw output.
+
+        A command whose channel could not even be opened (the connection had just died) is
+        retried once on a fresh connection; an ``idempotent`` one also when the link died
+        while it ran.
+        """
+        try:
+            return await self._exec_once(command, timeout=timeout, input=input)
+        except _LinkLost as err:
+            if self._closed or (err.started and not idempotent):
+                raise
+            log.info("ssh command retried after a lost link", machine=self.name, error=err.message)
+            return await self._exec_once(command, timeout=timeout, input=input)
+
+    async def _exec_once(
+        self, command: str, *, timeout: float, input: bytes | None
+    ) -> tuple[int, bytes, bytes]:
         async with self._channel() as conn:
             process: asyncssh.SSHClientProcess[bytes] | None = None
             try:
@@ -554,7 +596,8 @@ class SSHHost(Host):
                     process.close()  # the command may go on remotely; its channel is let go
                 raise
             except (asyncssh.Error, OSError) as exc:
-                raise self._link_error(exc) from None
+                err = self._link_error(exc)
+                raise _LinkLost(self.name, err.message, started=process is not None) from None
         if result.exit_signal is not None:
             name = result.exit_signal[0]
             try:
@@ -563,16 +606,24 @@ class SSHHost(Host):
                 code = 255
         elif result.exit_status is None or result.exit_status < 0:
             # No exit status at all: the channel was closed under the command.
-            raise HostUnreachable(self.name, "SSH link lost while a command ran")
+            raise _LinkLost(self.name, "SSH link lost while a command ran", started=True)
         else:
             code = result.exit_status
         return code, _as_bytes(result.stdout), _as_bytes(result.stderr)
 
     async def _script(
-        self, script: str, *args: str, timeout: float = 60.0, input: bytes | None = None
+        self,
+        script: str,
+        *args: str,
+        timeout: float = 60.0,
+        input: bytes | None = None,
+        idempotent: bool = True,
     ) -> tuple[int, bytes, bytes]:
+        """Run one of this module's shell snippets (they are idempotent unless told)."""
         try:
-            return await self._exec(_sh(script, *args), timeout=timeout, input=input)
+            return await self._exec(
+                _sh(script, *args), timeout=timeout, input=input, idempotent=idempotent
+            )
         except TimeoutError:
             raise HostUnreachable(
                 self.name, f"no answer within {timeout:g}s to a helper command"
@@ -684,9 +735,20 @@ class SSHHost(Host):
             *argv,
         ]
         runner = self._runner if self._runner is not None else runner_script()
-        code, out, err = await self._script(
-            _START, run_dir, lease, *command, timeout=START_TIMEOUT + 30.0, input=runner
-        )
+        try:
+            code, out, err = await self._script(
+                _START,
+                run_dir,
+                lease,
+                *command,
+                timeout=START_TIMEOUT + 30.0,
+                input=runner,
+                idempotent=False,
+            )
+        except HostUnreachable as lost:
+            # The link died under the start: the run may be running all the same, and must not
+            # be left there unknown (the fleet's lease would keep it alive).  Look again.
+            code, out, err = 0, await self._recover_start(run_dir, lost), b""
         if code != 0:
             last = _decode(err).strip().splitlines()
             raise HostError(
@@ -707,6 +769,28 @@ class SSHHost(Host):
         identity = RunIdentity(host=self.name, run_dir=run_dir, pid=pid, start_ticks=ticks)
         log.info("run started", machine=self.name, run_dir=run_dir, pid=pid)
         return SSHRunHandle(self, identity)
+
+    async def _recover_start(self, run_dir: str, lost: HostUnreachable) -> bytes:
+        """After a start whose answer was lost: the run's pid lines, or raise ``lost``."""
+        deadline = time.monotonic() + min(self.target.unreachable_after, 30.0)
+        delay = 0.5
+        while True:
+            try:
+                code, out, _ = await self._script(_FIND_START, run_dir, timeout=START_TIMEOUT + 30)
+            except HostUnreachable as err:
+                if time.monotonic() + delay > deadline:
+                    raise HostUnreachable(
+                        self.name,
+                        f"{lost.message}; the run may have started in {run_dir} "
+                        f"and could not be checked: {err.message}",
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if code != 0 or _decode(out).strip() == "none":
+                raise lost  # it never started: starting again is safe
+            log.info("run found after a lost link", machine=self.name, run_dir=run_dir)
+            return out
 
     async def attach(self, identity: RunIdentity) -> SSHRunHandle | None:
         code, out, _ = await self._script('[ -d "$1" ] && echo yes || echo no', identity.run_dir)
