@@ -1,0 +1,127 @@
+"""Bad configs end ``agentize-fleet up`` with exit 2 and one clear message; overrides work.
+
+Every case runs the real CLI as a subprocess: the message must name the file, the field and
+the fix, and never show a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Harness, task, to_toml
+
+CONFIG_TIMEOUT = 20.0
+
+
+def _assert_usage_error(result: Any, path: Path, *needles: str) -> None:
+    err = result.stderr
+    assert result.returncode == 2, result.explain()
+    assert "Traceback" not in err and "Traceback" not in result.stdout, err
+    assert str(path) in err, err
+    assert "fix" in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    assert not list(path.parent.glob("state/runs/*")), "a run was started from a bad config"
+
+
+def _without(config: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in keys}
+
+
+# Each case: a change to a valid config, and what the message must name.
+INVALID: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "unknown-field": (lambda c: {**c, "colour": "red"}, ("colour",)),
+    "unknown-nested-field": (
+        lambda c: {**c, "restart": {**c["restart"], "max_crash": 2}},
+        ("restart.max_crash",),
+    ),
+    "wrong-type": (lambda c: {**c, "concurrency": "many"}, ("concurrency", "many")),
+    "missing-repository": (lambda c: _without(c, "repository"), ("repository",)),
+    "concurrency-0": (lambda c: {**c, "concurrency": 0}, ("concurrency",)),
+    "unknown-placeholder": (
+        lambda c: {**c, "agent": {**c["agent"], "command": ["fake-agent", "{promt}"]}},
+        ("agent.command", "{promt}"),
+    ),
+    "task-without-issue": (lambda c: {**c, "tasks": [{"title": "no number"}]}, ("issue",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_config_exits_2_with_file_field_and_fix(fleet: Harness, case: str) -> None:
+    change, needles = INVALID[case]
+    path = fleet.write(change(fleet.config([task(1)])))
+    result = fleet.run(path, timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, path, *needles)
+
+
+def test_bad_toml_syntax(fleet: Harness) -> None:
+    text = to_toml(fleet.config([task(1)])).replace("concurrency = 3", "concurrency = = 3")
+    assert "concurrency = = 3" in text
+    path = fleet.write(text)
+    line = text.splitlines().index("concurrency = = 3") + 1
+    result = fleet.run(path, timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, path, f"line {line}")
+
+
+def test_missing_config_file(fleet: Harness) -> None:
+    path = fleet.tmp / "no-such-fleet.toml"
+    result = fleet.run(path, timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, path, "does not exist")
+
+
+def test_bad_value_from_the_environment(fleet: Harness) -> None:
+    path = fleet.write(fleet.config([task(1)]))
+    result = fleet.run(path, env={"AGENTIZE_FLEET_CONCURRENCY": "0"}, timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, path, "concurrency")
+
+
+def test_bad_flag_value(fleet: Harness) -> None:
+    path = fleet.write(fleet.config([task(1)]))
+    result = fleet.run(path, "--concurrency", "0", timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, path, "concurrency")
+
+
+# -- overrides ----------------------------------------------------------------------------------
+
+
+def _slow_tasks(fleet: Harness) -> Path:
+    return fleet.write(
+        fleet.config(
+            [task(n) for n in range(1, 5)],
+            concurrency=3,
+            agent={"env": {"FAKE_AGENT_STEPS": "3", "FAKE_AGENT_STEP_DELAY": "0.1"}},
+        )
+    )
+
+
+def test_environment_overrides_the_file(fleet: Harness) -> None:
+    result = fleet.run(_slow_tasks(fleet), env={"AGENTIZE_FLEET_CONCURRENCY": "1"})
+    assert result.returncode == 0, result.explain()
+    assert len(fleet.agent_records("end")) == 4
+    assert fleet.max_concurrent() == 1
+    assert result.summary["concurrency"] == 1
+
+
+def test_flag_overrides_the_environment(fleet: Harness) -> None:
+    result = fleet.run(
+        _slow_tasks(fleet), "--concurrency", "2", env={"AGENTIZE_FLEET_CONCURRENCY": "1"}
+    )
+    assert result.returncode == 0, result.explain()
+    assert len(fleet.agent_records("end")) == 4
+    assert fleet.max_concurrent() == 2
+    assert result.summary["concurrency"] == 2
+
+
+def test_nested_environment_override(fleet: Harness) -> None:
+    path = fleet.write(
+        fleet.config(
+            [task(1, "crash:1"), task(2)],
+            restart={"max_crashes": 5, "backoff_base": 0.01, "backoff_max": 0.02},
+        )
+    )
+    result = fleet.run(path, env={"AGENTIZE_FLEET_RESTART__MAX_CRASHES": "1"})
+    assert result.returncode == 1, result.explain()
+    assert result.task_summary(1)["runs"] == 2  # more than 1 crash: failed at the 2nd
+    assert result.task_summary(2)["state"] == "done"
