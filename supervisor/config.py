@@ -189,6 +189,7 @@ class FleetConfig(BaseSettings):
     log_rotate_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024
     on_orphans: Literal["adopt", "stop"] = "adopt"
     usage_limit_scope: Literal["machine", "fleet"] = "machine"
+    requeue_lost: bool = False
     agent: AgentConfig = Field(default_factory=AgentConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)
     local: LocalMachineConfig = Field(default_factory=LocalMachineConfig)

@@ -279,6 +279,23 @@ class Fleet:
         if self._services_tg is not None:
             self._services_tg.start_soon(self._reopen_at, machines, until)
 
+    def machine_lost(self, machine: str) -> None:
+        """Take no new runs on an unreachable machine for a while, then try it again."""
+        if machine in self.pool.closed:
+            return
+        self.pool.close(machine)
+        retry = time.time() + self._unreachable_after(machine)
+        self.log.warning("machine-lost", msg=f"machine {machine} unreachable: no new runs there "
+                         f"until {_clock(retry)}", machine=machine)
+        if self._services_tg is not None:
+            self._services_tg.start_soon(self._reopen_at, [machine], retry)
+
+    def _unreachable_after(self, machine: str) -> float:
+        for m in self.config.machines:
+            if m.name == machine:
+                return m.unreachable_after
+        return 120.0
+
     async def _reopen_at(self, machines: list[str], until: float) -> None:
         await anyio.sleep(max(0.0, until - time.time()))
         for name in machines:
@@ -616,8 +633,15 @@ def last_offsets(run_path: Path, worker: str, run: int) -> tuple[dict[Stream, in
                     continue
                 seq = max(seq, int(record.get("seq") or 0))
                 stream = record.get("stream")
-                if record.get("run") == run and "off" in record and stream in ("stdout", "stderr"):
+                if record.get("run") != run:
+                    continue
+                if "off" in record and stream in ("stdout", "stderr"):
                     offsets[stream] = int(record["off"])
+                elif record.get("event") == "adopted" and isinstance(record.get("offsets"), dict):
+                    # adopted earlier, by a fleet that then died before logging a new line
+                    for name, value in record["offsets"].items():
+                        if name in ("stdout", "stderr"):
+                            offsets[name] = int(value)
     return offsets, seq
 
 

@@ -41,18 +41,20 @@ _FINAL = frozenset({WorkerState.STOPPED, WorkerState.DONE, WorkerState.FAILED, W
 _S = WorkerState
 _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     _S.PENDING: frozenset({_S.PREPARING, _S.STOPPED, _S.FAILED}),
-    _S.PREPARING: frozenset({_S.RUNNING, _S.FAILED, _S.STOPPING, _S.STOPPED, _S.LOST}),
+    _S.PREPARING: frozenset(
+        {_S.RUNNING, _S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STOPPED, _S.LOST}
+    ),
     _S.RUNNING: frozenset(
         {_S.DONE, _S.RESUMING, _S.BACKOFF, _S.PAUSED, _S.FAILED, _S.STOPPING, _S.LOST}
     ),
     _S.RESUMING: frozenset({_S.RUNNING, _S.STOPPED, _S.FAILED, _S.LOST}),
-    _S.BACKOFF: frozenset({_S.RUNNING, _S.STOPPED, _S.FAILED, _S.LOST}),
+    _S.BACKOFF: frozenset({_S.PREPARING, _S.RUNNING, _S.STOPPED, _S.FAILED, _S.LOST}),
     _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPED, _S.FAILED, _S.LOST}),
     _S.STOPPING: frozenset({_S.STOPPED}),
     _S.STOPPED: frozenset({_S.PENDING}),
     _S.DONE: frozenset(),
     _S.FAILED: frozenset({_S.PENDING}),
-    _S.LOST: frozenset({_S.PENDING}),
+    _S.LOST: frozenset({_S.PENDING}),  # requeued on another machine
 }
 
 

@@ -59,6 +59,8 @@ case "$lease_timeout" in
             sleep "$every" &
             nap=$!
             wait "$nap"
+            # The wrapper gone (killed) means the group id may no longer be the agent's.
+            kill -0 "$$" 2>/dev/null || exit 0
             now=$(date +%s)
             seen=$(stat -c %Y "$lease" 2>/dev/null || echo 0)
             if [ $((now - seen)) -gt "$limit" ]; then

@@ -27,6 +27,7 @@ from supervisor.hosts.base import (
     ExitStatus,
     Host,
     HostError,
+    HostUnreachable,
     RunHandle,
     RunSpec,
     Stream,
@@ -124,6 +125,13 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class MachineLost:
+    """The run's machine stayed unreachable: the run's end is unknown (not a crash)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Adoption:
     """A run of a dead supervisor that this worker takes over instead of starting one."""
 
@@ -172,6 +180,8 @@ class FleetServices(Protocol):
     def changed(self) -> None: ...
 
     def pause_machine(self, machine: str, until: float, reason: str) -> None: ...
+
+    def machine_lost(self, machine: str) -> None: ...
 
 
 class Worker:
@@ -283,20 +293,46 @@ class Worker:
             self.status.machine = slot
             self.status.started_at = self.status.started_at or time.time()
             host = fleet.hosts[slot]
-            decision: policy.Decision | None = None
+            decision: policy.Decision | MachineLost | None = None
             if adoption is not None:
                 decision = await self._adopt(host, adoption)
-            else:
-                self._set(WorkerState.PREPARING)
-                clone = await fleet.clone_on(slot)
-                tree = worktree_name(fleet.config.worktree_name, self.task.issue, self.task.title)
-                self.status.workspace = await ensure_worktree(clone, tree)
-                workspace = self.status.workspace
-                self.log("prepared", f"worktree {workspace}", workspace=workspace)
             prompt_kind = "first"
             while True:
                 if decision is None:
-                    decision = await self._one_run(host, prompt_kind)
+                    try:
+                        if self.status.workspace is None:
+                            await self._prepare(slot)
+                        decision = await self._one_run(host, prompt_kind)
+                    except HostUnreachable as exc:
+                        # A lost link is the machine's trouble, not the task's: a crash with
+                        # backoff (within the intensity limit), never an instant failure.
+                        self._limit_hit = None
+                        decision = self._decide(ExitStatus(None, lost=True, reason=str(exc)), [])
+                if isinstance(decision, MachineLost):
+                    self.log("lost", f"✗ {decision.reason}", reason=decision.reason)
+                    fleet.machine_lost(slot)
+                    if not fleet.config.requeue_lost:
+                        self._set(WorkerState.LOST, decision.reason)
+                        return
+                    # Start over on another machine: a fresh worktree there, the first prompt.
+                    self._set(WorkerState.LOST, decision.reason)
+                    self._set(WorkerState.PENDING)
+                    self.status.ended_at = None
+                    fleet.pool.release(slot)
+                    lost_on, slot = slot, None
+
+                    async def elsewhere() -> None:
+                        nonlocal slot
+                        slot = await self._acquire(None)
+
+                    if not await self._unless_stopped(elsewhere) or slot is None:
+                        self._set(WorkerState.STOPPED, self._stop_reason())
+                        return
+                    self.log("requeued", f"↪ requeued from {lost_on} to {slot}", machine=slot)
+                    self.status.machine, self.status.workspace = slot, None
+                    host = fleet.hosts[slot]
+                    decision, prompt_kind = None, "first"
+                    continue
                 if fleet.stop.requested.is_set():
                     self._set(WorkerState.STOPPED, fleet.stop.reason)
                     return
@@ -347,6 +383,16 @@ class Worker:
             if slot is not None:
                 fleet.pool.release(slot)
 
+    async def _prepare(self, machine: str) -> None:
+        """The worker clone (once per machine) and this task's worktree (re-used if there)."""
+        if self.status.state is not WorkerState.PREPARING:
+            self._set(WorkerState.PREPARING)
+        clone = await self.fleet.clone_on(machine)
+        tree = worktree_name(self.fleet.config.worktree_name, self.task.issue, self.task.title)
+        self.status.workspace = await ensure_worktree(clone, tree)
+        workspace = self.status.workspace
+        self.log("prepared", f"worktree {workspace}", workspace=workspace)
+
     async def _acquire(self, machine: str | None) -> str | None:
         """A slot for a new run, once new runs are allowed; None once they never will be."""
         fleet = self.fleet
@@ -387,14 +433,15 @@ class Worker:
         issue = str(self.task.issue)
         return [g.replace("{issue}", issue) for g in self.fleet.config.milestone_globs]
 
-    async def _one_run(self, host: Host, prompt_kind: str) -> policy.Decision:
+    async def _one_run(self, host: Host, prompt_kind: str) -> policy.Decision | MachineLost:
         fleet = self.fleet
         config = fleet.config
         assert self.status.workspace is not None and self.status.machine is not None
         workspace = self.status.workspace
         kind, prompt = await self._prompt(host, prompt_kind)
         before = await host.glob(workspace, self._globs())
-        await fleet.gate.wait_turn()
+        if not await self._unless_stopped(fleet.gate.wait_turn) or fleet.stop.requested.is_set():
+            return policy.Finish()  # stopped before it started: `_live` sees the stop
         self.status.run += 1
         run = self.status.run
         argv = [render(part, self._values(prompt)) for part in config.agent_command]
@@ -445,16 +492,27 @@ class Worker:
         handle: RunHandle,
         before: set[str],
         offsets: Mapping[Stream, int],
-    ) -> policy.Decision:
+    ) -> policy.Decision | MachineLost:
         assert self.status.workspace is not None
         status = await self._follow(handle, offsets)
         self._current = None
         self.status.pid = None
         self.status.last_exit = status.code
+        if status.lost and await self._machine_unreachable(host):
+            return MachineLost(status.reason or f"machine {host.name} unreachable")
         after = await host.glob(self.status.workspace, self._globs())
         return self._decide(status, sorted(after - before))
 
-    async def _adopt(self, host: Host, adoption: Adoption) -> policy.Decision:
+    async def _machine_unreachable(self, host: Host) -> bool:
+        try:
+            await host.run(["true"], timeout=30.0)
+        except HostUnreachable:
+            return True
+        except HostError:
+            return False
+        return False
+
+    async def _adopt(self, host: Host, adoption: Adoption) -> policy.Decision | MachineLost:
         """Take over a run whose supervisor died: keep reading it from where the log stopped."""
         self.status.run = adoption.run
         self.status.workspace = adoption.workspace

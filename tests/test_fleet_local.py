@@ -343,11 +343,6 @@ def test_second_sigint_skips_the_wait(fleet: Harness) -> None:
     assert time.monotonic() - t0 < stop_timeout / 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: a worker waiting in the start stagger (StartGate.wait_turn) ignores the stop: "
-    "it still starts its agent after SIGTERM, and `up` ends only after the stagger has run out",
-    strict=True,
-)
 def test_stop_during_the_start_stagger_starts_no_more_agents(fleet: Harness) -> None:
     interval = 2.5
     started = fleet.start(

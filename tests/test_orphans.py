@@ -303,13 +303,6 @@ def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> 
         dummy.wait(timeout=5)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a run adopted twice (its first and second supervisors both SIGKILLed) is "
-    "re-read from byte 0 by the third: last_offsets() reads only output records' `off` from "
-    "the dead fleet's JSONL, not the `offsets` of its `adopted` event, so a fleet that died "
-    "before logging a new line of the adopted run hands on no offsets at all",
-    strict=True,
-)
 def test_a_run_adopted_twice_loses_and_repeats_nothing(fleet: Harness) -> None:
     # Some output at once, then a quiet spell (an agent thinking), then the end.
     config = fleet.write(
