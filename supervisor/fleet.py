@@ -25,7 +25,14 @@ import anyio.abc
 
 from supervisor import control, report
 from supervisor.config import FleetConfig, TaskConfig
-from supervisor.hosts.base import Host, RunHandle, RunIdentity, Stream
+from supervisor.hosts.base import (
+    Host,
+    HostAuthError,
+    HostError,
+    RunHandle,
+    RunIdentity,
+    Stream,
+)
 from supervisor.hosts.local import LocalHost
 from supervisor.lifecycle import WorkerState
 from supervisor.logs import ConsoleRenderer, LogMux, Tag
@@ -210,19 +217,50 @@ class Fleet:
                 )
             return self._clones[machine]
 
-    async def _resolve_roots(self) -> None:
-        for name, host in self.hosts.items():
-            if name == "local":
-                self._roots[name] = str(self.run_dir / "agents")
+    async def _preflight(self) -> None:
+        """Connect to every remote machine once, before any task is placed on it.
+
+        A machine that refuses us (authentication, host key) is left out of this fleet with one
+        clear line naming it; an unreachable one is retried later.  The fleet goes on with the
+        others, and fails the tasks at once only if no machine can run anything.
+        """
+
+        async def probe(name: str, host: Host) -> None:
+            try:
+                with anyio.fail_after(60):
+                    await host.run(["true"], timeout=30)
+            except HostAuthError as exc:
+                self.pool.capacity[name] = 0
+                self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
+                               machine=name, error=str(exc))
+            except (HostError, TimeoutError) as exc:
+                self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=name)
+                self.machine_lost(name)
+
+        async with anyio.create_task_group() as tg:
+            for name, host in self.hosts.items():
+                if name != "local":
+                    tg.start_soon(probe, name, host)
+        if not any(self.pool.capacity.values()):
+            self.log.error("no-machines", msg="✗ no machine can run agents: every task fails")
+            for worker in self.workers:
+                worker.status.state = WorkerState.FAILED
+                worker.status.reason = "no usable machine"
+        self.changed()
+
+    async def run_root(self, machine: str) -> str:
+        """Where ``machine`` keeps this fleet's run directories (resolved once, on first use)."""
+        if machine not in self._roots:
+            if machine == "local":
+                root = str(self.run_dir / "agents")
             else:
-                base = await host.resolve_path(self._workdir(name))
-                self._roots[name] = posixpath.join(base, ".agentize-fleet", "runs", self.fleet_id)
+                base = await self.hosts[machine].resolve_path(self._workdir(machine))
+                root = posixpath.join(base, ".agentize-fleet", "runs", self.fleet_id)
+            self._roots[machine] = root
+        return self._roots[machine]
 
-    def run_root(self, machine: str) -> str:
-        return self._roots.get(machine) or str(self.run_dir / "agents")
-
-    def lease_path(self, machine: str) -> str:
-        return posixpath.join(self.run_root(machine), "lease")
+    async def lease_path(self, machine: str) -> str:
+        return posixpath.join(await self.run_root(machine), "lease")
 
     def changed(self) -> None:
         self._dirty.set()
@@ -259,7 +297,10 @@ class Fleet:
         interval = max(0.5, self.config.lease_timeout / 4) if self.config.lease_timeout else 30.0
         while True:
             for name, host in self.hosts.items():
-                for path in {self.lease_path(name), *self._extra_leases.get(name, ())}:
+                paths = set(self._extra_leases.get(name, ()))
+                if name in self._roots:
+                    paths.add(posixpath.join(self._roots[name], "lease"))
+                for path in paths:
                     with contextlib.suppress(Exception):
                         await host.touch_lease(path)
             await anyio.sleep(interval)
@@ -346,7 +387,7 @@ class Fleet:
                 self._services_tg = services
                 services.start_soon(self.mux.flush_periodically)
                 services.start_soon(self._handle_signals)
-                await self._resolve_roots()
+                await self._preflight()
                 await self._handle_orphans()
                 services.start_soon(self._keep_state)
                 services.start_soon(self._keep_leases)

@@ -173,9 +173,9 @@ class FleetServices(Protocol):
 
     async def clone_on(self, machine: str) -> Clone: ...
 
-    def run_root(self, machine: str) -> str: ...
+    async def run_root(self, machine: str) -> str: ...
 
-    def lease_path(self, machine: str) -> str: ...
+    async def lease_path(self, machine: str) -> str: ...
 
     def changed(self) -> None: ...
 
@@ -254,6 +254,12 @@ class Worker:
 
     async def run(self) -> WorkerStatus:
         """Run the task to its end; never raises for the task's own failures."""
+        if self.status.state.final:  # failed before it began (no usable machine)
+            return self.status
+        pinned = self.task.machine
+        if pinned is not None and not self.fleet.pool.capacity.get(pinned):
+            self._fail(f"machine {pinned} cannot run agents in this fleet")
+            return self.status
         try:
             await self._live()
         except HostError as exc:
@@ -453,8 +459,10 @@ class Worker:
             "AGENTIZE_FLEET_WORKSPACE": workspace,
             "AGENTIZE_FLEET_TITLE": self.task.title,
         }
-        run_dir = posixpath.join(fleet.run_root(self.status.machine), self.name, f"run-{run}")
-        lease = fleet.lease_path(self.status.machine)
+        run_dir = posixpath.join(
+            await fleet.run_root(self.status.machine), self.name, f"run-{run}"
+        )
+        lease = await fleet.lease_path(self.status.machine)
         spec = RunSpec(
             argv=argv,
             cwd=workspace,
