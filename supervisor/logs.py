@@ -258,9 +258,10 @@ class LogMux:
             self.flush()
 
     def _append(self, parts: list[str]) -> None:
-        self._pending.extend(parts)
+        batch = "".join(parts)  # one batch stays whole in one segment and one write
+        self._pending.append(batch)
         self.records += len(parts)
-        self._pending_bytes += sum(map(len, parts))
+        self._pending_bytes += len(batch)
         if self._pending_bytes >= FLUSH_BYTES:
             self.flush()
 
@@ -268,16 +269,20 @@ class LogMux:
 
     def flush(self) -> None:
         if self._pending:
-            data = "".join(self._pending).encode("utf-8", "replace")
+            batches = [b.encode("utf-8", "replace") for b in self._pending]
             self._pending.clear()
             self._pending_bytes = 0
-            if self.rotate_bytes and self._size and self._size + len(data) > self.rotate_bytes:
-                self._rotate()
-            view = memoryview(data)
-            while view:  # one write() for a regular file unless the disk is full
-                written = os.write(self._fd, view)
-                view = view[written:]
-            self._size += len(data)
+            group: list[bytes] = []
+            size = self._size
+            for batch in batches:
+                if self.rotate_bytes and size and size + len(batch) > self.rotate_bytes:
+                    self._write(b"".join(group))
+                    group.clear()
+                    self._rotate()
+                    size = 0
+                group.append(batch)
+                size += len(batch)
+            self._write(b"".join(group))
         if self._console_pending and self._console is not None:
             try:
                 self._console.out.write("".join(self._console_pending))
@@ -291,6 +296,13 @@ class LogMux:
         while True:
             await anyio.sleep(interval)
             self.flush()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # one write() for a regular file unless the disk is full
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(data)
 
     def _rotate(self) -> None:
         """``fleet.jsonl`` → ``fleet.jsonl.N`` (N = 1, 2, … oldest first), then a new file.

@@ -243,3 +243,39 @@ def test_cron_prints_crontab_line_and_systemd_timer(tmp_path: Path) -> None:
     bad = subprocess.run([str(CLI), "cron", "--at", "25:00"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "HH:MM" in bad.stderr
+
+
+def test_watch_polls_the_github_source_for_new_issues(fleet: Harness, tmp_path: Path) -> None:
+    """``--watch`` re-reads the source every poll interval; the deadline ends the watch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    issues_file = tmp_path / "issues.json"
+    issues_file.write_text(json.dumps(
+        [{"number": 21, "title": "First", "labels": [], "state": "OPEN"}]))
+    gh = bin_dir / "gh"
+    gh.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        case "$1 $2" in
+          "issue list") cat {issues_file} ;;
+          "pr list") echo '[]' ;;
+        esac
+        """))
+    gh.chmod(0o755)
+    config = fleet.config([])
+    config["tasks"] = {"source": "github", "poll_interval": 0.5}
+    started = fleet.start(fleet.write(config), "--watch", "--max-duration", "5s", "--grace", "2s",
+                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    import time
+
+    deadline = time.monotonic() + 20
+    while not fleet.runs_of(21) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    issues_file.write_text(json.dumps(
+        [{"number": 21, "title": "First", "labels": [], "state": "OPEN"},
+         {"number": 22, "title": "Filed later", "labels": [], "state": "OPEN"}]))
+    run = started.wait(30)
+    assert run.returncode == 0, run.explain()
+    states = {w["task"]: w["state"] for w in run.summary["workers"]}
+    assert states == {21: "done", 22: "done"}
+    assert [e["task"] for e in run.events("task-added")] == [22]
+    assert run.events("deadline-soft")

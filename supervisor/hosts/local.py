@@ -41,7 +41,7 @@ from supervisor.hosts.base import (
     TreeStats,
 )
 
-READ_SIZE = 1 << 20
+READ_SIZE = 256 * 1024
 POLL_MIN = 0.005
 POLL_MAX = 0.5
 PID_WAIT = 10.0
