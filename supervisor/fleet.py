@@ -35,7 +35,7 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.local import LocalHost
 from supervisor.lifecycle import WorkerState
-from supervisor.logs import ConsoleRenderer, LogMux, Tag
+from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
 from supervisor.rundir import list_runs, socket_path
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
@@ -106,9 +106,6 @@ class Fleet:
         self.fleet_id = new_run_id()
         self.run_dir = config.state_path / "runs" / self.fleet_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.hosts: dict[str, Host] = dict(hosts) if hosts is not None else self.make_hosts(config)
-        capacity = {name: self._capacity(name) for name in self.hosts}
-        self.pool = SlotPool(config.concurrency, capacity)
         self.gate = StartGate(config.start_interval)
         self.stop = StopControl()
         self.starts = StartsGate()
@@ -122,6 +119,10 @@ class Fleet:
             rotate_bytes=config.log_rotate_bytes,
         )
         self.log = self.mux.logger(Tag("fleet", None, "-", 0))
+        route_structlog(self.mux)
+        self.hosts: dict[str, Host] = dict(hosts) if hosts is not None else self.make_hosts(config)
+        capacity = {name: self._capacity(name) for name in self.hosts}
+        self.pool = SlotPool(config.concurrency, capacity)
         self.workers: list[Worker] = []
         self._clones: dict[str, Clone] = {}
         self._clone_locks: dict[str, anyio.Lock] = {}

@@ -348,6 +348,27 @@ class LogMux:
         return logger
 
 
+def route_structlog(mux: LogMux) -> None:
+    """Send every other structlog event of this process (the hosts' warnings, say) into the
+    fleet's log as ``fleet`` records, so that nothing bypasses the JSONL or the terminal view."""
+
+    def forward(
+        _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> Mapping[str, Any]:
+        event = str(event_dict.pop("event", ""))
+        machine = str(event_dict.pop("machine", "-"))
+        details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k != "level")
+        text = f"{method}: {event}" + (f" ({details})" if details else "")
+        mux.event(Tag("fleet", None, machine, 0), event.replace(" ", "-"), text, event_dict)
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, forward],
+        wrapper_class=structlog.make_filtering_bound_logger(20),
+        cache_logger_on_first_use=False,
+    )
+
+
 def terminal_console() -> ConsoleRenderer:
     """The terminal view on standard output."""
     return ConsoleRenderer(sys.stdout)
