@@ -182,7 +182,7 @@ class FleetConfig(BaseSettings):
     concurrency: Annotated[int, Field(ge=1)] = 3
     start_interval: Annotated[float, Field(ge=0)] = 2.0
     stop_timeout: Annotated[float, Field(gt=0)] = 10.0
-    lease_timeout: Annotated[float, Field(ge=0)] = 60.0
+    lease_timeout: Annotated[float, Field(ge=0)] = 300.0
     milestone_globs: list[str] = Field(default_factory=lambda: list(DEFAULT_MILESTONE_GLOBS))
     state_dir: str | None = None
     max_line_bytes: Annotated[int, Field(ge=1024)] = 65536
