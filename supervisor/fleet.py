@@ -493,9 +493,12 @@ class Fleet:
             if cmd == "restart":
                 if worker is None:
                     return {"ok": False, "error": f"task #{issue} is not in this fleet"}
-                if not await worker.restart_run():
+                restart = worker.request_restart()
+                if restart is False:
                     return {"ok": False, "error": f"task #{issue} has no run to restart "
                             f"(state {worker.status.state})"}
+                if not isinstance(restart, bool) and self._services_tg is not None:
+                    self._services_tg.start_soon(worker.stop_run, restart)
                 return {"ok": True}
             if worker is not None and not worker.status.state.final:
                 return {"ok": False, "error": f"task #{issue} is already in the fleet "

@@ -593,20 +593,27 @@ class Worker:
             self.log("killing", "■ SIGKILL to what is left of the run's process tree")
             await handle.signal(signal.SIGKILL)
 
-    async def restart_run(self) -> bool:
-        """Stop the current run so that it is restarted at once (``agentize-fleet restart``)."""
-        handle = self._current
-        if handle is None:
-            if self.status.state in (WorkerState.BACKOFF, WorkerState.PAUSED):
-                self._restart_requested = True
-                return True
-            return False
-        self._restart_requested = True
+    def request_restart(self) -> RunHandle | bool:
+        """Mark the task for an immediate new run (``agentize-fleet restart``).
+
+        Returns the run to stop (the caller stops it with :meth:`stop_run`), ``True`` when the
+        task was waiting (backoff, pause) and will start at once, ``False`` when there is
+        nothing to restart.
+        """
+        if self._current is not None:
+            self._restart_requested = True
+            return self._current
+        if self.status.state in (WorkerState.BACKOFF, WorkerState.PAUSED):
+            self._restart_requested = True
+            return True
+        return False
+
+    async def stop_run(self, handle: RunHandle) -> None:
+        """SIGTERM the run's tree, SIGKILL what is left after the stop timeout."""
         await handle.signal(signal.SIGTERM)
         with anyio.move_on_after(self.fleet.config.stop_timeout):
             await handle.wait()
         await handle.signal(signal.SIGKILL)
-        return True
 
     def _decide(self, status: ExitStatus, new_milestones: list[str]) -> policy.Decision:
         now = time.time()
