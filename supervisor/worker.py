@@ -273,9 +273,11 @@ class Worker:
         return self.status
 
     def _fail(self, reason: str, detail: str = "") -> None:
+        stopping = self.fleet.stop.requested.is_set() and not detail
         self.log("failed", f"✗ {reason}", error=reason, traceback=detail or None)
         if not self.status.state.final:
-            self.status.state = WorkerState.FAILED
+            # A helper command cut short by the stop (Ctrl-C reaches git too) is a stop.
+            self.status.state = WorkerState.STOPPED if stopping else WorkerState.FAILED
             self.status.reason = reason
             self.status.ended_at = time.time()
             self.fleet.changed()
