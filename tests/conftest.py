@@ -18,10 +18,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "scripts" / "fake-agent"
 MARK = "AGENTIZE_E2E_TEST_MARK"  # not AGENTIZE_FLEET_*: that prefix is read as config
 GIT_TIMEOUT = 30
+T = TypeVar("T")
 FLEET_TIMEOUT = 60.0
 
 
@@ -177,6 +178,18 @@ def kill_marked(mark: str, deadline: float = 5.0) -> list[str]:
                 proc.kill()  # psutil checks the pid still names the same process
         psutil.wait_procs(procs, timeout=1.0)
     return killed
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 # -- a fleet run --------------------------------------------------------------------------------

@@ -15,14 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
-from conftest import ROOT, Harness, Started
+from conftest import ROOT, Harness, Started, wait_for
 
 from supervisor.rundir import socket_path
 
@@ -31,18 +29,6 @@ T = TypeVar("T")
 CLI_TIMEOUT = 20.0
 
 
-def wait_for(
-    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- the command line ---------------------------------------------------------------------------

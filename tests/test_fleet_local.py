@@ -13,25 +13,14 @@ import signal
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from conftest import AGENT, Harness, Started, git, proc_gone, task
+from conftest import AGENT, Harness, Started, git, proc_gone, task, wait_for
 
 RESUME = "Continue from the latest milestone"
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- the cap ------------------------------------------------------------------------------------

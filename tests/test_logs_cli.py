@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import wait_for
 
 from supervisor import tail
 
@@ -161,15 +162,6 @@ def run_logs(
     )
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def lines_of(data: bytes) -> list[bytes]:
@@ -289,7 +281,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFleet]:
             [sys.executable, "-m", "supervisor.cli", "up", "-c", str(config), "-q"], "up"
         )
         jsonl = wait_for(
-            lambda: next(iter(state.glob("runs/*/fleet.jsonl")), None), "the fleet's JSONL"
+            lambda: next(iter(state.glob("runs/*/fleet.jsonl")), None), TIMEOUT,
+            "the fleet's JSONL", 0.02,
         )
         run_dir = jsonl.parent
         followers = {
@@ -514,7 +507,7 @@ def test_follow_across_rotation(tmp_path: Path, procs: Procs) -> None:
     partial = log.record("w1", "split across writes")
     log.write_raw(partial[:30])
     follower = procs.logs("--state-dir", str(state), "-f", "--json", name="rotation")
-    wait_for(lambda: count_lines(follower) >= 100, "the first 100 records")
+    wait_for(lambda: count_lines(follower) >= 100, TIMEOUT, "the first 100 records", 0.02)
     time.sleep(0.3)
     assert follower.stdout() == b"".join(log.written)
     log.write_raw(partial[30:])
@@ -531,7 +524,8 @@ def test_follow_across_rotation(tmp_path: Path, procs: Procs) -> None:
     time.sleep(0.3)
     log.reopen()
     log.write(50, tag="c")
-    wait_for(lambda: count_lines(follower) >= len(log.written), "the records after rotation 1")
+    wait_for(lambda: count_lines(follower) >= len(log.written), TIMEOUT,
+             "the records after rotation 1", 0.02)
     # Second rotation, and a moment with no fleet.jsonl at all.
     log.write(10, tag="d")
     log.rotate(2, create=False)
@@ -568,7 +562,7 @@ def test_follow_starting_between_rotations(tmp_path: Path, procs: Procs) -> None
     log.rotate(2)
     log.write(30, tag="c")
     follower = procs.logs("--state-dir", str(state), "-f", "--json", "-n", "40", name="between")
-    wait_for(lambda: count_lines(follower) >= 40, "the last 40 records")
+    wait_for(lambda: count_lines(follower) >= 40, TIMEOUT, "the last 40 records", 0.02)
     log.rotate(3)
     log.write(5, tag="d")
     log.end()
@@ -687,7 +681,7 @@ def test_ctrl_c_ends_quietly_with_130(tmp_path: Path, procs: Procs) -> None:
     log = HandLog(tmp_path / "state")
     log.write(10)
     follower = procs.logs("--state-dir", str(tmp_path / "state"), "-f", name="ctrl-c")
-    wait_for(lambda: count_lines(follower) >= 10, "the records")
+    wait_for(lambda: count_lines(follower) >= 10, TIMEOUT, "the records", 0.02)
     os.kill(follower.popen.pid, signal.SIGINT)
     assert follower.wait(10) == 130
     assert follower.stderr() == ""
@@ -697,7 +691,7 @@ def test_summary_without_fleet_ended_ends_after_a_grace(tmp_path: Path, procs: P
     log = HandLog(tmp_path / "state")
     log.write(10)
     follower = procs.logs("--state-dir", str(tmp_path / "state"), "-f", "--json", name="grace")
-    wait_for(lambda: count_lines(follower) >= 10, "the records")
+    wait_for(lambda: count_lines(follower) >= 10, TIMEOUT, "the records", 0.02)
     time.sleep(0.5)
     assert follower.popen.poll() is None
     (log.run_dir / "summary.json").write_text("{}\n")
