@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 from supervisor import control, report
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Library warnings go to stderr (``up`` routes them into the fleet's log instead), so that
+    # stdout carries only what a command is asked for: a table, JSON, log lines.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

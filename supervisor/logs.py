@@ -358,7 +358,8 @@ def route_structlog(mux: LogMux) -> None:
         event = str(event_dict.pop("event", ""))
         machine = str(event_dict.pop("machine", "-"))
         details = " ".join(f"{k}={v}" for k, v in event_dict.items() if k != "level")
-        text = f"{method}: {event}" + (f" ({details})" if details else "")
+        where = f"{machine}: " if machine != "-" else ""
+        text = f"{where}{method}: {event}" + (f" ({details})" if details else "")
         mux.event(Tag("fleet", None, machine, 0), event.replace(" ", "-"), text, event_dict)
         raise structlog.DropEvent
 

@@ -313,7 +313,9 @@ class Worker:
                         decision = await self._one_run(host, prompt_kind)
                     except HostUnreachable as exc:
                         # A lost link is the machine's trouble, not the task's: a crash with
-                        # backoff (within the intensity limit), never an instant failure.
+                        # backoff (within the intensity limit), never an instant failure; the
+                        # machine takes no new runs for a while.
+                        fleet.machine_lost(slot)
                         self._limit_hit = None
                         decision = self._decide(ExitStatus(None, lost=True, reason=str(exc)), [])
                 if isinstance(decision, MachineLost):
@@ -375,7 +377,10 @@ class Worker:
                 self.fleet.changed()
                 prompt_kind = "resume" if self.status.state is WorkerState.PAUSED else "auto"
 
-                async def wait_and_reacquire(machine: str = slot_held, at: float = until) -> None:
+                # Its worktree ties it to its machine; before it has one, any machine will do.
+                pin = slot_held if self.status.workspace is not None else self.task.machine
+
+                async def wait_and_reacquire(machine: str | None = pin, at: float = until) -> None:
                     nonlocal slot
                     while (left := at - time.time()) > 0 and not self._restart_requested:
                         with anyio.move_on_after(min(left, 0.5)):
@@ -385,6 +390,7 @@ class Worker:
                 if not await self._unless_stopped(wait_and_reacquire) or slot is None:
                     self._set(WorkerState.STOPPED, self._stop_reason())
                     return
+                self.status.machine, host = slot, fleet.hosts[slot]
                 self.status.next_run_at = None
                 self._restart_requested = False
         finally:
