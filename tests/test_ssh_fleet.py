@@ -13,6 +13,7 @@ Every wait is bounded.  Under ``CI=true`` the sshd fixtures fail instead of skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import MARK, ROOT, FleetRun, Harness, git, marked_processes, task
+from conftest import MARK, ROOT, FleetRun, Harness, git, marked_processes, task, wait_for
 
 from tests import sshd as machines
 from tests.sshd import SSHD, SSHD_BINARY, keygen, session_processes
@@ -44,16 +45,6 @@ PID_LINE = re.compile(r"^fake-agent: (?:grand-)?grandchild pid (\d+)$")
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def machine(server: SSHD, name: str, workdir: Path, **extra: Any) -> dict[str, Any]:
@@ -536,3 +527,49 @@ def test_check_stdout_is_only_the_table(
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert done.stdout.splitlines()[0].startswith("MACHINE "), done.stdout
     assert len(done.stdout.splitlines()) == 3, done.stdout
+
+
+# -- a machine that stays unreachable ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("requeue", [False, True])
+def test_machine_unreachable_too_long_reports_lost_or_requeues(
+    fleet: Harness, sshd: SSHD, tmp_path: Path, requeue: bool
+) -> None:
+    """The sshd dies for good mid-run: after ``unreachable_after`` the task is ``lost`` -- or, with
+    ``requeue_lost``, starts over on local -- and the stranded remote agent is stopped by its
+    wrapper's lease watchdog (nothing runs unsupervised for ever)."""
+    wd = tmp_path / "m1-work"
+    tasks = [task(1, "sleep:4+finish", machine="local"), task(2, "hang,finish")]
+    config = ssh_config(
+        fleet, tasks, concurrency=2, local={"max_agents": 1}, lease_timeout=3,
+        requeue_lost=requeue,
+        machines=[machine(sshd, "m1", wd, max_agents=1, unreachable_after=3.0)],
+    )
+    started = fleet.start(fleet.write(config))
+    remote = wait_for(lambda: [r for r in fleet.runs_of(2)], 40, "task 2's remote run")[0]
+    assert str(wd) in remote["cwd"]
+    # The listener first, so that nothing can reconnect; then the connections it served
+    # (found while they are still its children).
+    serving = sshd.connection_processes()
+    sshd.process.terminate()
+    sshd.process.wait(timeout=10)
+    for proc in serving:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    result = started.wait(60)
+    state = result.task_summary(2)["state"]
+    assert result.events("lost"), result.explain()
+    if requeue:
+        assert result.returncode == 0, result.explain()
+        assert state == "done"
+        (moved,) = result.events("requeued")
+        assert moved["machine"] == "local"
+        assert str(fleet.workspace_root) in fleet.runs_of(2)[-1]["cwd"]
+    else:
+        assert result.returncode == 1, result.explain()
+        assert state == "lost"
+    # The stranded remote agent is stopped by the lease watchdog within its timeout.
+    wait_for(lambda: not psutil.pid_exists(remote["pid"]) or
+             psutil.Process(remote["pid"]).status() == psutil.STATUS_ZOMBIE,
+             3 + 5 + 10, "the stranded remote agent to be stopped")
