@@ -189,6 +189,7 @@ class LogMux:
         self._fleet_json = _encode(fleet)
         self.records = 0
         self.last_output: dict[str, float] = {}
+        self._wanted: anyio.Event | None = None  # made by the flusher, inside the event loop
 
     # records ---------------------------------------------------------------------------
 
@@ -262,6 +263,8 @@ class LogMux:
         self._pending.append(batch)
         self.records += len(parts)
         self._pending_bytes += len(batch)
+        if self._wanted is not None and not self._wanted.is_set():
+            self._wanted.set()
         if self._pending_bytes >= FLUSH_BYTES:
             self.flush()
 
@@ -292,8 +295,12 @@ class LogMux:
             self._console_pending.clear()
 
     async def flush_periodically(self, interval: float = FLUSH_INTERVAL) -> None:
-        """Flush batched writes every ``interval`` seconds until cancelled."""
+        """Flush batched writes at most ``interval`` seconds after they were made, until
+        cancelled; an idle fleet costs no wake-ups at all."""
         while True:
+            self._wanted = anyio.Event()
+            if not self._pending and not self._console_pending:
+                await self._wanted.wait()
             await anyio.sleep(interval)
             self.flush()
 

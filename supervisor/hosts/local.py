@@ -40,10 +40,12 @@ from supervisor.hosts.base import (
     Stream,
     TreeStats,
 )
+from supervisor.hosts.dirwatch import DirWatcher
 
 READ_SIZE = 256 * 1024
 POLL_MIN = 0.005
 POLL_MAX = 0.5
+WATCH_SAFETY_POLL = 5.0  # with inotify: re-read anyway this often, should an event be missed
 PID_WAIT = 10.0
 
 
@@ -86,10 +88,14 @@ class LocalRunHandle(RunHandle):
     """A run on this machine, started by us or found again after a supervisor restart."""
 
     def __init__(
-        self, identity: RunIdentity, wrapper: anyio.abc.Process | None = None
+        self,
+        identity: RunIdentity,
+        wrapper: anyio.abc.Process | None = None,
+        watcher: DirWatcher | None = None,
     ) -> None:
         self.identity = identity
         self._wrapper = wrapper
+        self._watcher = watcher
         self._ended = anyio.Event()
         self._status: ExitStatus | None = None
         self._procs: dict[int, psutil.Process] = {}
@@ -188,15 +194,19 @@ class LocalRunHandle(RunHandle):
     async def output(self, offsets: Mapping[Stream, int] | None = None) -> AsyncIterator[Chunk]:
         start = dict(offsets or {})
         files = {s: open(Path(self.identity.run_dir, s), "rb") for s in STREAMS}  # noqa: SIM115
+        watcher = self._watcher
+        wd: int | None = None
+        if watcher is not None:
+            with contextlib.suppress(OSError):
+                wd = watcher.add(self.identity.run_dir)
         try:
             position = {s: start.get(s, 0) for s in STREAMS}
             for stream, handle in files.items():
                 handle.seek(position[stream])
             delay = POLL_MIN
             while True:
-                ended = self._ended.is_set() or (
-                    self._wrapper is None and read_exit_file(self.identity.run_dir) is not None
-                )
+                # ``exit`` is written after the agent's group is gone: all output is in the files.
+                ended = self._ended.is_set() or read_exit_file(self.identity.run_dir) is not None
                 got = False
                 for stream, handle in files.items():
                     while data := handle.read(READ_SIZE):
@@ -211,12 +221,18 @@ class LocalRunHandle(RunHandle):
                     continue
                 if ended:
                     return
+                if watcher is not None and wd is not None:
+                    # inotify wakes us when a file changes, the ``exit`` file's arrival included.
+                    await watcher.wait(wd, WATCH_SAFETY_POLL)
+                    continue
                 with anyio.move_on_after(delay):
                     await self._ended.wait()
                 delay = min(delay * 2, POLL_MAX)
         finally:
             for handle in files.values():
                 handle.close()
+            if watcher is not None and wd is not None:
+                watcher.remove(wd)
 
     def note_ended(self) -> None:
         """Wake the output reader at once (the caller saw the run end)."""
@@ -226,9 +242,25 @@ class LocalRunHandle(RunHandle):
 class LocalHost(Host):
     """This machine: subprocesses, files and psutil."""
 
-    def __init__(self, name: str = "local") -> None:
+    def __init__(self, name: str = "local", *, use_inotify: bool = True) -> None:
         self.name = name
         self._runner = runner_script()
+        self._use_inotify = use_inotify
+        self._watcher: DirWatcher | None = None
+
+    def _dir_watcher(self) -> DirWatcher | None:
+        """The host's inotify watcher, made on first use (None where inotify is unavailable)."""
+        if self._watcher is None and self._use_inotify:
+            try:
+                self._watcher = DirWatcher()
+            except (OSError, AttributeError):
+                self._use_inotify = False
+        return self._watcher
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
     async def run(
         self,
@@ -314,9 +346,10 @@ class LocalHost(Host):
                 detail = (run_dir / "stderr").read_text(errors="replace").strip()[-300:]
             raise HostError(self.name, f"the run did not start in {spec.cwd}: {detail}")
         pid, ticks = found
-        return LocalRunHandle(RunIdentity(self.name, spec.run_dir, pid, ticks), wrapper)
+        identity = RunIdentity(self.name, spec.run_dir, pid, ticks)
+        return LocalRunHandle(identity, wrapper, self._dir_watcher())
 
     async def attach(self, identity: RunIdentity) -> RunHandle | None:
         if not Path(identity.run_dir).is_dir():
             return None
-        return LocalRunHandle(identity)
+        return LocalRunHandle(identity, watcher=self._dir_watcher())
