@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any, Literal
@@ -190,6 +190,10 @@ class LimitPatterns:
             object.__setattr__(self, "keywords", tuple(self.keywords))
 
 
+# What makes a stream-json line worth parsing (see ``_feed_json``).
+_JSON_MARKERS = ('"rate_limit_event"', '"is_error"', '"is_api_error_message"')
+
+
 def _compile(patterns: tuple[str, ...], kind: str) -> tuple[re.Pattern[str], ...]:
     compiled: list[re.Pattern[str]] = []
     for pattern in patterns:
@@ -221,6 +225,7 @@ class LimitDetector:
         ):
             keywords = DEFAULT_KEYWORDS
         self._keywords: tuple[str, ...] | None = keywords
+        self._candidates = self._candidate_finder(p, keywords)
         self._combined: Callable[[str], object] | None = None
         if keywords is None:
             everything = [*p.usage, *p.rate]
@@ -239,7 +244,58 @@ class LimitDetector:
             return None
         return self._match_text(line, line.rstrip("\r\n"), now)
 
+    def feed_batch(
+        self, lines: Sequence[str], now: float, text: str | None = None
+    ) -> LimitHit | None:
+        """Classify a batch of lines: its first usage hit, else its first rate hit, else None.
+
+        The whole batch is checked once for anything that could match (a keyword, a
+        stream-json marker); only then are its lines looked at one by one.  Agents print
+        hundreds of thousands of lines a second, nearly none of them about limits.
+        """
+        if not lines:
+            return None
+        if text is None:
+            text = "\n".join(lines)
+        found: LimitHit | None = None
+        starts: set[int] = set()
+        for position in self._candidates(text):
+            start = text.rfind("\n", 0, position) + 1
+            if start in starts:
+                continue  # another match on a line already looked at
+            starts.add(start)
+            end = text.find("\n", position)
+            hit = self.feed(text[start : end if end >= 0 else len(text)], now)
+            if hit is not None:
+                if hit.kind == "usage":
+                    return hit
+                found = found or hit
+        return found
+
     # -- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _candidate_finder(
+        p: LimitPatterns, keywords: tuple[str, ...] | None
+    ) -> Callable[[str], Iterator[int]]:
+        """Where in a batch a line could match: a keyword or a stream-json marker (found with
+        ``str.find``, far faster than a regex alternation), or, with custom patterns and no
+        keywords, a pattern itself (with ^ and $ at every line)."""
+        if keywords is not None:
+            needles = (*_JSON_MARKERS, *keywords)
+
+            def find(text: str) -> Iterator[int]:
+                for needle in needles:
+                    at = text.find(needle)
+                    while at >= 0:
+                        yield at
+                        at = text.find(needle, at + 1)
+
+            return find
+        alternatives = [re.escape(m) for m in _JSON_MARKERS]
+        alternatives += [f"(?:{pattern})" for pattern in (*p.usage, *p.rate)]
+        finditer = re.compile("|".join(alternatives), re.IGNORECASE | re.MULTILINE).finditer
+        return lambda text: (match.start() for match in finditer(text))
 
     def _prefilter(self, line: str) -> bool:
         keywords = self._keywords

@@ -65,24 +65,30 @@ class LineSplitter:
         self.max_bytes = max_bytes
         self.offset = offset
         self._pending = b""
+        #: After :meth:`feed`: the returned lines joined with newlines, when the decoder had
+        #: them as one block already (saves the callers joining them again); else None.
+        self.text: str | None = None
 
     def feed(self, data: bytes) -> list[str]:
         buf = self._pending + data if self._pending else data
         end = buf.rfind(b"\n")
         lines: list[str] = []
+        self.text = None
         if end < 0:
             self._pending = buf
         else:
             complete = buf[:end]
             self._pending = buf[end + 1 :]
             parts = complete.split(b"\n") if len(complete) > self.max_bytes else None
-            if parts is not None and any(len(part) > self.max_bytes for part in parts):
+            if parts is not None and max(map(len, parts)) > self.max_bytes:
                 for part in parts:
                     lines.extend(self._pieces(part, final=True))
             else:
-                lines = complete.decode("utf-8", "replace").split("\n")
+                self.text = complete.decode("utf-8", "replace")
+                lines = self.text.split("\n")
             self.offset += end + 1
         if len(self._pending) > self.max_bytes:
+            self.text = None
             lines.extend(self._pieces(self._pending, final=False))
         return lines
 
@@ -209,7 +215,9 @@ class LogMux:
             f'"stream":"{stream}",'
         )
 
-    def output(self, tag: Tag, stream: str, lines: list[str], end_offset: int) -> None:
+    def output(
+        self, tag: Tag, stream: str, lines: list[str], end_offset: int, text: str | None = None
+    ) -> None:
         """Record agent output lines (fast path).
 
         The last record of the batch also carries ``off``, the byte offset in the run's
@@ -223,12 +231,20 @@ class LogMux:
         head = self._head(tag, stream, utc_timestamp(now))
         seq = self._seq.get(tag.worker, 0)
         last = len(lines)
-        parts = [f'{head}"seq":{seq + i},"line":{_encode(line)}}}\n' for i, line in
-                 enumerate(lines[:-1], 1)]
-        parts.append(f'{head}"seq":{seq + last},"off":{end_offset},"line":{_encode(lines[-1])}}}\n')
+        joined = "\n".join(lines) if text is None else text
+        if "\\" not in joined:
+            # One C call escapes the whole batch; with no backslash in it, every escaped
+            # newline is a line boundary.  Then one %-format per line, driven from C by map().
+            pieces = _encode(joined)[1:-1].split("\\n")
+        else:
+            pieces = [_encode(line)[1:-1] for line in lines]
+        template = head.replace("%", "%%") + '"seq":%d,"line":"%s"}\n'
+        numbered = zip(range(seq + 1, seq + last), pieces[:-1], strict=True)
+        body = "".join(map(template.__mod__, numbered))
+        body += f'{head}"seq":{seq + last},"off":{end_offset},"line":"{pieces[-1]}"}}\n'
         self._seq[tag.worker] = seq + last
         self.last_output[tag.worker] = now
-        self._append(parts)
+        self._append([body], last)
         if self._console is not None:
             self._console_pending.append(self._console.render(tag.worker, tag.task, stream, lines))
 
@@ -258,10 +274,10 @@ class LogMux:
             )
             self.flush()
 
-    def _append(self, parts: list[str]) -> None:
+    def _append(self, parts: list[str], records: int | None = None) -> None:
         batch = "".join(parts)  # one batch stays whole in one segment and one write
         self._pending.append(batch)
-        self.records += len(parts)
+        self.records += len(parts) if records is None else records
         self._pending_bytes += len(batch)
         if self._wanted is not None and not self._wanted.is_set():
             self._wanted.set()

@@ -26,6 +26,7 @@ import anyio
 from supervisor.hosts.base import Host
 
 TAIL_LINES = 20
+COLLECT_CONCURRENCY = 8
 
 
 def _segments(run_dir: Path) -> list[Path]:
@@ -36,10 +37,15 @@ def _segments(run_dir: Path) -> list[Path]:
 def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]:
     """The last lines of output of run ``runs[worker]`` of each worker, from the JSONL."""
     tails: dict[str, deque[str]] = {w: deque(maxlen=TAIL_LINES) for w in runs}
+    if not runs:
+        return {}
+    needles = [f'"worker":{json.dumps(w)},' for w in runs]
     for path in _segments(run_dir):
         with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
             for raw in f:
                 if '"stream":"fleet"' in raw or not raw.endswith("\n"):
+                    continue
+                if not any(needle in raw for needle in needles):
                     continue
                 try:
                     record = json.loads(raw)
@@ -104,16 +110,18 @@ async def collect(
     workers = summary.get("workers", [])
     crashed = crashed_runs(run_dir)
     tails = output_tails(run_dir, crashed)
-    tasks = []
-    for w in workers:
-        row = dict(w)
+    limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
+
+    async def task_row(w: dict[str, Any], row: dict[str, Any]) -> None:
         row["last_crash_output"] = tails.get(str(w.get("worker")), [])
         row["commits"] = []
         row["latest_milestone"] = ""
         row["work_remaining"] = ""
         host = hosts.get(str(w.get("machine")))
         workspace = w.get("workspace")
-        if host is not None and workspace:
+        if host is None or not workspace:
+            return
+        async with limiter:
             with contextlib.suppress(Exception):
                 base = default_branch.get(str(w.get("machine")), "main")
                 row["commits"] = await _branch_commits(host, str(workspace), base)
@@ -122,7 +130,11 @@ async def collect(
                 row["latest_milestone"], row["work_remaining"] = await _latest_milestone(
                     host, str(workspace), globs
                 )
-        tasks.append(row)
+
+    tasks = [dict(w) for w in workers]
+    async with anyio.create_task_group() as tg:
+        for w, row in zip(workers, tasks, strict=True):
+            tg.start_soon(task_row, w, row)
     states = [t.get("state") for t in tasks]
     totals = {
         "tasks": len(tasks),

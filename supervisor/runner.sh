@@ -6,9 +6,9 @@
 # The agent (ARGV, executed without a shell) runs in a session of its own, so that its process
 # group id is its pid and `kill -SIG -- -PID` reaches its whole tree.  Files in RUN_DIR:
 #   stdout, stderr  the agent's output, appended (read back from any byte offset)
-#   pid             "PID START_TICKS" (field 22 of /proc/PID/stat), written atomically
+#   pid             "PID START_TICKS" (field 22 of /proc/PID/stat), one short write
 #   wrapper         the wrapper's own pid
-#   exit            the agent's exit status (128+N when killed by signal N), written atomically
+#   exit            the agent's exit status (128+N when killed by signal N), one short write
 #   note            why the wrapper intervened (lease expired), if it did
 # A watchdog kills the agent's group when LEASE_FILE has not been touched for LEASE_TIMEOUT
 # seconds (0 disables it): a run never outlives its supervisor unnoticed.  When the agent ends,
@@ -26,24 +26,24 @@ echo $$ >"$run_dir/wrapper"
 : >>"$run_dir/stderr"
 
 if ! cd "$workdir" 2>>"$run_dir/stderr"; then
-    echo 127 >"$run_dir/exit.tmp" && mv -f "$run_dir/exit.tmp" "$run_dir/exit"
+    echo 127 >"$run_dir/exit"
     exit 127
 fi
 
-# The inner sh records its own pid and start time after setsid (so pid == pgid == sid), then
-# becomes the agent with exec, which keeps both.
-setsid sh -c '
-    f=$1
-    shift
-    read -r st </proc/self/stat || st=""
+# Our background job is not a process group leader (we are, in our own session), so setsid
+# makes the new session without forking and then becomes the agent: $! is the agent's pid and,
+# once setsid has run, its process group and session id too.  Its start time is fixed at fork.
+setsid "$@" </dev/null >>"$run_dir/stdout" 2>>"$run_dir/stderr" &
+agent=$!
+ticks=""
+if read -r st <"/proc/$agent/stat"; then
     start() { ticks=${20}; }
     set -f
     start ${st##*) }
     set +f
-    echo "$$ $ticks" >"$f.tmp" && mv -f "$f.tmp" "$f"
-    exec "$@"
-' agentize-fleet-run "$run_dir/pid" "$@" </dev/null >>"$run_dir/stdout" 2>>"$run_dir/stderr" &
-agent=$!
+fi
+# One short write: readers take a line without both fields (or its newline) as "not yet".
+echo "$agent $ticks" >"$run_dir/pid"
 
 dog=""
 case "$lease_timeout" in
@@ -80,5 +80,5 @@ wait "$agent"
 code=$?
 kill -s KILL -- "-$agent" 2>/dev/null
 [ -n "$dog" ] && kill "$dog" 2>/dev/null
-echo "$code" >"$run_dir/exit.tmp" && mv -f "$run_dir/exit.tmp" "$run_dir/exit"
+echo "$code" >"$run_dir/exit"
 exit 0

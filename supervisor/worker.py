@@ -569,24 +569,20 @@ class Worker:
             splitter = splitters[chunk.stream]
             lines = splitter.feed(chunk.data)
             if lines:
-                mux.output(tag, chunk.stream, lines, splitter.offset)
-                self._scan(lines, limits)
+                mux.output(tag, chunk.stream, lines, splitter.offset, splitter.text)
+                self._scan(lines, limits, splitter.text)
         for stream, splitter in splitters.items():
             rest = splitter.finish()
             if rest:
                 mux.output(tag, stream, rest, splitter.offset)
                 self._scan(rest, limits)
 
-    def _scan(self, lines: list[str], limits: LimitDetector) -> None:
+    def _scan(self, lines: list[str], limits: LimitDetector, text: str | None = None) -> None:
         if self._limit_hit is not None and self._limit_hit.kind == "usage":
             return
-        now = time.time()
-        for line in lines:
-            hit = limits.feed(line, now)
-            if hit is not None and (self._limit_hit is None or hit.kind == "usage"):
-                self._limit_hit = hit
-                if hit.kind == "usage":
-                    return
+        hit = limits.feed_batch(lines, time.time(), text)
+        if hit is not None and (self._limit_hit is None or hit.kind == "usage"):
+            self._limit_hit = hit
 
     async def _stop_when_asked(self, handle: RunHandle, scope: anyio.CancelScope) -> None:
         stop = self.fleet.stop

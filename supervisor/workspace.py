@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from supervisor.hosts.base import Host
+from supervisor.hosts.base import CommandFailed, CommandResult, Host
 
 _locks: dict[tuple[str, str], anyio.Lock] = {}
 
@@ -58,11 +58,6 @@ async def _git(host: Host, *args: str, cwd: str | None = None, check: bool = Tru
     return result.stdout.strip() if result.exit_code == 0 else ""
 
 
-async def _exists(host: Host, path: str) -> bool:
-    result = await host.run(["test", "-e", path], check=False)
-    return result.exit_code == 0
-
-
 async def detect_default_branch(host: Host, clone_path: str, override: str | None) -> str:
     """``wt``'s rule: the override, else what the bare repo's HEAD names, else main, else master."""
     if override:
@@ -88,7 +83,7 @@ async def ensure_clone(
     root = await host.resolve_path(root)
     path = posixpath.join(root, name)
     async with _lock(host, path):
-        if not await _exists(host, posixpath.join(path, "HEAD")):
+        if not await host.exists(posixpath.join(path, "HEAD")):
             await host.run(["mkdir", "-p", root])
             partial = f"{path}.partial"
             await host.run(["rm", "-rf", partial])
@@ -101,31 +96,38 @@ async def ensure_clone(
             await _git(host, "fetch", "--quiet", "origin", cwd=partial)
             await host.run(["mv", partial, path])
         branch = await detect_default_branch(host, path, default_branch)
+        # Forget worktrees removed by hand since the last fleet, once, before adding any.
+        await _git(host, "worktree", "prune", cwd=path, check=False)
         main_tree = posixpath.join(path, "trees", "main")
-        if not await _exists(host, main_tree):
-            await _git(host, "worktree", "prune", cwd=path)
+        if not await host.exists(main_tree):
             await _git(host, "worktree", "add", "--quiet", main_tree, branch, cwd=path)
     return Clone(host, path, branch)
 
 
 async def ensure_worktree(clone: Clone, name: str) -> str:
-    """The task's worktree ``trees/NAME`` on branch ``NAME``: re-used if it exists."""
+    """The task's worktree ``trees/NAME`` on branch ``NAME``: re-used if it exists.
+
+    Worktrees of different branches can be added concurrently (git locks each new worktree and
+    ref on its own), so tasks starting together do not queue behind one another; a failure that
+    a stale registration explains is retried after ``git worktree prune``.
+    """
     host = clone.host
     path = clone.tree(name)
-    async with _lock(host, clone.path):
-        if await _exists(host, posixpath.join(path, ".git")):
+    if await host.exists(posixpath.join(path, ".git")):
+        return path
+    last: CommandResult | None = None
+    argv: list[str] = []
+    for attempt in range(3):
+        argv = ["git", "worktree", "add", "--quiet", "-b", name, path, clone.default_branch]
+        last = await host.run(argv, cwd=clone.path, check=False, timeout=600.0)
+        if last.exit_code != 0 and "already exists" in last.stderr and "branch" in last.stderr:
+            # The branch survived its worktree (removed by hand, or a crash): re-attach it.
+            argv = ["git", "worktree", "add", "--quiet", path, name]
+            last = await host.run(argv, cwd=clone.path, check=False, timeout=600.0)
+        if last.exit_code == 0 or await host.exists(posixpath.join(path, ".git")):
             return path
-        await _git(host, "worktree", "prune", cwd=clone.path)
-        has_branch = await host.run(
-            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{name}"],
-            cwd=clone.path,
-            check=False,
-        )
-        if has_branch.exit_code == 0:
-            await _git(host, "worktree", "add", "--quiet", path, name, cwd=clone.path)
-        else:
-            await _git(
-                host, "worktree", "add", "--quiet", "-b", name, path, clone.default_branch,
-                cwd=clone.path,
-            )
-    return path
+        async with _lock(host, clone.path):
+            await _git(host, "worktree", "prune", cwd=clone.path, check=False)
+        await anyio.sleep(0.1 * (attempt + 1))
+    assert last is not None
+    raise CommandFailed(host.name, argv, last)

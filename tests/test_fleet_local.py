@@ -353,7 +353,7 @@ def test_stop_during_the_start_stagger_starts_no_more_agents(fleet: Harness) -> 
     events = [r.get("event") for r in result.records if r["stream"] == "fleet"]
     after_stop = events[events.index("stopping") :]
     assert "run-started" not in after_stop, "agents were started after the stop"
-    assert [w["runs"] for w in result.summary["workers"]] == [1, 0, 0]
+    assert sorted(w["runs"] for w in result.summary["workers"]) == [0, 0, 1]
     assert took < interval, f"`up` took {took:.1f}s to stop"
 
 

@@ -7,7 +7,7 @@ Every message below is quoted from a public report (sources in supervisor/limits
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -420,3 +420,25 @@ def test_parse_iso() -> None:
 )
 def test_parse_nothing(text: str) -> None:
     assert parse_reset_time(text, NOW, TZ) is None
+
+
+def test_feed_batch_finds_the_hit_among_many_lines() -> None:
+    now = 1_750_000_000.0
+    detector = LimitDetector(tz=UTC)
+    noise = [f"w1 l{n:09d} xxxxxxxx" for n in range(2000)]  # holds "429", "529" now and then
+    assert detector.feed_batch(noise, now) is None
+    rate = "API Error: 529 Overloaded. This is a server-side issue, usually temporary"
+    usage = f"Claude AI usage limit reached|{int(now) + 3600}"
+    hit = detector.feed_batch([*noise[:500], rate, *noise[500:], usage, "after"], now)
+    assert hit is not None and hit.kind == "usage" and hit.reset_at == now + 3600
+    hit = detector.feed_batch([*noise, rate], now)
+    assert hit is not None and hit.kind == "rate"
+    event = '{"type":"result","subtype":"success","is_error":true,"result":"' + usage + '"}'
+    hit = detector.feed_batch(["{\"type\":\"assistant\"}", event], now)
+    assert hit is not None and hit.kind == "usage"
+
+
+def test_feed_batch_with_custom_anchored_patterns() -> None:
+    detector = LimitDetector(LimitPatterns(usage=(r"^QUOTA GONE until (\d+)$",), rate=()))
+    assert detector.feed_batch(["a", "QUOTA GONE until 5", "b"], 0.0) is not None
+    assert detector.feed_batch(["a", "x QUOTA GONE until 5", "b"], 0.0) is None

@@ -187,6 +187,11 @@ class Host(abc.ABC):
     async def resolve_path(self, path: str) -> str:
         """Turn ``path`` (possibly ``~``-relative) into an absolute path on the host."""
 
+    async def exists(self, path: str) -> bool:
+        """Whether ``path`` exists on the host."""
+        result = await self.run(["test", "-e", path], check=False)
+        return result.exit_code == 0
+
     @abc.abstractmethod
     async def glob(self, directory: str, patterns: Sequence[str]) -> set[str]:
         """Paths relative to ``directory`` matching any of the glob ``patterns``."""

@@ -12,11 +12,15 @@ pid reused by an unrelated process is never signalled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob as globlib
 import os
 import signal as signals
 import subprocess
+import sys
+import time
+import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -45,8 +49,28 @@ from supervisor.hosts.dirwatch import DirWatcher
 READ_SIZE = 256 * 1024
 POLL_MIN = 0.005
 POLL_MAX = 0.5
-WATCH_SAFETY_POLL = 5.0  # with inotify: re-read anyway this often, should an event be missed
+WATCH_SAFETY_POLL = 5.0
+LEASE_TOUCH_GAP = 1.0  # with inotify: re-read anyway this often, should an event be missed
 PID_WAIT = 10.0
+
+
+def use_pidfd_child_watcher() -> None:
+    """On Python 3.11, wait for children through pidfds instead of one thread per child.
+
+    3.11's default child watcher starts a thread per subprocess (a fleet of 200 idle agents
+    holds 200 threads); Linux's pidfds let the event loop itself wait.  3.12 and later do
+    this by themselves.  Call from inside the running event loop.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    except (OSError, RuntimeError, NotImplementedError):
+        return  # no pidfd_open (old kernel): keep the default
 
 
 def runner_script() -> str:
@@ -71,7 +95,10 @@ def read_start_ticks(pid: int) -> int | None:
 def read_pid_file(path: str) -> tuple[int, int] | None:
     """``(pid, start_ticks)`` from a wrapper's ``pid`` file, or None if not (yet) there."""
     try:
-        pid_text, ticks_text = Path(path).read_text().split()
+        text = Path(path).read_text()
+        pid_text, ticks_text = text.split()
+        if not text.endswith("\n"):
+            return None  # still being written
         return int(pid_text), int(ticks_text)
     except (OSError, ValueError):
         return None
@@ -79,7 +106,8 @@ def read_pid_file(path: str) -> tuple[int, int] | None:
 
 def read_exit_file(run_dir: str) -> int | None:
     try:
-        return int(Path(run_dir, "exit").read_text().strip())
+        text = Path(run_dir, "exit").read_text()
+        return int(text) if text.endswith("\n") else None
     except (OSError, ValueError):
         return None
 
@@ -247,6 +275,7 @@ class LocalHost(Host):
         self._runner = runner_script()
         self._use_inotify = use_inotify
         self._watcher: DirWatcher | None = None
+        self._leases: dict[str, float] = {}
 
     def _dir_watcher(self) -> DirWatcher | None:
         """The host's inotify watcher, made on first use (None where inotify is unavailable)."""
@@ -292,6 +321,9 @@ class LocalHost(Host):
     async def resolve_path(self, path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
 
+    async def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
     async def glob(self, directory: str, patterns: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for pattern in patterns:
@@ -300,8 +332,12 @@ class LocalHost(Host):
         return found
 
     async def touch_lease(self, path: str) -> None:
+        now = time.monotonic()
+        if now - self._leases.get(path, -LEASE_TOUCH_GAP) < LEASE_TOUCH_GAP:
+            return  # renewed a moment ago (every run start asks)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).touch()
+        self._leases[path] = now
 
     async def start(self, spec: RunSpec) -> RunHandle:
         run_dir = Path(spec.run_dir)

@@ -241,11 +241,11 @@ _STATUS = (
     + r"""
 rd=$1
 [ -d "$rd" ] || { echo gone; exit 0; }
-if [ -e "$rd/exit" ]; then
+if [ -s "$rd/exit" ]; then
     state="exit $(cat "$rd/exit")"
 elif wrapper_alive "$rd"; then
     state=running
-elif [ -e "$rd/exit" ]; then
+elif [ -s "$rd/exit" ]; then
     state="exit $(cat "$rd/exit")"
 else
     state=dead
