@@ -55,15 +55,24 @@ case "$lease_timeout" in
     [ "$every" -ge 1 ] || every=1
     (
         trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        # Only `sleep` is forked: "renewed since the last look" is `lease -nt stamp`, and
+        # rewriting the stamp (a builtin echo) marks the look.
+        stamp="$run_dir/lease-seen"
+        echo >"$stamp"
+        missed=0
         while :; do
             sleep "$every" &
             nap=$!
             wait "$nap"
             # The wrapper gone (killed) means the group id may no longer be the agent's.
             kill -0 "$$" 2>/dev/null || exit 0
-            now=$(date +%s)
-            seen=$(stat -c %Y "$lease" 2>/dev/null || echo 0)
-            if [ $((now - seen)) -gt "$limit" ]; then
+            if [ "$lease" -nt "$stamp" ]; then
+                echo >"$stamp"
+                missed=0
+                continue
+            fi
+            missed=$((missed + every))
+            if [ "$missed" -gt "$limit" ]; then
                 echo "lease $lease not renewed for ${limit}s: stopping the run" >>"$run_dir/note"
                 kill -s TERM -- "-$agent" 2>/dev/null
                 sleep 5
