@@ -273,7 +273,7 @@ class Started:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+            self.popen.wait(timeout=10)
             pytest.fail(
                 f"agentize-fleet up did not end within {timeout:g}s\n"
                 + self.stderr_path.read_text(errors="replace")[-3000:]

@@ -43,7 +43,9 @@ async def hosts(sshd: SSHD, sshd2: SSHD, closed_port: int) -> AsyncIterator[list
 
 
 def _git_version() -> str:
-    out = subprocess.run(["git", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["git", "--version"], capture_output=True, text=True, check=True, timeout=30
+    )
     return out.stdout.split()[2]
 
 
