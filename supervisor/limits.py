@@ -148,8 +148,11 @@ DEFAULT_RATE_PATTERNS: tuple[str, ...] = (
 )
 
 #: Every default pattern can only match a line holding one of these substrings.  Checked with
-#: plain ``in`` before any regex runs, so ordinary lines cost a few substring scans.
-DEFAULT_KEYWORDS: tuple[str, ...] = ("imit", "IMIT", "429", "529", "verload", "xtra usage")
+#: plain ``in`` before any regex runs, so ordinary lines cost a few substring scans.  Not bare
+#: "429"/"529": numbers in ordinary output hold them all the time.
+DEFAULT_KEYWORDS: tuple[str, ...] = (
+    "imit", "IMIT", "API Error", "API ERROR", "api error", "ejected (429", "verload", "xtra usage",
+)
 
 #: A clock time without a date ("resets 3pm") that lies at most this far in the past is taken
 #: as today's, just passed (the messages round to the minute or ten), not as tomorrow's: a wrong
