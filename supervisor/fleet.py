@@ -36,7 +36,7 @@ from supervisor.hosts.base import (
 from supervisor.hosts.local import LocalHost, use_pidfd_child_watcher
 from supervisor.lifecycle import WorkerState
 from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
-from supervisor.rundir import list_runs, socket_path
+from supervisor.rundir import socket_path, unfinished_runs
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
 from supervisor.workspace import Clone, ensure_clone
@@ -537,8 +537,8 @@ class Fleet:
 
     async def _handle_orphans(self) -> None:
         """Find runs of earlier fleets that died, and adopt or stop those that still live."""
-        for info in list_runs(self.config.state_path):
-            if info.run_id == self.fleet_id or info.summary is not None or info.state is None:
+        for info in unfinished_runs(self.config.state_path):
+            if info.run_id == self.fleet_id or info.state is None:
                 continue
             handled: list[str] = []
             for row in info.state.get("workers", []):

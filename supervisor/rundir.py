@@ -134,6 +134,22 @@ def list_runs(state_dir: Path) -> list[RunInfo]:
     return found
 
 
+def unfinished_runs(state_dir: Path) -> list[RunInfo]:
+    """Runs that never wrote their summary (running, or their supervisor died), oldest first.
+
+    Only their state files are read: a state directory keeps every past run, and parsing the
+    summaries of all of them at each start would grow with the directory's age.
+    """
+    runs = state_dir / "runs"
+    if not runs.is_dir():
+        return []
+    found = []
+    for path in sorted(p for p in runs.iterdir() if p.is_dir()):
+        if not (path / "summary.json").exists():
+            found.append(RunInfo(path.name, path, read_json(path / "state.json"), None))
+    return found
+
+
 def find_run(state_dir: Path, run_id: str | None) -> RunInfo | None:
     """The run named by ``run_id`` (a unique prefix will do), or the latest one."""
     runs = list_runs(state_dir)

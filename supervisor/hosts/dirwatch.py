@@ -1,4 +1,4 @@
-"""Wake-ups when a run directory changes, from one inotify(7) instance per process.
+"""Wake-ups when a run directory changes, from one inotify(7) instance per local host.
 
 The local host reads each run's output files in-process.  Polling them costs CPU for every idle
 agent, every poll; inotify costs nothing until a file changes.  One inotify instance serves all
@@ -6,9 +6,10 @@ runs (the kernel allows only 128 instances per user by default, far fewer than a
 with one watch per run directory.
 
 No background task is needed: whichever waiter finds nobody reading becomes the reader, drains
-the events, wakes the waiters whose directories changed and everyone else to re-check, then
-steps down.  Each local host owns one watcher (its events belong to one event loop); where
-inotify is unavailable, the host polls instead.
+the events and wakes the waiters whose directories changed.  When it steps down it hands the
+reading on to exactly one other waiter, so an idle fleet of hundreds of runs costs a wake-up now
+and then, not hundreds.  Each local host owns one watcher (its events belong to one event loop);
+where inotify is unavailable, the host polls instead.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class DirWatcher:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         self.fd: int = fd
         self._changed: dict[int, bool] = {}
-        self._round = anyio.Event()
+        self._waiting: dict[int, anyio.Event] = {}
         self._reading = False
 
     def add(self, directory: str) -> int:
@@ -57,28 +58,32 @@ class DirWatcher:
         self._changed[wd] = False
         return wd
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
     def remove(self, wd: int) -> None:
         if self._changed.pop(wd, None) is not None:
             self._rm_watch(self.fd, wd)
 
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
     async def wait(self, wd: int, timeout: float) -> None:
         """Return when the directory of ``wd`` changed since the last wait, or after ``timeout``."""
-        with anyio.move_on_after(timeout):
-            while not self._changed.get(wd, True):
-                if self._reading:
-                    await self._round.wait()
-                    continue
-                self._reading = True
-                try:
-                    await anyio.wait_readable(self.fd)
-                    self._drain()
-                finally:
-                    self._reading = False
-                    self._wake_all()
+        try:
+            with anyio.move_on_after(timeout):
+                while not self._changed.get(wd, True):
+                    if self._reading:
+                        woken = self._waiting[wd] = anyio.Event()
+                        await woken.wait()
+                        continue
+                    self._reading = True
+                    try:
+                        await anyio.wait_readable(self.fd)
+                        self._drain()
+                    finally:
+                        self._reading = False
+                        self._hand_over(wd)
+        finally:
+            self._waiting.pop(wd, None)
         if wd in self._changed:
             self._changed[wd] = False
 
@@ -94,7 +99,13 @@ class DirWatcher:
                 offset += _EVENT.size + length
                 if wd in self._changed and not mask & IN_IGNORED:
                     self._changed[wd] = True
+                    woken = self._waiting.get(wd)
+                    if woken is not None:
+                        woken.set()
 
-    def _wake_all(self) -> None:
-        self._round.set()
-        self._round = anyio.Event()
+    def _hand_over(self, me: int) -> None:
+        """Wake one waiter that still waits (its directory unchanged) to read in our place."""
+        for wd, woken in self._waiting.items():
+            if wd != me and not woken.is_set() and not self._changed.get(wd, True):
+                woken.set()
+                return

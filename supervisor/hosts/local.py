@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import glob as globlib
 import os
 import signal as signals
@@ -49,7 +50,7 @@ from supervisor.hosts.dirwatch import DirWatcher
 READ_SIZE = 256 * 1024
 POLL_MIN = 0.005
 POLL_MAX = 0.5
-WATCH_SAFETY_POLL = 5.0
+WATCH_SAFETY_POLL = 60.0  # with inotify: re-read anyway this often, should an event be missed
 LEASE_TOUCH_GAP = 1.0  # with inotify: re-read anyway this often, should an event be missed
 PID_WAIT = 10.0
 
@@ -327,8 +328,17 @@ class LocalHost(Host):
     async def glob(self, directory: str, patterns: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for pattern in patterns:
-            for match in globlib.glob(pattern, root_dir=directory):
-                found.add(match)
+            folder, name = os.path.split(pattern)
+            if globlib.has_magic(folder):
+                found.update(globlib.glob(pattern, root_dir=directory))
+                continue
+            # The usual case (".tmp/milestones/issue-7-milestone-*.md"): one directory listing,
+            # or one failed open when the directory does not exist yet.
+            try:
+                names = os.listdir(os.path.join(directory, folder))
+            except OSError:
+                continue
+            found.update(os.path.join(folder, n) for n in fnmatch.filter(names, name))
         return found
 
     async def touch_lease(self, path: str) -> None:
