@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -103,9 +104,30 @@ def deadline_from(args: argparse.Namespace) -> Deadline:
 # -- up ------------------------------------------------------------------------------------
 
 
+def preflight(config: FleetConfig) -> None:
+    """What can be known wrong before anything starts: a missing repository or agent program.
+
+    Without this, every task would fail (or crash-loop) one by one with the same cause.
+    """
+    file = config.source_file
+    url = config.repository_url
+    if url.startswith("/") and not Path(url).exists():
+        raise ConfigError(
+            f"{file}: field `repository`: {url} does not exist; fix: give the path of a git "
+            f"repository (relative paths are resolved against {config.base_dir}) or its URL."
+        )
+    program = config.agent_command[0]
+    if config.local.max_agents > 0 and "{" not in program and shutil.which(program) is None:
+        raise ConfigError(
+            f"{file}: field `agent.command`: the program {program!r} is not found (not on PATH, "
+            f"or not executable); fix: install it, or give its absolute path."
+        )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the fleet in the foreground until every task has ended (or it is stopped)."""
     config = _load(args, concurrency=args.concurrency)
+    preflight(config)
     deadline = deadline_from(args)
     try:
         lock = acquire_lock(config.state_path)

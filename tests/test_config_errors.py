@@ -125,3 +125,19 @@ def test_nested_environment_override(fleet: Harness) -> None:
     assert result.returncode == 1, result.explain()
     assert result.task_summary(1)["runs"] == 2  # more than 1 crash: failed at the 2nd
     assert result.task_summary(2)["state"] == "done"
+
+
+def test_missing_repository_or_agent_program_is_a_config_error(fleet: Harness) -> None:
+    config = fleet.config([task(1, "finish")])
+    config["repository"] = str(fleet.tmp / "no-such-repo")
+    run = fleet.run(fleet.write(config))
+    assert run.returncode == 2
+    assert "`repository`" in run.stderr and "does not exist" in run.stderr
+    assert "Traceback" not in run.stderr
+
+    config = fleet.config([task(1, "finish")])
+    config["agent"]["command"] = ["no-such-agent-program", "{prompt}"]
+    run = fleet.run(fleet.write(config))
+    assert run.returncode == 2
+    assert "agent.command" in run.stderr and "no-such-agent-program" in run.stderr
+    assert "fix:" in run.stderr and "Traceback" not in run.stderr
