@@ -318,6 +318,9 @@ class Worker:
                         fleet.machine_lost(slot)
                         self._limit_hit = None
                         decision = self._decide(ExitStatus(None, lost=True, reason=str(exc)), [])
+                if fleet.stop.requested.is_set():
+                    self._set(WorkerState.STOPPED, fleet.stop.reason)
+                    return
                 if isinstance(decision, MachineLost):
                     self.log("lost", f"✗ {decision.reason}", reason=decision.reason)
                     fleet.machine_lost(slot)
@@ -343,9 +346,6 @@ class Worker:
                     host = fleet.hosts[slot]
                     decision, prompt_kind = None, "first"
                     continue
-                if fleet.stop.requested.is_set():
-                    self._set(WorkerState.STOPPED, fleet.stop.reason)
-                    return
                 if isinstance(decision, policy.Finish):
                     self._set(WorkerState.DONE)
                     self.log("done", f"✓ done after {self.status.run} run(s)")
