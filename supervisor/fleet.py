@@ -66,7 +66,10 @@ def _clock(epoch: float) -> str:
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    """``20261128-070712-345-c8``: sorts by start time (to the millisecond), then is unique."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(1)}"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
