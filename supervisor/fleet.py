@@ -29,7 +29,6 @@ from supervisor.hosts.base import (
     Host,
     HostAuthError,
     HostError,
-    RunHandle,
     RunIdentity,
     Stream,
 )
@@ -581,7 +580,7 @@ class Fleet:
         worker = self.worker_for(issue)
         if self.config.on_orphans == "stop" or worker is None or worker.adoption is not None:
             if alive:
-                await self._stop_orphan(handle)
+                await handle.stop(self.config.stop_timeout)
                 self.log.info("orphan-stopped", msg=f"■ stopped orphan {label}", task=issue,
                               pid=pid, from_fleet=run_id)
                 return f"stopped {label}"
@@ -606,14 +605,6 @@ class Fleet:
         )
         worker.status.adopted_from = run_id
         return f"adopted {label} as {worker.name}"
-
-    async def _stop_orphan(self, handle: RunHandle) -> None:
-        await handle.signal(signal.SIGTERM)
-        with anyio.move_on_after(self.config.stop_timeout):
-            await handle.wait()
-        await handle.signal(signal.SIGKILL)
-        with anyio.move_on_after(self.config.stop_timeout):
-            await handle.wait()
 
     def exit_code(self) -> int:
         states = [w.status.state for w in self.workers]

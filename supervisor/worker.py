@@ -591,11 +591,13 @@ class Worker:
             self._set(WorkerState.STOPPING)
             timeout = self.fleet.config.stop_timeout
             self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
-            await handle.signal(signal.SIGTERM)
-            with anyio.move_on_after(timeout):
-                await stop.forced.wait()
-            self.log("killing", "■ SIGKILL to what is left of the run's process tree")
-            await handle.signal(signal.SIGKILL)
+            await handle.stop(
+                timeout,
+                sooner=stop.forced,
+                before_kill=lambda: self.log(
+                    "killing", "■ SIGKILL to what is left of the run's process tree"
+                ),
+            )
 
     def request_restart(self) -> RunHandle | bool:
         """Mark the task for an immediate new run (``agentize-fleet restart``).
@@ -613,11 +615,8 @@ class Worker:
         return False
 
     async def stop_run(self, handle: RunHandle) -> None:
-        """SIGTERM the run's tree, SIGKILL what is left after the stop timeout."""
-        await handle.signal(signal.SIGTERM)
-        with anyio.move_on_after(self.fleet.config.stop_timeout):
-            await handle.wait()
-        await handle.signal(signal.SIGKILL)
+        """Stop one run (``restart``): the same stop as the fleet's, on this run alone."""
+        await handle.stop(self.fleet.config.stop_timeout)
 
     def _decide(self, status: ExitStatus, new_milestones: list[str]) -> policy.Decision:
         now = time.time()

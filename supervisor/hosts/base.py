@@ -22,11 +22,15 @@ Every run is started through the same wrapper, ``supervisor/runner.sh``, on ever
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping, Sequence
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import anyio
+
 Stream = Literal["stdout", "stderr"]
+KILL_SETTLE = 5.0  # after SIGKILL, how long to wait for the wrapper to record the end
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 
@@ -162,6 +166,34 @@ class RunHandle(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> TreeStats:
         """CPU and memory of the run's whole process tree now."""
+
+    async def stop(
+        self,
+        timeout: float,
+        *,
+        sooner: anyio.Event | None = None,
+        before_kill: Callable[[], object] | None = None,
+    ) -> None:
+        """The one way a run is stopped: SIGTERM to its whole tree; after ``timeout`` (or as soon
+        as ``sooner`` is set: a second Ctrl-C) SIGKILL to whatever of it is left; then a short
+        wait for the wrapper to record the end."""
+        await self.signal(signal.SIGTERM)
+        async with anyio.create_task_group() as race:
+
+            async def cut_short(event: anyio.Event) -> None:
+                await event.wait()
+                race.cancel_scope.cancel()
+
+            if sooner is not None:
+                race.start_soon(cut_short, sooner)
+            with anyio.move_on_after(timeout):
+                await self.wait()
+            race.cancel_scope.cancel()
+        if before_kill is not None and await self.alive():
+            before_kill()
+        await self.signal(signal.SIGKILL)  # also whatever escaped the group, even after the end
+        with anyio.move_on_after(KILL_SETTLE):
+            await self.wait()
 
 
 class Host(abc.ABC):
