@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import control, report
+from supervisor import control, durations, report
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
 from supervisor.fleet import (
     EXIT_LOCKED,
@@ -65,16 +64,12 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 # -- durations and deadlines ---------------------------------------------------------------
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
-
-
 def parse_duration(text: str) -> float:
-    """``8h``, ``30m``, ``45s``, ``1h30m``, ``90`` (seconds) → seconds."""
-    match = _DURATION.match(text.strip())
-    if not text.strip() or match is None or not any(match.groups()):
-        raise UsageError(f"{text!r} is not a duration; use e.g. 8h, 30m, 45s or 1h30m")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    """``8h``, ``30m``, ``45s``, ``1h30m``, ``90`` (seconds) → seconds, or a usage error."""
+    try:
+        return durations.parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_clock(text: str, now: datetime) -> datetime:

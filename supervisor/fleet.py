@@ -34,7 +34,7 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.local import LocalHost, use_pidfd_child_watcher
 from supervisor.lifecycle import WorkerState
-from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
+from supervisor.logs import ConsoleRenderer, LogMux, Tag, log_files, route_structlog
 from supervisor.rundir import socket_path, unfinished_runs
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
@@ -656,10 +656,8 @@ def last_offsets(run_path: Path, worker: str, run: int) -> tuple[dict[Stream, in
     stream, and the worker's last ``seq``.  Rotated segments are read too, oldest first."""
     offsets: dict[Stream, int] = {}
     seq = 0
-    main = run_path / "fleet.jsonl"
-    segments = sorted(run_path.glob("fleet.jsonl.*"), key=lambda p: int(p.suffix[1:] or 0))
     needle = f'"worker":{json.dumps(worker)},'
-    for path in [*segments, main]:
+    for path in log_files(run_path):
         with contextlib.suppress(OSError), open(path, "rb") as handle:
             for raw in handle:
                 if not raw.endswith(b"\n"):

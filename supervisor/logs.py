@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -34,6 +35,30 @@ _encode: Callable[[str], str] = json.encoder.encode_basestring
 
 FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 1 << 20
+
+
+LOG_NAME = "fleet.jsonl"
+_SEGMENT = re.compile(r"^fleet\.jsonl\.(\d+)$")
+
+
+def rotated_segments(run_dir: Path) -> list[tuple[int, Path]]:
+    """The rotated segments ``fleet.jsonl.N`` of a run, oldest (smallest N) first."""
+    found: list[tuple[int, Path]] = []
+    try:
+        with os.scandir(run_dir) as entries:
+            for entry in entries:
+                match = _SEGMENT.match(entry.name)
+                if match:
+                    found.append((int(match.group(1)), Path(entry.path)))
+    except FileNotFoundError:
+        return []
+    found.sort()
+    return found
+
+
+def log_files(run_dir: Path) -> list[Path]:
+    """Every file of a run's log, in the order its records were written."""
+    return [path for _, path in rotated_segments(run_dir)] + [run_dir / LOG_NAME]
 
 
 def utc_timestamp(now: float | None = None) -> str:

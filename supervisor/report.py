@@ -24,14 +24,10 @@ from typing import Any
 import anyio
 
 from supervisor.hosts.base import Host
+from supervisor.logs import log_files
 
 TAIL_LINES = 20
 COLLECT_CONCURRENCY = 8
-
-
-def _segments(run_dir: Path) -> list[Path]:
-    rotated = sorted(run_dir.glob("fleet.jsonl.*"), key=lambda p: int(p.suffix[1:] or 0))
-    return [*rotated, run_dir / "fleet.jsonl"]
 
 
 def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]:
@@ -40,7 +36,7 @@ def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]
     if not runs:
         return {}
     needles = [f'"worker":{json.dumps(w)},' for w in runs]
-    for path in _segments(run_dir):
+    for path in log_files(run_dir):
         with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
             for raw in f:
                 if '"stream":"fleet"' in raw or not raw.endswith("\n"):
@@ -60,7 +56,7 @@ def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]
 def crashed_runs(run_dir: Path) -> dict[str, int]:
     """The last run of each worker that crashed, from the ``crashed`` events."""
     found: dict[str, int] = {}
-    for path in _segments(run_dir):
+    for path in log_files(run_dir):
         with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
             for raw in f:
                 if '"event":"crashed"' not in raw:

@@ -48,7 +48,8 @@ from typing import Any, BinaryIO
 import psutil
 
 from supervisor.config import ConfigError, FleetConfig, load_config
-from supervisor.logs import ConsoleRenderer, use_colour, utc_timestamp
+from supervisor.durations import parse_duration
+from supervisor.logs import ConsoleRenderer, rotated_segments, use_colour, utc_timestamp
 
 PROG = "agentize-fleet"
 
@@ -68,10 +69,6 @@ LIVENESS_INTERVAL = 1.0
 ENDED_MARK = b"fleet-ended"
 STREAMS = ("stdout", "stderr", "fleet")
 
-_SEGMENT = re.compile(r"^fleet\.jsonl\.(\d+)$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 Ident = tuple[int, int]
 
@@ -120,19 +117,10 @@ def find_run(runs_dir: Path, run: str | None) -> Path:
 
 def segments(run_dir: Path) -> list[tuple[int, Path]]:
     """The rotated segments ``fleet.jsonl.N`` of a run, oldest (smallest N) first."""
-    found: list[tuple[int, Path]] = []
     try:
-        with os.scandir(run_dir) as entries:
-            for entry in entries:
-                match = _SEGMENT.match(entry.name)
-                if match:
-                    found.append((int(match.group(1)), Path(entry.path)))
-    except FileNotFoundError:
-        return []
+        return rotated_segments(run_dir)
     except OSError as exc:
         raise LogsError(f"cannot list {run_dir}: {exc.strerror}") from None
-    found.sort()
-    return found
 
 
 # -- filters --------------------------------------------------------------------------------
@@ -146,12 +134,9 @@ def parse_since(text: str, now: float | None = None) -> str:
     """
     value = text.strip()
     moment: float
-    if _DURATION.fullmatch(value):
-        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(value))
-        moment = (time.time() if now is None else now) - seconds
-    elif re.fullmatch(r"\d+(?:\.\d+)?", value):
-        moment = (time.time() if now is None else now) - float(value)
-    else:
+    try:
+        moment = (time.time() if now is None else now) - parse_duration(value)
+    except ValueError:
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:

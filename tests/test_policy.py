@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from supervisor import policy
+from supervisor.durations import parse_duration
 from supervisor.lifecycle import InvalidTransition, WorkerState, advance
 from supervisor.policy import History, Outcome, RestartPolicy, decide
 
@@ -90,3 +91,18 @@ def test_lifecycle_allows_the_documented_paths() -> None:
 def test_lifecycle_refuses_impossible_transitions(current: str, target: str) -> None:
     with pytest.raises(InvalidTransition):
         advance(WorkerState(current), WorkerState(target))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("45s", 45.0), ("30m", 1800.0), ("8h", 28800.0), ("1h30m", 5400.0), ("90", 90.0),
+     ("1d", 86400.0), ("0.5h", 1800.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "8x", "1h 30m", "-5s"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
