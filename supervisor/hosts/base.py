@@ -25,6 +25,8 @@ import abc
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -32,6 +34,11 @@ import anyio
 Stream = Literal["stdout", "stderr"]
 KILL_SETTLE = 5.0  # after SIGKILL, how long to wait for the wrapper to record the end
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
+
+
+def runner_path() -> Path:
+    """The run wrapper shipped with the package (``supervisor/runner.sh``)."""
+    return Path(str(resources.files("supervisor").joinpath("runner.sh")))
 
 
 class HostError(Exception):

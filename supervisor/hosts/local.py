@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 
 import anyio
@@ -44,6 +43,7 @@ from supervisor.hosts.base import (
     RunSpec,
     Stream,
     TreeStats,
+    runner_path,
 )
 from supervisor.hosts.dirwatch import DirWatcher
 
@@ -72,11 +72,6 @@ def use_pidfd_child_watcher() -> None:
             asyncio.get_event_loop_policy().set_child_watcher(watcher)
     except (OSError, RuntimeError, NotImplementedError):
         return  # no pidfd_open (old kernel): keep the default
-
-
-def runner_script() -> str:
-    """Path of the packaged run wrapper."""
-    return str(resources.files("supervisor").joinpath("runner.sh"))
 
 
 def read_start_ticks(pid: int) -> int | None:
@@ -273,7 +268,7 @@ class LocalHost(Host):
 
     def __init__(self, name: str = "local", *, use_inotify: bool = True) -> None:
         self.name = name
-        self._runner = runner_script()
+        self._runner = str(runner_path())
         self._use_inotify = use_inotify
         self._watcher: DirWatcher | None = None
         self._leases: dict[str, float] = {}

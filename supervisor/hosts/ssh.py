@@ -33,7 +33,6 @@ import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import asyncssh
@@ -54,6 +53,7 @@ from supervisor.hosts.base import (
     RunSpec,
     Stream,
     TreeStats,
+    runner_path,
 )
 
 log = structlog.get_logger(__name__)
@@ -330,7 +330,7 @@ def _signal_name(signum: int) -> str:
 
 def runner_script() -> bytes:
     """The run wrapper shipped with the package."""
-    return resources.files("supervisor").joinpath("runner.sh").read_bytes()
+    return runner_path().read_bytes()
 
 
 class _Link:
