@@ -14,6 +14,7 @@ Every wait is bounded.  Under ``CI=true`` the sshd fixtures fail instead of skip
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -573,3 +574,38 @@ def test_machine_unreachable_too_long_reports_lost_or_requeues(
     wait_for(lambda: not psutil.pid_exists(remote["pid"]) or
              psutil.Process(remote["pid"]).status() == psutil.STATUS_ZOMBIE,
              3 + 5 + 10, "the stranded remote agent to be stopped")
+
+
+def test_status_and_down_for_a_remote_run(fleet: Harness, sshd: SSHD, tmp_path: Path) -> None:
+    """``status`` shows a remote run's pid, machine and its tree's RSS (``ps`` over the link);
+    ``down`` stops it there."""
+    from tests.fleet_helpers import cli, wait_states, workers_by_task
+
+    wd = tmp_path / "m1-work"
+    config = ssh_config(
+        fleet, [task(1, "grandchildren:1+hang")], local={"max_agents": 0},
+        machines=[machine(sshd, "m1", wd, max_agents=1)], stop_timeout=2,
+    )
+    path = fleet.write(config)
+    started = fleet.start(path)
+    status = wait_states(started, {1: "running"}, timeout=40)
+    row = workers_by_task(status)[1]
+    assert row["machine"] == "m1" and row["pid"]
+
+    def measured() -> dict[str, Any] | None:
+        done = cli(fleet, path, "status", "--json")
+        rows = workers_by_task(json.loads(done.stdout)) if done.returncode == 0 else {}
+        return rows.get(1) if rows.get(1, {}).get("rss_bytes") else None
+
+    row = wait_for(measured, 20, "the remote run's RSS in status")
+    assert row["rss_bytes"] > 0 and row["processes"] >= 2
+    assert psutil.Process(row["pid"]).cwd().startswith(str(wd))
+    table = cli(fleet, path, "status")
+    assert table.returncode == 0 and "m1" in table.stdout and "running" in table.stdout
+    down = cli(fleet, path, "down")
+    assert down.returncode == 0, down.stderr
+    result = started.wait(30)
+    assert result.returncode == 130, result.explain()
+    assert not psutil.pid_exists(row["pid"]) or (
+        psutil.Process(row["pid"]).status() == psutil.STATUS_ZOMBIE
+    )
