@@ -151,6 +151,7 @@ class SSHMachineConfig(_Strict):
     known_hosts: str | None = None
     ssh_config: str | None = None
     max_agents: Annotated[int, Field(ge=0)] = 2
+    clones: Annotated[int, Field(ge=1)] | None = None
     workdir: str = "~/agentize-fleet"
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     keepalive_interval: Annotated[float, Field(gt=0)] = 5.0
@@ -178,6 +179,7 @@ class FleetConfig(BaseSettings):
     default_branch: str | None = None
     workspace_root: str = "~/.local/share/agentize-fleet/workspaces"
     clone_name: str | None = None
+    clones_per_machine: Annotated[int, Field(ge=1)] = 1
     worktree_name: str = "issue-{issue}"
     concurrency: Annotated[int, Field(ge=1)] = 3
     start_interval: Annotated[float, Field(ge=0)] = 2.0

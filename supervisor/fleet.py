@@ -38,7 +38,7 @@ from supervisor.logs import ConsoleRenderer, LogMux, Tag, log_files, route_struc
 from supervisor.rundir import socket_path, unfinished_runs
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
-from supervisor.workspace import Clone, ensure_clone
+from supervisor.workspace import Clone, clone_name, ensure_clone
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -127,6 +127,7 @@ class Fleet:
         self.pool = SlotPool(config.concurrency, capacity)
         self.workers: list[Worker] = []
         self._clones: dict[str, Clone] = {}
+        self._clone_turns: dict[str, int] = {}
         self._clone_locks: dict[str, anyio.Lock] = {}
         self._roots: dict[str, str] = {}
         self._services_tg: anyio.abc.TaskGroup | None = None
@@ -201,24 +202,40 @@ class Fleet:
         raise KeyError(machine)
 
     async def clone_on(self, machine: str) -> Clone:
-        lock = self._clone_locks.setdefault(machine, anyio.Lock())
+        """A worker clone on ``machine`` for a new task (made on first use).
+
+        With ``clones_per_machine`` > 1 (Agentize's "multiple clones" layout: ``NAME.git``,
+        ``NAME-2.git``, …) tasks are spread over the clones in turn; git's cost of adding a
+        worktree grows with the worktrees a clone already holds.
+        """
+        count = self._clone_count(machine)
+        turn = self._clone_turns.get(machine, 0)
+        self._clone_turns[machine] = turn + 1
+        index = turn % count
+        key = f"{machine}#{index}"
+        lock = self._clone_locks.setdefault(key, anyio.Lock())
         async with lock:
-            if machine not in self._clones:
-                host = self.hosts[machine]
-                self._clones[machine] = await ensure_clone(
-                    host,
+            if key not in self._clones:
+                self._clones[key] = clone = await ensure_clone(
+                    self.hosts[machine],
                     self.config.repository_url,
                     self._workdir(machine),
-                    self.config.clone_dir_name,
+                    clone_name(self.config.clone_dir_name, index),
                     self.config.default_branch,
                 )
                 self.log.info(
                     "clone-ready",
-                    msg=f"worker clone {self._clones[machine].path} on {machine} "
-                    f"(default branch {self._clones[machine].default_branch})",
+                    msg=f"worker clone {clone.path} on {machine} "
+                    f"(default branch {clone.default_branch})",
                     machine=machine,
                 )
-            return self._clones[machine]
+            return self._clones[key]
+
+    def _clone_count(self, machine: str) -> int:
+        for m in self.config.machines:
+            if m.name == machine and m.clones is not None:
+                return m.clones
+        return self.config.clones_per_machine
 
     async def _preflight(self) -> None:
         """Connect to every remote machine once, before any task is placed on it.
@@ -452,7 +469,9 @@ class Fleet:
                 self.run_dir,
                 self.hosts,
                 milestone_globs=self.config.milestone_globs,
-                default_branch={m: c.default_branch for m, c in self._clones.items()},
+                default_branch={
+                    key.split("#")[0]: c.default_branch for key, c in self._clones.items()
+                },
             )
             _, report_json = report.write_report(self.run_dir, data)
         except Exception as exc:  # the report must never cost the summary or the exit code

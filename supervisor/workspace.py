@@ -41,6 +41,14 @@ def worktree_name(template: str, issue: int, title: str) -> str:
     return name.rstrip("-")
 
 
+def clone_name(base: str, index: int) -> str:
+    """The ``index``-th worker clone's directory: ``NAME.git``, then ``NAME-2.git``, …"""
+    if index == 0:
+        return base
+    stem = base.removesuffix(".git")
+    return f"{stem}-{index + 1}.git"
+
+
 @dataclass(frozen=True)
 class Clone:
     """A worker clone on one machine."""

@@ -501,3 +501,20 @@ def test_summary_json_and_table(fleet: Harness) -> None:
         assert rows[issue][2:7] == ["local", state, str(runs), str(milestones), str(crashes)]
     tail = [line for line in lines[header + 5 :] if line.strip()]
     assert all(line.startswith(("logs:", "summary:")) for line in tail), tail
+
+
+def test_multiple_clones_layout_spreads_tasks_over_clones(fleet: Harness) -> None:
+    """``clones_per_machine = 2``: Agentize's "multiple clones" layout, NAME.git and NAME-2.git,
+    each a bare clone with ``trees/main``, the tasks' worktrees spread over both."""
+    result = fleet.run_config([task(n, "finish") for n in (1, 2, 3, 4)], clones_per_machine=2)
+    assert result.returncode == 0, result.explain()
+    clones = {
+        str(Path(w["workspace"]).parent.parent.name) for w in result.summary["workers"]
+    }
+    assert clones == {"origin.git", "origin-2.git"}
+    for name in clones:
+        bare = fleet.workspace_root / name
+        assert (bare / "HEAD").is_file() and (bare / "trees" / "main").is_dir()
+    for w in result.summary["workers"]:
+        branch = git(Path(w["workspace"]), "rev-parse", "--abbrev-ref", "HEAD").strip()
+        assert branch == f"issue-{w['task']}"
