@@ -294,7 +294,8 @@ def origin_for(work: Path) -> Path:
 
 
 def fleet_config(path: Path, work: Path, command: list[str], tasks: int, *, cap: int,
-                 restart: dict[str, float] | None = None, lease_timeout: float = 60.0) -> Path:
+                 restart: dict[str, float] | None = None, lease_timeout: float = 60.0,
+                 clones: int = 1) -> Path:
     lines = [
         'name = "bench"',
         f"repository = {toml_str(str(origin_for(work)))}",
@@ -305,6 +306,7 @@ def fleet_config(path: Path, work: Path, command: list[str], tasks: int, *, cap:
         "stop_timeout = 5",
         "log_rotate_bytes = 0",  # as supervisord's stdout_logfile_maxbytes=0
         f"lease_timeout = {lease_timeout:g}",
+        f"clones_per_machine = {clones}",
         "",
         "[agent]",
         "command = [" + ", ".join(toml_str(a) for a in command) + "]",
@@ -904,16 +906,20 @@ class Scale:
         return self.wall / self.ideal
 
 
+
+SCALE_CLONES = 8  # the multiple-clones layout: git's worktree cost grows per clone
+
 def scale_cmd(agent: float) -> list[str]:
     # coreutils sleep: ~1 ms of CPU, so 16 at once fit on 2 cores (a Python agent would need
     # ~15 ms of CPU each and make the bare pool itself CPU-bound at ~2.8x the ideal)
     return ["sleep", f"{agent:g}"]
 
 
-def scale_fleet(work: Path, tasks: int, cap: int, agent: float, profile: Path | None = None
-                ) -> Scale:
+def scale_fleet(work: Path, tasks: int, cap: int, agent: float, profile: Path | None = None,
+                clones: int = 1) -> Scale:
     result = Scale(AF, tasks, cap, agent)
-    config = fleet_config(work / "fleet.toml", work, scale_cmd(agent), tasks, cap=cap)
+    config = fleet_config(work / "fleet.toml", work, scale_cmd(agent), tasks, cap=cap,
+                          clones=clones)
     t0 = time.time()
     sup = Spawned(fleet_argv(config, profile), cwd=work, stdout=work / "console")
     try:
@@ -1235,13 +1241,18 @@ class Bench:
         warm = scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"))
         log(f"scale: agentize-fleet again, worktrees made: {warm.wall:.2f}s "
             f"({warm.factor:.2f}× ideal)")
+        multi = scale_fleet(self.dir("scale-fleet-clones"), s.scale_tasks, s.scale_cap,
+                            s.scale_agent, clones=SCALE_CLONES)
+        log(f"scale: agentize-fleet, {SCALE_CLONES} clones: {multi.wall:.2f}s "
+            f"({multi.factor:.2f}× ideal)")
         ref = scale_reference(self.dir("scale-reference"), s.scale_tasks, s.scale_cap,
                               s.scale_agent)
         log(f"scale: reference {ref.wall:.2f}s ({ref.factor:.2f}× ideal)")
         na = {HONCHO_: "n/a (no queue)", SD: "n/a (no queue)"}
         for w, r in ((f"scale {s.scale_tasks} × {s.scale_agent * 1000:g} ms, cap {s.scale_cap}",
                       af),
-                     ("scale again, worktrees exist (2nd `up`)", warm)):
+                     ("scale again, worktrees exist (2nd `up`)", warm),
+                     (f"scale, fresh, {SCALE_CLONES} clones (`clones_per_machine`)", multi)):
             self.add(w, f"wall s (ideal {r.ideal:.3g} s)", {AF: r.wall, REF: ref.wall}, "lower",
                      2, na)
             self.add(w, "× ideal", {AF: r.factor, REF: ref.factor}, "lower", 2, na)
@@ -1258,7 +1269,8 @@ class Bench:
                 )
         self.target("scale: within 1.5× of the ideal wall time", af.factor <= 1.5,
                     f"{af.wall:.2f}s = {af.factor:.2f}× the ideal {af.ideal:.3g}s; with the "
-                    f"worktrees already made {warm.factor:.2f}×; bare pool {ref.factor:.2f}×")
+                    f"worktrees already made {warm.factor:.2f}×; fresh over {SCALE_CLONES} clones "
+                    f"{multi.factor:.2f}×; bare pool {ref.factor:.2f}×")
 
     def profile_fleet(self) -> None:
         """agentize-fleet alone, under cProfile, on each workload: bench/profiles/*.txt."""
