@@ -19,9 +19,10 @@ opening a new ``fleet.jsonl``; renames happen only between whole records.  The r
 - polls every 0.1 s at the end of the file.
 
 ``-f`` ends by itself when the fleet has ended: a ``fleet-ended`` record was read; or
-``summary.json`` exists and nothing more arrived for a short grace period (the summary is
-written just before the ``fleet-ended`` record); or the supervisor named in ``state.json`` is
-gone (pid dead, or reused by a process started later) and the log is drained.  Ctrl-C ends it
+``summary.json`` exists, nothing more arrived for a short grace period and the supervisor is
+not known to be alive (the summary is written before the report and ``fleet-ended``); or the
+supervisor named in ``state.json`` is gone (pid dead, or reused by a process started later)
+and the log is drained.  Ctrl-C ends it
 quietly with exit 130.
 
 ``-n N`` starts from the last N matching records: the files are scanned backwards from the end,
@@ -576,6 +577,17 @@ def make_renderer(
 # -- the end of a fleet -----------------------------------------------------------------------
 
 
+def supervisor_alive(run_dir: Path) -> bool:
+    """Whether the run's supervisor is known to be running still (its pid, not a reuse)."""
+    try:
+        state = json.loads((run_dir / STATE_NAME).read_bytes())
+        pid, started = state["pid"], float(state["started_at"])
+        proc = psutil.Process(int(pid))
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= started + 1.0
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return False
+
+
 def supervisor_gone(run_dir: Path) -> int | None:
     """The pid of the run's supervisor if it is known to be dead (or its pid reused), else None."""
     try:
@@ -616,7 +628,9 @@ def follow(reader: LogReader, emit: Callable[[bytes], None], *, forever: bool) -
         if idle_since is None:
             idle_since = now
         if (reader.run_dir / SUMMARY_NAME).exists():
-            if now - idle_since >= SUMMARY_GRACE:
+            # The summary comes before the report, the notifications and `fleet-ended`: while
+            # the supervisor still lives, those are still to come.
+            if now - idle_since >= SUMMARY_GRACE and not supervisor_alive(reader.run_dir):
                 return EXIT_OK
         elif now >= next_liveness:
             next_liveness = now + LIVENESS_INTERVAL
