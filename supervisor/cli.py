@@ -41,6 +41,7 @@ from supervisor.rundir import (
 from supervisor.tail import add_logs_parser
 
 PROG = "agentize-fleet"
+WORKSPACE_LOCK = ".agentize-fleet.lock"
 
 
 class UsageError(Exception):
@@ -124,9 +125,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _load(args, concurrency=args.concurrency)
     preflight(config)
     deadline = deadline_from(args)
+    locks = []
     try:
-        lock = acquire_lock(config.state_path)
+        locks.append(acquire_lock(config.state_path))
+        if config.local.max_agents > 0:
+            locks.append(acquire_lock(config.resolve(config.workspace_root), WORKSPACE_LOCK))
     except FleetLocked as exc:
+        for held in locks:
+            held.release()
         return _error(str(exc), EXIT_LOCKED)
     try:
         github = config.tasks.source == "github"
@@ -147,7 +153,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         result = anyio.run(fleet.run)
     finally:
-        lock.release()
+        for held in locks:
+            held.release()
     if not args.quiet:
         print()
         print(summary_table(result.workers))

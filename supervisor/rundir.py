@@ -57,24 +57,28 @@ class RunLock:
             self._fd = -1
 
 
-def acquire_lock(state_dir: Path) -> RunLock:
-    """Take the state directory's lock without waiting, or raise :class:`FleetLocked`."""
+def acquire_lock(state_dir: Path, name: str = "lock") -> RunLock:
+    """Take the directory's lock without waiting, or raise :class:`FleetLocked`.
+
+    ``name`` lets the workspace root carry a lock of its own (``.agentize-fleet.lock``): two
+    fleets with different state directories must not share worktrees either.
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "lock"
+    path = state_dir / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise FleetLocked(state_dir, lock_holder(state_dir)) from None
+        raise FleetLocked(state_dir, lock_holder(state_dir, name)) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return RunLock(path, fd)
 
 
-def lock_holder(state_dir: Path) -> int | None:
+def lock_holder(state_dir: Path, name: str = "lock") -> int | None:
     """The pid of the running ``up`` on ``state_dir``, or None when none holds the lock."""
-    path = state_dir / "lock"
+    path = state_dir / name
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -279,3 +280,21 @@ def test_watch_polls_the_github_source_for_new_issues(fleet: Harness, tmp_path: 
     assert states == {21: "done", 22: "done"}
     assert [e["task"] for e in run.events("task-added")] == [22]
     assert run.events("deadline-soft")
+
+
+def test_two_fleets_never_share_a_workspace_root(fleet: Harness) -> None:
+    """Another state directory does not make another fleet welcome on the same worktrees."""
+    first_cfg = fleet.write(fleet.config([task(1, "hang")]), "first.toml")
+    first = fleet.start(first_cfg)
+    from tests.conftest import wait_for
+
+    wait_for(lambda: fleet.runs_of(1), 20, "the first fleet's agent")
+    second_cfg = fleet.write(
+        fleet.config([task(2, "finish")], state_dir=str(fleet.tmp / "other-state")), "second.toml"
+    )
+    second = fleet.run(second_cfg, timeout=20)
+    assert second.returncode == 4, second.explain()
+    assert f"pid {first.popen.pid}" in second.stderr
+    assert str(fleet.workspace_root) in second.stderr
+    os.kill(first.popen.pid, signal.SIGTERM)
+    assert first.wait(30).returncode == 130
