@@ -446,16 +446,20 @@ class Harness:
         return kill_marked(self.mark)
 
 
-@pytest.fixture
-def origin(tmp_path: Path) -> Path:
-    """An origin repository on ``main`` with one commit."""
-    repo = tmp_path / "origin"
-    repo.mkdir()
+def make_origin(repo: Path) -> Path:
+    """A git repository at ``repo`` on ``main`` with one commit (the fleet's ``repository``)."""
+    repo.mkdir(parents=True)
     git(repo, "init", "-q", "-b", "main")
     (repo / "README.md").write_text("# e2e project\n")
     git(repo, "add", "README.md")
     git(repo, "commit", "-q", "-m", "initial commit")
     return repo
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Path:
+    """An origin repository on ``main`` with one commit."""
+    return make_origin(tmp_path / "origin")
 
 
 @pytest.fixture

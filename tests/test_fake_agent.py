@@ -13,37 +13,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from conftest import clean_env, git, make_origin
 
 AGENT = Path(__file__).resolve().parent.parent / "scripts" / "fake-agent"
 ISSUE = 7
 TIMEOUT = 20
 
 
-def clean_env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GIT_", "FAKE_AGENT_", "AGENTIZE_"))
-    }
-
-
-def git(cwd: Path, *args: str) -> str:
-    argv = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args]
-    done = subprocess.run(
-        argv, cwd=cwd, env=clean_env(), capture_output=True, text=True, check=True, timeout=TIMEOUT
-    )
-    return done.stdout
-
-
 @pytest.fixture
 def worktree(tmp_path: Path) -> Path:
     """A bare clone NAME.git with the worktree trees/issue-7 on branch issue-7, as `wt` makes."""
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    git(origin, "init", "-q", "-b", "main")
-    (origin / "README.md").write_text("hello\n")
-    git(origin, "add", "README.md")
-    git(origin, "commit", "-q", "-m", "initial")
+    origin = make_origin(tmp_path / "origin")
     bare = tmp_path / "demo.git"
     git(tmp_path, "clone", "-q", "--bare", str(origin), str(bare))
     git(bare, "worktree", "add", "-q", "-b", f"issue-{ISSUE}", f"trees/issue-{ISSUE}", "main")
@@ -166,7 +146,7 @@ def test_finish_commits_and_exits_0(worktree: Path) -> None:
     assert out.count(f": working on issue #{ISSUE}") == 3
     assert "step 3/3: working on issue #7" in out
     assert out.rstrip().endswith("All tests passed (3/3)!")
-    assert subjects(worktree) == [f"issue {ISSUE}: implement", "initial"]
+    assert subjects(worktree) == [f"issue {ISSUE}: implement", "initial commit"]
     assert git(worktree, "status", "--porcelain") == ""
     work = (worktree / "fleet-work" / f"issue-{ISSUE}.txt").read_text().splitlines()
     assert len(work) == 4  # 3 steps + the implementation line
@@ -215,7 +195,7 @@ def test_crash_exit_code_and_plan_selection(worktree: Path) -> None:
     done = run_agent(worktree, "crash:3,finish", run=1)
     assert done.returncode == 3
     assert b"fake-agent: crashing with exit 3" in done.stderr
-    assert subjects(worktree) == ["initial"]
+    assert subjects(worktree) == ["initial commit"]
     assert run_agent(worktree, "crash", run=1).returncode == 1
     assert run_agent(worktree, "crash:3,finish", run=2).returncode == 0
 
@@ -238,7 +218,7 @@ def test_stderr_modifier_and_sleep(worktree: Path) -> None:
     assert time.monotonic() - began >= 0.3
     assert done.returncode == 0
     assert done.stderr.decode().splitlines() == ["step 1/2 (stderr)", "step 2/2 (stderr)"]
-    assert subjects(worktree) == ["initial"]
+    assert subjects(worktree) == ["initial commit"]
 
 
 def test_bad_plans_and_not_a_repository(worktree: Path, tmp_path: Path) -> None:
@@ -260,7 +240,7 @@ def test_bad_plans_and_not_a_repository(worktree: Path, tmp_path: Path) -> None:
     done = run_agent(sub, "finish", env={"GIT_CEILING_DIRECTORIES": str(tmp_path)})
     assert done.returncode == 65
     assert b"not the top of a git work tree" in done.stderr
-    assert subjects(worktree) == ["initial"]
+    assert subjects(worktree) == ["initial commit"]
 
 
 def test_sigterm_kills_with_143(running: list[Running], worktree: Path) -> None:
@@ -303,7 +283,7 @@ def test_flood_prints_exact_lines(worktree: Path) -> None:
     assert all(len(line) == 100 and line.endswith(b"x\n") for line in flood)
     assert [int(line.split()[1][1:]) for line in flood] == list(range(1000))
     assert len(lines) == 1002  # the two header lines, no steps
-    assert subjects(worktree) == ["initial"]
+    assert subjects(worktree) == ["initial commit"]
     assert not (worktree / "fleet-work").exists()
 
 
@@ -379,7 +359,7 @@ def test_longline_without_newline(worktree: Path) -> None:
     done = run_agent(worktree, "longline:3000000+exit", "--steps", "0")
     assert done.returncode == 0
     assert done.stdout.endswith(b"]\n" + b"a" * size)  # right after the argv line, no newline
-    assert subjects(worktree) == ["initial"]
+    assert subjects(worktree) == ["initial commit"]
     done = run_agent(worktree, "longline:1000")  # then finishes
     assert done.returncode == 0
     assert b"a" * 1000 + b"All tests passed (3/3)!\n" in done.stdout

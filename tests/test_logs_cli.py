@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import make_origin, wait_for
 
 from supervisor import tail
 
@@ -183,17 +183,6 @@ def assert_per_worker_order(records: list[Record]) -> None:
 # -- a real fleet, followed while it runs -----------------------------------------------------
 
 
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args],
-        cwd=cwd,
-        env=clean_env(),
-        capture_output=True,
-        check=True,
-        timeout=TIMEOUT,
-    )
-
-
 FLEET_TOML = """\
 name = "logs-test"
 repository = "{origin}"
@@ -262,12 +251,7 @@ class LiveFleet:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFleet]:
     tmp = tmp_path_factory.mktemp("live")
-    origin = tmp / "origin"
-    origin.mkdir()
-    git(origin, "init", "-q", "-b", "main")
-    (origin / "README.md").write_text("# logs test\n")
-    git(origin, "add", "README.md")
-    git(origin, "commit", "-q", "-m", "initial commit")
+    origin = make_origin(tmp / "origin")
     state = tmp / "state"
     config = tmp / "fleet.toml"
     config.write_text(
