@@ -34,6 +34,18 @@ T = TypeVar("T")
 FLEET_TIMEOUT = 60.0
 
 
+# -- fixtures every module may use ---------------------------------------------------------
+
+# The real-sshd fixtures (tests/sshd.py), for the SSH test modules.
+from tests.sshd import client_key, closed_port, session_reaper, sshd, sshd2  # noqa: E402, F401
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio: asyncssh is asyncio-only."""
+    return "asyncio"
+
+
 # -- environment ----------------------------------------------------------------------------
 
 

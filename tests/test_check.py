@@ -12,19 +12,7 @@ import pytest
 
 from supervisor.check import CheckRow, check_machine, format_check_table
 from supervisor.hosts.ssh import SSHHost, SSHTarget
-from tests import sshd as machines
 from tests.sshd import SSHD, keygen
-
-# the fixtures this module uses
-client_key = machines.client_key
-sshd = machines.sshd
-sshd2 = machines.sshd2
-closed_port = machines.closed_port
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture

@@ -9,11 +9,6 @@ import pytest
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, choose_machine
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_choose_least_loaded_by_share_of_capacity() -> None:
     caps = {"local": 1, "a": 2, "b": 2}
     assert choose_machine({"local": 0, "a": 0, "b": 0}, caps, total_cap=5) == "local"

@@ -23,11 +23,6 @@ from supervisor.sources import (
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def issue(
     number: int, title: str = "", labels: tuple[str, ...] = (), state: str = "OPEN"
 ) -> dict[str, object]:

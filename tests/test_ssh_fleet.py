@@ -32,12 +32,6 @@ from conftest import MARK, ROOT, FleetRun, Harness, git, marked_processes, task,
 from tests import sshd as machines
 from tests.sshd import SSHD, SSHD_BINARY, keygen, session_processes
 
-# the fixtures this module uses
-client_key = machines.client_key
-sshd = machines.sshd
-sshd2 = machines.sshd2
-closed_port = machines.closed_port
-
 FLEET_TIMEOUT = 60.0
 STEP_LINE = re.compile(r"^step (\d+)/(\d+): working on issue #(\d+)$")
 PID_LINE = re.compile(r"^fake-agent: (?:grand-)?grandchild pid (\d+)$")

@@ -27,19 +27,7 @@ from supervisor.hosts.base import (
     RunSpec,
 )
 from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget, _LinkLost
-from tests import sshd as machines
 from tests.sshd import SSHD, keygen, known_hosts_line, session_processes
-
-# the fixtures this module uses
-client_key = machines.client_key
-sshd = machines.sshd
-session_reaper = machines.session_reaper
-closed_port = machines.closed_port
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
