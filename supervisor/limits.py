@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
@@ -111,6 +112,7 @@ __all__ = [
     "LimitDetector",
     "LimitHit",
     "LimitPatterns",
+    "OutputTail",
     "parse_reset_time",
 ]
 
@@ -205,6 +207,30 @@ def _compile(patterns: tuple[str, ...], kind: str) -> tuple[re.Pattern[str], ...
         except re.error as exc:
             raise ValueError(f"invalid {kind} limit pattern {pattern!r}: {exc}") from exc
     return tuple(compiled)
+
+
+class OutputTail:
+    """The last ``keep`` characters (give or take the batch at its start) of one output stream,
+    in whole lines: what an agent said last, which is where it says that a limit stopped it."""
+
+    def __init__(self, keep: int = 64 * 1024) -> None:
+        self.keep = keep
+        self._texts: deque[str] = deque()
+        self._size = 0
+
+    def add(self, lines: Sequence[str], text: str | None = None) -> None:
+        """Append a batch of lines (``text``: them joined by newlines, if at hand)."""
+        if not lines:
+            return
+        text = "\n".join(lines) if text is None else text
+        self._texts.append(text)
+        self._size += len(text)
+        while len(self._texts) > 1 and self._size - len(self._texts[0]) >= self.keep:
+            self._size -= len(self._texts.popleft())
+
+    def text(self) -> str:
+        """The kept lines joined by newlines ("" when the stream said nothing)."""
+        return "\n".join(self._texts)
 
 
 class LimitDetector:

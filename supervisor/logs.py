@@ -35,6 +35,7 @@ _encode: Callable[[str], str] = json.encoder.encode_basestring
 
 FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 1 << 20
+_IOV_MAX = 1024
 
 
 LOG_NAME = "fleet.jsonl"
@@ -104,13 +105,18 @@ class LineSplitter:
         else:
             complete = buf[:end]
             self._pending = buf[end + 1 :]
-            parts = complete.split(b"\n") if len(complete) > self.max_bytes else None
-            if parts is not None and max(map(len, parts)) > self.max_bytes:
-                for part in parts:
+            text = complete.decode("utf-8", "replace")
+            lines = text.split("\n")
+            # A line has at most as many characters as bytes (exactly as many when ASCII), so
+            # only a chunk with a line of more than max_bytes/4 characters needs the bytes.
+            if len(complete) > self.max_bytes and max(map(len, lines)) > (
+                self.max_bytes if text.isascii() else self.max_bytes // 4
+            ):
+                lines = []
+                for part in complete.split(b"\n"):
                     lines.extend(self._pieces(part, final=True))
             else:
-                self.text = complete.decode("utf-8", "replace")
-                lines = self.text.split("\n")
+                self.text = text
             self.offset += end + 1
         if len(self._pending) > self.max_bytes:
             self.text = None
@@ -139,6 +145,33 @@ class LineSplitter:
         rest, self._pending = self._pending, b""
         self.offset += len(rest)
         return [rest.decode("utf-8", "replace")]
+
+
+# -- record encoding ------------------------------------------------------------------------
+
+_RECORD_END = '"}\n'
+_LINE_KEY = ',"line":"'
+#: The bytes JSON strings escape: the control characters, the quote and the backslash.
+_ESCAPED_BYTES = bytes([*range(0x20), 0x22, 0x5C])
+
+
+def _escaped(lines: list[str], text: str) -> list[str]:
+    """``lines`` as JSON string contents (no quotes); ``text`` is them joined by newlines.
+
+    Most output needs no escaping at all; whether a batch does is one C pass over its UTF-8
+    bytes (all the escaped characters are ASCII, and UTF-8 never uses ASCII bytes inside a
+    multi-byte character): the batch is clean when deleting them removes only its newlines.
+    """
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) - len(raw.translate(None, _ESCAPED_BYTES)) == len(lines) - 1:
+        return lines
+    if "\\" not in text:
+        # One C call escapes the whole batch; with no backslash in it, every escaped newline
+        # is a line boundary.
+        pieces = _encode(text)[1:-1].split("\\n")
+        if len(pieces) == len(lines):
+            return pieces
+    return [_encode(line)[1:-1] for line in lines]
 
 
 # -- sinks ----------------------------------------------------------------------------------
@@ -245,31 +278,32 @@ class LogMux:
     ) -> None:
         """Record agent output lines (fast path).
 
+        ``text``, when given, is ``lines`` joined with newlines (the splitter has it already).
         The last record of the batch also carries ``off``, the byte offset in the run's
         ``stream`` file just after these lines.  Batches reach the file whole (one ``write``),
         so after a crash the last ``off`` in the log says exactly where a re-adopting
         supervisor must resume reading: nothing lost, nothing repeated.
+
+        The records of a batch differ only in ``seq`` and ``line``, so they are built with
+        one ``join`` over a list filled by slice assignments from C iterators, not with one
+        format call per line; and lines that hold nothing JSON escapes (checked for the whole
+        batch by one ``bytes.translate``) go in as they are.
         """
-        if not lines:
+        count = len(lines)
+        if not count:
             return
         now = time.time()
-        head = self._head(tag, stream, utc_timestamp(now))
+        head = self._head(tag, stream, utc_timestamp(now)) + '"seq":'
         seq = self._seq.get(tag.worker, 0)
-        last = len(lines)
-        joined = "\n".join(lines) if text is None else text
-        if "\\" not in joined:
-            # One C call escapes the whole batch; with no backslash in it, every escaped
-            # newline is a line boundary.  Then one %-format per line, driven from C by map().
-            pieces = _encode(joined)[1:-1].split("\\n")
-        else:
-            pieces = [_encode(line)[1:-1] for line in lines]
-        template = head.replace("%", "%%") + '"seq":%d,"line":"%s"}\n'
-        numbered = zip(range(seq + 1, seq + last), pieces[:-1], strict=True)
-        body = "".join(map(template.__mod__, numbered))
-        body += f'{head}"seq":{seq + last},"off":{end_offset},"line":"{pieces[-1]}"}}\n'
-        self._seq[tag.worker] = seq + last
+        parts = [_RECORD_END + head] * (4 * count)
+        parts[0::4] = map(str, range(seq + 1, seq + count + 1))
+        parts[1::4] = [_LINE_KEY] * count
+        parts[2::4] = _escaped(lines, "\n".join(lines) if text is None else text)
+        parts[-4] = f'{seq + count},"off":{end_offset}'
+        parts[-1] = _RECORD_END
+        self._seq[tag.worker] = seq + count
         self.last_output[tag.worker] = now
-        self._append([body], last)
+        self._append([head + "".join(parts)], count)
         if self._console is not None:
             self._console_pending.append(self._console.render(tag.worker, tag.task, stream, lines))
 
@@ -320,13 +354,13 @@ class LogMux:
             size = self._size
             for batch in batches:
                 if self.rotate_bytes and size and size + len(batch) > self.rotate_bytes:
-                    self._write(b"".join(group))
-                    group.clear()
+                    self._write(group)
+                    group = []
                     self._rotate()
                     size = 0
                 group.append(batch)
                 size += len(batch)
-            self._write(b"".join(group))
+            self._write(group)
         if self._console_pending and self._console is not None:
             try:
                 self._console.out.write("".join(self._console_pending))
@@ -345,12 +379,17 @@ class LogMux:
             await anyio.sleep(interval)
             self.flush()
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:  # one write() for a regular file unless the disk is full
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._size += len(data)
+    def _write(self, batches: list[bytes]) -> None:
+        """Append whole batches with one ``writev`` (no copy into one buffer first)."""
+        if not batches:
+            return
+        total = sum(map(len, batches))
+        written = os.writev(self._fd, batches) if len(batches) <= _IOV_MAX else 0
+        if written < total:  # a full disk or a signal; a regular file takes it all otherwise
+            view = memoryview(b"".join(batches))[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
+        self._size += total
 
     def _rotate(self) -> None:
         """``fleet.jsonl`` → ``fleet.jsonl.N`` (N = 1, 2, … oldest first), then a new file.

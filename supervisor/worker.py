@@ -14,7 +14,7 @@ import re
 import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from supervisor.hosts.base import (
     Stream,
 )
 from supervisor.lifecycle import WorkerState, advance
-from supervisor.limits import LimitDetector, LimitHit, LimitPatterns
+from supervisor.limits import LimitDetector, LimitHit, LimitPatterns, OutputTail
 from supervisor.logs import LineSplitter, LogMux, Tag
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
@@ -562,27 +562,37 @@ class Worker:
     async def _pump(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> None:
         max_bytes = self.fleet.config.max_line_bytes
         splitters = {s: LineSplitter(max_bytes, offsets.get(s, 0)) for s in STREAMS}
+        tails = {s: OutputTail() for s in STREAMS}
         mux = self.fleet.mux
         tag = self.tag
-        limits = self._limits
         async for chunk in handle.output(offsets):
             splitter = splitters[chunk.stream]
             lines = splitter.feed(chunk.data)
             if lines:
                 mux.output(tag, chunk.stream, lines, splitter.offset, splitter.text)
-                self._scan(lines, limits, splitter.text)
+                tails[chunk.stream].add(lines, splitter.text)
         for stream, splitter in splitters.items():
             rest = splitter.finish()
             if rest:
                 mux.output(tag, stream, rest, splitter.offset)
-                self._scan(rest, limits)
+                tails[stream].add(rest)
+        self._scan(tails.values())
 
-    def _scan(self, lines: list[str], limits: LimitDetector, text: str | None = None) -> None:
-        if self._limit_hit is not None and self._limit_hit.kind == "usage":
-            return
-        hit = limits.feed_batch(lines, time.time(), text)
-        if hit is not None and (self._limit_hit is None or hit.kind == "usage"):
-            self._limit_hit = hit
+    def _scan(self, tails: Iterable[OutputTail]) -> None:
+        """Why did the run end: look for a usage or rate limit in the last output it printed.
+
+        Only the tail of each stream counts (:class:`OutputTail`): an agent stopped by a limit
+        says so last, while a limit message far earlier in the output (a test log, a file the
+        agent printed) says nothing about this exit -- and scanning every line of an agent
+        printing a million lines a second would cost more than logging them.
+        """
+        found: LimitHit | None = None
+        for tail in tails:
+            text = tail.text()
+            hit = self._limits.feed_batch(text.split("\n"), time.time(), text) if text else None
+            if hit is not None and (found is None or hit.kind == "usage"):
+                found = hit
+        self._limit_hit = found
 
     async def _stop_when_asked(self, handle: RunHandle, scope: anyio.CancelScope) -> None:
         stop = self.fleet.stop

@@ -1,9 +1,20 @@
-"""Wake-ups when a run directory changes, from one inotify(7) instance per local host.
+"""Wake-ups when a run directory changes, from inotify(7), shared by all runs of a local host.
 
 The local host reads each run's output files in-process.  Polling them costs CPU for every idle
-agent, every poll; inotify costs nothing until a file changes.  One inotify instance serves all
-runs (the kernel allows only 128 instances per user by default, far fewer than a fleet's runs),
-with one watch per run directory.
+agent, every poll; inotify costs nothing until a file changes.  The watches of all runs share
+two inotify instances (the kernel allows only 128 per user by default, far fewer than a fleet's
+runs), behind one epoll descriptor that the event loop waits on:
+
+- one watches each run *directory* for files that appear or are closed (``pid``, ``exit``);
+  its events carry file names and are few;
+- one watches each run's *output files* for writes.  An agent printing line by line makes one
+  event per line -- hundreds of thousands a second -- so these events must cost next to
+  nothing: a watch on a file (not on its directory) yields bare 16-byte events without a name,
+  so a whole read of them is decoded at once (``memoryview.cast``) into the set of files that
+  changed, instead of one Python-level unpack per event.
+
+An overflow of either queue (``IN_Q_OVERFLOW``: events were dropped) wakes every waiter, so a
+dropped event never leaves a reader asleep while its file grows.
 
 No background task is needed: whichever waiter finds nobody reading becomes the reader, drains
 the events and wakes the waiters whose directories changed.  When it steps down it hands the
@@ -18,7 +29,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import struct
+from collections.abc import Iterable
 
 import anyio
 
@@ -26,15 +39,17 @@ IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
-_MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
+_DIR_MASK = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
 _EVENT = struct.Struct("iIII")
+_OVERFLOW_WD = -1  # the wd of an IN_Q_OVERFLOW event
 
 
 class DirWatcher:
-    """One inotify instance; :meth:`add` a directory, then :meth:`wait` for it to change."""
+    """Watches run directories: :meth:`add` one, then :meth:`wait` for it to change."""
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -42,29 +57,61 @@ class DirWatcher:
         self._add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._rm_watch = libc.inotify_rm_watch
         self._rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.fd: int = fd
+        self._fds: list[int] = []
+        self._poll = select.epoll()
+        try:
+            for _ in range(2):
+                fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+                if fd < 0:
+                    raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+                self._fds.append(fd)
+                self._poll.register(fd, select.EPOLLIN)
+        except OSError:
+            self.close()
+            raise
+        self._dir_fd, self._file_fd = self._fds
+        #: The descriptor the event loop waits on: readable when either instance has events.
+        self.fd: int = self._poll.fileno()
         self._changed: dict[int, bool] = {}
+        self._files: dict[int, list[int]] = {}  # directory wd -> its file watches
+        self._dir_of_file: dict[int, int] = {}  # file wd -> directory wd
         self._waiting: dict[int, anyio.Event] = {}
         self._reading = False
 
-    def add(self, directory: str) -> int:
-        """Watch ``directory``; returns the watch descriptor to :meth:`wait` on."""
-        wd = int(self._add_watch(self.fd, os.fsencode(directory), _MASK))
+    def _watch(self, fd: int, path: str, mask: int) -> int:
+        wd = int(self._add_watch(fd, os.fsencode(path), mask))
         if wd < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory} failed")
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path} failed")
+        return wd
+
+    def add(self, directory: str, files: Iterable[str] = ()) -> int:
+        """Watch ``directory`` and the writes to its ``files``; returns the watch descriptor
+        to :meth:`wait` on.  Writes to other files of the directory do not wake anyone."""
+        wd = self._watch(self._dir_fd, directory, _DIR_MASK)
         self._changed[wd] = False
+        self._files[wd] = watches = []
+        try:
+            for name in files:
+                file_wd = self._watch(self._file_fd, os.path.join(directory, name), IN_MODIFY)
+                watches.append(file_wd)
+                self._dir_of_file[file_wd] = wd
+        except OSError:
+            self.remove(wd)
+            raise
         return wd
 
     def remove(self, wd: int) -> None:
         if self._changed.pop(wd, None) is not None:
-            self._rm_watch(self.fd, wd)
+            self._rm_watch(self._dir_fd, wd)
+        for file_wd in self._files.pop(wd, []):
+            if self._dir_of_file.pop(file_wd, None) is not None:
+                self._rm_watch(self._file_fd, file_wd)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._poll.close()
 
     async def wait(self, wd: int, timeout: float) -> None:
         """Return when the directory of ``wd`` changed since the last wait, or after ``timeout``."""
@@ -87,21 +134,43 @@ class DirWatcher:
         if wd in self._changed:
             self._changed[wd] = False
 
+    def _mark(self, wd: int) -> None:
+        if self._changed.get(wd, True):
+            return  # not watched, or already marked (and its waiter woken)
+        self._changed[wd] = True
+        woken = self._waiting.get(wd)
+        if woken is not None:
+            woken.set()
+
+    def _mark_all(self) -> None:
+        for wd in list(self._changed):
+            self._mark(wd)
+
     def _drain(self) -> None:
-        while True:
+        dir_of_file = self._dir_of_file
+        while True:  # file watches: bare 16-byte events, the wd first
             try:
-                data = os.read(self.fd, 65536)
+                data = os.read(self._file_fd, 65536)
+            except BlockingIOError:
+                break
+            for file_wd in set(memoryview(data).cast("i")[0::4]):
+                if file_wd == _OVERFLOW_WD:
+                    self._mark_all()
+                elif (wd := dir_of_file.get(file_wd)) is not None:
+                    self._mark(wd)
+        while True:  # directory watches: events with names
+            try:
+                data = os.read(self._dir_fd, 65536)
             except BlockingIOError:
                 return
             offset = 0
             while offset + _EVENT.size <= len(data):
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
                 offset += _EVENT.size + length
-                if wd in self._changed and not mask & IN_IGNORED:
-                    self._changed[wd] = True
-                    woken = self._waiting.get(wd)
-                    if woken is not None:
-                        woken.set()
+                if mask & IN_Q_OVERFLOW:
+                    self._mark_all()
+                elif not mask & IN_IGNORED:
+                    self._mark(wd)
 
     def _hand_over(self, me: int) -> None:
         """Wake one waiter that still waits (its directory unchanged) to read in our place."""

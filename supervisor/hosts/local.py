@@ -222,7 +222,7 @@ class LocalRunHandle(RunHandle):
         wd: int | None = None
         if watcher is not None:
             with contextlib.suppress(OSError):
-                wd = watcher.add(self.identity.run_dir)
+                wd = watcher.add(self.identity.run_dir, STREAMS)
         try:
             position = {s: start.get(s, 0) for s in STREAMS}
             for stream, handle in files.items():
