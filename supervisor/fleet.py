@@ -34,7 +34,14 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.local import LocalHost, use_pidfd_child_watcher
 from supervisor.lifecycle import WorkerState
-from supervisor.logs import ConsoleRenderer, LogMux, Tag, log_files, route_structlog
+from supervisor.logs import (
+    ConsoleRenderer,
+    LogMux,
+    Tag,
+    lines_containing,
+    log_files,
+    route_structlog,
+)
 from supervisor.rundir import socket_path, unfinished_runs
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
@@ -675,30 +682,25 @@ def last_offsets(run_path: Path, worker: str, run: int) -> tuple[dict[Stream, in
     stream, and the worker's last ``seq``.  Rotated segments are read too, oldest first."""
     offsets: dict[Stream, int] = {}
     seq = 0
-    needle = f'"worker":{json.dumps(worker)},'
-    for path in log_files(run_path):
-        with contextlib.suppress(OSError), open(path, "rb") as handle:
-            for raw in handle:
-                if not raw.endswith(b"\n"):
-                    break  # a half-written last line: never reached the log
-                line = raw.decode("utf-8", "replace")
-                if needle not in line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                seq = max(seq, int(record.get("seq") or 0))
-                stream = record.get("stream")
-                if record.get("run") != run:
-                    continue
-                if "off" in record and stream in ("stdout", "stderr"):
-                    offsets[stream] = int(record["off"])
-                elif record.get("event") == "adopted" and isinstance(record.get("offsets"), dict):
-                    # adopted earlier, by a fleet that then died before logging a new line
-                    for name, value in record["offsets"].items():
-                        if name in ("stdout", "stderr"):
-                            offsets[name] = int(value)
+    needle = f'"worker":{json.dumps(worker)},'.encode()
+    for _, raw in lines_containing(log_files(run_path), [needle]):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if record.get("worker") != worker:
+            continue
+        seq = max(seq, int(record.get("seq") or 0))
+        stream = record.get("stream")
+        if record.get("run") != run:
+            continue
+        if "off" in record and stream in ("stdout", "stderr"):
+            offsets[stream] = int(record["off"])
+        elif record.get("event") == "adopted" and isinstance(record.get("offsets"), dict):
+            # adopted earlier, by a fleet that then died before logging a new line
+            for name, value in record["offsets"].items():
+                if name in ("stdout", "stderr"):
+                    offsets[name] = int(value)
     return offsets, seq
 
 

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ _encode: Callable[[str], str] = json.encoder.encode_basestring
 
 FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 1 << 20
+_SEARCH_BLOCK = 4 << 20
 _IOV_MAX = 1024
 
 
@@ -60,6 +61,36 @@ def rotated_segments(run_dir: Path) -> list[tuple[int, Path]]:
 def log_files(run_dir: Path) -> list[Path]:
     """Every file of a run's log, in the order its records were written."""
     return [path for _, path in rotated_segments(run_dir)] + [run_dir / LOG_NAME]
+
+
+def lines_containing(
+    paths: Iterable[Path], needles: Sequence[bytes]
+) -> Iterator[tuple[int, bytes]]:
+    """``(i, line)`` for every whole line of ``paths`` (in order) that contains ``needles[i]``.
+
+    A log can hold gigabytes of output records, of which a reader (the report, orphan
+    adoption) wants a handful: blocks are searched with ``bytes.find`` rather than read line by
+    line.  A line that contains several needles is yielded once per needle; within one needle
+    the lines come in file order.  A last line without its newline was never finished: skipped.
+    """
+    for path in paths:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115
+        except OSError:
+            continue
+        with handle:
+            rest = b""
+            while block := handle.read(_SEARCH_BLOCK):
+                data = rest + block if rest else block
+                cut = data.rfind(b"\n") + 1
+                data, rest = data[:cut], data[cut:]
+                for index, needle in enumerate(needles):
+                    at = data.find(needle)
+                    while at >= 0:
+                        start = data.rfind(b"\n", 0, at) + 1
+                        end = data.find(b"\n", at) + 1
+                        yield index, data[start:end]
+                        at = data.find(needle, end)
 
 
 def utc_timestamp(now: float | None = None) -> str:

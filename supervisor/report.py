@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from supervisor.hosts.base import Host
-from supervisor.logs import log_files
+from supervisor.logs import lines_containing, log_files
 
 TAIL_LINES = 20
 COLLECT_CONCURRENCY = 8
@@ -32,38 +32,29 @@ COLLECT_CONCURRENCY = 8
 
 def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]:
     """The last lines of output of run ``runs[worker]`` of each worker, from the JSONL."""
-    tails: dict[str, deque[str]] = {w: deque(maxlen=TAIL_LINES) for w in runs}
-    if not runs:
-        return {}
-    needles = [f'"worker":{json.dumps(w)},' for w in runs]
-    for path in log_files(run_dir):
-        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
-            for raw in f:
-                if '"stream":"fleet"' in raw or not raw.endswith("\n"):
-                    continue
-                if not any(needle in raw for needle in needles):
-                    continue
-                try:
-                    record = json.loads(raw)
-                except ValueError:
-                    continue
-                worker = record.get("worker")
-                if worker in tails and record.get("run") == runs[worker]:
-                    tails[worker].append(str(record.get("line", "")))
+    workers = list(runs)
+    tails: dict[str, deque[str]] = {w: deque(maxlen=TAIL_LINES) for w in workers}
+    needles = [f'"worker":{json.dumps(w)},'.encode() for w in workers]
+    for index, raw in lines_containing(log_files(run_dir), needles):
+        if b'"stream":"fleet"' in raw:
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        worker = workers[index]
+        if record.get("worker") == worker and record.get("run") == runs[worker]:
+            tails[worker].append(str(record.get("line", "")))
     return {w: list(lines) for w, lines in tails.items()}
 
 
 def crashed_runs(run_dir: Path) -> dict[str, int]:
     """The last run of each worker that crashed, from the ``crashed`` events."""
     found: dict[str, int] = {}
-    for path in log_files(run_dir):
-        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
-            for raw in f:
-                if '"event":"crashed"' not in raw:
-                    continue
-                with contextlib.suppress(ValueError):
-                    record = json.loads(raw)
-                    found[str(record["worker"])] = int(record["run"])
+    for _, raw in lines_containing(log_files(run_dir), [b'"event":"crashed"']):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            record = json.loads(raw)
+            found[str(record["worker"])] = int(record["run"])
     return found
 
 
