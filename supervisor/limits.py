@@ -224,9 +224,10 @@ class OutputTail:
             return
         text = "\n".join(lines) if text is None else text
         self._texts.append(text)
-        self._size += len(text)
-        while len(self._texts) > 1 and self._size - len(self._texts[0]) >= self.keep:
-            self._size -= len(self._texts.popleft())
+        self._size += len(text) + 1  # each with its joining newline: len(text()) + 1
+        # Drop the oldest batch while the others still say at least ``keep`` characters.
+        while len(self._texts) > 1 and self._size - len(self._texts[0]) - 2 >= self.keep:
+            self._size -= len(self._texts.popleft()) + 1
 
     def text(self) -> str:
         """The kept lines joined by newlines ("" when the stream said nothing)."""

@@ -73,6 +73,8 @@ def lines_containing(
     line.  A line that contains several needles is yielded once per needle; within one needle
     the lines come in file order.  A last line without its newline was never finished: skipped.
     """
+    if not all(needles):
+        raise ValueError("lines_containing: an empty needle matches everywhere")
     for path in paths:
         try:
             handle = open(path, "rb")  # noqa: SIM115

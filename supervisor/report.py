@@ -75,12 +75,44 @@ for ws in "$@"; do
 done
 """
 
+# Before that, one git process per clone says which worktrees are still where ``base`` is
+# (most, in a fleet that just started; they have no commits to list).
+_HEADS = r"""
+base=$1
+shift
+for clone in "$@"; do
+    printf '\036%s\n' "$(git -C "$clone" rev-parse --verify --quiet "$base^{commit}")"
+    git -C "$clone" worktree list --porcelain 2>/dev/null
+done
+"""
+
+
+def _unmoved(listing: str) -> set[str]:
+    """The worktrees whose HEAD is the base commit, from the output of :data:`_HEADS`."""
+    unmoved: set[str] = set()
+    for block in listing.split("\036")[1:]:
+        base, _, porcelain = block.partition("\n")
+        if not base:
+            continue
+        path = ""
+        for line in porcelain.splitlines():
+            if line.startswith("worktree "):
+                path = line[len("worktree ") :]
+            elif line == f"HEAD {base}" and path:
+                unmoved.add(path)
+    return unmoved
+
 
 async def _branch_commits(host: Host, workspaces: Sequence[str], base: str) -> dict[str, list[str]]:
     """The commits made on each worktree's branch since ``base``, by worktree path."""
     found: dict[str, list[str]] = {}
-    for start in range(0, len(workspaces), 200):  # keep the argument list short
-        part = list(workspaces[start : start + 200])
+    clones = sorted({ws.rsplit("/trees/", 1)[0] for ws in workspaces if "/trees/" in ws})
+    heads = await host.run(["sh", "-c", _HEADS, "sh", base, *clones], check=False, timeout=120)
+    unmoved = _unmoved(heads.stdout)
+    moved = [ws for ws in workspaces if ws not in unmoved]
+    found.update((ws, []) for ws in workspaces if ws in unmoved)
+    for start in range(0, len(moved), 200):  # keep the argument list short
+        part = list(moved[start : start + 200])
         result = await host.run(["sh", "-c", _COMMITS, "sh", base, *part], check=False,
                                 timeout=120)
         for block in result.stdout.split("\036")[1:]:

@@ -14,6 +14,7 @@ same code prepares local and remote machines.
 from __future__ import annotations
 
 import posixpath
+import random
 import re
 from dataclasses import dataclass
 
@@ -22,11 +23,23 @@ import anyio
 from supervisor.hosts.base import CommandFailed, CommandResult, Host
 
 _locks: dict[tuple[str, str], anyio.Lock] = {}
+_adders: dict[tuple[str, str], anyio.Semaphore] = {}
+
+#: ``git worktree add`` at once per clone.  Each one reads every registered worktree (git
+#: 2.39: ~10 syscalls per worktree), and one that reads a worktree another is still writing
+#: fails ("failed to read worktrees/X/commondir"): a few at a time overlap the git processes'
+#: start-up without making that race frequent.
+ADDS_PER_CLONE = 4
+ADD_ATTEMPTS = 8
 
 
 def _lock(host: Host, clone: str) -> anyio.Lock:
     """Git does not like two ``worktree add`` at once in one repository: one at a time."""
     return _locks.setdefault((host.name, clone), anyio.Lock())
+
+
+def _adder(host: Host, clone: str) -> anyio.Semaphore:
+    return _adders.setdefault((host.name, clone), anyio.Semaphore(ADDS_PER_CLONE))
 
 
 def slugify(title: str, max_length: int = 40) -> str:
@@ -116,8 +129,10 @@ async def ensure_worktree(clone: Clone, name: str) -> str:
     """The task's worktree ``trees/NAME`` on branch ``NAME``: re-used if it exists.
 
     Worktrees of different branches can be added concurrently (git locks each new worktree and
-    ref on its own), so tasks starting together do not queue behind one another; a failure that
-    a stale registration explains is retried after ``git worktree prune``.
+    ref on its own), a few at a time per clone (:data:`ADDS_PER_CLONE`), so tasks starting
+    together do not queue behind one another.  A failed add is retried with a growing,
+    jittered delay: git fails an add that reads a worktree registration another add is still
+    writing, and a stale registration (removed by hand) is cleared by ``git worktree prune``.
     """
     host = clone.host
     path = clone.tree(name)
@@ -125,17 +140,20 @@ async def ensure_worktree(clone: Clone, name: str) -> str:
         return path
     last: CommandResult | None = None
     argv: list[str] = []
-    for attempt in range(3):
-        argv = ["git", "worktree", "add", "--quiet", "-b", name, path, clone.default_branch]
-        last = await host.run(argv, cwd=clone.path, check=False, timeout=600.0)
-        if last.exit_code != 0 and "already exists" in last.stderr and "branch" in last.stderr:
-            # The branch survived its worktree (removed by hand, or a crash): re-attach it.
-            argv = ["git", "worktree", "add", "--quiet", path, name]
+    for attempt in range(ADD_ATTEMPTS):
+        async with _adder(host, clone.path):
+            argv = ["git", "worktree", "add", "--quiet", "-b", name, path, clone.default_branch]
             last = await host.run(argv, cwd=clone.path, check=False, timeout=600.0)
+            if last.exit_code != 0 and "already exists" in last.stderr and "branch" in last.stderr:
+                # The branch survived its worktree (an add that failed after making it, a
+                # worktree removed by hand, a crash): attach it again.
+                argv = ["git", "worktree", "add", "--quiet", path, name]
+                last = await host.run(argv, cwd=clone.path, check=False, timeout=600.0)
         if last.exit_code == 0 or await host.exists(posixpath.join(path, ".git")):
             return path
-        async with _lock(host, clone.path):
-            await _git(host, "worktree", "prune", cwd=clone.path, check=False)
-        await anyio.sleep(0.1 * (attempt + 1))
+        if "failed to read" not in last.stderr:
+            async with _lock(host, clone.path):
+                await _git(host, "worktree", "prune", cwd=clone.path, check=False)
+        await anyio.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     assert last is not None
     raise CommandFailed(host.name, argv, last)

@@ -86,7 +86,8 @@ class DirWatcher:
 
     def add(self, directory: str, files: Iterable[str] = ()) -> int:
         """Watch ``directory`` and the writes to its ``files``; returns the watch descriptor
-        to :meth:`wait` on.  Writes to other files of the directory do not wake anyone."""
+        to :meth:`wait` on.  A file that appears in the directory, or is closed after writing,
+        wakes the waiter too; writes to other files through a descriptor kept open do not."""
         wd = self._watch(self._dir_fd, directory, _DIR_MASK)
         self._changed[wd] = False
         self._files[wd] = watches = []
@@ -131,6 +132,10 @@ class DirWatcher:
                         self._hand_over(wd)
         finally:
             self._waiting.pop(wd, None)
+            if not self._reading:
+                # We may have been handed the reading and be leaving without it (a timeout or
+                # a cancellation came first): pass it on, or nobody would read any more.
+                self._hand_over(wd)
         if wd in self._changed:
             self._changed[wd] = False
 
