@@ -26,6 +26,7 @@ import anyio.abc
 from supervisor import control, report
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
+    STOP_WATCHDOG,
     Host,
     HostAuthError,
     HostError,
@@ -437,6 +438,7 @@ class Fleet:
                     if self.watch is not None:
                         workers.start_soon(self._watch_source)
                 self._workers_tg = None
+                await self._dismiss_watchdogs()
                 services.cancel_scope.cancel()
             summary = self._summary()
             with anyio.move_on_after(REPORT_TIMEOUT, shield=True):
@@ -447,6 +449,19 @@ class Fleet:
                     with contextlib.suppress(Exception):
                         await host.aclose()
         return self._finish(summary)
+
+    async def _dismiss_watchdogs(self) -> None:
+        """Every worker is done: end the machines' lease watchdogs now (each checks first that
+        no run it guards is left) instead of letting them linger until their next look."""
+        if not self.config.lease_timeout:
+            return
+        for machine, root in self._roots.items():
+            host = self.hosts.get(machine)
+            if host is None:
+                continue
+            lease = posixpath.join(root, "lease")
+            with contextlib.suppress(Exception):
+                await host.run(["sh", "-c", STOP_WATCHDOG, "sh", lease], check=False, timeout=10)
 
     async def _watch_source(self) -> None:
         """``--watch``: re-read the task source every poll interval and queue new tasks."""

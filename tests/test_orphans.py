@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import Harness, task
 from fleet_helpers import (
@@ -220,6 +221,30 @@ def test_the_lease_watchdog_stops_runs_of_a_dead_supervisor(fleet: Harness) -> N
     assert len(grand) == 2, grand
     pids = [w["pid"] for w in orphans.values()] + grand
 
+    # One watchdog guards both runs (named in LEASE.dog), not one per run: a run start costs
+    # no extra process.  A second one started together with it leaves after its first look.
+    (lease,) = {w["lease_path"] for w in orphans.values()}
+    dog_pid = int(Path(f"{lease}.dog").read_text().split()[0])
+    assert alive(dog_pid)
+    assert set(Path(f"{lease}.runs").read_text().split()) == {
+        w["run_dir"] for w in orphans.values()
+    }
+
+    def runner_processes() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if any("runner.sh" in part for part in p.info["cmdline"] or [])
+            and str(run_dir) in " ".join(p.info["cmdline"] or [])
+        ]
+
+    wait_for(
+        lambda: len(runner_processes()) == len(orphans) + 1,
+        5,
+        "the run wrappers and exactly one watchdog",
+    )
+    assert dog_pid in runner_processes()
+
     # Nobody renews the lease now; the runs live on a little ...
     time.sleep(1.0)
     assert all(alive(p) for p in pids), "the runs died at once: not the watchdog's doing"
@@ -239,6 +264,7 @@ def test_the_lease_watchdog_stops_runs_of_a_dead_supervisor(fleet: Harness) -> N
         note = Path(row["run_dir"], "note").read_text()
         assert "not renewed" in note, note
         assert Path(row["run_dir"], "exit").read_text().strip() == str(128 + signal.SIGTERM)
+    wait_for(lambda: not alive(dog_pid), 10, "the watchdog to leave after stopping the runs")
 
     # The dead fleet shows as such.
     runs = cli(fleet, config, "runs")

@@ -36,6 +36,23 @@ KILL_SETTLE = 5.0  # after SIGKILL, how long to wait for the wrapper to record t
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 
+#: Ends the lease watchdog of ``runner.sh`` (argument: the lease file) once every run it guards
+#: has ended, rather than at its next look, up to a third of the lease timeout later.  A run
+#: still going (on a machine the fleet lost, say) keeps it.
+STOP_WATCHDOG = r"""
+while read -r rd; do
+    [ -e "$rd/exit" ] || exit 0
+done <"$1.runs"
+read -r pid ticks <"$1.dog" || exit 0
+read -r st <"/proc/$pid/stat" || exit 0
+f() { t=${20}; }
+set -f
+f ${st##*) }
+[ "$t" = "$ticks" ] && kill "$pid"
+exit 0
+"""
+
+
 def runner_path() -> Path:
     """The run wrapper shipped with the package (``supervisor/runner.sh``)."""
     return Path(str(resources.files("supervisor").joinpath("runner.sh")))

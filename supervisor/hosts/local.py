@@ -101,10 +101,21 @@ def read_pid_file(path: str) -> tuple[int, int] | None:
 
 
 def read_exit_file(run_dir: str) -> int | None:
+    """The run's exit status, once the wrapper has written all of it (the output loop asks
+    after every read, so this is plain ``os`` calls, no pathlib)."""
     try:
-        text = Path(run_dir, "exit").read_text()
-        return int(text) if text.endswith("\n") else None
-    except (OSError, ValueError):
+        fd = os.open(os.path.join(run_dir, "exit"), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 64)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return int(text) if text.endswith(b"\n") else None
+    except ValueError:
         return None
 
 
