@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import structlog
 
 from supervisor import policy
 from supervisor.config import FleetConfig, TaskConfig
@@ -211,6 +212,8 @@ class Worker:
             )
         )
         self._limit_hit: LimitHit | None = None
+        self._logger: structlog.typing.FilteringBoundLogger | None = None
+        self._logger_tag: Tag | None = None
         self._restart_requested = False
         self._current: RunHandle | None = None
 
@@ -226,7 +229,10 @@ class Worker:
         return Tag(self.name, self.task.issue, self.status.machine or "-", self.status.run)
 
     def log(self, event: str, message: str, **fields: Any) -> None:
-        self.fleet.mux.logger(self.tag).info(event, msg=message, **fields)
+        tag = self.tag
+        if self._logger is None or self._logger_tag != tag:
+            self._logger, self._logger_tag = self.fleet.mux.logger(tag), tag
+        self._logger.info(event, msg=message, **fields)
 
     def _set(self, state: WorkerState, reason: str = "") -> None:
         self.status.state = advance(self.status.state, state)

@@ -88,33 +88,39 @@ def read_start_ticks(pid: int) -> int | None:
         return None
 
 
-def read_pid_file(path: str) -> tuple[int, int] | None:
-    """``(pid, start_ticks)`` from a wrapper's ``pid`` file, or None if not (yet) there."""
+def _read_small(path: str) -> bytes | None:
+    """A few bytes the wrapper wrote (plain ``os`` calls: asked after every read and start)."""
     try:
-        text = Path(path).read_text()
-        pid_text, ticks_text = text.split()
-        if not text.endswith("\n"):
-            return None  # still being written
-        return int(pid_text), int(ticks_text)
-    except (OSError, ValueError):
-        return None
-
-
-def read_exit_file(run_dir: str) -> int | None:
-    """The run's exit status, once the wrapper has written all of it (the output loop asks
-    after every read, so this is plain ``os`` calls, no pathlib)."""
-    try:
-        fd = os.open(os.path.join(run_dir, "exit"), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        text = os.read(fd, 64)
+        return os.read(fd, 256)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def read_pid_file(path: str) -> tuple[int, int] | None:
+    """``(pid, start_ticks)`` from a wrapper's ``pid`` file, or None if not (yet) there."""
+    data = _read_small(path)
+    if data is None or not data.endswith(b"\n"):
+        return None  # not there, or still being written
     try:
-        return int(text) if text.endswith(b"\n") else None
+        pid_text, ticks_text = data.split()
+        return int(pid_text), int(ticks_text)
+    except ValueError:
+        return None
+
+
+def read_exit_file(run_dir: str) -> int | None:
+    """The run's exit status, once the wrapper has written all of it."""
+    data = _read_small(os.path.join(run_dir, "exit"))
+    if data is None or not data.endswith(b"\n"):
+        return None
+    try:
+        return int(data)
     except ValueError:
         return None
 
@@ -357,7 +363,7 @@ class LocalHost(Host):
 
     async def start(self, spec: RunSpec) -> RunHandle:
         run_dir = Path(spec.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(spec.run_dir, exist_ok=True)
         await self.touch_lease(spec.lease_path)
         argv = [
             "sh",
