@@ -22,9 +22,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 ENV_PREFIX = "AGENTIZE_FLEET_"
@@ -159,8 +159,10 @@ class SSHMachineConfig(_Strict):
     unreachable_after: Annotated[float, Field(gt=0)] = 120.0
 
 
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
-    "agentize_fleet_config_file", default=None
+# The config file's parsed TOML while :func:`load_config` builds the config (parsed once: a
+# thousand ``[[tasks]]`` take pure-Python tomllib a while).
+_config_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "agentize_fleet_config_data", default=None
 )
 
 
@@ -260,10 +262,10 @@ class FleetConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = _config_file.get()
+        data = _config_data.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        if data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
 
     # -- resolved views -------------------------------------------------------------------
@@ -348,12 +350,12 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         raise ConfigError(f"config file {file} does not exist; fix: {hint}.")
     try:
         with file.open("rb") as handle:
-            tomllib.load(handle)
+            data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}; fix the syntax at that line.") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot be read: {exc.strerror}.") from None
-    token = _config_file.set(file)
+    token = _config_data.set(data)
     try:
         clean = {k: v for k, v in overrides.items() if v is not None}
         config = FleetConfig(**clean)
@@ -363,7 +365,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     except ValueError as exc:  # a malformed env override (e.g. bad JSON) lands here
         raise ConfigError(f"{file}: invalid config: {exc}.") from None
     finally:
-        _config_file.reset(token)
+        _config_data.reset(token)
     config.base_dir = file.resolve().parent
     config.source_file = file
     return config

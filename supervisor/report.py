@@ -48,16 +48,6 @@ def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]
     return {w: list(lines) for w, lines in tails.items()}
 
 
-def crashed_runs(run_dir: Path) -> dict[str, int]:
-    """The last run of each worker that crashed, from the ``crashed`` events."""
-    found: dict[str, int] = {}
-    for _, raw in lines_containing(log_files(run_dir), [b'"event":"crashed"']):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            record = json.loads(raw)
-            found[str(record["worker"])] = int(record["run"])
-    return found
-
-
 def work_remaining(markdown: str) -> str:
     """The "Work Remaining" section of an Agentize milestone file (empty if none)."""
     match = re.search(r"^#+\s*Work Remaining\s*$(.*?)(?=^#+\s|\Z)", markdown, re.M | re.S)
@@ -145,8 +135,12 @@ async def collect(
 ) -> dict[str, Any]:
     """The report's data: the summary plus what the logs and the worktrees tell."""
     workers = summary.get("workers", [])
-    crashed = crashed_runs(run_dir)
-    tails = output_tails(run_dir, crashed)
+    # The last crashed run of each worker, from the workers themselves: reading a log of
+    # gigabytes for the ``crashed`` events would make the report wait seconds.
+    crashed = {
+        str(w["worker"]): int(w["last_crash_run"]) for w in workers if w.get("last_crash_run")
+    }
+    tails = output_tails(run_dir, crashed) if crashed else {}
     limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
     tasks = [dict(w) for w in workers]
     for row in tasks:

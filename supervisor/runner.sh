@@ -6,7 +6,8 @@
 # The agent (ARGV, executed without a shell) runs in a session of its own, so that its process
 # group id is its pid and `kill -SIG -- -PID` reaches its whole tree.  Files in RUN_DIR:
 #   stdout, stderr  the agent's output, appended (read back from any byte offset)
-#   pid             "PID START_TICKS" (field 22 of /proc/PID/stat), one short write
+#   pid             "PID START_TICKS" (field 22 of /proc/PID/stat; 0 if the agent was gone
+#                   before it could be read), one short write
 #   wrapper         the wrapper's own pid
 #   exit            the agent's exit status (128+N when killed by signal N), one short write
 #   note            why the watchdog intervened (lease expired), if it did
@@ -130,7 +131,9 @@ fi
 setsid "$@" </dev/null >>"$run_dir/stdout" 2>>"$run_dir/stderr" &
 agent=$!
 ticks_of "$agent"
-ticks=$_t
+# An agent that ended at once may be reaped already (dash collects finished jobs early): its
+# start time is unknown, and 0 matches no live process, so nobody ever signals that pid.
+ticks=${_t:-0}
 # One short write: readers take a line without both fields (or its newline) as "not yet".
 echo "$agent $ticks" >"$run_dir/pid"
 

@@ -79,6 +79,7 @@ class WorkerStatus:
     run_dir: str | None = None
     milestones: int = 0
     crashes: int = 0
+    last_crash_run: int | None = None
     usage_pauses: int = 0
     last_exit: int | None = None
     reason: str = ""
@@ -111,6 +112,7 @@ class WorkerStatus:
             "run_dir": self.run_dir,
             "milestones": self.milestones,
             "crashes": self.crashes,
+            "last_crash_run": self.last_crash_run,
             "usage_pauses": self.usage_pauses,
             "last_exit": self.last_exit,
             "reason": self.reason,
@@ -688,6 +690,7 @@ class Worker:
             )
         elif outcome is policy.Outcome.CRASH:
             self.status.crashes += 1
+            self.status.last_crash_run = self.status.run
             detail = status.reason or f"exit {code}"
             if isinstance(decision, policy.Restart):
                 self._set(WorkerState.BACKOFF, detail)
