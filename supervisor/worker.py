@@ -462,8 +462,11 @@ class Worker:
         workspace = self.status.workspace
         kind, prompt = await self._prompt(host, prompt_kind)
         before = await host.glob(workspace, self._globs())
-        if not await self._unless_stopped(fleet.gate.wait_turn) or fleet.stop.requested.is_set():
+        staggered = fleet.gate.interval > 0  # else no wait, and no watcher task for it
+        if staggered and not await self._unless_stopped(fleet.gate.wait_turn):
             return policy.Finish()  # stopped before it started: `_live` sees the stop
+        if fleet.stop.requested.is_set():
+            return policy.Finish()
         self.status.run += 1
         run = self.status.run
         argv = [render(part, self._values(prompt)) for part in config.agent_command]

@@ -518,3 +518,20 @@ def test_multiple_clones_layout_spreads_tasks_over_clones(fleet: Harness) -> Non
     for w in result.summary["workers"]:
         branch = git(Path(w["workspace"]), "rev-parse", "--abbrev-ref", "HEAD").strip()
         assert branch == f"issue-{w['task']}"
+
+
+def test_agents_that_exit_at_once_all_start_and_finish(fleet: Harness) -> None:
+    """An agent gone before its wrapper reads its start time (dash may reap it first) still
+    counts as started: it ran, and its exit status decides, not a "did not start" failure."""
+    issues = range(1, 81)
+    result = fleet.run_config(
+        [task(n) for n in issues], concurrency=8, local={"max_agents": 8},
+        agent={"command": ["true"]},
+    )
+    assert result.returncode == 0, result.explain()
+    rows = result.summary["workers"]
+    assert [w["state"] for w in rows] == ["done"] * len(issues)
+    assert all(w["runs"] == 1 for w in rows)
+    for pid_file in result.run_dir.glob("agents/*/run-*/pid"):
+        pid, ticks = pid_file.read_text().split()
+        assert int(pid) > 0 and int(ticks) >= 0
