@@ -1,0 +1,68 @@
+"""The local host's run wrappers: spawned with posix_spawn, awaited through a pidfd."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.hosts import local
+from supervisor.hosts.local import WrapperProcess
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_wait_returns_the_exit_status_to_every_waiter() -> None:
+    proc = WrapperProcess.spawn(["sh", "-c", "sleep 0.2; exit 3"], dict(os.environ))
+    results: list[int] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(lambda: _collect(proc, results))
+    assert results == [3, 3, 3]
+    assert await proc.wait() == 3  # and again, after it was reaped
+
+
+async def _collect(proc: WrapperProcess, results: list[int]) -> None:
+    results.append(await proc.wait())
+
+
+async def test_a_cancelled_waiter_does_not_strand_the_others() -> None:
+    proc = WrapperProcess.spawn(["sh", "-c", "sleep 0.5"], dict(os.environ))
+    with anyio.fail_after(10):
+        with anyio.move_on_after(0.1):
+            await proc.wait()  # cancelled while it holds the pidfd
+        assert proc.returncode is None
+        assert await proc.wait() == 0
+
+
+async def test_kill_and_session_of_its_own() -> None:
+    proc = WrapperProcess.spawn(["sh", "-c", "sleep 30"], dict(os.environ))
+    try:
+        assert os.getsid(proc.pid) == proc.pid  # setsid: its own session and group
+    finally:
+        proc.kill()
+        with anyio.fail_after(10):
+            assert await proc.wait() == -9
+    proc.kill()  # after it ended: nothing happens
+
+
+async def test_inherited_descriptors_do_not_reach_the_wrapper(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)  # as a parent shell or cron might hand us one
+    local._descriptors_checked = False
+    out = tmp_path / "fds"
+    try:
+        proc = WrapperProcess.spawn(
+            ["sh", "-c", f"ls /proc/$$/fd > {out}"], dict(os.environ)
+        )
+        with anyio.fail_after(10):
+            assert await proc.wait() == 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    fds = {int(name) for name in out.read_text().split()}
+    assert write_end not in fds
+    assert {0, 1, 2} <= fds
