@@ -95,6 +95,7 @@ the fleet by printing the patterns above.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import deque
@@ -114,6 +115,7 @@ __all__ = [
     "LimitPatterns",
     "OutputTail",
     "parse_reset_time",
+    "shared_detector",
 ]
 
 LimitKind = Literal["usage", "rate"]
@@ -207,6 +209,13 @@ def _compile(patterns: tuple[str, ...], kind: str) -> tuple[re.Pattern[str], ...
         except re.error as exc:
             raise ValueError(f"invalid {kind} limit pattern {pattern!r}: {exc}") from exc
     return tuple(compiled)
+
+
+@functools.lru_cache(maxsize=32)
+def shared_detector(patterns: LimitPatterns) -> LimitDetector:
+    """One detector per set of patterns (it keeps no state between calls): a fleet of a
+    thousand tasks compiles its patterns once, not once per task."""
+    return LimitDetector(patterns)
 
 
 class OutputTail:

@@ -34,7 +34,12 @@ from supervisor.hosts.base import (
     Stream,
 )
 from supervisor.lifecycle import WorkerState, advance
-from supervisor.limits import LimitDetector, LimitHit, LimitPatterns, OutputTail
+from supervisor.limits import (
+    LimitHit,
+    LimitPatterns,
+    OutputTail,
+    shared_detector,
+)
 from supervisor.logs import LineSplitter, LogMux, Tag
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
@@ -207,7 +212,7 @@ class Worker:
         self._policy = policy.RestartPolicy(**fleet.config.restart.model_dump())
         agent = fleet.config.agent
         defaults = LimitPatterns()
-        self._limits = LimitDetector(
+        self._limits = shared_detector(
             LimitPatterns(
                 usage=tuple(agent.usage_limit_patterns or defaults.usage),
                 rate=tuple(agent.rate_limit_patterns or defaults.rate),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import signal
 import time
 from collections import defaultdict
@@ -535,3 +536,22 @@ def test_agents_that_exit_at_once_all_start_and_finish(fleet: Harness) -> None:
     for pid_file in result.run_dir.glob("agents/*/run-*/pid"):
         pid, ticks = pid_file.read_text().split()
         assert int(pid) > 0 and int(ticks) >= 0
+
+
+def test_a_worktree_removed_by_hand_is_made_again(fleet: Harness) -> None:
+    """`rm -rf trees/issue-N` between two fleets leaves a stale registration (and the branch):
+    the next fleet prunes it and attaches the branch to a new worktree, keeping its commits."""
+    first = fleet.run_config([task(1, "finish"), task(2, "finish")])
+    assert first.returncode == 0, first.explain()
+    rows = {w["task"]: w for w in first.summary["workers"]}
+    removed = Path(rows[1]["workspace"])
+    head_before = git(removed, "rev-parse", "HEAD").strip()
+    shutil.rmtree(removed)
+
+    second = fleet.run_config([task(1, "finish"), task(2, "finish")])
+    assert second.returncode == 0, second.explain()
+    again = {w["task"]: w for w in second.summary["workers"]}
+    assert again[1]["workspace"] == str(removed) and (removed / ".git").is_file()
+    # the branch came back with the commits the first fleet's agent made on it
+    assert git(removed, "merge-base", "--is-ancestor", head_before, "HEAD") == ""
+    assert again[1]["state"] == again[2]["state"] == "done"
