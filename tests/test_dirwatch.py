@@ -226,16 +226,11 @@ async def test_an_event_queue_overflow_wakes_every_waiter(
     idle = run_dir(tmp_path, "idle")
     busy_wd = watcher.add(str(busy), STREAMS)
     idle_wd = watcher.add(str(idle), STREAMS)
-    fds = [append_fd(busy / stream) for stream in STREAMS]
-    try:
-        # Alternating files: consecutive events differ, so the kernel cannot merge them and
-        # the queue overflows.
-        for _ in range(limit // 2 + 1000):
-            os.write(fds[0], b"o\n")
-            os.write(fds[1], b"e\n")
-    finally:
-        for fd in fds:
-            os.close(fd)
+    # Writes to the output files queue one event per arm, so the directory watch is what can
+    # overflow: every new file is two events (created, closed) that differ by name, which the
+    # kernel cannot merge.
+    for index in range(limit // 2 + 1000):
+        (busy / f"f{index}").write_bytes(b"")
     with anyio.fail_after(30):
         # Nothing was ever written in ``idle``, but the dropped events might have been its.
         assert await timed_wait(watcher, idle_wd, timeout=30) < PROMPT
@@ -421,3 +416,36 @@ def test_close_after_remove_and_with_watches_left(tmp_path: Path) -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)  # both inotify descriptors were closed
+
+
+@pytest.mark.anyio
+async def test_an_armed_watch_fires_once_per_arm(watcher: DirWatcher, tmp_path: Path) -> None:
+    """Between two arms, however many writes come, one wake-up: the writers pay for no event
+    while the reader is busy reading what they wrote."""
+    directory = run_dir(tmp_path, "r")
+    wd = watcher.add(str(directory), STREAMS)
+    fd = append_fd(directory / "stdout")
+    try:
+        for _ in range(1000):
+            os.write(fd, b"x\n")
+        with anyio.fail_after(30):
+            assert await timed_wait(watcher, wd, timeout=30) < PROMPT
+            os.write(fd, b"not armed\n")  # the watch fired: nobody is told of this one
+            assert await timed_wait(watcher, wd, timeout=0.3) >= 0.25
+            watcher.arm(wd)
+            assert await timed_wait(watcher, wd, timeout=0.3) >= 0.25  # armed, no write yet
+            os.write(fd, b"armed\n")
+            assert await timed_wait(watcher, wd, timeout=30) < PROMPT
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.anyio
+async def test_arming_a_removed_file_is_harmless(watcher: DirWatcher, tmp_path: Path) -> None:
+    directory = run_dir(tmp_path, "r")
+    wd = watcher.add(str(directory), STREAMS)
+    (directory / "stdout").unlink()
+    watcher.arm(wd)  # the run directory is being cleaned up: no error for the reader
+    (directory / "stderr").write_text("still watched\n")
+    with anyio.fail_after(30):
+        assert await timed_wait(watcher, wd, timeout=30) < PROMPT

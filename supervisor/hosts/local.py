@@ -321,6 +321,8 @@ class LocalRunHandle(RunHandle):
                 handle.seek(position[stream])
             delay = POLL_MIN
             while True:
+                if watcher is not None and wd is not None:
+                    watcher.arm(wd)  # before reading to the end: a later write wakes us
                 # ``exit`` is written after the agent's group is gone: all output is in the files.
                 ended = self._ended.is_set() or read_exit_file(self.identity.run_dir) is not None
                 got = False
