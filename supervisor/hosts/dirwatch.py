@@ -12,9 +12,10 @@ runs), behind one epoll descriptor that the event loop waits on:
   and the first write after that wakes it.  An agent printing line by line writes hundreds of
   thousands of times a second; a standing watch would queue an event for every write, and the
   writers, not the supervisor, would pay for it (the kernel allocates, locks and queues each
-  one: 16 agents printing line by line spent ~20% more CPU per line with a standing watch).  A watch on a file (not on its directory) yields
-  bare 16-byte events without a name, so a whole read of them is decoded at once
-  (``memoryview.cast``) into the set of files that changed.
+  one: 16 agents printing line by line spent ~20% more CPU per line with a standing watch).
+  A watch on a file (not on its directory) yields bare 16-byte events without a name, so a
+  whole read of them is decoded at once (``memoryview.cast``) into the set of files that
+  changed.
 
 An overflow of either queue (``IN_Q_OVERFLOW``: events were dropped) wakes every waiter, so a
 dropped event never leaves a reader asleep while its file grows.
