@@ -440,13 +440,16 @@ class Fleet:
                     if self.watch is not None:
                         workers.start_soon(self._watch_source)
                 self._workers_tg = None
-                await self._dismiss_watchdogs()
                 services.cancel_scope.cancel()
             summary = self._summary()
             with anyio.move_on_after(REPORT_TIMEOUT, shield=True):
                 await self._report(summary)
         finally:
             with anyio.CancelScope(shield=True):
+                # However the fleet ends (a second Ctrl-C included): each watchdog checks that
+                # no run it guards is left before it goes.
+                with anyio.move_on_after(15):
+                    await self._dismiss_watchdogs()
                 for host in self.hosts.values():
                     with contextlib.suppress(Exception):
                         await host.aclose()
