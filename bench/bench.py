@@ -1389,7 +1389,7 @@ def write_profiles() -> None:
             fh.write(f"# scripts/bench --profile, commit {commit}"
                      f"{' + uncommitted changes in supervisor/' if dirty else ''}, "
                      f"{time.strftime('%Y-%m-%d %H:%M')}: agentize-fleet under cProfile "
-                     "(main thread; times include the profiler's overhead)\n\n")
+                     "(main thread, CPU time; times include the profiler's overhead)\n\n")
             for key in ("tottime", "cumulative"):
                 fh.write(f"== {prof.stem}: top 35 by {key}\n")
                 stats = pstats.Stats(str(prof), stream=fh)
