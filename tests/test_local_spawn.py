@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import anyio
@@ -66,3 +67,16 @@ async def test_inherited_descriptors_do_not_reach_the_wrapper(tmp_path: Path) ->
     fds = {int(name) for name in out.read_text().split()}
     assert write_end not in fds
     assert {0, 1, 2} <= fds
+
+
+async def test_the_wrapper_gets_default_signal_dispositions(tmp_path: Path) -> None:
+    """Python ignores SIGPIPE; an agent must not inherit that (`yes | head` has to end)."""
+    out = tmp_path / "sigign"
+    proc = WrapperProcess.spawn(
+        ["sh", "-c", f"grep SigIgn /proc/$$/status > {out}"], dict(os.environ)
+    )
+    with anyio.fail_after(10):
+        assert await proc.wait() == 0
+    ignored = int(out.read_text().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), f"SigIgn {ignored:x}"
+    assert not ignored & (1 << (signal.SIGXFSZ - 1)), f"SigIgn {ignored:x}"

@@ -143,6 +143,11 @@ def _no_inherited_descriptors() -> None:
 
 
 _descriptors_checked = False
+_DEFAULT_SIGNALS = tuple(
+    getattr(signals, name)
+    for name in ("SIGPIPE", "SIGXFSZ", "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    if hasattr(signals, name)
+)
 _DEVNULL_ACTIONS = [
     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
     (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -167,7 +172,18 @@ class WrapperProcess:
     @classmethod
     def spawn(cls, argv: list[str], env: Mapping[str, str]) -> WrapperProcess:
         _no_inherited_descriptors()
-        pid = os.posix_spawnp(argv[0], argv, env, file_actions=_DEVNULL_ACTIONS, setsid=True)
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            env,
+            file_actions=_DEVNULL_ACTIONS,
+            setsid=True,
+            # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across
+            # exec: as subprocess's restore_signals does, the run gets the defaults back (an
+            # agent's `yes | head` must end by SIGPIPE, not loop on EPIPE).
+            setsigdef=_DEFAULT_SIGNALS,
+            setsigmask=(),
+        )
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as exc:
@@ -180,7 +196,10 @@ class WrapperProcess:
 
     def _poll(self) -> bool:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: its exit file still tells
+                pid, status = self.pid, 255 << 8
             if pid == 0:
                 return False
             self.returncode = os.waitstatus_to_exitcode(status)
