@@ -1283,8 +1283,8 @@ class Bench:
                     "supervisor's own per-task cost)", warm.factor <= 1.5,
                     f"{warm.wall:.2f}s = {warm.factor:.2f}× the ideal {warm.ideal:.3g}s; bare "
                     f"pool {ref.factor:.2f}×")
-        self.target("scale: within 1.5× of the ideal wall time, 1,000 new worktrees (git's "
-                    "`worktree add` included)", af.factor <= 1.5,
+        self.target(f"scale: within 1.5× of the ideal wall time, {s.scale_tasks:,} new worktrees "
+                    "(git's `worktree add` included)", af.factor <= 1.5,
                     f"{af.wall:.2f}s = {af.factor:.2f}× the ideal; over {SCALE_CLONES} clones "
                     f"{multi.factor:.2f}×")
 
