@@ -8,13 +8,14 @@ change and :func:`supervisor.policy.decide` after every run.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import random
 import re
 import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +60,7 @@ class StopControl:
         self.requested = anyio.Event()
         self.forced = anyio.Event()
         self.reason = ""
+        self._callbacks: set[Callable[[], object]] = set()
 
     def request(self, reason: str) -> None:
         if self.requested.is_set():
@@ -66,6 +68,26 @@ class StopControl:
         else:
             self.reason = reason
             self.requested.set()
+            for callback in list(self._callbacks):
+                callback()
+
+    @contextlib.contextmanager
+    def on_request(self, callback: Callable[[], object]) -> Iterator[None]:
+        """Call ``callback`` when a stop is requested inside the block (at once if one was).
+
+        What a worker does while it waits or runs, it does in its own task; a stop reaches it
+        through this callback instead of a watcher task per wait (a task, a task group and a
+        cancellation for every run of a thousand-task fleet).
+        """
+        if self.requested.is_set():
+            callback()
+            yield
+            return
+        self._callbacks.add(callback)
+        try:
+            yield
+        finally:
+            self._callbacks.discard(callback)
 
 
 @dataclass
@@ -250,18 +272,10 @@ class Worker:
 
     async def _unless_stopped(self, wait: Callable[[], Awaitable[object]]) -> bool:
         """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first."""
-        finished = False
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                await self.fleet.stop.requested.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
+        with anyio.CancelScope() as scope, self.fleet.stop.on_request(scope.cancel):
             await wait()
-            finished = True
-            tg.cancel_scope.cancel()
-        return finished
+            return True
+        return False
 
     # the life ----------------------------------------------------------------------------
 
@@ -569,10 +583,8 @@ class Worker:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._pump, handle, offsets)
-            watcher = anyio.CancelScope()
-            tg.start_soon(self._stop_when_asked, handle, watcher)
-            status = await handle.wait()
-            watcher.cancel()
+            with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
+                status = await handle.wait()
         return status
 
     async def _pump(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> None:
@@ -610,20 +622,19 @@ class Worker:
                 found = hit
         self._limit_hit = found
 
-    async def _stop_when_asked(self, handle: RunHandle, scope: anyio.CancelScope) -> None:
+    async def _stop_run(self, handle: RunHandle) -> None:
+        """The fleet stops: this run too, SIGTERM first (its task starts on the request)."""
         stop = self.fleet.stop
-        with scope:
-            await stop.requested.wait()
-            self._set(WorkerState.STOPPING)
-            timeout = self.fleet.config.stop_timeout
-            self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
-            await handle.stop(
-                timeout,
-                sooner=stop.forced,
-                before_kill=lambda: self.log(
-                    "killing", "■ SIGKILL to what is left of the run's process tree"
-                ),
-            )
+        self._set(WorkerState.STOPPING)
+        timeout = self.fleet.config.stop_timeout
+        self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
+        await handle.stop(
+            timeout,
+            sooner=stop.forced,
+            before_kill=lambda: self.log(
+                "killing", "■ SIGKILL to what is left of the run's process tree"
+            ),
+        )
 
     def request_restart(self) -> RunHandle | bool:
         """Mark the task for an immediate new run (``agentize-fleet restart``).
