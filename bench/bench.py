@@ -533,6 +533,13 @@ def flood_cmd(lines: int, ident: int | str, record: Path, hold: Path, block: int
             str(block)]
 
 
+def flood_programs(procs: int, lines: int, record: Path, hold: Path, block: int
+                   ) -> dict[str, str]:
+    """``p1`` … ``pN``: the flood command lines, for the peers that take a program table."""
+    return {f"p{i}": " ".join(flood_cmd(lines, i, record, hold, block))
+            for i in range(1, procs + 1)}
+
+
 def throughput_reference(work: Path, procs: int, lines: int, block: int) -> Throughput:
     result = Throughput(REF, procs, lines)
     record, hold = work / "record", work / "hold"
@@ -563,7 +570,7 @@ def throughput_reference(work: Path, procs: int, lines: int, block: int) -> Thro
 def throughput_supervisord(work: Path, procs: int, lines: int, block: int) -> Throughput:
     result = Throughput(SD, procs, lines)
     record, hold = work / "record", work / "hold"
-    programs = {f"p{i}": " ".join(flood_cmd(lines, i, record, hold, block)) for i in range(1, procs + 1)}
+    programs = flood_programs(procs, lines, record, hold, block)
     conf = supervisord_config(work / "supervisord.conf", work, programs, autorestart="false")
     files = {i: work / f"p{i}.out" for i in range(1, procs + 1)}
 
@@ -590,7 +597,7 @@ def throughput_supervisord(work: Path, procs: int, lines: int, block: int) -> Th
 def throughput_honcho(work: Path, procs: int, lines: int, block: int) -> Throughput:
     result = Throughput(HONCHO_, procs, lines)
     record, hold = work / "record", work / "hold"
-    programs = {f"p{i}": " ".join(flood_cmd(lines, i, record, hold, block)) for i in range(1, procs + 1)}
+    programs = flood_programs(procs, lines, record, hold, block)
     pf = procfile(work / "Procfile", programs)
     sink = work / "honcho.out"
 
@@ -618,8 +625,8 @@ def throughput_fleet(work: Path, procs: int, lines: int, block: int,
                      profile: Path | None = None) -> Throughput:
     result = Throughput(AF, procs, lines)
     record, hold = work / "record", work / "hold"
-    config = fleet_config(work / "fleet.toml", work, flood_cmd(lines, "{issue}", record, hold, block),
-                          procs, cap=procs)
+    command = flood_cmd(lines, "{issue}", record, hold, block)
+    config = fleet_config(work / "fleet.toml", work, command, procs, cap=procs)
 
     def size() -> int:
         total = 0
