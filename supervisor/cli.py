@@ -8,6 +8,7 @@ documented exit code, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -21,6 +22,7 @@ import anyio
 import structlog
 
 from supervisor import control, durations, report
+from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
 from supervisor.fleet import (
     EXIT_LOCKED,
@@ -151,6 +153,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             deadline=deadline,
             watch=(lambda: _github_tasks(config)) if args.watch else None,
         )
+        keep_buffers()
+        # What exists now (modules, the config) lives as long as the process: the collector
+        # need not walk it again at every full collection while output streams through.
+        gc.freeze()
         result = anyio.run(fleet.run)
     finally:
         for held in locks:

@@ -219,28 +219,26 @@ def shared_detector(patterns: LimitPatterns) -> LimitDetector:
 
 
 class OutputTail:
-    """The last ``keep`` characters (give or take the batch at its start) of one output stream,
-    in whole lines: what an agent said last, which is where it says that a limit stopped it."""
+    """The last ``keep`` bytes (give or take the block at its start) of one output stream, in
+    whole lines: what an agent said last, which is where it says that a limit stopped it."""
 
     def __init__(self, keep: int = 64 * 1024) -> None:
         self.keep = keep
-        self._texts: deque[str] = deque()
+        self._blocks: deque[bytes] = deque()
         self._size = 0
 
-    def add(self, lines: Sequence[str], text: str | None = None) -> None:
-        """Append a batch of lines (``text``: them joined by newlines, if at hand)."""
-        if not lines:
-            return
-        text = "\n".join(lines) if text is None else text
-        self._texts.append(text)
-        self._size += len(text) + 1  # each with its joining newline: len(text()) + 1
-        # Drop the oldest batch while the others still say at least ``keep`` characters.
-        while len(self._texts) > 1 and self._size - len(self._texts[0]) - 2 >= self.keep:
-            self._size -= len(self._texts.popleft()) + 1
+    def add(self, block: bytes) -> None:
+        """Append a block of lines (joined by newlines, as :class:`~supervisor.logs.LineSplitter`
+        gives them)."""
+        self._blocks.append(block)
+        self._size += len(block) + 1  # each with its joining newline: len(text()) + 1
+        # Drop the oldest block while the others still say at least ``keep`` bytes.
+        while len(self._blocks) > 1 and self._size - len(self._blocks[0]) - 2 >= self.keep:
+            self._size -= len(self._blocks.popleft()) + 1
 
     def text(self) -> str:
         """The kept lines joined by newlines ("" when the stream said nothing)."""
-        return "\n".join(self._texts)
+        return b"\n".join(self._blocks).decode("utf-8", "replace")
 
 
 class LimitDetector:

@@ -113,98 +113,138 @@ def _utf8_cut(data: bytes, limit: int) -> int:
 
 
 class LineSplitter:
-    """Splits one stream's bytes into text lines, never holding more than ``max_bytes``.
+    """Splits one stream's bytes into lines, never holding more than ``max_bytes``.
 
-    Invalid UTF-8 becomes U+FFFD; a line longer than ``max_bytes`` is emitted in pieces (cut on
-    character boundaries).  ``offset`` is the byte offset just after the last emitted line: the
-    point from which a re-attached reader must resume to lose and repeat nothing.
+    Lines come back as one block of bytes (the lines joined by newlines, without the last
+    one): the record encoder turns a whole block into records with a handful of C passes, so
+    no line ever becomes a Python object of its own.  A line longer than ``max_bytes`` is
+    emitted in pieces cut on UTF-8 character boundaries.  ``offset`` is the byte offset just
+    after the last emitted line: the point from which a re-attached reader must resume to lose
+    and repeat nothing.  Bytes are passed on as they came; invalid UTF-8 is the encoder's
+    business.
     """
 
     def __init__(self, max_bytes: int = 65536, offset: int = 0) -> None:
         self.max_bytes = max_bytes
         self.offset = offset
         self._pending = b""
-        #: After :meth:`feed`: the returned lines joined with newlines, when the decoder had
-        #: them as one block already (saves the callers joining them again); else None.
-        self.text: str | None = None
 
-    def feed(self, data: bytes) -> list[str]:
+    def feed(self, data: bytes) -> bytes | None:
+        """The complete lines ``data`` finishes, as a block; ``None`` when it finishes none."""
         buf = self._pending + data if self._pending else data
         end = buf.rfind(b"\n")
-        lines: list[str] = []
-        self.text = None
+        block: bytes | None = None
         if end < 0:
             self._pending = buf
         else:
-            complete = buf[:end]
+            block = buf[:end]
             self._pending = buf[end + 1 :]
-            text = complete.decode("utf-8", "replace")
-            lines = text.split("\n")
-            # A line has at most as many characters as bytes (exactly as many when ASCII), so
-            # only a chunk with a line of more than max_bytes/4 characters needs the bytes.
-            if len(complete) > self.max_bytes and max(map(len, lines)) > (
-                self.max_bytes if text.isascii() else self.max_bytes // 4
-            ):
-                lines = []
-                for part in complete.split(b"\n"):
-                    lines.extend(self._pieces(part, final=True))
-            else:
-                self.text = text
+            if len(block) > self.max_bytes and self._has_long_line(block):
+                block = b"\n".join(
+                    piece for line in block.split(b"\n") for piece in self._pieces(line)
+                )
             self.offset += end + 1
         if len(self._pending) > self.max_bytes:
-            self.text = None
-            lines.extend(self._pieces(self._pending, final=False))
-        return lines
+            # A line still without its newline: emit all but a short tail now (bounded memory).
+            pieces = self._pieces(self._pending)
+            self._pending = pieces.pop()
+            self.offset += sum(map(len, pieces))
+            cut = b"\n".join(pieces)
+            block = cut if block is None else block + b"\n" + cut
+        return block
 
-    def _pieces(self, part: bytes, *, final: bool) -> list[str]:
-        """Cut an over-long line into pieces; keep a short tail pending unless ``final``."""
-        out: list[str] = []
-        while len(part) > self.max_bytes:
-            cut = _utf8_cut(part, self.max_bytes)
-            out.append(part[:cut].decode("utf-8", "replace"))
-            part = part[cut:]
-            if not final:
-                self.offset += cut
-        if final:
-            out.append(part.decode("utf-8", "replace"))
-        else:
-            self._pending = part
+    def _has_long_line(self, block: bytes) -> bool:
+        """Whether a line of ``block`` is longer than ``max_bytes`` (a few ``rfind`` calls,
+        each skipping up to ``max_bytes`` ahead, rather than one step per line)."""
+        limit = self.max_bytes
+        start = 0
+        while len(block) - start > limit:
+            newline = block.rfind(b"\n", start, start + limit + 1)
+            if newline < 0:
+                return True  # no newline among the line's first limit + 1 bytes
+            start = newline + 1
+        return False
+
+    def _pieces(self, line: bytes) -> list[bytes]:
+        """``line`` cut into pieces of at most ``max_bytes``, the last one possibly shorter."""
+        out: list[bytes] = []
+        while len(line) > self.max_bytes:
+            cut = _utf8_cut(line, self.max_bytes)
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
         return out
 
-    def finish(self) -> list[str]:
+    def finish(self) -> bytes | None:
         """Whatever is left when the stream ends, as a last line (it had no newline)."""
         if not self._pending:
-            return []
+            return None
         rest, self._pending = self._pending, b""
         self.offset += len(rest)
-        return [rest.decode("utf-8", "replace")]
+        return rest
 
 
 # -- record encoding ------------------------------------------------------------------------
 
-_RECORD_END = '"}\n'
-_LINE_KEY = ',"line":"'
-#: The bytes JSON strings escape: the control characters, the quote and the backslash.
-_ESCAPED_BYTES = bytes([*range(0x20), 0x22, 0x5C])
+_RECORD_END = b'"}\n'
+_LINE_KEY = b',"line":"'
+_SEQ_SLOTS = b"%s%s"  # a record's seq, in two parts: see _seq_args
+#: Deleting these from a block leaves the bytes JSON escapes (control characters, the quote
+#: and the backslash), and the newlines between lines.
+_ORDINARY = bytes(b for b in range(0x20, 0x100) if b not in b'"\\')
+#: How JSON writes each byte it escapes (as the C encoder does); the backslash goes first.
+_JSON_ESCAPES = {
+    b: _encode(chr(b))[1:-1].encode() for b in (0x5C, 0x22, *range(0x20)) if b != 0x0A
+}
+#: Seq numbers are ``high`` followed by three ``low`` digits: ``low`` comes from these tables,
+#: so that a block of records needs no number formatted per line.
+_SEQ_GROUP = 1000
+_SEQ_PLAIN = [b"%d" % n for n in range(_SEQ_GROUP)]
+_SEQ_PADDED = [b"%03d" % n for n in range(_SEQ_GROUP)]
 
 
-def _escaped(lines: list[str], text: str) -> list[str]:
-    """``lines`` as JSON string contents (no quotes); ``text`` is them joined by newlines.
+def _json_contents(block: bytes) -> tuple[bytes, bytes, int]:
+    """``block`` made valid UTF-8 (U+FFFD for what is not), the same JSON-escaped with its
+    newlines kept as they are, and its number of lines.
 
-    Most output needs no escaping at all; whether a batch does is one C pass over its UTF-8
-    bytes (all the escaped characters are ASCII, and UTF-8 never uses ASCII bytes inside a
-    multi-byte character): the batch is clean when deleting them removes only its newlines.
+    Most output needs no escaping at all; one ``translate`` shows which bytes do (all of them
+    are ASCII, and UTF-8 never uses ASCII bytes inside a multi-byte character), and one
+    ``replace`` per such byte escapes the whole block.
     """
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) - len(raw.translate(None, _ESCAPED_BYTES)) == len(lines) - 1:
-        return lines
-    if "\\" not in text:
-        # One C call escapes the whole batch; with no backslash in it, every escaped newline
-        # is a line boundary.
-        pieces = _encode(text)[1:-1].split("\\n")
-        if len(pieces) == len(lines):
-            return pieces
-    return [_encode(line)[1:-1] for line in lines]
+    if not block.isascii():
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            block = block.decode("utf-8", "replace").encode("utf-8")
+    special = block.translate(None, _ORDINARY)
+    count = special.count(b"\n") + 1
+    escaped = block
+    if len(special) >= count:  # more than the newlines between lines
+        present = set(special)
+        for byte, replacement in _JSON_ESCAPES.items():  # the backslash first
+            if byte in present:
+                escaped = escaped.replace(bytes((byte,)), replacement)
+    return block, escaped, count
+
+
+def _seq_args(first: int, count: int, last: bytes) -> tuple[bytes, ...]:
+    """The ``%s%s`` arguments of ``count`` records numbered from ``first``: the high digits and
+    the low three (from the tables), the last record's pair replaced by ``b"", last``."""
+    args: list[bytes] = [b""] * (2 * count)
+    done = 0
+    while done < count:
+        high, low = divmod(first + done, _SEQ_GROUP)
+        size = min(count - done, _SEQ_GROUP - low)
+        at = 2 * done
+        if high:
+            args[at : at + 2 * size : 2] = [b"%d" % high] * size
+            args[at + 1 : at + 2 * size : 2] = _SEQ_PADDED[low : low + size]
+        else:
+            args[at + 1 : at + 2 * size : 2] = _SEQ_PLAIN[low : low + size]
+        done += size
+    args[-2] = b""
+    args[-1] = last
+    return tuple(args)
 
 
 # -- sinks ----------------------------------------------------------------------------------
@@ -254,10 +294,15 @@ class ConsoleRenderer:
         return f"\x1b[{code}m{text}\x1b[0m"
 
     def render(self, worker: str, task: int | None, stream: str, lines: Iterable[str]) -> str:
+        return self.render_text(worker, task, stream, "\n".join(lines))
+
+    def render_text(self, worker: str, task: int | None, stream: str, text: str) -> str:
+        """``text``'s lines (joined by newlines), each behind the worker's prefix."""
         prefix = self.prefix(worker, task, stream)
         if stream == "fleet" and self.colour:
-            return "".join(f"{prefix}\x1b[2m{line}\x1b[0m\n" for line in lines)
-        return "".join(f"{prefix}{line}\n" for line in lines)
+            prefix += "\x1b[2m"
+            return prefix + text.replace("\n", "\x1b[0m\n" + prefix) + "\x1b[0m\n"
+        return prefix + text.replace("\n", "\n" + prefix) + "\n"
 
 
 class LogMux:
@@ -280,7 +325,7 @@ class LogMux:
         self._segments = len(list(jsonl_path.parent.glob(jsonl_path.name + ".*")))
         self._console = console
         self._seq: dict[str, int] = {}
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._console_pending: list[str] = []
         self._fleet_json = _encode(fleet)
@@ -298,47 +343,47 @@ class LogMux:
         """Continue ``worker``'s numbering after ``seq`` (used when a run is re-adopted)."""
         self._seq[worker] = max(self._seq.get(worker, 0), seq)
 
-    def _head(self, tag: Tag, stream: str, ts: str) -> str:
+    def _head(self, tag: Tag, stream: str, ts: str) -> bytes:
+        """Every field of an output record up to ``"seq":``, as a ``%`` format (``%%``)."""
         task = "null" if tag.task is None else str(tag.task)
-        return (
+        head = (
             f'{{"ts":"{ts}","fleet":{self._fleet_json},"worker":{_encode(tag.worker)},'
             f'"task":{task},"machine":{_encode(tag.machine)},"run":{tag.run},'
-            f'"stream":"{stream}",'
+            f'"stream":"{stream}","seq":'
         )
+        return head.encode("utf-8", "replace").replace(b"%", b"%%")
 
-    def output(
-        self, tag: Tag, stream: str, lines: list[str], end_offset: int, text: str | None = None
-    ) -> None:
-        """Record agent output lines (fast path).
+    def output(self, tag: Tag, stream: str, block: bytes, end_offset: int) -> None:
+        """Record a block of agent output lines (fast path): ``block`` is the lines joined by
+        newlines, as :class:`LineSplitter` gives them.
 
-        ``text``, when given, is ``lines`` joined with newlines (the splitter has it already).
         The last record of the batch also carries ``off``, the byte offset in the run's
         ``stream`` file just after these lines.  Batches reach the file whole (one ``write``),
         so after a crash the last ``off`` in the log says exactly where a re-adopting
         supervisor must resume reading: nothing lost, nothing repeated.
 
-        The records of a batch differ only in ``seq`` and ``line``, so they are built with
-        one ``join`` over a list filled by slice assignments from C iterators, not with one
-        format call per line; and lines that hold nothing JSON escapes (checked for the whole
-        batch by one ``bytes.translate``) go in as they are.
+        An agent can print a million lines a second, so no line becomes a Python object: the
+        records of a block differ only in ``seq`` and ``line``, so the block (escaped by
+        :func:`_json_contents`) becomes one ``%`` format by turning each newline into the end
+        of one record and the start of the next, and the seqs come from tables
+        (:func:`_seq_args`).  That is a few C passes over the block, whatever its line count.
         """
-        count = len(lines)
-        if not count:
-            return
         now = time.time()
-        head = self._head(tag, stream, utc_timestamp(now)) + '"seq":'
+        text, escaped, count = _json_contents(block)
+        if b"%" in escaped:
+            escaped = escaped.replace(b"%", b"%%")
+        head = self._head(tag, stream, utc_timestamp(now))
+        starts = head + _SEQ_SLOTS + _LINE_KEY
+        form = starts + escaped.replace(b"\n", _RECORD_END + starts) + _RECORD_END
         seq = self._seq.get(tag.worker, 0)
-        parts = [_RECORD_END + head] * (4 * count)
-        parts[0::4] = map(str, range(seq + 1, seq + count + 1))
-        parts[1::4] = [_LINE_KEY] * count
-        parts[2::4] = _escaped(lines, "\n".join(lines) if text is None else text)
-        parts[-4] = f'{seq + count},"off":{end_offset}'
-        parts[-1] = _RECORD_END
+        last = b'%d,"off":%d' % (seq + count, end_offset)
         self._seq[tag.worker] = seq + count
         self.last_output[tag.worker] = now
-        self._append([head + "".join(parts)], count)
+        self._append(form % _seq_args(seq + 1, count, last), count)
         if self._console is not None:
-            self._console_pending.append(self._console.render(tag.worker, tag.task, stream, lines))
+            self._console_pending.append(
+                self._console.render_text(tag.worker, tag.task, stream, text.decode("utf-8"))
+            )
 
     def event(self, tag: Tag, event: str, message: str, fields: Mapping[str, Any]) -> None:
         """Record a supervisor event (stream ``fleet``)."""
@@ -359,17 +404,17 @@ class LogMux:
         for key, value in fields.items():
             record.setdefault(key, value)
         line = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
-        self._append([line + "\n"])
+        self._append((line + "\n").encode("utf-8", "replace"), 1)
         if self._console is not None:
             self._console_pending.append(
                 self._console.render(tag.worker, tag.task, "fleet", [message])
             )
             self.flush()
 
-    def _append(self, parts: list[str], records: int | None = None) -> None:
-        batch = "".join(parts)  # one batch stays whole in one segment and one write
+    def _append(self, batch: bytes, records: int) -> None:
+        """Queue whole records (a batch stays whole: one segment, one write)."""
         self._pending.append(batch)
-        self.records += len(parts) if records is None else records
+        self.records += records
         self._pending_bytes += len(batch)
         if self._wanted is not None and not self._wanted.is_set():
             self._wanted.set()
@@ -380,8 +425,8 @@ class LogMux:
 
     def flush(self) -> None:
         if self._pending:
-            batches = [b.encode("utf-8", "replace") for b in self._pending]
-            self._pending.clear()
+            batches = self._pending
+            self._pending = []
             self._pending_bytes = 0
             group: list[bytes] = []
             size = self._size

@@ -48,6 +48,7 @@ from typing import Any, BinaryIO
 
 import psutil
 
+from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, load_config
 from supervisor.durations import parse_duration
 from supervisor.logs import ConsoleRenderer, rotated_segments, use_colour, utc_timestamp
@@ -749,6 +750,7 @@ def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """``agentize-fleet logs``: print (and with ``-f`` follow) a fleet run's records."""
+    keep_buffers()
     try:
         return _logs(args, sys.stdout.buffer)
     except LogsError as exc:

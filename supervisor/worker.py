@@ -595,13 +595,13 @@ class Worker:
         tag = self.tag
         async for chunk in handle.output(offsets):
             splitter = splitters[chunk.stream]
-            lines = splitter.feed(chunk.data)
-            if lines:
-                mux.output(tag, chunk.stream, lines, splitter.offset, splitter.text)
-                tails[chunk.stream].add(lines, splitter.text)
+            block = splitter.feed(chunk.data)
+            if block is not None:
+                mux.output(tag, chunk.stream, block, splitter.offset)
+                tails[chunk.stream].add(block)
         for stream, splitter in splitters.items():
             rest = splitter.finish()
-            if rest:
+            if rest is not None:
                 mux.output(tag, stream, rest, splitter.offset)
                 tails[stream].add(rest)
         self._scan(tails.values())

@@ -7,6 +7,7 @@ skip or batch, every line must come back exactly, numbered without gaps.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -17,7 +18,7 @@ import pytest
 
 import supervisor.logs
 from supervisor.limits import OutputTail
-from supervisor.logs import LogMux, Tag, lines_containing
+from supervisor.logs import ConsoleRenderer, LogMux, Tag, lines_containing
 
 TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 FIELDS = {"ts", "fleet", "worker", "task", "machine", "run", "stream", "seq", "line"}
@@ -45,6 +46,11 @@ BACKSLASHES = [
     'mixed "q" \\ \t é 漢字 \\u0041',
 ]
 BATCHES = [CLEAN, QUOTES_AND_CONTROLS, BACKSLASHES, ["one"], [""], ["é"], ["\t"]]
+
+
+def block(lines: list[str]) -> bytes:
+    """Lines as :class:`~supervisor.logs.LineSplitter` gives them: one block of bytes."""
+    return "\n".join(lines).encode("utf-8")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -89,8 +95,7 @@ def check_batches(
 # -- LogMux.output ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_text", [True, False], ids=["text", "no-text"])
-def test_batches_come_back_exactly_with_gapless_seq(tmp_path: Path, with_text: bool) -> None:
+def test_batches_come_back_exactly_with_gapless_seq(tmp_path: Path) -> None:
     fleet = 'e2e "fleet" é'
     tag = Tag(worker="w1", task=42, machine="local", run=3)
     other = Tag(worker='w"2é', task=None, machine="host\\b", run=1)
@@ -102,10 +107,8 @@ def test_batches_come_back_exactly_with_gapless_seq(tmp_path: Path, with_text: b
             who = other if (round_ + number) % 3 == 0 else tag
             stream = "stderr" if number % 2 else "stdout"
             offsets[who.worker] += sum(len(line.encode()) + 1 for line in lines)
-            text = "\n".join(lines) if with_text else None
-            mux.output(who, stream, list(lines), offsets[who.worker], text)
+            mux.output(who, stream, block(lines), offsets[who.worker])
             written.append((who, stream, list(lines), offsets[who.worker]))
-    mux.output(tag, "stdout", [], 999)  # an empty batch: no record, no seq
     total = sum(len(lines) for _, _, lines, _ in written)
     assert mux.records == total
     assert mux.seq(tag.worker) + mux.seq(other.worker) == total
@@ -121,7 +124,7 @@ def test_seq_continues_across_batches_after_flushes(tmp_path: Path) -> None:
         lines = [f"batch {number} line {i}" for i in range(number + 1)]
         if number % 3 == 0:
             lines.append('needs "escaping"\t')
-        mux.output(tag, "stdout", lines, 100 * number, "\n".join(lines))
+        mux.output(tag, "stdout", block(lines), 100 * number)
         written.append((tag, "stdout", lines, 100 * number))
         if number % 4 == 0:
             mux.flush()
@@ -136,7 +139,7 @@ def test_resumed_seq_continues_after_the_resume_point(tmp_path: Path) -> None:
     tag = Tag(worker="w1", task=1, machine="local", run=1)
     mux = LogMux("f", tmp_path / "fleet.jsonl", None)
     mux.resume_seq("w1", 41)
-    mux.output(tag, "stdout", ["a", "b"], 4)
+    mux.output(tag, "stdout", b"a\nb", 4)
     mux.close()
     assert [r["seq"] for r in read_records(tmp_path / "fleet.jsonl")] == [42, 43]
 
@@ -151,13 +154,10 @@ def test_resumed_seq_continues_after_the_resume_point(tmp_path: Path) -> None:
         ['"\\n"', "tab\t\\n"],
     ],
 )
-@pytest.mark.parametrize("with_text", [True, False], ids=["text", "no-text"])
-def test_a_literal_backslash_n_is_not_a_line_break(
-    tmp_path: Path, lines: list[str], with_text: bool
-) -> None:
+def test_a_literal_backslash_n_is_not_a_line_break(tmp_path: Path, lines: list[str]) -> None:
     tag = Tag(worker="w", task=1, machine="m", run=1)
     mux = LogMux("f", tmp_path / "fleet.jsonl", None)
-    mux.output(tag, "stdout", lines, 50, "\n".join(lines) if with_text else None)
+    mux.output(tag, "stdout", block(lines), 50)
     mux.close()
     records = read_records(tmp_path / "fleet.jsonl")
     assert [r["line"] for r in records] == lines
@@ -172,11 +172,83 @@ def test_a_large_random_batch(tmp_path: Path) -> None:
     clean = ["".join(rng.choices("abcdefgh é漢🎉", k=rng.randrange(0, 40))) for _ in range(5000)]
     tag = Tag(worker="w", task=3, machine="m", run=4)
     mux = LogMux("f", tmp_path / "fleet.jsonl", None)
-    mux.output(tag, "stdout", lines, 1, "\n".join(lines))
-    mux.output(tag, "stderr", clean, 2)
+    mux.output(tag, "stdout", block(lines), 1)
+    mux.output(tag, "stderr", block(clean), 2)
     mux.close()
     records = read_records(tmp_path / "fleet.jsonl")
     check_batches(records, [(tag, "stdout", lines, 1), (tag, "stderr", clean, 2)], "f")
+
+
+@pytest.mark.parametrize("resume", [0, 995, 9_990, 999_998, 123_456_789])
+def test_seq_is_right_across_every_digit_boundary(tmp_path: Path, resume: int) -> None:
+    """Seqs come from tables of three-digit groups: the numbers around group and digit-count
+    changes (999 → 1000, 9999 → 10000, ...) must read as plain JSON integers, in order."""
+    tag = Tag(worker="w", task=1, machine="m", run=1)
+    mux = LogMux("f", tmp_path / "fleet.jsonl", None)
+    mux.resume_seq("w", resume)
+    sizes = [1, 2, 3, 997, 1000, 1001, 2500, 7]
+    written = []
+    for number, size in enumerate(sizes):
+        lines = [f"{number}:{i}" for i in range(size)]
+        mux.output(tag, "stdout", block(lines), number)
+        written.append((tag, "stdout", lines, number))
+    mux.close()
+    raw = (tmp_path / "fleet.jsonl").read_bytes()
+    records = read_records(tmp_path / "fleet.jsonl")
+    assert [r["seq"] for r in records] == list(range(resume + 1, resume + 1 + sum(sizes)))
+    assert re.search(rb'"seq":0\d', raw) is None  # no leading zeros: strict JSON numbers
+    assert [r["line"] for r in records] == [line for _, _, lines, _ in written for line in lines]
+
+
+def test_percent_signs_anywhere_are_kept(tmp_path: Path) -> None:
+    """Records are built by ``%`` formatting: a ``%`` in a line or in a name is only text."""
+    tag = Tag(worker="w%s", task=1, machine="m%d%%", run=1)
+    mux = LogMux("100% fleet %s", tmp_path / "fleet.jsonl", None)
+    lines = ["%s", "%%", "50% done", "%", "%(name)s %d %b", "end %"]
+    mux.output(tag, "stdout", block(lines), 10)
+    mux.close()
+    check_batches(read_records(tmp_path / "fleet.jsonl"), [(tag, "stdout", lines, 10)],
+                  "100% fleet %s")
+
+
+def test_invalid_utf8_becomes_the_replacement_character(tmp_path: Path) -> None:
+    tag = Tag(worker="w", task=1, machine="m", run=1)
+    mux = LogMux("f", tmp_path / "fleet.jsonl", None)
+    data = b'bad \xff byte\n\xc3 cut "\xe6\xbc"\nfine \xc3\xa9\n\xed\xa0\x80 surrogate'
+    mux.output(tag, "stdout", data, len(data))
+    mux.close()
+    records = read_records(tmp_path / "fleet.jsonl")
+    assert [r["line"] for r in records] == data.decode("utf-8", "replace").split("\n")
+
+
+def test_random_bytes_come_back_as_their_lenient_decoding(tmp_path: Path) -> None:
+    rng = random.Random(99)
+    pieces = [b"a", b" ", b'"', b"\\", b"\t", b"\x00", b"\x1b", b"%", b"\xc3\xa9", b"\xff",
+              b"\xe6\xbc\xa2", b"\xf0\x9f\x8e\x89", b"\xc3", b"\n", b"\r", b"\x7f"]
+    tag = Tag(worker="w", task=1, machine="m", run=1)
+    mux = LogMux("f", tmp_path / "fleet.jsonl", None)
+    expected: list[str] = []
+    for number in range(200):
+        data = b"".join(rng.choices(pieces, k=rng.randrange(0, 300)))
+        mux.output(tag, "stdout", data, number)
+        expected += data.decode("utf-8", "replace").split("\n")
+    mux.close()
+    assert [r["line"] for r in read_records(tmp_path / "fleet.jsonl")] == expected
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_console_shows_each_line_behind_its_prefix(tmp_path: Path, colour: bool) -> None:
+    out = io.StringIO()
+    console = ConsoleRenderer(out, colour=colour)
+    mux = LogMux("f", tmp_path / "fleet.jsonl", console)
+    tag = Tag(worker="w1", task=7, machine="m", run=1)
+    mux.output(tag, "stdout", "one\n\ntwo é".encode(), 9)
+    mux.close()
+    prefix = console.prefix("w1", 7, "stdout")
+    assert out.getvalue() == f"{prefix}one\n{prefix}\n{prefix}two é\n"
+    assert console.render("w1", 7, "fleet", ["a", "b"]) == "".join(
+        console.render_text("w1", 7, "fleet", line) for line in ["a", "b"]
+    )
 
 
 # -- lines_containing -------------------------------------------------------------------------
@@ -280,25 +352,22 @@ def test_lines_containing_empty_and_missing(tmp_path: Path) -> None:
 def test_output_tail_is_empty_until_something_is_said() -> None:
     tail = OutputTail(keep=10)
     assert tail.text() == ""
-    tail.add([])
-    tail.add([], "ignored")
-    assert tail.text() == ""
-    tail.add(["a"])
-    tail.add([])
-    tail.add(["b", "c"])
-    assert tail.text() == "a\nb\nc"  # the empty adds left no empty line behind
+    tail.add(b"a")
+    tail.add(b"b\nc")
+    assert tail.text() == "a\nb\nc"
+    tail.add(b"bad \xff")
+    assert tail.text().endswith("bad \ufffd")  # read back as text, invalid UTF-8 replaced
 
 
 @pytest.mark.parametrize("keep", [1, 100, 1000, 5000])
-@pytest.mark.parametrize("with_text", [True, False], ids=["text", "no-text"])
-def test_output_tail_keeps_the_last_whole_batches(keep: int, with_text: bool) -> None:
+def test_output_tail_keeps_the_last_whole_batches(keep: int) -> None:
     rng = random.Random(keep)
     tail = OutputTail(keep=keep)
     batches: list[str] = []
     for number in range(400):
         lines = [f"b{number}l{i} " + "z" * rng.randrange(0, 30) for i in range(rng.randrange(1, 8))]
         text = "\n".join(lines)
-        tail.add(lines, text if with_text else None)
+        tail.add(text.encode())
         batches.append(text)
 
         # The fewest whole last batches that hold at least ``keep`` characters, newlines
@@ -317,7 +386,7 @@ def test_output_tail_keeps_the_last_whole_batches(keep: int, with_text: bool) ->
 
 def test_output_tail_is_bounded_for_empty_lines() -> None:
     tail = OutputTail(keep=100)
-    tail.add(["said once"])
+    tail.add(b"said once")
     for _ in range(10_000):
-        tail.add([""])  # an agent printing blank lines, one read at a time
+        tail.add(b"")  # an agent printing blank lines, one read at a time
     assert len(tail.text()) < 1000
