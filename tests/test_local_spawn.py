@@ -10,7 +10,8 @@ import anyio
 import pytest
 
 from supervisor.hosts import local
-from supervisor.hosts.local import WrapperProcess
+from supervisor.hosts.base import HostError, RunSpec
+from supervisor.hosts.local import LocalHost, WrapperProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -80,3 +81,30 @@ async def test_the_wrapper_gets_default_signal_dispositions(tmp_path: Path) -> N
     ignored = int(out.read_text().split()[1], 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1)), f"SigIgn {ignored:x}"
     assert not ignored & (1 << (signal.SIGXFSZ - 1)), f"SigIgn {ignored:x}"
+
+
+async def test_a_run_that_cannot_start_fails_at_once(tmp_path: Path) -> None:
+    """The wrapper records an exit status without a pid (its ``cd`` failed): the start fails
+    as soon as that file appears, not after the pid file's whole wait, and the directory
+    watch made for the wait is gone again."""
+    host = LocalHost()
+    spec = RunSpec(
+        argv=["true"],
+        cwd=str(tmp_path / "no-such-dir"),
+        run_dir=str(tmp_path / "runs" / "bad"),
+        lease_path=str(tmp_path / "lease"),
+        lease_timeout=0,
+    )
+    try:
+        with anyio.fail_after(local.PID_WAIT / 2), pytest.raises(HostError) as info:
+            await host.start(spec)
+        assert "did not start" in str(info.value) and "no-such-dir" in str(info.value)
+        ok = await host.start(
+            RunSpec(["true"], str(tmp_path), str(tmp_path / "runs" / "ok"), spec.lease_path, 0)
+        )
+        with anyio.fail_after(10):
+            assert (await ok.wait()).code == 0
+        watcher = host._dir_watcher()
+        assert watcher is not None and not watcher._paths  # no watch left behind by the starts
+    finally:
+        await host.aclose()

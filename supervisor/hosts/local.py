@@ -54,6 +54,7 @@ POLL_MAX = 0.5
 WATCH_SAFETY_POLL = 60.0  # with inotify: re-read anyway this often, should an event be missed
 LEASE_TOUCH_GAP = 1.0  # touch a lease at most this often (every run start asks)
 PID_WAIT = 10.0
+PID_SAFETY_POLL = 0.05  # with inotify: look for the pid file anyway this often
 
 
 def use_pidfd_child_watcher() -> None:
@@ -477,30 +478,51 @@ class LocalHost(Host):
             *spec.argv,
         ]
         env = {**self._environ, **spec.env} if spec.env else self._environ
+        # Watched before the wrapper starts: its pid file wakes us the moment it is written
+        # (a poll would find it up to its own interval late, and every start waits for it).
+        watcher = self._dir_watcher()
+        wd: int | None = None
+        if watcher is not None:
+            with contextlib.suppress(OSError):
+                wd = watcher.add(spec.run_dir)
         wrapper: anyio.abc.Process | WrapperProcess
-        try:
-            if self._spawn:
-                try:
-                    wrapper = WrapperProcess.spawn(argv, env)
-                except (AttributeError, NotImplementedError):  # no pidfd_open or setsid spawn
-                    self._spawn = False
-            if not self._spawn:
-                wrapper = await anyio.open_process(
-                    argv,
-                    env=env,
-                    start_new_session=True,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-        except OSError as exc:
-            raise HostError(self.name, f"cannot start the run wrapper: {exc.strerror}") from None
         pid_file = str(run_dir / "pid")
-        with anyio.move_on_after(PID_WAIT):
-            delay = 0.0005
-            while (found := read_pid_file(pid_file)) is None and wrapper.returncode is None:
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.05)
+        try:
+            try:
+                if self._spawn:
+                    try:
+                        wrapper = WrapperProcess.spawn(argv, env)
+                    except (AttributeError, NotImplementedError):  # no pidfd_open/setsid spawn
+                        self._spawn = False
+                if not self._spawn:
+                    wrapper = await anyio.open_process(
+                        argv,
+                        env=env,
+                        start_new_session=True,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+            except OSError as exc:
+                raise HostError(
+                    self.name, f"cannot start the run wrapper: {exc.strerror}"
+                ) from None
+            with anyio.move_on_after(PID_WAIT):
+                delay = 0.0005
+                # The pid file, or the exit file of a wrapper that could not start the agent.
+                while (
+                    read_pid_file(pid_file) is None
+                    and wrapper.returncode is None
+                    and read_exit_file(spec.run_dir) is None
+                ):
+                    if watcher is not None and wd is not None:
+                        await watcher.wait(wd, PID_SAFETY_POLL)
+                    else:
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 0.05)
+        finally:
+            if watcher is not None and wd is not None:
+                watcher.remove(wd)
         found = read_pid_file(pid_file)
         if found is None:
             # The wrapper could not start the agent (bad cwd, no setsid): it recorded an exit
