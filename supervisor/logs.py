@@ -10,8 +10,8 @@ that nothing was lost or reordered.  The JSONL file is the source of truth (``lo
 it); the terminal view is a rendering of the same records.
 
 Throughput matters: an agent can print hundreds of thousands of lines a second.  Output lines
-therefore take a fast path -- the record prefix is formatted once per chunk, the line is
-escaped by the C JSON encoder, writes are batched and flushed by a background task -- while
+therefore take a fast path -- a block of lines becomes its records in a few C passes over its
+bytes (:meth:`LogMux.output`), writes are batched and flushed by a background task -- while
 supervisor events go through structlog like any other structured log.
 """
 
