@@ -38,19 +38,6 @@ def _lock(host: Host, clone: str) -> anyio.Lock:
     return _locks.setdefault((host.name, clone), anyio.Lock())
 
 
-# Exit 0 when a registered worktree's directory is gone, or when that cannot be told (a
-# relative or unreadable gitdir): then `git worktree prune` decides.  Shell builtins only.
-_ANY_STALE_WORKTREE = r"""
-for g in "$1"/worktrees/*/gitdir; do
-    [ -e "$g" ] || continue
-    read -r p <"$g" || exit 0
-    case $p in /*) ;; *) exit 0 ;; esac
-    [ -e "$p" ] || exit 0
-done
-exit 1
-"""
-
-
 # A new worktree of a new branch, registered the way `git worktree add` registers it (the
 # layout of gitrepository-layout(5): worktrees/ID/{gitdir,commondir,HEAD,locked} and the
 # tree's `.git` file), then populated by the same `git reset --hard` git runs there.  `git
@@ -173,11 +160,10 @@ async def ensure_clone(
             await _git(host, "fetch", "--quiet", "origin", cwd=partial)
             await host.run(["mv", partial, path])
         branch = await detect_default_branch(host, path, default_branch)
-        # Forget worktrees removed by hand since the last fleet, once, before adding any --
-        # if there is one: `git worktree prune` reads every registration (70 ms for 1,000).
-        stale = await host.run(["sh", "-c", _ANY_STALE_WORKTREE, "sh", path], check=False)
-        if stale.exit_code == 0:
-            await _git(host, "worktree", "prune", cwd=path, check=False)
+        # Forget worktrees removed by hand since the last fleet, once, before adding any
+        # (~10 ms with 1,000 worktrees; a check of ours in sh first cost more: dash reads a
+        # file a byte at a time).
+        await _git(host, "worktree", "prune", cwd=path, check=False)
         main_tree = posixpath.join(path, "trees", "main")
         if not await host.exists(main_tree):
             await _git(host, "worktree", "add", "--quiet", main_tree, branch, cwd=path)
