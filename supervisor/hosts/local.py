@@ -330,7 +330,14 @@ class LocalRunHandle(RunHandle):
     async def output(self, offsets: Mapping[Stream, int] | None = None) -> AsyncIterator[Chunk]:
         start = dict(offsets or {})
         # Plain descriptors, positioned once: the reads are big and few, no buffer helps.
-        fds = {s: os.open(os.path.join(self.identity.run_dir, s), os.O_RDONLY) for s in STREAMS}
+        fds: dict[Stream, int] = {}
+        try:
+            for stream in STREAMS:
+                fds[stream] = os.open(os.path.join(self.identity.run_dir, stream), os.O_RDONLY)
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
         watcher = self._watcher
         wd: int | None = None
         if watcher is not None:
