@@ -119,42 +119,30 @@ async def test_subprocess_append_wakes_the_waiter(watcher: DirWatcher, tmp_path:
 
 
 @pytest.mark.anyio
-async def test_a_new_file_in_the_directory_wakes_the_waiter(
-    watcher: DirWatcher, tmp_path: Path
+@pytest.mark.parametrize("arrival", ["written", "renamed in"])
+async def test_a_file_arriving_in_the_directory_wakes_the_waiter(
+    watcher: DirWatcher, tmp_path: Path, arrival: str
 ) -> None:
-    directory = run_dir(tmp_path)
-    wd = watcher.add(str(directory), STREAMS)
-
-    async def create_exit() -> None:
-        await anyio.sleep(0.2)
-        (directory / "exit").write_text("0\n")
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(create_exit)
-            elapsed = await timed_wait(watcher, wd, timeout=30)
-    assert (directory / "exit").exists()
-    assert 0.15 <= elapsed < PROMPT
-
-
-@pytest.mark.anyio
-async def test_a_file_renamed_into_the_directory_wakes_the_waiter(
-    watcher: DirWatcher, tmp_path: Path
-) -> None:
+    """A file written in the directory (``exit``), or made outside it and renamed in (only the
+    rename lands in it), wakes the directory's waiter."""
     directory = run_dir(tmp_path)
     staging = tmp_path / "pid.tmp"
-    staging.write_text("123\n")  # made outside the directory: only the rename lands in it
+    staging.write_text("123\n")
+    target = directory / ("exit" if arrival == "written" else "pid")
     wd = watcher.add(str(directory), STREAMS)
 
-    async def move_in() -> None:
+    async def arrive() -> None:
         await anyio.sleep(0.2)
-        os.rename(staging, directory / "pid")
+        if arrival == "written":
+            target.write_text("0\n")
+        else:
+            os.rename(staging, target)
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(move_in)
+            tg.start_soon(arrive)
             elapsed = await timed_wait(watcher, wd, timeout=30)
-    assert (directory / "pid").read_text() == "123\n"
+    assert target.read_text() == ("0\n" if arrival == "written" else "123\n")
     assert 0.15 <= elapsed < PROMPT
 
 
