@@ -379,10 +379,19 @@ def read_all(paths: list[Path]) -> bytes:
     return b"".join(p.read_bytes() for p in paths if p.exists())
 
 
+def profile_header(name: str) -> str:
+    commit, dirty = code_state()
+    return (f"# scripts/bench --profile, commit {commit}"
+            f"{' + uncommitted changes in supervisor/' if dirty else ''}, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}: agentize-fleet `up` on the {name} workload under "
+            "pyinstrument (1 ms samples, wall time of the main thread: time in `select` is the "
+            "loop waiting)")
+
+
 def fleet_argv(config: Path, profile: Path | None = None) -> list[str]:
     if profile is not None:
-        return [str(FLEET_PY), str(BENCH / "profile_up.py"), str(profile), "up", "-c",
-                str(config), "-q"]
+        return [str(FLEET_PY), str(BENCH / "profile_up.py"), str(profile),
+                profile_header(profile.stem), "up", "-c", str(config), "-q"]
     return [str(FLEET), "up", "-c", str(config), "-q"]
 
 
@@ -423,6 +432,7 @@ class Throughput:
     up_wall: float | None = None
     shutdown: float | None = None
     jsonl_span: float | None = None
+    agents_cpu: float | None = None
 
     @property
     def expected(self) -> int:
@@ -528,6 +538,13 @@ def first_start(record: Path) -> float:
     return min(float(r[2]) for r in read_records(record) if r[0] == "start")
 
 
+def agents_cpu(record: Path) -> float | None:
+    """The CPU seconds (user + system) the workload processes spent, as each recorded its own
+    (``os.times``) after its last line: what writing the lines cost the writers."""
+    done = [float(r[4]) for r in read_records(record) if r[0] == "done" and len(r) > 4]
+    return sum(done) if done else None
+
+
 def flood_cmd(lines: int, ident: int | str, record: Path, hold: Path, block: int) -> list[str]:
     return [PY, "-S", str(WORKLOADS / "flood.py"), str(lines), str(ident), str(record), str(hold),
             str(block)]
@@ -563,6 +580,7 @@ def throughput_reference(work: Path, procs: int, lines: int, block: int) -> Thro
         for s in spawned:
             s.kill_all()
     result.first_start = first_start(record)
+    result.agents_cpu = agents_cpu(record)
     verify_files(result, files)
     return result
 
@@ -590,6 +608,7 @@ def throughput_supervisord(work: Path, procs: int, lines: int, block: int) -> Th
     finally:
         sup.kill_all()
     result.first_start = first_start(record)
+    result.agents_cpu = agents_cpu(record)
     verify_files(result, files)
     return result
 
@@ -617,6 +636,7 @@ def throughput_honcho(work: Path, procs: int, lines: int, block: int) -> Through
     finally:
         sup.kill_all()
     result.first_start = first_start(record)
+    result.agents_cpu = agents_cpu(record)
     verify_pattern(result, [sink], HONCHO_LINE)
     return result
 
@@ -653,6 +673,7 @@ def throughput_fleet(work: Path, procs: int, lines: int, block: int,
     finally:
         sup.kill_all()
     result.first_start = first_start(record)
+    result.agents_cpu = agents_cpu(record)
     path = fleet_jsonl(work)
     if path is None:
         raise BenchError("agentize-fleet wrote no fleet.jsonl")
@@ -1088,7 +1109,7 @@ class Bench:
         if not self.profile:
             return None
         PROFILES.mkdir(exist_ok=True)
-        return PROFILES / f"{name}.prof"
+        return PROFILES / f"{name}.txt"
 
     def add(self, workload: str, metric: str, raw: dict[str, float | None], better: str,
             digits: int = 1, text: dict[str, str] | None = None) -> None:
@@ -1145,6 +1166,9 @@ class Bench:
                      text={p: f"{r.arrived:,}/{r.expected:,} {'✓' if r.complete else '✗'}"
                            + (f" ({procs}×{r.lines:,})" if r.lines != s.lines else "")
                            for p, r in results.items()})
+            self.add(w, "the processes' own CPU µs per line (writing it)",
+                     {p: None if r.agents_cpu is None else 1e6 * r.agents_cpu / r.expected
+                      for p, r in results.items()}, "lower", 2)
             self.add(w, "supervisor CPU µs per line (until last line)",
                      {p: None if r.sup_cpu is None else 1e6 * r.sup_cpu / r.expected
                       for p, r in results.items()}, "lower", 2)
@@ -1296,7 +1320,7 @@ class Bench:
                     f"{multi.factor:.2f}×")
 
     def profile_fleet(self) -> None:
-        """agentize-fleet alone, under cProfile, on each workload: bench/profiles/*.txt."""
+        """agentize-fleet alone, under pyinstrument, on each workload: bench/profiles/*.txt."""
         s = self.sizes
         make_origin(self.work / "origin")
         todo = self.only or {"throughput", "restart", "idle", "scale"}
@@ -1386,22 +1410,8 @@ def write_results(block: str) -> None:
     RESULTS.write_text(text)
 
 
-def write_profiles() -> None:
-    import pstats
-
-    commit, dirty = code_state()
-    for prof in sorted(PROFILES.glob("*.prof")):
-        out = prof.with_suffix(".txt")
-        with open(out, "w") as fh:
-            fh.write(f"# scripts/bench --profile, commit {commit}"
-                     f"{' + uncommitted changes in supervisor/' if dirty else ''}, "
-                     f"{time.strftime('%Y-%m-%d %H:%M')}: agentize-fleet under cProfile "
-                     "(main thread, CPU time; times include the profiler's overhead)\n\n")
-            for key in ("tottime", "cumulative"):
-                fh.write(f"== {prof.stem}: top 35 by {key}\n")
-                stats = pstats.Stats(str(prof), stream=fh)
-                stats.strip_dirs().sort_stats(key).print_stats(35)
-        prof.unlink()
+def list_profiles() -> None:
+    for out in sorted(PROFILES.glob("*.txt")):
         log(f"profile: {out.relative_to(ROOT)}")
 
 
@@ -1414,9 +1424,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["throughput", "restart", "idle", "scale"],
                         help="run only this workload (repeatable)")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of the comparison: run agentize-fleet alone under cProfile "
-                        "on each workload (idle: just the measured window) and write the top "
-                        "functions to bench/profiles/*.txt")
+                        help="instead of the comparison: run agentize-fleet alone under "
+                        "pyinstrument on each workload (idle: just the measured window) and "
+                        "write its call trees to bench/profiles/*.txt")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep bench/.work/RUN afterwards")
     args = parser.parse_args(argv)
@@ -1439,7 +1449,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if args.profile:
-        write_profiles()
+        list_profiles()
         log(f"total {time.time() - started:.0f}s")
         return 0
     block = report(bench, args.quick, started)

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+
 def note(record: str, text: str) -> None:
     fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -49,7 +50,8 @@ def main() -> int:
         view = memoryview(chunk)
         while view:
             view = view[write(1, view) :]
-    note(record, f"done {ident} {time.time()!r} {pid}\n")
+    cpu = os.times()
+    note(record, f"done {ident} {time.time()!r} {pid} {cpu.user + cpu.system!r}\n")
     if hold:
         while not os.path.exists(hold):
             time.sleep(0.01)

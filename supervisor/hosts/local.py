@@ -49,6 +49,11 @@ from supervisor.hosts.base import (
 from supervisor.hosts.dirwatch import DirWatcher
 
 READ_SIZE = 256 * 1024
+# While output flows, read it at most this often (a pass that found a backlog goes on at once).
+# Reading as soon as every line lands costs the supervisor a pass per few lines, and the agents
+# a wake-up of the reader each; letting 10 ms of output gather makes the reads big and few, at
+# a delay nobody watching a log can see.  The end of the run cuts the wait short.
+BATCH_WINDOW = 0.01
 POLL_MIN = 0.005
 POLL_MAX = 0.5
 WATCH_SAFETY_POLL = 60.0  # with inotify: re-read anyway this often, should an event be missed
@@ -353,7 +358,7 @@ class LocalRunHandle(RunHandle):
                     watcher.arm(wd)  # before reading to the end: a later write wakes us
                 # ``exit`` is written after the agent's group is gone: all output is in the files.
                 ended = self._ended.is_set() or read_exit_file(self.identity.run_dir) is not None
-                got = False
+                got = backlog = False
                 for stream, fd in fds.items():
                     while data := os.read(fd, READ_SIZE):
                         got = True
@@ -361,9 +366,14 @@ class LocalRunHandle(RunHandle):
                         yield Chunk(stream, data, position[stream])
                         if len(data) < READ_SIZE:
                             break
+                        backlog = True
                 if got:
                     delay = POLL_MIN
-                    await anyio.lowlevel.checkpoint()
+                    if ended or backlog:
+                        await anyio.lowlevel.checkpoint()
+                    else:
+                        with anyio.move_on_after(BATCH_WINDOW):
+                            await self._ended.wait()
                     continue
                 if ended:
                     return
