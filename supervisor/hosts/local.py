@@ -390,10 +390,6 @@ class LocalRunHandle(RunHandle):
             if watcher is not None and wd is not None:
                 watcher.remove(wd)
 
-    def note_ended(self) -> None:
-        """Wake the output reader at once (the caller saw the run end)."""
-        self._ended.set()
-
 
 class LocalHost(Host):
     """This machine: subprocesses, files and psutil."""
