@@ -24,12 +24,14 @@ import anyio
 import anyio.abc
 
 from supervisor import control, report
+from supervisor.claim import Claimant, WorkdirInUse, claim_workdir, release_workdir
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
     STOP_WATCHDOG,
     Host,
     HostAuthError,
     HostError,
+    HostUnreachable,
     RunIdentity,
     Stream,
 )
@@ -57,6 +59,7 @@ EXIT_DEADLINE = 5
 EXIT_INTERRUPTED = 130
 
 STATE_WRITE_INTERVAL = 0.5
+LEASE_RENEWAL_WITHOUT_WATCHDOG = 30.0  # lease_timeout = 0: leases still say the fleet lives
 REPORT_TIMEOUT = 120.0
 
 
@@ -140,6 +143,9 @@ class Fleet:
         self._roots: dict[str, str] = {}
         self._services_tg: anyio.abc.TaskGroup | None = None
         self._extra_leases: dict[str, set[str]] = {}
+        self._claimant = Claimant.for_state_dir(config.state_path, self.fleet_id)
+        self._claims: dict[str, str] = {}  # machine -> its workdir, claimed for this fleet
+        self._claim_locks: dict[str, anyio.Lock] = {}
         self._dirty = anyio.Event()
         self._workers_tg: anyio.abc.TaskGroup | None = None
         self.deadline_hit = False
@@ -221,6 +227,12 @@ class Fleet:
         self._clone_turns[machine] = turn + 1
         index = turn % count
         key = f"{machine}#{index}"
+        try:
+            await self._claim(machine)
+        except WorkdirInUse as exc:
+            # It was unreachable at start-up and another fleet took it meanwhile.
+            self._refuse(machine, exc)
+            raise HostUnreachable(machine, exc.message) from None
         lock = self._clone_locks.setdefault(key, anyio.Lock())
         async with lock:
             if key not in self._clones:
@@ -239,6 +251,41 @@ class Fleet:
                 )
             return self._clones[key]
 
+    async def _claim(self, machine: str) -> None:
+        """Make sure this fleet holds ``machine``'s workdir (remote machines; once each).
+
+        The local workspace root is held by ``up``'s own lock; see :mod:`supervisor.claim`.
+        """
+        if machine == "local" or machine in self._claims:
+            return
+        async with self._claim_locks.setdefault(machine, anyio.Lock()):
+            if machine in self._claims:
+                return
+            host = self.hosts[machine]
+            workdir = await host.resolve_path(self._workdir(machine))
+            stale_after = self.config.lease_timeout or 4 * LEASE_RENEWAL_WITHOUT_WATCHDOG
+            await claim_workdir(
+                host, workdir, await self.lease_path(machine), self._claimant, stale_after
+            )
+            self._claims[machine] = workdir
+
+    def _refuse(self, machine: str, exc: HostError) -> None:
+        """Leave ``machine`` out of this fleet for good, with one line saying why."""
+        self.pool.capacity[machine] = 0
+        self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
+                       machine=machine, error=str(exc))
+        self.changed()
+
+    async def _release_claims(self) -> None:
+        """Give the claimed workdirs back, except where a run of ours may still live (a lost
+        link: its claim lapses with its lease, as the watchdog then stops the run)."""
+        lost = {w.status.machine for w in self.workers if w.status.state is WorkerState.LOST}
+        for machine, workdir in self._claims.items():
+            if machine in lost:
+                continue
+            with contextlib.suppress(Exception):
+                await release_workdir(self.hosts[machine], workdir, self._claimant)
+
     def _clone_count(self, machine: str) -> int:
         for m in self.config.machines:
             if m.name == machine and m.clones is not None:
@@ -248,8 +295,10 @@ class Fleet:
     async def _preflight(self) -> None:
         """Connect to every remote machine once, before any task is placed on it.
 
-        A machine that refuses us (authentication, host key) is left out of this fleet with one
-        clear line naming it; an unreachable one is retried later.  The fleet goes on with the
+        Each one's workdir is claimed for this fleet here (:mod:`supervisor.claim`).  A machine
+        that refuses us (authentication, host key) or whose workdir another live fleet holds is
+        left out of this fleet with one clear line naming it; an unreachable one is retried
+        later.  The fleet goes on with the
         others, and fails the tasks at once only if no machine can run anything.
         """
 
@@ -257,10 +306,9 @@ class Fleet:
             try:
                 with anyio.fail_after(60):
                     await host.run(["true"], timeout=30)
-            except HostAuthError as exc:
-                self.pool.capacity[name] = 0
-                self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
-                               machine=name, error=str(exc))
+                    await self._claim(name)
+            except (HostAuthError, WorkdirInUse) as exc:
+                self._refuse(name, exc)
             except (HostError, TimeoutError) as exc:
                 self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=name)
                 self.machine_lost(name)
@@ -450,6 +498,8 @@ class Fleet:
                 # no run it guards is left before it goes.
                 with anyio.move_on_after(15):
                     await self._dismiss_watchdogs()
+                with anyio.move_on_after(15):
+                    await self._release_claims()
                 for host in self.hosts.values():
                     with contextlib.suppress(Exception):
                         await host.aclose()

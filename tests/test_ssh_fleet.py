@@ -27,7 +27,17 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import MARK, ROOT, FleetRun, Harness, git, marked_processes, task, wait_for
+from conftest import (
+    MARK,
+    ROOT,
+    FleetRun,
+    Harness,
+    Started,
+    git,
+    marked_processes,
+    task,
+    wait_for,
+)
 
 from tests import sshd as machines
 from tests.sshd import SSHD, SSHD_BINARY, keygen, session_processes
@@ -570,19 +580,28 @@ def test_machine_unreachable_too_long_reports_lost_or_requeues(
              3 + 5 + 10, "the stranded remote agent to be stopped")
 
 
-def test_status_and_down_for_a_remote_run(fleet: Harness, sshd: SSHD, tmp_path: Path) -> None:
-    """``status`` shows a remote run's pid, machine and its tree's RSS (``ps`` over the link);
-    ``down`` stops it there."""
-    from tests.fleet_helpers import cli, wait_states, workers_by_task
+def one_remote_run(
+    fleet: Harness, sshd: SSHD, workdir: Path, plan: str
+) -> tuple[Path, Started, dict[str, Any]]:
+    """Start a fleet whose one task runs ``plan`` on machine ``m1``; return once it runs."""
+    from tests.fleet_helpers import wait_states
 
-    wd = tmp_path / "m1-work"
     config = ssh_config(
-        fleet, [task(1, "grandchildren:1+hang")], local={"max_agents": 0},
-        machines=[machine(sshd, "m1", wd, max_agents=1)], stop_timeout=2,
+        fleet, [task(1, plan)], local={"max_agents": 0},
+        machines=[machine(sshd, "m1", workdir, max_agents=1)], stop_timeout=2,
     )
     path = fleet.write(config)
     started = fleet.start(path)
-    status = wait_states(started, {1: "running"}, timeout=40)
+    return path, started, wait_states(started, {1: "running"}, timeout=40)
+
+
+def test_status_and_down_for_a_remote_run(fleet: Harness, sshd: SSHD, tmp_path: Path) -> None:
+    """``status`` shows a remote run's pid, machine and its tree's RSS (``ps`` over the link);
+    ``down`` stops it there."""
+    from tests.fleet_helpers import cli, workers_by_task
+
+    wd = tmp_path / "m1-work"
+    path, started, status = one_remote_run(fleet, sshd, wd, "grandchildren:1+hang")
     row = workers_by_task(status)[1]
     assert row["machine"] == "m1" and row["pid"]
 
@@ -603,3 +622,84 @@ def test_status_and_down_for_a_remote_run(fleet: Harness, sshd: SSHD, tmp_path: 
     assert not psutil.pid_exists(row["pid"]) or (
         psutil.Process(row["pid"]).status() == psutil.STATUS_ZOMBIE
     )
+
+
+# -- 7. one fleet per remote workdir ------------------------------------------------------------
+
+
+def _claim_file(workdir: Path) -> Path:
+    return workdir / ".agentize-fleet" / "claim"
+
+
+def test_a_second_fleet_is_kept_out_of_a_workdir_in_use(
+    fleet: Harness, sshd: SSHD, tmp_path: Path
+) -> None:
+    """Two fleets (two state directories) on one machine's workdir: the second is refused that
+    machine with a line naming the first; once the first has ended, the second gets it."""
+    from conftest import Harness as Controller
+
+    from tests.fleet_helpers import cli, workers_by_task
+
+    wd = tmp_path / "shared-work"
+    path, started, status = one_remote_run(fleet, sshd, wd, "hang")
+    claim = _claim_file(wd).read_text().splitlines()
+    assert claim[2].startswith(f"fleet {status['fleet']} ") and str(fleet.state_dir) in claim[2]
+
+    (tmp_path / "other").mkdir()
+    other = Controller(tmp_path / "other", fleet.origin)
+    second = ssh_config(
+        fleet, [task(2, "finish")], local={"max_agents": 0},
+        machines=[machine(sshd, "m1", wd, max_agents=1)],
+        state_dir=str(other.state_dir), workspace_root=str(other.workspace_root),
+    )
+    refused = other.run(other.write(second))
+    assert refused.returncode == 1, refused.explain()
+    no_traceback(refused)
+    record = one_line_event(refused, "machine-refused", "m1")
+    for words in (f"in use by fleet {status['fleet']}", str(fleet.state_dir), "workdir"):
+        assert words in record["line"], record["line"]
+    assert refused.task_summary(2)["state"] == "failed"
+    assert not [r for r in fleet.agent_records("start") if r["issue"] == 2]
+    assert psutil.pid_exists(workers_by_task(status)[1]["pid"]), "the first fleet's agent lives"
+
+    down = cli(fleet, path, "down")
+    assert down.returncode == 0, down.stderr
+    assert started.wait(30).returncode == 130
+    assert not _claim_file(wd).exists(), "an ended fleet gives its workdir back"
+
+    again = other.run(other.write(second))
+    assert again.returncode == 0, again.explain()
+    assert again.task_summary(2)["state"] == "done"
+    assert again.task_summary(2)["machine"] == "m1"
+    assert not _claim_file(wd).exists()
+
+
+@pytest.mark.parametrize("lease_age", [5.0, 3600.0])
+def test_a_claim_counts_while_its_lease_is_fresh(
+    fleet: Harness, sshd: SSHD, tmp_path: Path, lease_age: float
+) -> None:
+    """A claim left by another controller holds while its lease is younger than
+    ``lease_timeout``, and is taken over once it is older (that fleet is gone)."""
+    wd = tmp_path / "m1-work"
+    lease = wd / ".agentize-fleet" / "runs" / "someone-else" / "lease"
+    lease.parent.mkdir(parents=True)
+    lease.touch()
+    then = time.time() - lease_age
+    os.utime(lease, (then, then))
+    _claim_file(wd).write_text(f"0123456789abcdef\n{lease}\nfleet someone-else (elsewhere)\n")
+    config = ssh_config(
+        fleet, [task(1, "finish")], local={"max_agents": 0},
+        machines=[machine(sshd, "m1", wd, max_agents=1)], lease_timeout=600,
+    )
+    result = run(fleet, config)
+    no_traceback(result)
+    if lease_age < 600:
+        assert result.returncode == 1, result.explain()
+        line = one_line_event(result, "machine-refused", "m1")["line"]
+        assert "in use by fleet someone-else (elsewhere)" in line, line
+        assert fleet.agent_records() == []
+        assert _claim_file(wd).read_text().startswith("0123456789abcdef\n")
+    else:
+        assert result.returncode == 0, result.explain()
+        assert result.task_summary(1)["state"] == "done"
+        assert not _claim_file(wd).exists()

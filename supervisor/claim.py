@@ -1,0 +1,128 @@
+"""Which fleet may use a remote machine's ``workdir``: the claim.
+
+Two fleets must never share worker clones: both would make ``trees/issue-N``, run agents in
+the same worktree and prune each other's registrations.  Locally the workspace root's
+``flock`` (:func:`supervisor.rundir.acquire_lock`) keeps a second ``up`` out, held by the
+``up`` process itself.  A remote ``workdir`` has no process of ours that lives exactly as long
+as the fleet: the SSH link may drop and come back while the fleet and its runs go on.  What
+does live as long as the fleet there is its **lease** (``.agentize-fleet/runs/FLEET/lease``),
+which the fleet renews every ``lease_timeout / 4`` seconds (every 30 s when the watchdog is
+off) and whose staleness already means "this fleet is gone" to the run wrappers' watchdog.
+
+So the claim is a file, ``WORKDIR/.agentize-fleet/claim``, naming its holder and the holder's
+lease.  A fleet may take it when it is free, when it holds it already, when the holder is the
+same controller (the same state directory on the same host: the next ``up`` after a dead one,
+come to re-adopt its runs — one ``up`` per state directory is the local lock's job), or when
+the holder's lease is stale.  Otherwise the machine is left out of the fleet with a message
+naming the other fleet.  Claims are made and released under ``flock(1)`` on a file next to it,
+so two fleets starting at once do not both win.  POSIX sh, coreutils and util-linux only, as
+the run wrapper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.hosts.base import Host, HostError
+
+CLAIM_DIR = ".agentize-fleet"
+
+# sh -c CLAIM sh WORKDIR HOLDER LEASE STALE_AFTER DESCRIPTION
+# Exit 0: ours (the lease is touched, so it is fresh from this moment).  Exit 75: held by a
+# live fleet; stdout says "AGE DESCRIPTION" of the holder.  Any other exit: could not tell.
+_CLAIM = r"""
+set -u
+dir=$1/.agentize-fleet holder=$2 lease=$3 stale=$4 desc=$5
+mkdir -p -- "$dir" "$(dirname -- "$lease")" || exit 2
+exec 9>>"$dir/claim.lock" || exit 2
+flock -w 30 9 || { echo "cannot lock $dir/claim.lock" >&2; exit 2; }
+if { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$dir/claim" 2>/dev/null &&
+    [ "$h" != "$holder" ] && [ -e "$l" ]; then
+    age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))
+    if [ "$age" -lt "$stale" ]; then
+        echo "$age $d"
+        exit 75
+    fi
+fi
+touch -- "$lease" || exit 2
+printf '%s\n%s\n%s\n' "$holder" "$lease" "$desc" >"$dir/claim.new" &&
+    mv -f -- "$dir/claim.new" "$dir/claim"
+"""
+
+# sh -c RELEASE sh WORKDIR HOLDER: remove the claim if it is still ours.
+_RELEASE = r"""
+dir=$1/.agentize-fleet
+[ -e "$dir/claim" ] || exit 0
+exec 9>>"$dir/claim.lock" || exit 2
+flock -w 10 9 || exit 2
+IFS= read -r h <"$dir/claim" 2>/dev/null && [ "$h" = "$2" ] && rm -f -- "$dir/claim"
+exit 0
+"""
+
+_IN_USE = 75
+
+
+class WorkdirInUse(HostError):
+    """Another fleet, alive, holds the machine's ``workdir``."""
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """This controller, as a claim names it: ``holder`` is the same for every ``up`` on the same
+    state directory of the same host (so a successor recognises its predecessor's claim)."""
+
+    holder: str
+    description: str
+
+    @classmethod
+    def for_state_dir(cls, state_dir: Path, fleet_id: str) -> Claimant:
+        host = socket.gethostname()
+        where = str(state_dir.resolve())
+        digest = hashlib.sha256(f"{host}\0{where}".encode()).hexdigest()[:16]
+        return cls(digest, f"fleet {fleet_id} (state directory {where} on {host})")
+
+
+async def claim_workdir(
+    host: Host, workdir: str, lease: str, claimant: Claimant, stale_after: float
+) -> None:
+    """Take ``workdir`` on ``host`` for this fleet, or raise :class:`WorkdirInUse`.
+
+    ``lease`` is this fleet's lease on the machine (touched here, renewed by the fleet);
+    ``stale_after`` is how old another holder's lease may be before it counts as gone.
+    """
+    result = await host.run(
+        [
+            "sh", "-c", _CLAIM, "sh", workdir, claimant.holder, lease,
+            str(max(1, round(stale_after))), claimant.description,
+        ],
+        check=False,
+        timeout=60,
+    )
+    if result.exit_code == 0:
+        return
+    if result.exit_code == _IN_USE:
+        age, _, other = result.stdout.strip().partition(" ")
+        raise WorkdirInUse(
+            host.name,
+            f"its workdir {workdir} is in use by {other or 'another fleet'}, whose lease was "
+            f"renewed {age}s ago: two fleets must not share worker clones. Give this fleet "
+            f"another `workdir` for {host.name}, or stop the other fleet (its claim lapses "
+            f"{round(stale_after)}s after it last renewed its lease)",
+        )
+    detail = (result.stderr or result.stdout).strip().splitlines()
+    raise HostError(
+        host.name,
+        f"cannot claim its workdir {workdir} (exit {result.exit_code}"
+        + (f": {detail[-1]}" if detail else "")
+        + ")",
+    )
+
+
+async def release_workdir(host: Host, workdir: str, claimant: Claimant) -> None:
+    """Give ``workdir`` back (if the claim is still ours): the next fleet need not wait."""
+    await host.run(
+        ["sh", "-c", _RELEASE, "sh", workdir, claimant.holder], check=False, timeout=15
+    )
