@@ -15,8 +15,8 @@ same controller (the same state directory on the same host: the next ``up`` afte
 come to re-adopt its runs — one ``up`` per state directory is the local lock's job), or when
 the holder's lease is stale.  Otherwise the machine is left out of the fleet with a message
 naming the other fleet.  Claims are made and released under ``flock(1)`` on a file next to it,
-so two fleets starting at once do not both win.  POSIX sh, coreutils and util-linux only, as
-the run wrapper.
+so two fleets starting at once do not both win (where ``flock`` is missing, claims go
+unserialised rather than failing).  POSIX sh and coreutils, as the run wrapper.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ set -u
 dir=$1/.agentize-fleet holder=$2 lease=$3 stale=$4 desc=$5
 mkdir -p -- "$dir" "$(dirname -- "$lease")" || exit 2
 exec 9>>"$dir/claim.lock" || exit 2
-flock -w 30 9 || { echo "cannot lock $dir/claim.lock" >&2; exit 2; }
+if command -v flock >/dev/null 2>&1; then
+    flock -w 30 9 || { echo "cannot lock $dir/claim.lock" >&2; exit 2; }
+fi
 if { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$dir/claim" 2>/dev/null &&
     [ "$h" != "$holder" ] && [ -e "$l" ]; then
     age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))
@@ -57,7 +59,7 @@ _RELEASE = r"""
 dir=$1/.agentize-fleet
 [ -e "$dir/claim" ] || exit 0
 exec 9>>"$dir/claim.lock" || exit 2
-flock -w 10 9 || exit 2
+if command -v flock >/dev/null 2>&1; then flock -w 10 9 || exit 2; fi
 IFS= read -r h <"$dir/claim" 2>/dev/null && [ "$h" = "$2" ] && rm -f -- "$dir/claim"
 exit 0
 """
@@ -67,6 +69,11 @@ _IN_USE = 75
 
 class WorkdirInUse(HostError):
     """Another fleet, alive, holds the machine's ``workdir``."""
+
+
+class ClaimFailed(HostError):
+    """The claim could not be read or written (permissions, a full disk): the machine cannot
+    be used safely, and retrying will not help."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ async def claim_workdir(
             f"{round(stale_after)}s after it last renewed its lease)",
         )
     detail = (result.stderr or result.stdout).strip().splitlines()
-    raise HostError(
+    raise ClaimFailed(
         host.name,
         f"cannot claim its workdir {workdir} (exit {result.exit_code}"
         + (f": {detail[-1]}" if detail else "")

@@ -24,7 +24,13 @@ import anyio
 import anyio.abc
 
 from supervisor import control, report
-from supervisor.claim import Claimant, WorkdirInUse, claim_workdir, release_workdir
+from supervisor.claim import (
+    Claimant,
+    ClaimFailed,
+    WorkdirInUse,
+    claim_workdir,
+    release_workdir,
+)
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
     STOP_WATCHDOG,
@@ -229,8 +235,8 @@ class Fleet:
         key = f"{machine}#{index}"
         try:
             await self._claim(machine)
-        except WorkdirInUse as exc:
-            # It was unreachable at start-up and another fleet took it meanwhile.
+        except (WorkdirInUse, ClaimFailed) as exc:
+            # It was unreachable at start-up (another fleet may have taken it meanwhile).
             self._refuse(machine, exc)
             raise HostUnreachable(machine, exc.message) from None
         lock = self._clone_locks.setdefault(key, anyio.Lock())
@@ -307,7 +313,7 @@ class Fleet:
                 with anyio.fail_after(60):
                     await host.run(["true"], timeout=30)
                     await self._claim(name)
-            except (HostAuthError, WorkdirInUse) as exc:
+            except (HostAuthError, WorkdirInUse, ClaimFailed) as exc:
                 self._refuse(name, exc)
             except (HostError, TimeoutError) as exc:
                 self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=name)

@@ -703,3 +703,23 @@ def test_a_claim_counts_while_its_lease_is_fresh(
         assert result.returncode == 0, result.explain()
         assert result.task_summary(1)["state"] == "done"
         assert not _claim_file(wd).exists()
+
+
+def test_a_workdir_that_cannot_be_claimed_is_left_out(
+    fleet: Harness, sshd: SSHD, tmp_path: Path
+) -> None:
+    """A claim that cannot be written (here a file where its directory goes) refuses the
+    machine with the shell's reason, not a traceback or a failed task per attempt."""
+    wd = tmp_path / "m1-work"
+    wd.mkdir()
+    (wd / ".agentize-fleet").write_text("not a directory\n")
+    config = ssh_config(
+        fleet, [task(1, "finish")], local={"max_agents": 1},
+        machines=[machine(sshd, "m1", wd, max_agents=1)],
+    )
+    result = run(fleet, config)
+    assert result.returncode == 0, result.explain()
+    no_traceback(result)
+    line = one_line_event(result, "machine-refused", "m1")["line"]
+    assert f"cannot claim its workdir {wd}" in line, line
+    assert result.task_summary(1)["machine"] == "local"
