@@ -151,6 +151,9 @@ case "$lease_timeout" in
         watchdog </dev/null >/dev/null 2>&1 &
         ticks_of "$!"
         echo "$! $_t" >"$dog"  # named at once: the next run to start finds it alive
+        # Every watchdog started for this lease: the fleet's dismissal ends them all, the one
+        # named and any other not yet gone (one that lost the naming leaves only at a look).
+        echo "$! $_t" >>"$dog.all"
     fi
     ;;
 esac

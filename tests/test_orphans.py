@@ -361,3 +361,51 @@ def test_a_run_adopted_twice_loses_and_repeats_nothing(fleet: Harness) -> None:
     ]
     assert logged == file_lines(Path(row["run_dir"], "stdout"))
     assert [p for p in agent_pids(fleet).values() if alive(p)] == []
+
+
+@pytest.mark.parametrize("all_ended", [True, False])
+def test_dismissal_ends_every_watchdog_of_the_lease_once_its_runs_have_ended(
+    tmp_path: Path, all_ended: bool
+) -> None:
+    """The fleet's end stops the watchdog named in LEASE.dog and any other listed in
+    LEASE.dog.all (two runs starting at once may each have started one), but only once every
+    registered run has its exit file; a process whose start time differs is never signalled."""
+    from supervisor.hosts.base import STOP_WATCHDOG
+
+    lease = tmp_path / "lease"
+    runs = [tmp_path / "run-1", tmp_path / "run-2"]
+    for run in runs:
+        run.mkdir()
+    (runs[0] / "exit").write_text("0\n")
+    if all_ended:
+        (runs[1] / "exit").write_text("143\n")
+    Path(f"{lease}.runs").write_text("".join(f"{r}\n" for r in runs))
+    dogs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        ticks = [start_ticks(d.pid) for d in dogs]
+        named, other, stranger = dogs
+        Path(f"{lease}.dog").write_text(f"{named.pid} {ticks[0]}\n")
+        Path(f"{lease}.dog.all").write_text(
+            f"{other.pid} {ticks[1]}\n{named.pid} {ticks[0]}\n{stranger.pid} {ticks[2] + 1}\n"
+        )
+        done = subprocess.run(
+            ["sh", "-c", STOP_WATCHDOG, "sh", str(lease)], timeout=10, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr
+
+        def code(proc: subprocess.Popen[bytes], expect_dead: bool) -> int | None:
+            try:  # a signalled one is seen dead within 5 s; a spared one still lives after 0.5 s
+                return proc.wait(timeout=5 if expect_dead else 0.5)
+            except subprocess.TimeoutExpired:
+                return None
+
+        codes = [code(d, all_ended and d is not stranger) for d in dogs]
+        if all_ended:
+            assert codes[:2] == [-signal.SIGTERM, -signal.SIGTERM], codes
+        else:
+            assert codes[:2] == [None, None], codes
+        assert codes[2] is None, "a pid whose start time does not match was signalled"
+    finally:
+        for d in dogs:
+            d.kill()
+            d.wait(timeout=5)

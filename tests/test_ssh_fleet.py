@@ -723,3 +723,37 @@ def test_a_workdir_that_cannot_be_claimed_is_left_out(
     line = one_line_event(result, "machine-refused", "m1")["line"]
     assert f"cannot claim its workdir {wd}" in line, line
     assert result.task_summary(1)["machine"] == "local"
+
+
+def test_status_cpu_of_a_remote_run_is_recent_not_a_lifetime_average(
+    fleet: Harness, sshd: SSHD, tmp_path: Path
+) -> None:
+    """``status`` shows a remote run's CPU% since its last look (as for local runs), not ps's
+    lifetime average: an agent that spun for 3 s and now sleeps reads ~0%."""
+    from tests.fleet_helpers import cli, workers_by_task
+
+    path, started, status = one_remote_run(fleet, sshd, tmp_path / "m1-work", "busy:3+hang")
+    pid = workers_by_task(status)[1]["pid"]
+    agent = psutil.Process(pid)
+
+    def cpu_now() -> float | None:
+        done = cli(fleet, path, "status", "--json")
+        row = workers_by_task(json.loads(done.stdout)).get(1, {}) if done.returncode == 0 else {}
+        value = row.get("cpu_percent")
+        return float(value) if isinstance(value, int | float) else None
+
+    seen: list[float] = []
+
+    def settled() -> bool:
+        value = cpu_now()
+        if value is not None:
+            seen.append(value)
+        spent = sum(agent.cpu_times()[:2])
+        return spent >= 2.9 and value is not None and value < 5.0 and len(seen) >= 2
+
+    wait_for(settled, 40, f"a recent CPU% under 5 once the agent sleeps (seen {seen})")
+    assert max(seen) >= 50.0, seen  # while it spun
+    lifetime = 100.0 * sum(agent.cpu_times()[:2]) / (time.time() - agent.create_time())
+    assert lifetime > 20.0, lifetime  # what a lifetime average would still say
+    assert cli(fleet, path, "down").returncode == 0
+    assert started.wait(30).returncode == 130

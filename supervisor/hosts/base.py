@@ -36,19 +36,24 @@ KILL_SETTLE = 5.0  # after SIGKILL, how long to wait for the wrapper to record t
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 
-#: Ends the lease watchdog of ``runner.sh`` (argument: the lease file) once every run it guards
-#: has ended, rather than at its next look, up to a third of the lease timeout later.  A run
-#: still going (on a machine the fleet lost, say) keeps it.
+#: Ends the lease watchdogs of ``runner.sh`` (argument: the lease file) once every run they
+#: guard has ended, rather than at their next look, up to a third of the lease timeout later.  A
+#: run still going (on a machine the fleet lost, say) keeps them.  Every watchdog ever started
+#: for the lease is listed in ``LEASE.dog.all`` (``LEASE.dog`` names the one in charge): two
+#: runs starting at once may each start one, and the one not named would otherwise linger
+#: until its next look.
 STOP_WATCHDOG = r"""
 while read -r rd; do
     [ -e "$rd/exit" ] || exit 0
 done <"$1.runs"
-read -r pid ticks <"$1.dog" || exit 0
-read -r st <"/proc/$pid/stat" || exit 0
 f() { t=${20}; }
-set -f
-f ${st##*) }
-[ "$t" = "$ticks" ] && kill "$pid"
+cat -- "$1.dog.all" "$1.dog" 2>/dev/null | while read -r pid ticks; do
+    read -r st <"/proc/$pid/stat" 2>/dev/null || continue
+    set -f
+    f ${st##*) }
+    set +f
+    [ "$t" = "$ticks" ] && kill "$pid" 2>/dev/null
+done
 exit 0
 """
 

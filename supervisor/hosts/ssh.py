@@ -277,7 +277,19 @@ _TREE = (
     + r"""
 pid=$1
 [ "$(leader_state "$pid" "$2")" != other ] || exit 0
-ps -o pid=,rss=,pcpu=,stat= -s "$pid" 2>/dev/null || true
+echo "hz $(getconf CLK_TCK 2>/dev/null || echo 100)"
+# Each process of the session, with the CPU ticks it has used (utime + stime, fields 14 and 15
+# of /proc/PID/stat): two looks give its CPU% in between, where ps's %CPU is a lifetime average.
+ps -o pid=,rss=,pcpu=,stat= -s "$pid" 2>/dev/null | while read -r p r c s; do
+    t=""
+    if read -r st <"/proc/$p/stat" 2>/dev/null; then
+        set -f
+        set -- ${st##*) }
+        set +f
+        t=$((${12} + ${13}))
+    fi
+    echo "$p $r $c $s $t"
+done
 """
 )
 
@@ -807,6 +819,16 @@ class _Stop:
     link_error: HostError | None = None
 
 
+@dataclass(frozen=True)
+class _TreeRow:
+    """One process of a remote run's session, as ``_TREE`` lists it."""
+
+    pid: int
+    rss_kib: int
+    lifetime_cpu: float  # ps's %CPU: CPU time over the process's whole life
+    ticks: int | None  # CPU ticks used so far (None: /proc could not be read)
+
+
 class SSHRunHandle(RunHandle):
     """A run on an SSH machine, followed through the files of its run directory."""
 
@@ -817,6 +839,8 @@ class SSHRunHandle(RunHandle):
         self._lost: str | None = None
         # Set when an output stream saw the run end: wait() looks again at once.
         self._ended = asyncio.Event()
+        # The last look at the tree's CPU: (monotonic time, CPU ticks by pid).
+        self._cpu_seen: tuple[float, dict[int, int]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -1028,32 +1052,47 @@ class SSHRunHandle(RunHandle):
         if code != 0:
             raise HostError(self._name, f"cannot signal the run: {_decode(err).strip()}")
 
-    async def _tree(self) -> list[tuple[int, int, float]]:
+    async def _tree(self) -> tuple[list[_TreeRow], int]:
+        """The live processes of the run's session, and the host's clock ticks per second."""
         if self.identity.pid <= 1:
-            return []
+            return [], 100
         code, out, err = await self.host._script(
             _TREE, str(self.identity.pid), str(self.identity.start_ticks)
         )
         if code != 0:
             raise HostError(self._name, f"cannot list the run's processes: {_decode(err).strip()}")
-        rows = []
+        rows, hz = [], 100
         for line in _decode(out).splitlines():
             fields = line.split()
-            if len(fields) != 4 or fields[3].startswith("Z"):
+            if len(fields) == 2 and fields[0] == "hz" and fields[1].isdigit():
+                hz = int(fields[1]) or 100
+                continue
+            if len(fields) not in (4, 5) or fields[3].startswith("Z"):
                 continue  # zombies are dead, only not reaped yet
             try:
-                rows.append((int(fields[0]), int(fields[1]), float(fields[2])))
+                ticks = int(fields[4]) if len(fields) == 5 else None
+                rows.append(_TreeRow(int(fields[0]), int(fields[1]), float(fields[2]), ticks))
             except ValueError:
                 continue
-        return rows
+        return rows, hz
 
     async def alive(self) -> bool:
-        return bool(await self._tree())
+        rows, _ = await self._tree()
+        return bool(rows)
 
     async def stats(self) -> TreeStats:
-        rows = await self._tree()
+        rows, hz = await self._tree()
+        now = time.monotonic()
+        ticks = {r.pid: r.ticks for r in rows if r.ticks is not None}
+        seen, self._cpu_seen = self._cpu_seen, (now, ticks)
+        if seen is None or now <= seen[0]:
+            cpu = sum(r.lifetime_cpu for r in rows)  # the first look: ps's lifetime average
+        else:
+            since, before = seen
+            used = sum(max(0, t - before.get(pid, 0)) for pid, t in ticks.items())
+            cpu = 100.0 * used / hz / (now - since)
         return TreeStats(
             processes=len(rows),
-            cpu_percent=sum(r[2] for r in rows),
-            rss_bytes=sum(r[1] for r in rows) * 1024,
+            cpu_percent=cpu,
+            rss_bytes=sum(r.rss_kib for r in rows) * 1024,
         )
