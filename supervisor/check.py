@@ -31,6 +31,14 @@ esac
 d=$wd
 while [ ! -e "$d" ] && [ "$d" != / ] && [ -n "$d" ]; do d=$(dirname -- "$d"); done
 df -Pk -- "$d" 2>/dev/null | awk 'NR == 2 { print "disk_kib=" $4 }'
+# The workdir's claim (supervisor/claim.py): which fleet holds it, and how fresh its lease is.
+claim=$wd/.agentize-fleet/claim
+if { IFS= read -r h && IFS= read -r l && IFS= read -r c; } <"$claim" 2>/dev/null && [ -e "$l" ]
+then
+    echo "claim_holder=$h"
+    echo "claim_age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))"
+    echo "claim_by=$c"
+fi
 if [ -r /proc/loadavg ]; then
     read -r l rest </proc/loadavg && echo "load=$l"
 else
@@ -85,8 +93,19 @@ def _parse_git(line: str) -> str | None:
     return text
 
 
-async def check_machine(host: Host, *, agent_executable: str, workdir: str) -> CheckRow:
-    """Check one machine; never raises for a machine's problems (they go to ``error``)."""
+async def check_machine(
+    host: Host,
+    *,
+    agent_executable: str,
+    workdir: str,
+    holder: str = "",
+    stale_after: float = 300.0,
+) -> CheckRow:
+    """Check one machine; never raises for a machine's problems (they go to ``error``).
+
+    A workdir claimed by another fleet (not ``holder``, this controller's claim name) whose
+    lease is younger than ``stale_after`` is a problem too: ``up`` would leave the machine out.
+    """
     name = host.name
     try:
         result = await host.run(
@@ -134,6 +153,12 @@ async def check_machine(host: Host, *, agent_executable: str, workdir: str) -> C
         problems.append(f"agent {agent_executable!r} not found on PATH")
     if free_disk is None:
         problems.append(f"cannot measure free disk at {workdir}")
+    age = values.get("claim_age", "")
+    if values.get("claim_holder", holder) != holder and age.isdigit() and int(age) < stale_after:
+        problems.append(
+            f"workdir in use by {values.get('claim_by') or 'another fleet'} "
+            f"(lease renewed {age}s ago)"
+        )
     return CheckRow(
         machine=name,
         reachable=True,

@@ -65,6 +65,13 @@ exit 0
 """
 
 _IN_USE = 75
+LEASE_RENEWAL_WITHOUT_WATCHDOG = 30.0  # lease_timeout = 0: leases still say the fleet lives
+
+
+def stale_after(lease_timeout: float) -> float:
+    """How long after its last renewal another fleet's lease counts as gone: the watchdog's
+    ``lease_timeout``, or four renewals when the watchdog is off."""
+    return lease_timeout or 4 * LEASE_RENEWAL_WITHOUT_WATCHDOG
 
 
 class WorkdirInUse(HostError):

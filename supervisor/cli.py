@@ -361,6 +361,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Connect to every machine and tell whether it can run agents (exit 1 if one cannot)."""
     from supervisor.check import check_machine, format_check_table
+    from supervisor.claim import Claimant, stale_after
     from supervisor.hosts.local import LocalHost
 
     config = _load(args)
@@ -369,13 +370,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     agent = config.agent_command[0]
     workdirs = {"local": str(config.resolve(config.workspace_root))}
     workdirs.update({m.name: m.workdir for m in config.machines})
+    holder = Claimant.for_state_dir(config.state_path, "-").holder
 
     async def check_all() -> list[Any]:
         rows: dict[str, Any] = {}
 
         async def one(name: str) -> None:
-            rows[name] = await check_machine(hosts[name], agent_executable=agent,
-                                             workdir=workdirs[name])
+            rows[name] = await check_machine(
+                hosts[name], agent_executable=agent, workdir=workdirs[name], holder=holder,
+                stale_after=stale_after(config.lease_timeout),
+            )
 
         try:
             async with anyio.create_task_group() as tg:

@@ -25,11 +25,13 @@ import anyio.abc
 
 from supervisor import control, report
 from supervisor.claim import (
+    LEASE_RENEWAL_WITHOUT_WATCHDOG,
     Claimant,
     ClaimFailed,
     WorkdirInUse,
     claim_workdir,
     release_workdir,
+    stale_after,
 )
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
@@ -65,7 +67,6 @@ EXIT_DEADLINE = 5
 EXIT_INTERRUPTED = 130
 
 STATE_WRITE_INTERVAL = 0.5
-LEASE_RENEWAL_WITHOUT_WATCHDOG = 30.0  # lease_timeout = 0: leases still say the fleet lives
 REPORT_TIMEOUT = 120.0
 
 
@@ -269,9 +270,12 @@ class Fleet:
                 return
             host = self.hosts[machine]
             workdir = await host.resolve_path(self._workdir(machine))
-            stale_after = self.config.lease_timeout or 4 * LEASE_RENEWAL_WITHOUT_WATCHDOG
             await claim_workdir(
-                host, workdir, await self.lease_path(machine), self._claimant, stale_after
+                host,
+                workdir,
+                await self.lease_path(machine),
+                self._claimant,
+                stale_after(self.config.lease_timeout),
             )
             self._claims[machine] = workdir
 
@@ -378,7 +382,8 @@ class Fleet:
             await anyio.sleep(max(STATE_WRITE_INTERVAL, 20 * (time.perf_counter() - began)))
 
     async def _keep_leases(self) -> None:
-        interval = max(0.5, self.config.lease_timeout / 4) if self.config.lease_timeout else 30.0
+        timeout = self.config.lease_timeout
+        interval = max(0.5, timeout / 4) if timeout else LEASE_RENEWAL_WITHOUT_WATCHDOG
         while True:
             for name, host in self.hosts.items():
                 paths = set(self._extra_leases.get(name, ()))

@@ -631,6 +631,16 @@ def _claim_file(workdir: Path) -> Path:
     return workdir / ".agentize-fleet" / "claim"
 
 
+def _foreign_claim(workdir: Path, holder: str, lease_age: float) -> None:
+    """A claim as another controller's fleet leaves it, its lease renewed ``lease_age`` ago."""
+    lease = workdir / ".agentize-fleet" / "runs" / "someone-else" / "lease"
+    lease.parent.mkdir(parents=True)
+    lease.touch()
+    then = time.time() - lease_age
+    os.utime(lease, (then, then))
+    _claim_file(workdir).write_text(f"{holder}\n{lease}\nfleet someone-else (elsewhere)\n")
+
+
 def test_a_second_fleet_is_kept_out_of_a_workdir_in_use(
     fleet: Harness, sshd: SSHD, tmp_path: Path
 ) -> None:
@@ -681,12 +691,7 @@ def test_a_claim_counts_while_its_lease_is_fresh(
     """A claim left by another controller holds while its lease is younger than
     ``lease_timeout``, and is taken over once it is older (that fleet is gone)."""
     wd = tmp_path / "m1-work"
-    lease = wd / ".agentize-fleet" / "runs" / "someone-else" / "lease"
-    lease.parent.mkdir(parents=True)
-    lease.touch()
-    then = time.time() - lease_age
-    os.utime(lease, (then, then))
-    _claim_file(wd).write_text(f"0123456789abcdef\n{lease}\nfleet someone-else (elsewhere)\n")
+    _foreign_claim(wd, "0123456789abcdef", lease_age)
     config = ssh_config(
         fleet, [task(1, "finish")], local={"max_agents": 0},
         machines=[machine(sshd, "m1", wd, max_agents=1)], lease_timeout=600,
@@ -757,3 +762,29 @@ def test_status_cpu_of_a_remote_run_is_recent_not_a_lifetime_average(
     assert lifetime > 20.0, lifetime  # what a lifetime average would still say
     assert cli(fleet, path, "down").returncode == 0
     assert started.wait(30).returncode == 130
+
+
+@pytest.mark.parametrize("whose", ["another fleet", "this controller"])
+def test_check_names_a_fleet_holding_a_machines_workdir(
+    fleet: Harness, sshd: SSHD, tmp_path: Path, whose: str
+) -> None:
+    """``check`` says so when another live fleet holds a machine's workdir (``up`` would leave
+    the machine out); a claim of this state directory's own fleet is no problem."""
+    from supervisor.claim import Claimant
+
+    ours = Claimant.for_state_dir(fleet.state_dir, "-").holder
+    wd = tmp_path / "m1-work"
+    _foreign_claim(wd, ours if whose == "this controller" else "0123456789abcdef", 5.0)
+    path = fleet.write(ssh_config(fleet, [task(1)], machines=[machine(sshd, "m1", wd)]))
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "check", "-c", str(path)],
+        cwd=ROOT, env=fleet.env(), capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    _, rows = _table(done.stdout)
+    if whose == "another fleet":
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "workdir in use by fleet someone-else (elsewhere)" in rows["m1"]["ERROR"], rows
+    else:
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert rows["m1"]["ERROR"] == "", rows
