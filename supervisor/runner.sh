@@ -61,8 +61,10 @@ runs_left() {
 }
 
 watchdog() {
-    nap=""
-    trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
+    nap="" stop=""
+    # TERM (the fleet's dismissal) ends the watchdog and its nap.  It may come between the fork
+    # of a nap and `nap=$!`: the flag then has that nap killed right after, never left behind.
+    trap 'stop=1; [ -n "$nap" ] && kill "$nap" 2>/dev/null' TERM
     ticks_of self
     my_ticks=$_t
     read -r me _rest </proc/self/stat
@@ -75,9 +77,13 @@ watchdog() {
     # one (two runs starting together) and not named by LEASE_FILE.dog leaves at once.
     pause=1
     while :; do
+        [ -z "$stop" ] || exit 0
         sleep "$pause" &
         nap=$!
+        [ -z "$stop" ] || { kill "$nap" 2>/dev/null; exit 0; }
         wait "$nap"
+        nap=""
+        [ -z "$stop" ] || exit 0
         slept=$pause
         pause=$every
         if read -r _dpid _dticks <"$dog" 2>/dev/null && [ "$_dpid" != "$me" ] && dog_alive; then
