@@ -109,8 +109,15 @@ async def claim_workdir(
     """
     result = await host.run(
         [
-            "sh", "-c", _CLAIM, "sh", workdir, claimant.holder, lease,
-            str(max(1, round(stale_after))), claimant.description,
+            "sh",
+            "-c",
+            _CLAIM,
+            "sh",
+            workdir,
+            claimant.holder,
+            lease,
+            str(max(1, round(stale_after))),
+            claimant.description,
         ],
         check=False,
         timeout=60,
@@ -137,6 +144,4 @@ async def claim_workdir(
 
 async def release_workdir(host: Host, workdir: str, claimant: Claimant) -> None:
     """Give ``workdir`` back (if the claim is still ours): the next fleet need not wait."""
-    await host.run(
-        ["sh", "-c", _RELEASE, "sh", workdir, claimant.holder], check=False, timeout=15
-    )
+    await host.run(["sh", "-c", _RELEASE, "sh", workdir, claimant.holder], check=False, timeout=15)

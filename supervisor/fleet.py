@@ -504,9 +504,14 @@ class Fleet:
             with anyio.move_on_after(REPORT_TIMEOUT, shield=True):
                 await self._report(summary)
         finally:
-            with anyio.CancelScope(shield=True):
-                # However the fleet ends (a second Ctrl-C included): each watchdog checks that
-                # no run it guards is left before it goes.
+            # However the fleet ends (a second Ctrl-C included): each watchdog checks that no
+            # run it guards is left before it goes.  Signals only queue up meanwhile: the
+            # clean-up is short and bounded, and a Ctrl-C landing in it must not cut it off
+            # (a watchdog left until its next look, a claim until its lease lapses).
+            with (
+                anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM),
+                anyio.CancelScope(shield=True),
+            ):
                 with anyio.move_on_after(15):
                     await self._dismiss_watchdogs()
                 with anyio.move_on_after(15):
