@@ -501,8 +501,8 @@ class Fleet:
                 self._workers_tg = None
                 services.cancel_scope.cancel()
             summary = self._summary()
-            with anyio.move_on_after(REPORT_TIMEOUT, shield=True):
-                await self._report(summary)
+            self.mux.flush()  # every record on disk before the report, however that ends
+            await self._report_unless_interrupted(summary)
         finally:
             # However the fleet ends (a second Ctrl-C included): each watchdog checks that no
             # run it guards is left before it goes.  Signals only queue up meanwhile: the
@@ -553,6 +553,30 @@ class Fleet:
                     self.add_task(task)
                     self.log.info("task-added", msg=f"task #{task.issue} found by --watch",
                                   task=task.issue)
+
+    async def _report_unless_interrupted(self, summary: dict[str, Any]) -> None:
+        """The report and its notifications, within ``REPORT_TIMEOUT``.  A Ctrl-C or SIGTERM
+        meanwhile skips what is left of them, and only that: the fleet still ends in order
+        (``agentize-fleet report`` writes the report later)."""
+        with (
+            anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+            anyio.move_on_after(REPORT_TIMEOUT, shield=True) as scope,
+        ):
+
+            async def skip_on_signal() -> None:
+                async for signum in signals:
+                    self.log.info(
+                        "report-skipped",
+                        msg=f"{signal.Signals(signum).name}: report and notifications skipped "
+                        f"(`agentize-fleet report --run {self.fleet_id}` writes the report)",
+                    )
+                    scope.cancel()
+                    return
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(skip_on_signal)
+                await self._report(summary)
+                tg.cancel_scope.cancel()
 
     async def _report(self, summary: dict[str, Any]) -> None:
         """Write the morning report and run the notification hooks."""

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import AGENT, ROOT, Harness, task
+from tests.conftest import AGENT, ROOT, Harness, task, wait_for
 
 CLI = Path(sys.executable).parent / "agentize-fleet"
 
@@ -233,6 +233,41 @@ def test_failed_notification_is_logged_not_fatal(fleet: Harness) -> None:
     assert len(problems) == 2
 
 
+def test_ctrl_c_during_the_report_skips_only_the_report(fleet: Harness, tmp_path: Path) -> None:
+    """A Ctrl-C while the report's notification hook runs ends the hook, not the fleet's own
+    end: the summary, every record (the agent's lines included), the exit code of the work."""
+    hooked = tmp_path / "hook-started"
+    config = fleet.config([task(1, "finish")])
+    config["notify"] = {
+        "command": ["sh", "-c", f'echo $$ >"{hooked}"; exec sleep 60', "sh"],
+        "timeout": 120,
+    }
+    started = fleet.start(fleet.write(config))
+    hook_pid = int(wait_for(lambda: hooked.exists() and hooked.read_text().strip(), 30,
+                            "the notify hook to start"))
+    os.killpg(started.popen.pid, signal.SIGINT)
+    run = started.wait(20)
+    assert run.returncode == 0, run.explain()  # the work was done; only the hook was cut off
+    assert run.summary["exit_code"] == 0
+    (skipped,) = run.events("report-skipped")
+    assert "SIGINT" in skipped["line"] and "agentize-fleet report --run" in skipped["line"]
+    assert run.events("fleet-ended"), "the fleet ended in order"
+    assert "Traceback" not in run.stderr
+    lines = [r["line"] for r in run.records if r["stream"] == "stdout" and r["task"] == 1]
+    assert "All tests passed (3/3)!" in lines
+    run.assert_seq_gapless()
+    wait_for(lambda: not _alive(hook_pid), 10, "the notify hook to be gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_cron_prints_crontab_line_and_systemd_timer(tmp_path: Path) -> None:
     done = subprocess.run(
         [str(CLI), "cron", "--at", "22:30", "--until", "06:45", "-c", str(tmp_path / "f.toml")],
@@ -286,7 +321,6 @@ def test_two_fleets_never_share_a_workspace_root(fleet: Harness) -> None:
     """Another state directory does not make another fleet welcome on the same worktrees."""
     first_cfg = fleet.write(fleet.config([task(1, "hang")]), "first.toml")
     first = fleet.start(first_cfg)
-    from tests.conftest import wait_for
 
     wait_for(lambda: fleet.runs_of(1), 20, "the first fleet's agent")
     second_cfg = fleet.write(
