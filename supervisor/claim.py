@@ -28,8 +28,6 @@ from pathlib import Path
 
 from supervisor.hosts.base import Host, HostError
 
-CLAIM_DIR = ".agentize-fleet"
-
 # sh -c CLAIM sh WORKDIR HOLDER LEASE STALE_AFTER DESCRIPTION
 # Exit 0: ours (the lease is touched, so it is fresh from this moment).  Exit 75: held by a
 # live fleet; stdout says "AGE DESCRIPTION" of the holder.  Any other exit: could not tell.

@@ -308,8 +308,8 @@ class Fleet:
         Each one's workdir is claimed for this fleet here (:mod:`supervisor.claim`).  A machine
         that refuses us (authentication, host key) or whose workdir another live fleet holds is
         left out of this fleet with one clear line naming it; an unreachable one is retried
-        later.  The fleet goes on with the
-        others, and fails the tasks at once only if no machine can run anything.
+        later.  The fleet goes on with the others, and fails the tasks at once only if no
+        machine can run anything.
         """
 
         async def probe(name: str, host: Host) -> None:
