@@ -788,3 +788,43 @@ def test_check_names_a_fleet_holding_a_machines_workdir(
     else:
         assert done.returncode == 0, (done.stdout, done.stderr)
         assert rows["m1"]["ERROR"] == "", rows
+
+
+def test_the_next_up_adopts_a_killed_ones_remote_run(
+    fleet: Harness, sshd: SSHD, tmp_path: Path
+) -> None:
+    """``up`` SIGKILLed while a remote run goes on: the next ``up`` on the same state directory
+    takes the workdir's claim over (same controller) and adopts the run: it ends once, as done,
+    and the two logs together hold every line it printed, none twice."""
+    from tests.fleet_helpers import (
+        events,
+        kill_up,
+        output_lines,
+        read_json,
+        run_records,
+        workers_by_task,
+    )
+
+    wd = tmp_path / "m1-work"
+    path, first, status = one_remote_run(fleet, sshd, wd, "sleep:4+finish")
+    old_dir = first.state_dir / "runs" / status["fleet"]
+    wait_for(lambda: output_lines(run_records(old_dir), 1, 1, "stdout"), 10, "a line logged")
+    kill_up(first)
+    remote_run_dir = Path(workers_by_task(status)[1]["run_dir"])
+
+    second = fleet.start(path)
+    result = second.wait(60)
+    assert result.returncode == 0, result.explain()
+    no_traceback(result)
+    assert not result.events("machine-refused"), result.events("machine-refused")
+    (adopted,) = events(result.records, "adopted")
+    assert adopted["task"] == 1 and adopted["from_fleet"] == status["fleet"], adopted
+    assert result.task_summary(1)["state"] == "done"
+    assert [r["run"] for r in fleet.runs_of(1)] == [1], "the adopted run was started again"
+    before = output_lines(run_records(old_dir), 1, 1, "stdout")
+    after = output_lines(result.records, 1, 1, "stdout")
+    expected = (remote_run_dir / "stdout").read_text().splitlines()
+    assert before + after == expected, (len(before), len(after), len(expected))
+    assert "All tests passed (3/3)!" in after
+    assert read_json(old_dir / "summary.json")["orphans"][0].startswith("adopted")
+    assert not _claim_file(wd).exists()
