@@ -26,12 +26,26 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
+from supervisor.hosts.base import RunSpec
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "scripts" / "fake-agent"
 MARK = "AGENTIZE_E2E_TEST_MARK"  # not AGENTIZE_FLEET_*: that prefix is read as config
 GIT_TIMEOUT = 30
 T = TypeVar("T")
 FLEET_TIMEOUT = 60.0
+
+
+def unstartable_spec(base: Path) -> RunSpec:
+    """A run whose ``cwd`` does not exist: its wrapper records an exit status and no pid, on
+    any host (the same spec for the local and the SSH host's tests)."""
+    return RunSpec(
+        argv=["true"],
+        cwd=str(base / "no-such-dir"),
+        run_dir=str(base / "runs" / "bad"),
+        lease_path=str(base / "lease"),
+        lease_timeout=0,
+    )
 
 
 # -- fixtures every module may use ---------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from supervisor.hosts import local
 from supervisor.hosts.base import HostError, RunSpec
 from supervisor.hosts.local import LocalHost, WrapperProcess
+from tests.conftest import unstartable_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -88,13 +89,7 @@ async def test_a_run_that_cannot_start_fails_at_once(tmp_path: Path) -> None:
     as soon as that file appears, not after the pid file's whole wait, and the directory
     watch made for the wait is gone again."""
     host = LocalHost()
-    spec = RunSpec(
-        argv=["true"],
-        cwd=str(tmp_path / "no-such-dir"),
-        run_dir=str(tmp_path / "runs" / "bad"),
-        lease_path=str(tmp_path / "lease"),
-        lease_timeout=0,
-    )
+    spec = unstartable_spec(tmp_path)
     try:
         with anyio.fail_after(local.PID_WAIT / 2), pytest.raises(HostError) as info:
             await host.start(spec)

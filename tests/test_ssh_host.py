@@ -27,6 +27,7 @@ from supervisor.hosts.base import (
     RunSpec,
 )
 from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget, _LinkLost
+from tests.conftest import unstartable_spec
 from tests.sshd import SSHD, keygen, known_hosts_line, session_processes
 
 
@@ -376,13 +377,7 @@ async def test_reused_pid_is_not_signalled(
 
 @pytest.mark.anyio
 async def test_failed_start_raises(host: SSHHost, work: Path) -> None:
-    spec = RunSpec(
-        argv=["true"],
-        cwd=str(work / "no-such-dir"),
-        run_dir=str(work / "runs" / "bad"),
-        lease_path=str(work / "lease"),
-        lease_timeout=0,
-    )
+    spec = unstartable_spec(work)
     with anyio.fail_after(20), pytest.raises(HostError) as info:
         await host.start(spec)
     assert "did not start" in str(info.value) and "no-such-dir" in str(info.value)
