@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from supervisor.claim import READ_CLAIM
 from supervisor.hosts.base import Host, HostAuthError, HostError, HostUnreachable
 
 # $1: agent executable, $2: workdir.  Prints key=value lines.
-_PROBE = r"""
+_PROBE = READ_CLAIM + r"""
 agent=$1
 wd=$2
 if command -v git >/dev/null 2>&1; then
@@ -32,12 +33,10 @@ d=$wd
 while [ ! -e "$d" ] && [ "$d" != / ] && [ -n "$d" ]; do d=$(dirname -- "$d"); done
 df -Pk -- "$d" 2>/dev/null | awk 'NR == 2 { print "disk_kib=" $4 }'
 # The workdir's claim (supervisor/claim.py): which fleet holds it, and how fresh its lease is.
-claim=$wd/.agentize-fleet/claim
-if { IFS= read -r h && IFS= read -r l && IFS= read -r c; } <"$claim" 2>/dev/null && [ -e "$l" ]
-then
+if read_claim "$wd"; then
     echo "claim_holder=$h"
-    echo "claim_age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))"
-    echo "claim_by=$c"
+    echo "claim_age=$age"
+    echo "claim_by=$d"
 fi
 if [ -r /proc/loadavg ]; then
     read -r l rest </proc/loadavg && echo "load=$l"

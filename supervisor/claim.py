@@ -28,10 +28,20 @@ from pathlib import Path
 
 from supervisor.hosts.base import Host, HostError
 
+#: sh function ``read_claim WORKDIR``: sets ``h`` (holder), ``l`` (its lease), ``d`` (its
+#: description) and ``age`` (seconds since the lease was renewed); false when WORKDIR has no
+#: claim or its lease is gone.  Shared by the claim itself and ``check``'s probe.
+READ_CLAIM = r"""
+read_claim() {
+    { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$1/.agentize-fleet/claim" \
+        2>/dev/null && [ -e "$l" ] && age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))
+}
+"""
+
 # sh -c CLAIM sh WORKDIR HOLDER LEASE STALE_AFTER DESCRIPTION
 # Exit 0: ours (the lease is touched, so it is fresh from this moment).  Exit 75: held by a
 # live fleet; stdout says "AGE DESCRIPTION" of the holder.  Any other exit: could not tell.
-_CLAIM = r"""
+_CLAIM = READ_CLAIM + r"""
 set -u
 dir=$1/.agentize-fleet holder=$2 lease=$3 stale=$4 desc=$5
 mkdir -p -- "$dir" "$(dirname -- "$lease")" || exit 2
@@ -39,13 +49,9 @@ exec 9>>"$dir/claim.lock" || exit 2
 if command -v flock >/dev/null 2>&1; then
     flock -w 30 9 || { echo "cannot lock $dir/claim.lock" >&2; exit 2; }
 fi
-if { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$dir/claim" 2>/dev/null &&
-    [ "$h" != "$holder" ] && [ -e "$l" ]; then
-    age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))
-    if [ "$age" -lt "$stale" ]; then
-        echo "$age $d"
-        exit 75
-    fi
+if read_claim "$1" && [ "$h" != "$holder" ] && [ "$age" -lt "$stale" ]; then
+    echo "$age $d"
+    exit 75
 fi
 touch -- "$lease" || exit 2
 printf '%s\n%s\n%s\n' "$holder" "$lease" "$desc" >"$dir/claim.new" &&
