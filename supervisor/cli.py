@@ -24,10 +24,8 @@ import structlog
 from supervisor import control, durations, report
 from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
+from supervisor.exitcodes import EXIT_LOCKED, EXIT_NOTHING, EXIT_USAGE
 from supervisor.fleet import (
-    EXIT_LOCKED,
-    EXIT_NOTHING,
-    EXIT_USAGE,
     Deadline,
     Fleet,
     summary_table,

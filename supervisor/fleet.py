@@ -34,6 +34,14 @@ from supervisor.claim import (
     stale_after,
 )
 from supervisor.config import FleetConfig, TaskConfig
+from supervisor.exitcodes import (
+    EXIT_DEADLINE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING,
+    EXIT_OK,
+    MEANINGS,
+)
 from supervisor.hosts.base import (
     STOP_WATCHDOG,
     Host,
@@ -57,14 +65,6 @@ from supervisor.rundir import socket_path, unfinished_runs
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.worker import Adoption, StopControl, Worker, WorkerStatus
 from supervisor.workspace import Clone, clone_name, ensure_clone
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOTHING = 3
-EXIT_LOCKED = 4
-EXIT_DEADLINE = 5
-EXIT_INTERRUPTED = 130
 
 STATE_WRITE_INTERVAL = 0.5
 REPORT_TIMEOUT = 120.0
@@ -760,7 +760,7 @@ class Fleet:
             **self.snapshot(),
             "ended_at": time.time(),
             "exit_code": code,
-            "exit_meaning": EXIT_MEANINGS.get(code, ""),
+            "exit_meaning": MEANINGS.get(code, ""),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.write_state()
@@ -769,22 +769,13 @@ class Fleet:
     def _finish(self, summary: dict[str, Any]) -> FleetResult:
         code = int(summary["exit_code"])
         statuses = [w.status for w in self.workers]
-        self.log.info("fleet-ended", msg=f"fleet ended: exit {code} ({EXIT_MEANINGS.get(code)})",
+        self.log.info("fleet-ended", msg=f"fleet ended: exit {code} ({MEANINGS.get(code)})",
                       exit_code=code)
         self.mux.close()
         return FleetResult(code, self.fleet_id, self.run_dir, statuses,
                            self.stop.requested.is_set())
 
 
-EXIT_MEANINGS = {
-    EXIT_OK: "all tasks done",
-    EXIT_FAILED: "some tasks failed",
-    EXIT_USAGE: "bad usage or config",
-    EXIT_NOTHING: "nothing to do",
-    EXIT_LOCKED: "another run holds the lock",
-    EXIT_DEADLINE: "deadline reached with work left",
-    EXIT_INTERRUPTED: "interrupted",
-}
 
 
 def last_offsets(run_path: Path, worker: str, run: int) -> tuple[dict[Stream, int], int]:

@@ -51,15 +51,17 @@ import psutil
 from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, load_config
 from supervisor.durations import parse_duration
+from supervisor.exitcodes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from supervisor.logs import ConsoleRenderer, rotated_segments, use_colour, utc_timestamp
 
 PROG = "agentize-fleet"
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_NOTHING = 3
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141
 
 LOG_NAME = "fleet.jsonl"
 SUMMARY_NAME = "summary.json"
