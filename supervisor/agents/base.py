@@ -310,19 +310,15 @@ def reset_time(text: str, now: float, tz: tzinfo | None = None) -> float | None:
             int(n) * _IN_UNITS[unit.lower()] for n, unit in _IN_PART_RE.findall(relative.group(1))
         )
         return now + seconds
-    found = parse_reset_time(text, now, tz)
-    if found is not None:
-        return found
-    if not _AGAIN_RE.search(text):
-        return None
-    rewritten = _AGAIN_RE.sub("resets ", text)
-    rewritten = _YEAR_RE.sub(r"\1", rewritten)
-    # "GMT-3" is the zone Etc/GMT+3 (POSIX signs are inverted); "UTC" -> "(UTC)".
-    rewritten = _GMT_RE.sub(
-        lambda m: f" (Etc/GMT{'+' if m.group(1) == '-' else '-'}{int(m.group(2))})", rewritten
+    # "GMT-3" is the zone Etc/GMT+3 (POSIX signs are inverted); "10:57 PM UTC" -> "(UTC)".
+    text = _GMT_RE.sub(
+        lambda m: f" (Etc/GMT{'+' if m.group(1) == '-' else '-'}{int(m.group(2))})", text
     )
-    rewritten = _UTC_RE.sub(r"\1 (UTC)", rewritten)
-    return parse_reset_time(rewritten, now, tz)
+    text = _UTC_RE.sub(r"\1 (UTC)", text)
+    found = parse_reset_time(text, now, tz)
+    if found is not None or not _AGAIN_RE.search(text):
+        return found
+    return parse_reset_time(_YEAR_RE.sub(r"\1", _AGAIN_RE.sub("resets ", text)), now, tz)
 
 
 # -- the interface -----------------------------------------------------------------------------
@@ -565,8 +561,9 @@ class StreamReader(RunReader):
             for detector in detectors:
                 hit = detector.feed_batch(lines, now, text)
                 if hit is not None:
-                    if hit.kind == "usage" and hit.reset_at is None:
-                        hit = LimitHit("usage", reset_time(hit.line, now, self._tz), hit.line)
+                    if hit.kind == "usage":  # with the wordings limits.py does not read
+                        reset = reset_time(hit.line, now, self._tz)
+                        hit = LimitHit("usage", reset or hit.reset_at, hit.line)
                     hits.append(hit)
         return hits
 
