@@ -103,10 +103,12 @@ class ManagedFlagError(AgentKindError):
     """The user's ``command`` holds a flag the kind adds itself (twice would conflict)."""
 
     def __init__(self, kind: str, flag: str, why: str = "") -> None:
-        because = f" ({why})" if why else ""
+        if flag == "{prompt}":
+            what = f"kind {kind!r} passes the prompt itself (first_prompt, resume_prompt)"
+        else:
+            what = f"which kind {kind!r} adds itself" + (f" ({why})" if why else "")
         super().__init__(
-            f"command contains {flag!r}, which kind {kind!r} adds itself{because}; "
-            f"remove it from agent.command"
+            f"command contains {flag!r}, {what}; remove it from agent.command"
         )
         self.kind = kind
         self.flag = flag
@@ -363,9 +365,7 @@ class AgentKind(ABC):
             if name in self.managed_flags:
                 raise ManagedFlagError(self.name, name, self.managed_flags[name])
             if self.managed_flags and "{prompt}" in arg:
-                raise ManagedFlagError(
-                    self.name, "{prompt}", "the kind passes the prompt itself"
-                )
+                raise ManagedFlagError(self.name, "{prompt}")
 
     def launch(
         self,
