@@ -194,6 +194,23 @@ def test_a_rejection_does_not_outweigh_a_clean_finish() -> None:
     assert verdict.outcome is Outcome.DONE
 
 
+def test_a_rejection_superseded_by_allowed_is_over() -> None:
+    _, verdict = judge_run(
+        "claude",
+        [claude_init(), claude_rate("rejected", NOW + 60), claude_rate("allowed", NOW + 60),
+         claude_result(subtype="error_during_execution", is_error=True, result="tool died")],
+        exit_code=1,
+    )
+    assert verdict.outcome is Outcome.CRASHED and verdict.reason == "tool died"
+    _, other = judge_run(
+        "claude",
+        [claude_init(), claude_rate("rejected", NOW + 60, "seven_day"),
+         claude_rate("allowed", NOW + 60, "five_hour")],
+        exit_code=1,
+    )
+    assert other.outcome is Outcome.USAGE_LIMITED and other.window == "seven_day"
+
+
 def test_overage_rejected_beside_allowed_is_information_only() -> None:
     """#38673: no extra usage available, but the request went through."""
     facts, verdict = judge_run(

@@ -616,8 +616,10 @@ def judge(
 
 
 def _usage(facts: RunFacts, hits: Sequence[LimitHit]) -> Verdict | None:
-    if facts.rejections:
-        last = facts.rejections[-1]
+    # A rejection counts while it is its window's latest report (not superseded by "allowed").
+    current = [r for r in facts.rejections if facts.rate_limits.get(r.window or "?") is r]
+    if current:
+        last = current[-1]
         window = f" ({last.window})" if last.window else ""
         return Verdict(
             Outcome.USAGE_LIMITED,
