@@ -1,8 +1,8 @@
 """Machine checks for ``agentize-fleet check``: can each machine run agents at all?
 
 Written against the :class:`~supervisor.hosts.base.Host` interface only, so it checks the local
-machine and SSH machines alike: one helper command per machine reports git, the agent, free disk
-at the workdir and the load.
+machine and SSH machines alike: one helper command per machine (``sh/check-probe.sh``) reports
+git, the agent, free disk at the workdir, the workdir's claim and the load.
 """
 
 from __future__ import annotations
@@ -10,40 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from supervisor.claim import READ_CLAIM
+from supervisor import sh
 from supervisor.hosts.base import Host, HostAuthError, HostError, HostUnreachable
-
-# $1: agent executable, $2: workdir.  Prints key=value lines.
-_PROBE = READ_CLAIM + r"""
-agent=$1
-wd=$2
-if command -v git >/dev/null 2>&1; then
-    echo "git=$(git --version 2>/dev/null | head -n 1)"
-else
-    echo "git="
-fi
-if command -v "$agent" >/dev/null 2>&1; then echo "agent=1"; else echo "agent=0"; fi
-case $wd in
-"~") wd=$HOME ;;
-"~/"*) wd=$HOME/${wd#"~/"} ;;
-/*) ;;
-*) wd=$HOME/$wd ;;
-esac
-d=$wd
-while [ ! -e "$d" ] && [ "$d" != / ] && [ -n "$d" ]; do d=$(dirname -- "$d"); done
-df -Pk -- "$d" 2>/dev/null | awk 'NR == 2 { print "disk_kib=" $4 }'
-# The workdir's claim (supervisor/claim.py): which fleet holds it, and how fresh its lease is.
-if read_claim "$wd"; then
-    echo "claim_holder=$h"
-    echo "claim_age=$age"
-    echo "claim_by=$d"
-fi
-if [ -r /proc/loadavg ]; then
-    read -r l rest </proc/loadavg && echo "load=$l"
-else
-    uptime 2>/dev/null | sed -n 's/.*load average[s]*: *\([0-9.]*\).*/load=\1/p'
-fi
-"""
 
 
 @dataclass(frozen=True)
@@ -108,7 +76,7 @@ async def check_machine(
     name = host.name
     try:
         result = await host.run(
-            ["sh", "-c", _PROBE, "sh", agent_executable, workdir], check=False, timeout=60.0
+            sh.command("check-probe", agent_executable, workdir), check=False, timeout=60.0
         )
     except HostUnreachable as exc:
         return CheckRow(name, False, False, False, error=_one_line(exc.message))

@@ -26,7 +26,7 @@ from supervisor.hosts.base import (
     RunIdentity,
     RunSpec,
 )
-from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget, _LinkLost
+from supervisor.hosts.ssh import LinkLost, Output, SSHHost, SSHRunHandle, SSHTarget
 from tests.conftest import unstartable_spec
 from tests.sshd import SSHD, keygen, known_hosts_line, session_processes
 
@@ -297,20 +297,18 @@ async def test_next_supervisor_reattaches_by_offsets(
 async def test_start_whose_answer_is_lost_is_found_again(
     host: SSHHost, work: Path, session_reaper: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = host._exec_once
+    real = host.connections.exec_once
     mode = {"run_it": True, "fail": True}
 
-    async def flaky(
-        command: str, *, timeout: float, input: bytes | None
-    ) -> tuple[int, bytes, bytes]:
+    async def flaky(line: str, *, timeout: float, input: bytes | None) -> Output:
         if input is not None and mode["fail"]:  # only the start command sends input
             mode["fail"] = False
             if mode["run_it"]:
-                await real(command, timeout=timeout, input=input)
-            raise _LinkLost(host.name, "SSH link lost while a command ran", started=True)
-        return await real(command, timeout=timeout, input=input)
+                await real(line, timeout=timeout, input=input)
+            raise LinkLost(host.name, "SSH link lost while a command ran", started=True)
+        return await real(line, timeout=timeout, input=input)
 
-    monkeypatch.setattr(host, "_exec_once", flaky)
+    monkeypatch.setattr(host.connections, "exec_once", flaky)
     with anyio.fail_after(30):
         # the run started, only the answer was lost: start() finds it and returns its handle
         handle = await host.start(spec_for(work, ["sleep", "600"], name="lost-answer"))
@@ -394,7 +392,7 @@ async def test_wrapper_killed_means_lost(
     with anyio.fail_after(20):
         handle = await host.start(spec_for(work, ["sleep", "600"]))
         session_reaper.append(handle.identity.pid)
-        wrapper = int((work / "runs" / "run-1" / "wrapper").read_text())
+        wrapper = int((work / "runs" / "run-1" / "wrapper").read_text().split()[0])
         session_reaper.append(wrapper)  # its lease watchdog lives on in the wrapper's session
         os.kill(wrapper, signal.SIGKILL)
         status = await handle.wait()
