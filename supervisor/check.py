@@ -21,6 +21,8 @@ class CheckRow:
     ``git`` is git's version (``"2.39.5"``) or ``None`` when git is missing; ``free_disk`` is in
     bytes, at the workdir or its nearest existing parent; ``load`` is the 1-minute load average.
     Unknown values are ``None``; ``error`` is one line, or ``""`` when the machine is fine.
+    ``warning`` is something the fleet copes with but the owner should fix (a login shell that
+    prints: its chatter is dropped from every command's output, see ``hosts/ssh``).
     """
 
     machine: str
@@ -32,6 +34,7 @@ class CheckRow:
     free_disk: int | None = None
     load: float | None = None
     error: str = ""
+    warning: str = ""
 
     @property
     def ok(self) -> bool:
@@ -126,6 +129,13 @@ async def check_machine(
             f"workdir in use by {values.get('claim_by') or 'another fleet'} "
             f"(lease renewed {age}s ago)"
         )
+    warning = ""
+    if result.login_noise:
+        said = _one_line(result.login_noise)
+        warning = (
+            f"the login shell prints {len(result.login_noise.encode())} bytes before every "
+            f"command ({said[:60]!r}); they are dropped, but print only in interactive shells"
+        )
     return CheckRow(
         machine=name,
         reachable=True,
@@ -136,6 +146,7 @@ async def check_machine(
         free_disk=free_disk,
         load=load,
         error="; ".join(problems),
+        warning=warning,
     )
 
 
@@ -168,7 +179,7 @@ def _cells(row: CheckRow) -> tuple[str, ...]:
         "-" if unknown or not row.auth_ok else _yes_no(row.agent_found),
         format_bytes(row.free_disk),
         "-" if row.load is None else f"{row.load:.2f}",
-        row.error,
+        "; ".join(filter(None, (row.error, row.warning and f"warning: {row.warning}"))),
     )
 
 

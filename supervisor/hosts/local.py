@@ -267,11 +267,11 @@ class LocalRunHandle(RunHandle):
         if self._wrapper is not None:
             await self._wrapper.wait()
         delay = POLL_MIN
-        found = self._judge()
+        found = runfiles.local_status(run_dir)
         while found.state is RunState.RUNNING and self._wrapper is None:
             await anyio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
-            found = self._judge()
+            found = runfiles.local_status(run_dir)
         if found.needs_ending:
             # The wrapper died without recording the end (someone killed it): nothing of the
             # agent may be left, and the end is written down for every later reader.
@@ -285,9 +285,6 @@ class LocalRunHandle(RunHandle):
         self._status = status
         self._ended.set()
         return status
-
-    def _judge(self) -> RunStatus:
-        return runfiles.decide(runfiles.local_facts(self.identity.run_dir))
 
     # its output ------------------------------------------------------------------------------
 
@@ -531,23 +528,19 @@ class LocalHost(Host):
         return LocalRunHandle(identity, watcher=self._dir_watcher())
 
     async def attach_dir(self, run_dir: str) -> RunHandle | None:
-        found = self._judge(run_dir)
+        found = runfiles.local_status(run_dir)
         with anyio.move_on_after(PID_WAIT):
             # A run still starting (its wrapper spawned, no pid yet): wait for the pid.
             while found.state is RunState.RUNNING and found.pid is None:
                 await anyio.sleep(PID_SAFETY_POLL)
-                found = self._judge(run_dir)
+                found = runfiles.local_status(run_dir)
         if found.state in (RunState.GONE, RunState.UNSTARTED):
             return None
         identity = RunIdentity(self.name, run_dir, found.pid or 0, found.start_ticks or 0)
         return LocalRunHandle(identity, watcher=self._dir_watcher())
 
-    @staticmethod
-    def _judge(run_dir: str) -> RunStatus:
-        return runfiles.decide(runfiles.local_facts(run_dir))
-
     async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
-        return {run_dir: self._judge(run_dir) for run_dir in run_dirs}
+        return {run_dir: runfiles.local_status(run_dir) for run_dir in run_dirs}
 
     async def scan(self, root: str) -> list[str]:
         found = []

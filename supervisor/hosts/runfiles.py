@@ -115,14 +115,16 @@ class RunFacts:
 
     ``age``: seconds since the directory last changed (None: no such directory).  ``wrapper``
     and ``leader``: the ``PID START_TICKS`` pairs of ``wrapper`` and ``pid`` (None: not written
-    whole yet), with whether each process still lives as itself.  ``exit``: the complete line
-    of ``exit``.  Gather the processes before ``exit``: a wrapper that ends between the two
-    looks has written ``exit`` by the second.
+    whole yet, or unreadable), with whether each process still lives as itself;
+    ``wrapper_written``: ``wrapper`` holds a complete line (a wrapper ran, readable or not).
+    ``exit``: the complete line of ``exit``.  Gather the processes before ``exit``: a wrapper
+    that ends between the two looks has written ``exit`` by the second.
     """
 
     age: float | None
     wrapper: tuple[int, int] | None = None
     wrapper_alive: bool = False
+    wrapper_written: bool = False
     leader: tuple[int, int] | None = None
     leader_alive: bool = False
     exit: str | None = None
@@ -146,7 +148,7 @@ def decide(facts: RunFacts) -> RunStatus:
         if value == LOST:
             return status(RunState.LOST)
         return status(RunState.LOST, note=f"unreadable exit file: {value!r}")
-    if facts.wrapper is None:
+    if facts.wrapper is None and not facts.wrapper_written:
         return status(RunState.RUNNING if facts.age < UNSTARTED_AFTER else RunState.UNSTARTED)
     if facts.wrapper_alive:
         return status(RunState.RUNNING)
@@ -229,12 +231,13 @@ def parse_probe(output: str) -> dict[str, RunFacts]:
     run_dir: str | None = None
     age: float | None = None
     pairs: dict[str, tuple[tuple[int, int], bool]] = {}
+    written: set[str] = set()
     exit_line: str | None = None
     lines: dict[str, list[str]] = {"note": [], "meta": []}
     for line in output.splitlines():
         word, _, rest = line.partition(" ")
         if word == "run":
-            run_dir, age, pairs, exit_line = rest, None, {}, None
+            run_dir, age, pairs, written, exit_line = rest, None, {}, set(), None
             lines = {"note": [], "meta": []}
         elif run_dir is None:
             continue
@@ -242,6 +245,7 @@ def parse_probe(output: str) -> dict[str, RunFacts]:
             age = float(rest) if rest.lstrip("-").isdigit() else 0.0
         elif word in ("wrapper", "leader"):
             fields = rest.split()
+            written.add(word)
             if len(fields) == 3 and all(f.isdigit() for f in fields):
                 pairs[word] = ((int(fields[0]), int(fields[1])), fields[2] == "1")
         elif word == "exit":
@@ -255,6 +259,7 @@ def parse_probe(output: str) -> dict[str, RunFacts]:
                 age=age,
                 wrapper=wrapper,
                 wrapper_alive=wrapper_alive,
+                wrapper_written="wrapper" in written,
                 leader=leader,
                 leader_alive=leader_alive,
                 exit=exit_line,
@@ -306,7 +311,8 @@ def local_facts(run_dir: str) -> RunFacts:
         age = max(0.0, time.time() - os.stat(run_dir).st_mtime)
     except OSError:
         return RunFacts(age=None)
-    wrapper = parse_pair(read_small(os.path.join(run_dir, WRAPPER)))
+    wrapper_data = read_small(os.path.join(run_dir, WRAPPER))
+    wrapper = parse_pair(wrapper_data)
     leader = parse_pair(read_small(os.path.join(run_dir, PID)))
     wrapper_alive = same_process(wrapper)
     leader_alive = same_process(leader)
@@ -316,12 +322,18 @@ def local_facts(run_dir: str) -> RunFacts:
         age=age,
         wrapper=wrapper,
         wrapper_alive=wrapper_alive,
+        wrapper_written=complete_line(wrapper_data) is not None,
         leader=leader,
         leader_alive=leader_alive,
         exit=complete_line(read_small(os.path.join(run_dir, EXIT))),
         note=note.decode("utf-8", "replace").rstrip("\n"),
         meta=parse_meta(meta.decode("utf-8", "replace")),
     )
+
+
+def local_status(run_dir: str) -> RunStatus:
+    """The status of a run directory on this machine."""
+    return decide(local_facts(run_dir))
 
 
 def write_private(path: str, text: str, *, append: bool = False) -> None:

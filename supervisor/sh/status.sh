@@ -4,6 +4,7 @@
 #   run RUN_DIR
 #   age SECONDS          since the directory last changed (absent: no such directory)
 #   wrapper PID TICKS 1  the `wrapper` file, and 1 when that process still lives as itself
+#                        (`wrapper - - 0`: a complete line that is no such pair)
 #   leader PID TICKS 0   the same for `pid` (the agent)
 #   exit TEXT            the `exit` file's line, once complete
 #   note LINE            each line of `note`
@@ -31,6 +32,8 @@ for rd; do
                 same_process "$_pid" "$_ticks" && a=1
                 [ "$f" = pid ] && f=leader
                 printf '%s %s %s %s\n' "$f" "$_pid" "$_ticks" "$a"
+            elif [ "$f" = wrapper ] && IFS= read -r x <"$rd/wrapper" 2>/dev/null; then
+                echo "wrapper - - 0"
             fi
         done
         if IFS= read -r x <"$rd/exit" 2>/dev/null; then printf 'exit %s\n' "$x"; fi
