@@ -160,9 +160,11 @@ async def test_a_killed_wrapper_is_ended_and_written_down_as_lost(tmp_path: Path
             assert status.lost and status.code is None and "vanished" in status.reason
             assert Path(spec.run_dir, "exit").read_text() == "lost\n"
             assert "vanished" in Path(spec.run_dir, "note").read_text()
-            with anyio.fail_after(5):  # SIGKILL lands at once; the zombie counts as dead
-                while runfiles.read_start_ticks(agent) is not None:
-                    await anyio.sleep(0.01)
+            for _ in range(500):  # SIGKILL lands at once; the zombie counts as dead
+                if runfiles.read_start_ticks(agent) is None:
+                    break
+                await anyio.sleep(0.01)
+            assert runfiles.read_start_ticks(agent) is None, "the agent outlived its wrapper"
             found = await host.probe([spec.run_dir])
             assert found[spec.run_dir].state is RunState.LOST
     finally:
@@ -196,5 +198,33 @@ async def test_attach_dir_probe_and_stats(tmp_path: Path) -> None:
             assert (await host.probe([str(unstarted)]))[str(unstarted)].state is (
                 RunState.UNSTARTED
             )
+    finally:
+        await host.aclose()
+
+
+async def test_what_outlives_a_dead_leader_and_wrapper_is_killed(tmp_path: Path) -> None:
+    """DEAD: wrapper and agent leader gone, a child of the agent still in its session.  The
+    run is ended all the same: that child is found by its session id and killed."""
+    host = LocalHost()
+    spec = _spec(tmp_path, ["sh", "-c", "sleep 60 & echo $! > child; wait"])
+    try:
+        with anyio.fail_after(20):
+            handle = await host.start(spec)
+            child_file = tmp_path / "work" / "child"
+            for _ in range(500):
+                if child_file.exists() and child_file.read_text().endswith("\n"):
+                    break
+                await anyio.sleep(0.01)
+            child = int(child_file.read_text())
+            wrapper = int(Path(spec.run_dir, "wrapper").read_text().split()[0])
+            os.kill(wrapper, signal.SIGKILL)
+            os.kill(handle.identity.pid, signal.SIGKILL)
+            status = await handle.wait()
+            assert status.lost and Path(spec.run_dir, "exit").read_text() == "lost\n"
+            for _ in range(500):
+                if runfiles.read_start_ticks(child) is None:
+                    break
+                await anyio.sleep(0.01)
+            assert runfiles.read_start_ticks(child) is None, "the agent's child lives on"
     finally:
         await host.aclose()

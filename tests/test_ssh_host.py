@@ -397,11 +397,16 @@ async def test_wrapper_killed_means_lost(
     with anyio.fail_after(20):
         handle = await host.start(spec_for(work, ["sleep", "600"]))
         session_reaper.append(handle.identity.pid)
-        wrapper = int((work / "runs" / "run-1" / "wrapper").read_text().split()[0])
+        rd = work / "runs" / "run-1"
+        wrapper = int((rd / "wrapper").read_text().split()[0])
         session_reaper.append(wrapper)  # its lease watchdog lives on in the wrapper's session
         os.kill(wrapper, signal.SIGKILL)
         status = await handle.wait()
-        assert status.lost and status.code is None
+        assert status.lost and status.code is None and "vanished" in status.reason
+        # Ended where it runs: its tree killed, the end written down for every later reader
+        # (the lease watchdog's "runs left" among them).
+        assert (rd / "exit").read_text() == "lost\n" and "vanished" in (rd / "note").read_text()
+        assert await eventually(lambda: not session_processes(handle.identity.pid))
         _ = [c async for c in handle.output()]  # ends too
 
 
@@ -649,20 +654,3 @@ async def test_a_start_cut_short_is_found_running_by_the_next_supervisor(
             assert (await handle.wait()).code == 128 + signal.SIGTERM
     finally:
         await second.aclose()
-
-
-@pytest.mark.anyio
-async def test_a_vanished_wrapper_is_written_down_as_lost(
-    host: SSHHost, work: Path, session_reaper: list[int]
-) -> None:
-    with anyio.fail_after(20):
-        handle = await host.start(spec_for(work, ["sleep", "600"]))
-        session_reaper.append(handle.identity.pid)
-        rd = Path(handle.identity.run_dir)
-        wrapper = int((rd / "wrapper").read_text().split()[0])
-        session_reaper.append(wrapper)
-        os.kill(wrapper, signal.SIGKILL)
-        status = await handle.wait()
-        assert status.lost and "vanished" in status.reason
-        assert (rd / "exit").read_text() == "lost\n" and "vanished" in (rd / "note").read_text()
-        assert await eventually(lambda: not session_processes(handle.identity.pid))

@@ -217,17 +217,23 @@ class LocalRunHandle(RunHandle):
             return None
 
     def _tree(self) -> list[psutil.Process]:
-        """The agent and all it started: its descendants and whatever stayed in its group."""
+        """The agent and all it started: its descendants and whatever stayed in its group or
+        session (as ``sh/lib.sh``'s ``kill_tree`` reaches them remotely)."""
         leader = self._leader()
-        if leader is None:
-            return []
-        found: dict[int, psutil.Process] = {leader.pid: leader}
-        with contextlib.suppress(psutil.Error):
-            for child in leader.children(recursive=True):
-                found[child.pid] = child
+        pid = self.identity.pid
+        found: dict[int, psutil.Process] = {}
+        if leader is not None:
+            found[leader.pid] = leader
+            with contextlib.suppress(psutil.Error):
+                for child in leader.children(recursive=True):
+                    found[child.pid] = child
+        elif pid <= 1 or runfiles.read_start_ticks(pid) is not None:
+            return []  # the pid names another process now: no member of the run is left
+        # Members still carry the leader's pid as their group or session id, which the kernel
+        # gives no new process while any of them lives: they are the run's, leader gone or not.
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if proc.pid not in found and os.getpgid(proc.pid) == leader.pid:
+                if proc.pid not in found and pid in (os.getpgid(proc.pid), os.getsid(proc.pid)):
                     found[proc.pid] = proc
         return list(found.values())
 

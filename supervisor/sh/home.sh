@@ -6,6 +6,7 @@ if [ -z "$1" ]; then
     h=$HOME
     case $h in /*) ;; *) h=$(cd && pwd -P) || exit 1 ;; esac
 else
+    case $1 in *[!A-Za-z0-9._-]* | -*) echo "bad user name: $1" >&2; exit 2 ;; esac
     h=$(eval "cd ~$1" && pwd -P) || exit 1
 fi
 printf '%s' "$h"

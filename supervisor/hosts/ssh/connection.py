@@ -112,7 +112,8 @@ class Output:
 class Deframer:
     """One stream of a framed command: drops what precedes the frame mark."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str) -> None:
+        self.host = host
         self.framed = False
         self.noise = b""
 
@@ -124,7 +125,10 @@ class Deframer:
         at = seen.find(sh.FRAME_MARK)
         if at < 0:
             if len(seen) > NOISE_LIMIT:
-                raise FramingError("", f"no frame mark in the first {NOISE_LIMIT} bytes")
+                raise FramingError(
+                    self.host, f"no frame mark in the first {NOISE_LIMIT} bytes of a command's "
+                    "output: the login shell did not run it as sent"
+                )
             self.noise = seen
             return b""
         self.framed = True
@@ -476,7 +480,7 @@ class Connections:
             raise LinkLost(self.name, "SSH link lost while a command ran", started=True)
         else:
             code = result.exit_status
-        on_out, on_err = Deframer(), Deframer()
+        on_out, on_err = Deframer(self.name), Deframer(self.name)
         stdout = on_out.feed(as_bytes(result.stdout))
         stderr = on_err.feed(as_bytes(result.stderr))
         if not on_out.framed:
@@ -542,7 +546,7 @@ class Connections:
                 raise self.link_error(exc) from None
             end.opened = True
             reader = cast(_StreamSession, session)
-            framing = {"stdout": Deframer(), "stderr": Deframer()}
+            framing = {"stdout": Deframer(self.name), "stderr": Deframer(self.name)}
             try:
                 async with receive:
                     async for stream, data in receive:
