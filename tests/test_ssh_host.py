@@ -5,7 +5,6 @@ The "remote" machine is this machine, so the tests can look at the run's process
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -489,13 +488,19 @@ async def test_closed_port_is_unreachable(closed_port: int) -> None:
 
 @pytest.mark.anyio
 async def test_many_concurrent_commands_share_channels(sshd: SSHD) -> None:
-    h = SSHHost(sshd.target(max_channels=3))
+    h = SSHHost(sshd.target(max_channels=3, max_connections=4))
     try:
+        results: dict[int, str] = {}
+
+        async def one(i: int) -> None:
+            results[i] = (await h.run(["sh", "-c", f"sleep 0.2; echo {i}"])).stdout
+
         with anyio.fail_after(30):
-            results = await asyncio.gather(
-                *(h.run(["sh", "-c", f"sleep 0.2; echo {i}"]) for i in range(20))
-            )
-        assert [r.stdout for r in results] == [f"{i}\n" for i in range(20)]
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i)
+        assert [results[i] for i in range(20)] == [f"{i}\n" for i in range(20)]
+        assert h.connects <= 4, "more connections than max_connections were opened"
     finally:
         await h.aclose()
 

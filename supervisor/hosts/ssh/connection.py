@@ -391,8 +391,11 @@ class Connections:
             link = self._free_link()
             if link is None and len(self._links) < self.target.max_connections:
                 async with self._connect_lock:
+                    # Those who queued here behind an opening look again: its channels, or
+                    # the cap it may have reached, decide for them.
                     link = self._free_link()
-                    if link is None and not self.closed:
+                    room = len(self._links) < self.target.max_connections
+                    if link is None and room and not self.closed:
                         link = await self._open()
                         self._links.append(link)
             if link is not None:
