@@ -209,7 +209,7 @@ async def test_closing_output_early_leaves_no_reader_behind(
         stream = handle.output()
         first = await stream.__anext__()
         assert first.data.startswith(b"tick")
-        assert len(readers()) == 2
+        assert await eventually(lambda: len(readers()) == 2, timeout=5)  # both tails started
         await stream.aclose()  # type: ignore[attr-defined]
         assert await eventually(lambda: not readers(), timeout=5)
         assert await handle.alive()
@@ -659,3 +659,38 @@ async def test_a_start_cut_short_is_found_running_by_the_next_supervisor(
             assert (await handle.wait()).code == 128 + signal.SIGTERM
     finally:
         await second.aclose()
+
+
+@pytest.mark.anyio
+async def test_more_runs_than_channels_neither_wait_nor_starve_helpers(
+    sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    """Each run's output stream holds a channel for as long as the run lives: with 2 channels
+    a connection and max_connections = 1, five runs are followed at once and helper commands
+    still get through (streams add connections of their own)."""
+    h = SSHHost(sshd.target(max_channels=2, max_connections=1))
+    script = "sleep 1; echo done"
+    got: dict[int, bytes] = {}
+    try:
+        with anyio.fail_after(30):
+            handles = [
+                await h.start(spec_for(work, ["sh", "-c", script], name=f"run-{i}"))
+                for i in range(5)
+            ]
+            session_reaper.extend(handle.identity.pid for handle in handles)
+
+            async def follow(i: int) -> None:
+                got[i] = b"".join([c.data async for c in handles[i].output()])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(follow, i)
+                await anyio.sleep(0.3)
+                began = time.monotonic()
+                assert (await h.run(["echo", "helper"])).stdout == "helper\n"
+                assert time.monotonic() - began < 0.9, "the helper waited for a stream to end"
+            assert [(await handle.wait()).code for handle in handles] == [0] * 5
+    finally:
+        await h.aclose()
+    assert got == {i: b"done\n" for i in range(5)}
+    assert h.connects <= 1 + 3  # one for helpers, one per two streams

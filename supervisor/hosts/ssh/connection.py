@@ -239,6 +239,7 @@ class Connections:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: HostError | None = None
+        self._streams = 0  # channels held by output streams
         self.closed = False
         #: Connections opened so far (first one included): a reconnect shows as 2, 3, ...
         self.connects = 0
@@ -384,17 +385,24 @@ class Connections:
                 return link
         return None
 
+    def _max_links(self) -> int:
+        """``max_connections`` for helper commands, plus what the open output streams fill: a
+        stream holds its channel as long as its run lives, and a fleet of many runs on one
+        machine must neither wait for channels nor starve the helper commands."""
+        t = self.target
+        return t.max_connections + math.ceil(self._streams / t.max_channels)
+
     async def _acquire(self) -> _Link:
         while True:
             if self.closed:
                 raise HostUnreachable(self.name, "the SSH host was closed")
             link = self._free_link()
-            if link is None and len(self._links) < self.target.max_connections:
+            if link is None and len(self._links) < self._max_links():
                 async with self._connect_lock:
                     # Those who queued here behind an opening look again: its channels, or
                     # the cap it may have reached, decide for them.
                     link = self._free_link()
-                    room = len(self._links) < self.target.max_connections
+                    room = len(self._links) < self._max_links()
                     if link is None and room and not self.closed:
                         link = await self._open()
                         self._links.append(link)
@@ -540,28 +548,32 @@ class Connections:
         iterator early sends EOF to the command's stdin (the stream script stops then)."""
         line = command_line(sh.script(name), *args)
         send, receive = anyio.create_memory_object_stream[tuple[Stream, bytes]](math.inf)
-        async with self._channel() as conn:
-            try:
-                chan, session = await conn.create_session(
-                    lambda: _StreamSession(send), line, encoding=None
-                )
-            except (asyncssh.Error, OSError) as exc:
-                raise self.link_error(exc) from None
-            end.opened = True
-            reader = cast(_StreamSession, session)
-            framing = {"stdout": Deframer(self.name), "stderr": Deframer(self.name)}
-            try:
-                async with receive:
-                    async for stream, data in receive:
-                        reader.consumed(len(data))
-                        payload = framing[stream].feed(data)
-                        if payload:
-                            yield stream, payload
-            finally:
-                with contextlib.suppress(Exception):
-                    chan.write_eof()
-                with contextlib.suppress(Exception):
-                    chan.close()
+        self._streams += 1  # counted before its channel is asked for: see _max_links
+        try:
+            async with self._channel() as conn:
+                try:
+                    chan, session = await conn.create_session(
+                        lambda: _StreamSession(send), line, encoding=None
+                    )
+                except (asyncssh.Error, OSError) as exc:
+                    raise self.link_error(exc) from None
+                end.opened = True
+                reader = cast(_StreamSession, session)
+                framing = {"stdout": Deframer(self.name), "stderr": Deframer(self.name)}
+                try:
+                    async with receive:
+                        async for stream, data in receive:
+                            reader.consumed(len(data))
+                            payload = framing[stream].feed(data)
+                            if payload:
+                                yield stream, payload
+                finally:
+                    with contextlib.suppress(Exception):
+                        chan.write_eof()
+                    with contextlib.suppress(Exception):
+                        chan.close()
+        finally:
+            self._streams -= 1
         if reader.exit_status is None:
             detail = f": {reader.error}" if reader.error else ""
             raise HostUnreachable(self.name, f"SSH link lost while streaming output{detail}")
