@@ -130,18 +130,38 @@ def test_milestone_cap_fails_the_task(fleet: Harness) -> None:
     assert result.task_summary(9)["state"] == "done"
 
 
-def test_existing_worktree_is_reused_by_the_next_fleet(fleet: Harness) -> None:
+def test_a_done_task_is_not_run_again_unless_asked_and_then_in_its_worktree(
+    fleet: Harness,
+) -> None:
     config = fleet.write(fleet.config([task(3, "finish")]))
     first = fleet.run(config)
     assert first.returncode == 0, first.explain()
     tree = fleet.workspace_root / "origin.git" / "trees" / "issue-3"
     (tree / "scratch.txt").write_text("left by the first fleet\n")
+
+    # The ledger remembers: the next `up` (cron's, say) does not spend a run on it again.
     second = fleet.run(config)
     assert second.returncode == 0, second.explain()
+    assert [r["run"] for r in fleet.runs_of(3)] == [1]
+    (said,) = second.events("task-done-before")
+    assert "not started again" in said["line"] and "--rerun 3" in said["line"], said
+    assert second.task_summary(3)["state"] == "done"
+
+    # Asked to, it runs again, in the same worktree, as run 2 (numbers go on across shifts).
+    third = fleet.run(config, "--rerun", "3")
+    assert third.returncode == 0, third.explain()
+    assert [r["run"] for r in fleet.runs_of(3)] == [1, 2]
     assert {r["cwd"] for r in fleet.runs_of(3)} == {os.path.realpath(tree)}
     assert (tree / "scratch.txt").read_text() == "left by the first fleet\n"
     subjects = git(tree, "log", "--format=%s", "main..issue-3").splitlines()
     assert subjects == ["issue 3: implement", "issue 3: implement"]
+    assert third.task_summary(3)["runs"] == 2
+
+    # --fresh starts every listed task anew; --rerun of a task the config lacks is refused.
+    fourth = fleet.run(config, "--fresh")
+    assert fourth.returncode == 0 and [r["run"] for r in fleet.runs_of(3)] == [1, 2, 3]
+    refused = fleet.run(config, "--rerun", "99")
+    assert refused.returncode == 2 and "no task #99" in refused.stderr, refused.explain()
 
 
 def test_start_interval_spaces_agent_starts(fleet: Harness) -> None:
@@ -548,7 +568,7 @@ def test_a_worktree_removed_by_hand_is_made_again(fleet: Harness) -> None:
     head_before = git(removed, "rev-parse", "HEAD").strip()
     shutil.rmtree(removed)
 
-    second = fleet.run_config([task(1, "finish"), task(2, "finish")])
+    second = fleet.run_config([task(1, "finish"), task(2, "finish")], "--fresh")
     assert second.returncode == 0, second.explain()
     again = {w["task"]: w for w in second.summary["workers"]}
     assert again[1]["workspace"] == str(removed) and (removed / ".git").is_file()
