@@ -341,9 +341,14 @@ def _unchecked(
 async def _stray_runs(fleet: RecoveringFleet) -> None:
     """The safety net: run directories without an ``exit`` file that the ledger does not hold
     open (a power cut lost the transactions, or a start whose answer was lost).  Any of them
-    still alive is stopped: nobody can say whose it is and it may share a worktree."""
+    still alive is stopped: nobody can say whose it is and it may share a worktree.  Only runs
+    of this state directory's own shifts, on machines this shift holds: a workdir may have
+    served other fleets, whose runs are theirs to mind."""
     ledger = fleet.ledger
+    ours = {s.id for s in ledger.shifts()}
     for view in list(fleet.machines):
+        if not view.local and view.claimed is None:
+            continue
         try:
             base, pattern = await _runs_pattern(fleet, view.name)
             started = await view.host.glob(base, [f"{pattern}/pid"])
@@ -352,7 +357,7 @@ async def _stray_runs(fleet: RecoveringFleet) -> None:
             continue
         for pid_file in sorted(started):
             run_rel = pid_file.rsplit("/", 1)[0]
-            if f"{run_rel}/exit" in ended:
+            if f"{run_rel}/exit" in ended or run_rel.split("/", 1)[0] not in ours:
                 continue
             run_dir = f"{base}/{run_rel}"
             known = ledger.run_by_dir(run_dir)

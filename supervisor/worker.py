@@ -391,6 +391,7 @@ class Worker:
             self._fail(f"machine {pinned} cannot run agents in this fleet")
             return
         self.status.started_at = self.status.started_at or time.time()
+        self._prepared = False
         try:
             await self._live()
         except HostError as exc:
@@ -662,6 +663,7 @@ class Worker:
         s.lease_path = run.lease_path
         s.adopted_from = run.supervised_by or run.shift
         self._run = run
+        self._prepared = run.workspace is not None  # its agent works in it
         self._set(WorkerState.PREPARING)
         self._running(handle)
         where = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
