@@ -47,10 +47,11 @@ from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
 from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
+from supervisor.outcome import WorkerStatus
 from supervisor.recovery import Recovery, recover
 from supervisor.rundir import prepare_socket_dir, write_json_atomic
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
-from supervisor.worker import Worker, WorkerStatus
+from supervisor.worker import Worker
 from supervisor.workspace import Clone
 
 REPORT_TIMEOUT = 120.0

@@ -32,42 +32,8 @@ transition; the scan already covers it.
 Readers open the file read-only and never create it.  The ledger records transitions, never
 output lines: the line path does not touch it.
 
-Schema (version :data:`SCHEMA_VERSION`, in the ``meta`` table; a ledger written by a newer
-version is refused with :class:`LedgerTooNew`)::
-
-    meta(key PK, value)                      schema_version
-    shifts(id PK, pid, pid_ticks, host, config, dir, name, concurrency, started_at,
-           ended_at, exit_code, exit_meaning, state running|ended|died, found_by)
-        one row per ``up``; a shift left ``running`` by a dead ``up`` becomes ``died`` when
-        the next one starts (``found_by`` names it)
-    tasks(issue PK, title, prompt, pin, origin config|add|github, state, reason, machine,
-          workspace, runs, milestones, crashes, last_crash_run, usage_pauses, last_exit,
-          history JSON, listed, first_shift, last_shift, started_at, ended_at, updated_at,
-          session_id, cost_usd, input_tokens, output_tokens, cache_read_tokens,
-          cache_write_tokens, turns)
-        a task across ``up``s: ``runs`` is its run counter (runs are numbered per task across
-        shifts), ``history`` the restart policy's memory, ``listed`` whether the current
-        config (or task source) lists it
-    workers(shift, worker, issue, state, reason, adopted_from, started_at, ended_at,
-            PK(shift, worker))
-        a task's life within one shift: what ``shifts`` and a dead shift's report show
-    runs(id PK, issue, number, shift, worker, machine, workspace, run_dir, lease_path,
-         prompt_kind, milestones_before JSON, state intent|running|ended|abandoned, pid,
-         start_ticks, intent_at, started_at, ended_at, exit_code, lost, outcome, reason,
-         supervised_by, supervisors JSON, session_id, cost_usd, input_tokens, output_tokens,
-         cache_read_tokens, cache_write_tokens, turns, UNIQUE(issue, number))
-        one row per agent run; ``supervised_by`` is the shift watching it now (an adopter
-        takes it over), ``supervisors`` every shift that did, in order: the logs in which its
-        output lies.  The agent-protocol columns (session, cost, tokens, turns) stay NULL
-        until an agent kind reports them
-    holds(id PK, machine, reason, since, until, shift, line)
-        usage-limit holds: no new run on ``machine`` until ``until``
-    machine_events(id PK, machine, state, at, shift, detail)
-        reachability: ``unreachable``, ``reachable``, ``refused``
-
-A run's states: ``intent`` (committed before the start; the run may not exist), ``running``
-(pid known), ``ended`` (exit recorded), ``abandoned`` (it never started: the intent's supervisor
-died before the wrapper ran, or the start failed).
+See :mod:`supervisor.ledger_schema` for the tables (a ledger written by a newer version is
+refused with :class:`LedgerTooNew`).
 """
 
 from __future__ import annotations
@@ -78,61 +44,37 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
+
+from supervisor.ledger_schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    TASK_COLUMNS,
+    USAGE_FIELDS,
+    RunRecord,
+    RunState,
+    ShiftRecord,
+    TaskRecord,
+    WorkerRecord,
+    record_of,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Ledger",
+    "LedgerError",
+    "LedgerTooNew",
+    "RunRecord",
+    "ShiftRecord",
+    "TaskRecord",
+    "WorkerRecord",
+    "ledger_path",
+]
 
 LEDGER_NAME = "ledger.sqlite3"
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT = 10.0
-
-RunState = Literal["intent", "running", "ended", "abandoned"]
-ShiftState = Literal["running", "ended", "died"]
-OPEN_RUN_STATES: tuple[RunState, ...] = ("intent", "running")
 _R = TypeVar("_R")
-
-_USAGE_COLUMNS = """session_id TEXT, cost_usd REAL, input_tokens INTEGER, output_tokens INTEGER,
-    cache_read_tokens INTEGER, cache_write_tokens INTEGER, turns INTEGER"""
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS shifts(
-    id TEXT PRIMARY KEY, pid INTEGER NOT NULL, pid_ticks INTEGER, host TEXT NOT NULL,
-    config TEXT NOT NULL, dir TEXT NOT NULL, name TEXT NOT NULL DEFAULT '', concurrency INTEGER,
-    started_at REAL NOT NULL, ended_at REAL, exit_code INTEGER, exit_meaning TEXT,
-    state TEXT NOT NULL CHECK (state IN ('running', 'ended', 'died')), found_by TEXT);
-CREATE TABLE IF NOT EXISTS tasks(
-    issue INTEGER PRIMARY KEY, title TEXT NOT NULL DEFAULT '', prompt TEXT, pin TEXT,
-    origin TEXT NOT NULL DEFAULT 'config', state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    machine TEXT, workspace TEXT, runs INTEGER NOT NULL DEFAULT 0,
-    milestones INTEGER NOT NULL DEFAULT 0, crashes INTEGER NOT NULL DEFAULT 0,
-    last_crash_run INTEGER, usage_pauses INTEGER NOT NULL DEFAULT 0, last_exit INTEGER,
-    history TEXT NOT NULL DEFAULT '{{}}', listed INTEGER NOT NULL DEFAULT 1, first_shift TEXT,
-    last_shift TEXT, started_at REAL, ended_at REAL, updated_at REAL NOT NULL,
-    {_USAGE_COLUMNS});
-CREATE TABLE IF NOT EXISTS workers(
-    shift TEXT NOT NULL, worker TEXT NOT NULL, issue INTEGER NOT NULL, state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '', adopted_from TEXT, started_at REAL, ended_at REAL,
-    PRIMARY KEY (shift, worker));
-CREATE TABLE IF NOT EXISTS runs(
-    id INTEGER PRIMARY KEY, issue INTEGER NOT NULL, number INTEGER NOT NULL,
-    shift TEXT NOT NULL, worker TEXT NOT NULL, machine TEXT NOT NULL, workspace TEXT,
-    run_dir TEXT NOT NULL, lease_path TEXT, prompt_kind TEXT,
-    milestones_before TEXT NOT NULL DEFAULT '[]',
-    state TEXT NOT NULL CHECK (state IN ('intent', 'running', 'ended', 'abandoned')),
-    pid INTEGER, start_ticks INTEGER, intent_at REAL NOT NULL, started_at REAL, ended_at REAL,
-    exit_code INTEGER, lost INTEGER NOT NULL DEFAULT 0, outcome TEXT,
-    reason TEXT NOT NULL DEFAULT '', supervised_by TEXT, supervisors TEXT NOT NULL DEFAULT '[]',
-    {_USAGE_COLUMNS}, UNIQUE (issue, number));
-CREATE INDEX IF NOT EXISTS runs_open ON runs(state) WHERE state IN ('intent', 'running');
-CREATE INDEX IF NOT EXISTS runs_shift ON runs(shift);
-CREATE INDEX IF NOT EXISTS runs_dir ON runs(run_dir);
-CREATE TABLE IF NOT EXISTS holds(
-    id INTEGER PRIMARY KEY, machine TEXT NOT NULL, reason TEXT NOT NULL, since REAL NOT NULL,
-    until REAL NOT NULL, shift TEXT NOT NULL, line TEXT);
-CREATE TABLE IF NOT EXISTS machine_events(
-    id INTEGER PRIMARY KEY, machine TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,
-    shift TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
-"""
 
 
 class LedgerError(Exception):
@@ -141,111 +83,6 @@ class LedgerError(Exception):
 
 class LedgerTooNew(LedgerError):
     """The ledger was written by a newer agentize-fleet: reading it could misread it."""
-
-
-#: The usage an agent kind may report for a run (issue 13); NULL until one does.
-USAGE_FIELDS = (
-    "session_id",
-    "cost_usd",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "turns",
-)
-
-
-@dataclass
-class TaskRecord:
-    """A task as the ledger keeps it across ``up`` invocations."""
-
-    issue: int
-    state: str = "pending"
-    title: str = ""
-    prompt: str | None = None
-    pin: str | None = None
-    origin: str = "config"
-    reason: str = ""
-    machine: str | None = None
-    workspace: str | None = None
-    runs: int = 0
-    milestones: int = 0
-    crashes: int = 0
-    last_crash_run: int | None = None
-    usage_pauses: int = 0
-    last_exit: int | None = None
-    history: dict[str, Any] = field(default_factory=dict)
-    listed: bool = True
-    first_shift: str | None = None
-    last_shift: str | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One agent run as the ledger knows it."""
-
-    id: int
-    issue: int
-    number: int
-    shift: str
-    worker: str
-    machine: str
-    workspace: str | None
-    run_dir: str
-    lease_path: str | None
-    prompt_kind: str | None
-    milestones_before: tuple[str, ...]
-    state: str
-    pid: int | None
-    start_ticks: int | None
-    intent_at: float
-    started_at: float | None
-    ended_at: float | None
-    exit_code: int | None
-    lost: bool
-    outcome: str | None
-    reason: str
-    supervised_by: str | None
-    supervisors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ShiftRecord:
-    """One ``up``."""
-
-    id: str
-    pid: int
-    pid_ticks: int | None
-    host: str
-    config: str
-    dir: str
-    name: str
-    concurrency: int | None
-    started_at: float
-    ended_at: float | None
-    exit_code: int | None
-    exit_meaning: str | None
-    state: str
-    found_by: str | None
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    """A task's life within one shift."""
-
-    shift: str
-    worker: str
-    issue: int
-    state: str
-    reason: str
-    adopted_from: str | None
-    started_at: float | None
-    ended_at: float | None
-
-
-_TASK_COLUMNS = tuple(f.name for f in fields(TaskRecord))
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -324,7 +161,7 @@ class Ledger:
         found = self._version()
         if found is None and create:
             with self._tx() as db:
-                db.executescript_in_tx(_SCHEMA)
+                db.executescript_in_tx(SCHEMA)
                 db.execute(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -380,6 +217,19 @@ class Ledger:
                 self._db.execute("ROLLBACK")
             raise LedgerError(_cannot(self.path, exc)) from None
 
+    def _all(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> list[_R]:
+        cur = self._db.execute(sql, args)
+        return [record_of(cls, r, cur.description) for r in cur.fetchall()]
+
+    def _one(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> _R | None:
+        found = self._all(cls, sql, args)
+        return found[0] if found else None
+
+    def _dicts(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = self._db.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
     # shifts ---------------------------------------------------------------------------------
 
     def begin_shift(self, shift: ShiftRecord) -> list[str]:
@@ -409,25 +259,18 @@ class Ledger:
 
     def shifts(self) -> list[ShiftRecord]:
         """Every shift, oldest first."""
-        rows = self._db.execute("SELECT * FROM shifts ORDER BY started_at, id")
-        return [_record(ShiftRecord, r, rows.description) for r in rows.fetchall()]
+        return self._all(ShiftRecord, "SELECT * FROM shifts ORDER BY started_at, id")
 
     def shift(self, shift_id: str) -> ShiftRecord | None:
-        cur = self._db.execute("SELECT * FROM shifts WHERE id = ?", (shift_id,))
-        row = cur.fetchone()
-        return None if row is None else _record(ShiftRecord, row, cur.description)
+        return self._one(ShiftRecord, "SELECT * FROM shifts WHERE id = ?", (shift_id,))
 
     # tasks ----------------------------------------------------------------------------------
 
     def tasks(self) -> dict[int, TaskRecord]:
-        cur = self._db.execute("SELECT * FROM tasks ORDER BY issue")
-        found = (_record(TaskRecord, r, cur.description) for r in cur.fetchall())
-        return {t.issue: t for t in found}
+        return {t.issue: t for t in self._all(TaskRecord, "SELECT * FROM tasks ORDER BY issue")}
 
     def task(self, issue: int) -> TaskRecord | None:
-        cur = self._db.execute("SELECT * FROM tasks WHERE issue = ?", (issue,))
-        row = cur.fetchone()
-        return None if row is None else _record(TaskRecord, row, cur.description)
+        return self._one(TaskRecord, "SELECT * FROM tasks WHERE issue = ?", (issue,))
 
     def set_listed(self, issues: Iterable[int]) -> None:
         """Mark which tasks the current config lists (the others stay, unlisted)."""
@@ -458,12 +301,11 @@ class Ledger:
                     _put_worker(db, task, shift, worker, adopted_from)
 
     def workers(self, shift: str) -> list[WorkerRecord]:
-        cur = self._db.execute(
-            "SELECT shift, worker, issue, state, reason, adopted_from, started_at, ended_at "
-            "FROM workers WHERE shift = ? ORDER BY CAST(substr(worker, 2) AS INTEGER), worker",
+        return self._all(
+            WorkerRecord,
+            "SELECT * FROM workers WHERE shift = ? ORDER BY CAST(substr(worker, 2) AS INTEGER)",
             (shift,),
         )
-        return [WorkerRecord(*r) for r in cur.fetchall()]
 
     # runs -----------------------------------------------------------------------------------
 
@@ -569,16 +411,13 @@ class Ledger:
             )
 
     def run(self, run_id: int) -> RunRecord | None:
-        cur = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,))
-        row = cur.fetchone()
-        return None if row is None else _record(RunRecord, row, cur.description)
+        return self._one(RunRecord, "SELECT * FROM runs WHERE id = ?", (run_id,))
 
     def open_runs(self) -> list[RunRecord]:
         """Runs in ``intent`` or ``running``, whichever shift made them, oldest first."""
-        cur = self._db.execute(
-            "SELECT * FROM runs WHERE state IN ('intent', 'running') ORDER BY id"
+        return self._all(
+            RunRecord, "SELECT * FROM runs WHERE state IN ('intent', 'running') ORDER BY id"
         )
-        return [_record(RunRecord, r, cur.description) for r in cur.fetchall()]
 
     def runs(self, *, issue: int | None = None, shift: str | None = None) -> list[RunRecord]:
         where: list[str] = []
@@ -590,13 +429,10 @@ class Ledger:
             where.append("(shift = ? OR supervisors LIKE ?)")
             args += [shift, f'%"{shift}"%']
         sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
-        cur = self._db.execute(sql + " ORDER BY id", args)
-        return [_record(RunRecord, r, cur.description) for r in cur.fetchall()]
+        return self._all(RunRecord, sql + " ORDER BY id", args)
 
     def run_by_dir(self, run_dir: str) -> RunRecord | None:
-        cur = self._db.execute("SELECT * FROM runs WHERE run_dir = ?", (run_dir,))
-        row = cur.fetchone()
-        return None if row is None else _record(RunRecord, row, cur.description)
+        return self._one(RunRecord, "SELECT * FROM runs WHERE run_dir = ?", (run_dir,))
 
     # machines ---------------------------------------------------------------------------------
 
@@ -611,14 +447,9 @@ class Ledger:
             )
 
     def holds(self, *, active_at: float | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT machine, reason, since, until, shift, line FROM holds"
-        args: tuple[Any, ...] = ()
-        if active_at is not None:
-            sql += " WHERE until > ?"
-            args = (active_at,)
-        cur = self._db.execute(sql + " ORDER BY id", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        if active_at is None:
+            return self._dicts("SELECT * FROM holds ORDER BY id")
+        return self._dicts("SELECT * FROM holds WHERE until > ? ORDER BY id", (active_at,))
 
     def machine_event(self, machine: str, state: str, *, shift: str, detail: str = "") -> None:
         with self._tx() as db:
@@ -629,14 +460,11 @@ class Ledger:
             )
 
     def machine_events(self, machine: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT machine, state, at, shift, detail FROM machine_events"
-        args: tuple[Any, ...] = ()
-        if machine is not None:
-            sql += " WHERE machine = ?"
-            args = (machine,)
-        cur = self._db.execute(sql + " ORDER BY id", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        if machine is None:
+            return self._dicts("SELECT * FROM machine_events ORDER BY id")
+        return self._dicts(
+            "SELECT * FROM machine_events WHERE machine = ? ORDER BY id", (machine,)
+        )
 
 
 class _Tx:
@@ -658,7 +486,7 @@ class _Tx:
 
 
 def _put_task(db: _Tx, task: TaskRecord, shift: str) -> None:
-    values = {name: getattr(task, name) for name in _TASK_COLUMNS}
+    values = {name: getattr(task, name) for name in TASK_COLUMNS}
     values["history"] = json.dumps(task.history)
     values["listed"] = int(task.listed)
     values["first_shift"] = task.first_shift or shift
@@ -689,22 +517,6 @@ def _put_worker(
     )
 
 
-_JSON_FIELDS = {"history": dict, "milestones_before": tuple, "supervisors": tuple}
-_BOOL_FIELDS = frozenset({"listed", "lost"})
-
-
-def _record(cls: type[_R], row: Sequence[Any], description: Any) -> _R:
-    """A row as its record type: JSON columns decoded, 0/1 columns as bools."""
-    data = dict(zip((d[0] for d in description), row, strict=True))
-    values: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        value = data[f.name]
-        if f.name in _JSON_FIELDS:
-            value = _JSON_FIELDS[f.name](json.loads(value or "null") or ())
-        elif f.name in _BOOL_FIELDS:
-            value = bool(value)
-        values[f.name] = value
-    return cls(**values)
 
 
 def _uri_path(path: Path) -> str:

@@ -240,3 +240,37 @@ class StopControl:
             yield
         finally:
             self._callbacks.discard(callback)
+
+
+class Slot:
+    """The one run slot a worker holds, if any, and the one way it gets one."""
+
+    def __init__(self, pool: SlotPool, starts: StartsGate) -> None:
+        self._pool = pool
+        self._starts = starts
+        self.machine: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.machine is not None
+
+    def take(self, machine: str) -> None:
+        """Hold a slot on ``machine`` now, without waiting (a run adopted already running)."""
+        self.release()
+        self._pool.take(machine)
+        self.machine = machine
+
+    async def acquire(self, pin: str | None) -> None:
+        """Wait for a slot (on ``pin`` if given) once new runs are allowed; none is held after
+        this when new runs will never be allowed again (the soft deadline)."""
+        while await self._starts.wait():
+            machine = await self._pool.acquire(pin)
+            if not self._starts.paused and not self._starts.closed:
+                self.machine = machine
+                return
+            self._pool.release(machine)  # paused or closed while we queued for the slot
+
+    def release(self) -> None:
+        if self.machine is not None:
+            self._pool.release(self.machine)
+            self.machine = None

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import posixpath
 import random
-import re
 import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -32,7 +30,6 @@ import structlog
 from supervisor import policy
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
-    STREAMS,
     ExitStatus,
     Host,
     HostError,
@@ -43,92 +40,13 @@ from supervisor.hosts.base import (
 )
 from supervisor.ledger import Ledger, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
-from supervisor.limits import LimitDetector, LimitHit, OutputTail
-from supervisor.logs import LineSplitter, LogMux, Tag
+from supervisor.limits import LimitDetector, LimitHit
+from supervisor.logs import LogMux, Tag
+from supervisor.outcome import Decision, MachineLost, WorkerStatus, judge
 from supervisor.recovery import Adoption
-from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
+from supervisor.runio import limit_in, pump_output, render
+from supervisor.scheduling import Slot, SlotPool, StartGate, StartsGate, StopControl
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
-
-_PLACEHOLDER = re.compile(r"\{(issue|title|prompt|workspace)\}")
-
-
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill ``{issue}``-style placeholders once; values are never re-scanned or shell-parsed."""
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-@dataclass
-class WorkerStatus:
-    """What ``status`` and the summary show of one worker."""
-
-    worker: str
-    task: int
-    title: str
-    state: WorkerState = WorkerState.PENDING
-    machine: str | None = None
-    workspace: str | None = None
-    run: int = 0
-    pid: int | None = None
-    start_ticks: int | None = None
-    run_dir: str | None = None
-    milestones: int = 0
-    crashes: int = 0
-    last_crash_run: int | None = None
-    usage_pauses: int = 0
-    last_exit: int | None = None
-    reason: str = ""
-    started_at: float | None = None
-    ended_at: float | None = None
-    run_started_at: float | None = None
-    next_run_at: float | None = None
-    milestones_before: list[str] = field(default_factory=list)
-    lease_path: str | None = None
-    adopted_from: str | None = None
-    history: policy.History = field(default_factory=policy.History)
-
-    @property
-    def wall_time(self) -> float:
-        if self.started_at is None:
-            return 0.0
-        return (self.ended_at or time.time()) - self.started_at
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "worker": self.worker,
-            "task": self.task,
-            "title": self.title,
-            "state": str(self.state),
-            "machine": self.machine,
-            "workspace": self.workspace,
-            "runs": self.run,
-            "pid": self.pid,
-            "start_ticks": self.start_ticks,
-            "run_dir": self.run_dir,
-            "milestones": self.milestones,
-            "crashes": self.crashes,
-            "last_crash_run": self.last_crash_run,
-            "usage_pauses": self.usage_pauses,
-            "last_exit": self.last_exit,
-            "reason": self.reason,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "run_started_at": self.run_started_at,
-            "next_run_at": self.next_run_at,
-            "milestones_before": self.milestones_before,
-            "lease_path": self.lease_path,
-            "adopted_from": self.adopted_from,
-            "wall_time": round(self.wall_time, 3),
-        }
-
-
-@dataclass(frozen=True)
-class MachineLost:
-    """The run's machine stayed unreachable: the run's end is unknown (not a crash)."""
-
-    reason: str
-
-
-Decision = policy.Decision | MachineLost
 
 
 class FleetServices(Protocol):
@@ -176,40 +94,6 @@ class FleetServices(Protocol):
     def adopted_run_ended(self, machine: str, lease: str | None) -> None: ...
 
 
-class Slot:
-    """The one run slot a worker holds, if any, and the one way it gets one."""
-
-    def __init__(self, pool: SlotPool, starts: StartsGate) -> None:
-        self._pool = pool
-        self._starts = starts
-        self.machine: str | None = None
-
-    @property
-    def held(self) -> bool:
-        return self.machine is not None
-
-    def take(self, machine: str) -> None:
-        """Hold a slot on ``machine`` now, without waiting (a run adopted already running)."""
-        self.release()
-        self._pool.take(machine)
-        self.machine = machine
-
-    async def acquire(self, pin: str | None) -> None:
-        """Wait for a slot (on ``pin`` if given) once new runs are allowed; none is held after
-        this when new runs will never be allowed again (the soft deadline)."""
-        while await self._starts.wait():
-            machine = await self._pool.acquire(pin)
-            if not self._starts.paused and not self._starts.closed:
-                self.machine = machine
-                return
-            self._pool.release(machine)  # paused or closed while we queued for the slot
-
-    def release(self) -> None:
-        if self.machine is not None:
-            self._pool.release(self.machine)
-            self.machine = None
-
-
 class Worker:
     """Drives one task from ``pending`` to a final state.
 
@@ -247,22 +131,7 @@ class Worker:
         self._again = False
         self._prepared = False
         if record is not None:
-            self._restore(record, again)
-
-    def _restore(self, record: TaskRecord, again: bool) -> None:
-        """Carry the task's account over from the ledger: its run counter and counts always;
-        its worktree while its machine is in the fleet; its policy memory if it goes on."""
-        s = self.status
-        s.run, s.milestones, s.crashes = record.runs, record.milestones, record.crashes
-        s.last_crash_run, s.usage_pauses = record.last_crash_run, record.usage_pauses
-        s.last_exit = record.last_exit
-        s.machine, s.workspace = record.machine, record.workspace
-        if record.state == WorkerState.DONE and not again:
-            s.state, s.reason = WorkerState.DONE, f"done in shift {record.last_shift}"
-            return
-        if not again and not WorkerState(record.state).final:
-            s.history = policy.history_from_dict(record.history)
-            self._first_kind = "auto"  # resume from a milestone if its worktree has one
+            self._first_kind = self.status.restore(record, again)
 
     # helpers -----------------------------------------------------------------------------
 
@@ -288,15 +157,7 @@ class Worker:
 
     def record(self) -> TaskRecord:
         """The task as the ledger keeps it."""
-        s = self.status
-        return TaskRecord(
-            issue=s.task, state=str(s.state), title=s.title, prompt=self.task.prompt,
-            pin=self.task.machine, origin=self.origin, reason=s.reason, machine=s.machine,
-            workspace=s.workspace, runs=s.run, milestones=s.milestones, crashes=s.crashes,
-            last_crash_run=s.last_crash_run, usage_pauses=s.usage_pauses, last_exit=s.last_exit,
-            history=policy.history_to_dict(s.history), listed=self.origin != "add",
-            started_at=s.started_at, ended_at=s.ended_at,
-        )
+        return self.status.to_record(self.task.prompt, self.task.machine, self.origin)
 
     def persist(self) -> None:
         self.fleet.ledger.save_task(
@@ -707,48 +568,19 @@ class Worker:
 
     async def _follow_output(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
+
+        async def pump() -> None:
+            tails = await pump_output(handle, offsets, self.fleet.mux, self.tag,
+                                      self.fleet.config.max_line_bytes)
+            self._limit_hit = limit_in(
+                tails, self.fleet.limit_detector(self.status.machine or "local")
+            )
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, handle, offsets)
+            tg.start_soon(pump)
             with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
                 status = await handle.wait()
         return status
-
-    async def _pump(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> None:
-        max_bytes = self.fleet.config.max_line_bytes
-        splitters = {s: LineSplitter(max_bytes, offsets.get(s, 0)) for s in STREAMS}
-        tails = {s: OutputTail() for s in STREAMS}
-        mux = self.fleet.mux
-        tag = self.tag
-        async for chunk in handle.output(offsets):
-            splitter = splitters[chunk.stream]
-            block = splitter.feed(chunk.data)
-            if block is not None:
-                mux.output(tag, chunk.stream, block, splitter.offset)
-                tails[chunk.stream].add(block)
-        for stream, splitter in splitters.items():
-            rest = splitter.finish()
-            if rest is not None:
-                mux.output(tag, stream, rest, splitter.offset)
-                tails[stream].add(rest)
-        self._scan(tails.values())
-
-    def _scan(self, tails: Iterable[OutputTail]) -> None:
-        """Why did the run end: look for a usage or rate limit in the last output it printed.
-
-        Only the tail of each stream counts (:class:`OutputTail`): an agent stopped by a limit
-        says so last, while a limit message far earlier in the output (a test log, a file the
-        agent printed) says nothing about this exit -- and scanning every line of an agent
-        printing a million lines a second would cost more than logging them.  Reset times
-        are read in the time zone of the run's machine.
-        """
-        detector = self.fleet.limit_detector(self.status.machine or "local")
-        found: LimitHit | None = None
-        for tail in tails:
-            text = tail.text()
-            hit = detector.feed_batch(text.split("\n"), time.time(), text) if text else None
-            if hit is not None and (found is None or hit.kind == "usage"):
-                found = hit
-        self._limit_hit = found
 
     async def _stop_run(self, handle: RunHandle) -> None:
         """The fleet stops: this run too, SIGTERM first (its task starts on the request)."""
@@ -767,110 +599,35 @@ class Worker:
     # the end of a run ---------------------------------------------------------------------
 
     def _ended(self, status: ExitStatus, new_milestones: list[str], *, lost: str = "") -> Decision:
-        """Decide what follows a run, and record its end with the task's new state in one
-        transaction (a crash leaves both or neither)."""
+        """Decide what follows a run (:func:`supervisor.outcome.judge`), and record its end
+        with the task's new state in one transaction (a crash leaves both or neither)."""
         s = self.status
         hit = self._limit_hit
-        decision: Decision
-        if lost:
-            outcome, decision, state, reason = "lost", MachineLost(lost), WorkerState.LOST, lost
-            self.log("lost", f"✗ {lost}", reason=lost)
-        elif self.fleet.stop.requested.is_set():
-            outcome, decision = "stopped", policy.Finish()
-            state, reason = WorkerState.STOPPED, self.fleet.stop.reason
-            self.log("run-ended", f"■ run {s.run} ended with {status.code} (stopped)",
-                     exit_code=status.code)
-        elif self._restart_requested:
-            self._restart_requested = False
-            outcome = "restarted"
-            decision = policy.Resume() if new_milestones else policy.Restart(0.0)
-            state = WorkerState.RESUMING if new_milestones else WorkerState.BACKOFF
-            reason = "restart requested"
-            self.log("restarting", f"↻ run {s.run} restarted on request: the next run starts "
-                     "at once in its slot")
-        else:
-            outcome, decision, state, reason = self._by_policy(status, new_milestones, hit)
-        if state is WorkerState.STOPPED and s.state is not WorkerState.STOPPING:
+        stop = self.fleet.stop
+        verdict = judge(
+            s, self._policy, status, new_milestones, hit, lost=lost,
+            stopping=stop.reason if stop.requested.is_set() else None,
+            restart_requested=self._restart_requested, now=time.time(), rand=random.random(),
+        )
+        self._restart_requested = False
+        if verdict.state is WorkerState.STOPPED and s.state is not WorkerState.STOPPING:
             s.state = advance(s.state, WorkerState.STOPPING)  # it ended as the stop came
-        s.state = advance(s.state, state)
-        s.reason = reason
-        if state.final:
+        s.state = advance(s.state, verdict.state)
+        s.reason = verdict.reason
+        if verdict.state.final:
             s.ended_at = time.time()
         if self._run is not None:
             self.fleet.ledger.run_ended(
-                self._run.id, exit_code=status.code, lost=status.lost, outcome=outcome,
+                self._run.id, exit_code=status.code, lost=status.lost, outcome=verdict.outcome,
                 reason=status.reason, task=self.record(), shift=self.fleet.shift_id,
                 worker=self.name,
             )
             self._run = None
         else:
             self.persist()
-        if isinstance(decision, policy.Pause) and hit is not None:
+        for event, message, fields in verdict.lines:
+            self.log(event, message, **fields)
+        if isinstance(verdict.decision, policy.Pause) and hit is not None:
             assert s.machine is not None
-            self.fleet.pause_machine(s.machine, decision.until, "usage limit", hit.line)
-        return decision
-
-    def _by_policy(
-        self, status: ExitStatus, new_milestones: list[str], hit: LimitHit | None
-    ) -> tuple[str, Decision, WorkerState, str]:
-        """The restart policy's decision on a run that ended by itself, and what to say."""
-        s = self.status
-        now = time.time()
-        if new_milestones:
-            outcome = policy.Outcome.MILESTONE
-        elif hit is not None and hit.kind == "usage":
-            outcome = policy.Outcome.USAGE_LIMIT
-        elif status.ok:
-            outcome = policy.Outcome.DONE
-        else:
-            outcome = policy.Outcome.CRASH
-        decision, s.history = policy.decide(
-            self._policy, s.history, outcome, now=now, rand=random.random(),
-            reset_at=hit.reset_at if hit is not None else None,
-        )
-        code = "lost" if status.lost else str(status.code)
-        state = {
-            policy.Finish: WorkerState.DONE,
-            policy.Resume: WorkerState.RESUMING,
-            policy.Restart: WorkerState.BACKOFF,
-            policy.Pause: WorkerState.PAUSED,
-            policy.GiveUp: WorkerState.FAILED,
-        }[type(decision)]
-        reason = decision.reason if isinstance(decision, policy.GiveUp) else ""
-        if outcome is policy.Outcome.MILESTONE:
-            s.milestones += 1
-            self.log("milestone", f"⚑ run {s.run} left milestone {', '.join(new_milestones)}: "
-                     "resuming in its slot", milestones=new_milestones, exit_code=status.code)
-        elif outcome is policy.Outcome.USAGE_LIMIT:
-            assert hit is not None
-            s.usage_pauses += 1
-            reason = reason or "usage limit"
-            until = decision.until if isinstance(decision, policy.Pause) else now
-            self.log("usage-limit", f"⏸ usage limit reached: pausing until {_clock(until)} "
-                     "(its slot goes to others meanwhile)", line=hit.line,
-                     reset_at=hit.reset_at, exit_code=status.code)
-        elif outcome is policy.Outcome.CRASH:
-            s.crashes += 1
-            s.last_crash_run = s.run
-            detail = status.reason or f"exit {code}"
-            reason = reason or detail
-            if isinstance(decision, policy.Restart):
-                kept = policy.keeps_slot(decision)
-                self.log("crashed", f"✗ run {s.run} crashed ({detail}); restarting in "
-                         f"{decision.delay:.1f}s"
-                         + ("" if kept else " (its slot goes to others meanwhile)"),
-                         exit_code=status.code, backoff=round(decision.delay, 3))
-            else:
-                self.log("crashed", f"✗ run {s.run} crashed ({detail})", exit_code=status.code)
-        else:
-            self.log("run-ended", f"■ run {s.run} exited 0 with no new milestone",
-                     exit_code=status.code)
-        if isinstance(decision, policy.GiveUp):
-            self.log("gave-up", f"✗ giving up: {decision.reason}", reason=decision.reason)
-        elif isinstance(decision, policy.Finish):
-            self.log("done", f"✓ done after {s.run} run(s)")
-        return outcome.value, decision, state, reason
-
-
-def _clock(epoch: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(epoch))
+            self.fleet.pause_machine(s.machine, verdict.decision.until, "usage limit", hit.line)
+        return verdict.decision

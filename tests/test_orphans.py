@@ -291,7 +291,7 @@ def test_the_lease_watchdog_stops_runs_of_a_dead_supervisor(fleet: Harness) -> N
 @pytest.mark.parametrize("wrapper_gone", [False, True], ids=["exit-recorded", "wrapper-gone"])
 def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> None:
     config = fleet.write(fleet.config([task(1, "hang,finish")], concurrency=1))
-    old_id, old_dir, orphans = kill_fleet_mid_run(fleet, config, [1])
+    old_id, _old_dir, orphans = kill_fleet_mid_run(fleet, config, [1])
     row = orphans[1]
     run_dir = Path(row["run_dir"])
     # The agent dies too; with `wrapper_gone` its wrapper first (power loss), so no exit file.
