@@ -166,8 +166,9 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
                     task=run.issue,
                 )
             return
+        view = fleet.machines.get(machine)
         try:
-            looks.update(await _look_settled(host, group))
+            looks.update(await _look_settled(host, group, view is not None and view.local))
         except HostError as exc:
             for run in group:
                 unreachable[run.id] = f"machine {machine} could not be checked: {exc.message}"
@@ -196,8 +197,10 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
     return Recovery(notes, dict(leases))
 
 
-async def _look_settled(host: Host, runs: list[RunRecord]) -> dict[int, Look]:
-    """The runs' looks, once those still starting have had the time to get on."""
+async def _look_settled(host: Host, runs: list[RunRecord], local: bool) -> dict[int, Look]:
+    """The runs' looks, once those still starting have had the time to get on.  ``local``:
+    the supervisor made their run directories itself, just before it started the wrapper, so
+    a run without one never started; elsewhere a start command may still be on its way."""
     deadline = time.monotonic() + PID_WAIT
     looks: dict[int, Look] = {}
     pending = list(runs)
@@ -206,7 +209,7 @@ async def _look_settled(host: Host, runs: list[RunRecord]) -> dict[int, Look]:
         waiting = []
         for run in pending:
             seen = found.get(run.run_dir, Look(Seen.GONE))
-            if _may_still_start(run, seen) and time.monotonic() < deadline:
+            if _may_still_start(run, seen, local) and time.monotonic() < deadline:
                 waiting.append(run)
             else:
                 looks[run.id] = seen
@@ -216,7 +219,7 @@ async def _look_settled(host: Host, runs: list[RunRecord]) -> dict[int, Look]:
     return looks
 
 
-def _may_still_start(run: RunRecord, seen: Look) -> bool:
+def _may_still_start(run: RunRecord, seen: Look, local: bool) -> bool:
     if run.state != "intent":
         return False
     if seen.seen is Seen.STARTING:
@@ -224,7 +227,7 @@ def _may_still_start(run: RunRecord, seen: Look) -> bool:
     if seen.seen is Seen.UNSTARTED:
         return seen.age < UNSTARTED_AFTER
     if seen.seen is Seen.GONE:
-        return time.time() - run.intent_at < UNSTARTED_AFTER
+        return not local and time.time() - run.intent_at < UNSTARTED_AFTER
     return False
 
 

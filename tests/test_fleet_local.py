@@ -217,6 +217,21 @@ def test_crash_loop_fails_after_intensity_limit(fleet: Harness) -> None:
     result.assert_seq_gapless()
 
 
+def test_a_crash_restart_keeps_its_slot_through_a_short_backoff(fleet: Harness) -> None:
+    """Under cap 1, "restarting in 0.3s" means that: the crashed task's next run comes before
+    the tasks waiting for a slot (it used to queue behind all of them)."""
+    result = fleet.run_config(
+        [task(1, "crash:1,finish"), task(2, "finish"), task(3, "finish")],
+        concurrency=1,
+        restart={"backoff_base": 0.3, "backoff_max": 0.3},
+    )
+    assert result.returncode == 0, result.explain()
+    order = [(r["issue"], r["run"]) for r in fleet.agent_records("start")]
+    assert order == [(1, 1), (1, 2), (2, 1), (3, 1)], order
+    (crashed,) = result.events("crashed")
+    assert "restarting in" in crashed["line"] and "slot" not in crashed["line"], crashed
+
+
 # -- stopping -----------------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from fleet_helpers import (
     workers_by_task,
 )
 
+from supervisor.ledger import Ledger
 from supervisor.rundir import socket_path
 
 # A crash backoff long enough that a crashed task is still in backoff when the test looks
@@ -193,6 +194,30 @@ def test_restart_gives_a_task_a_new_run(fleet: Harness) -> None:
     assert row["crashes"] == 0, row  # a restart on request is not a crash
     ends = [r for r in fleet.agent_records("end") if r["issue"] == 42]
     assert [(r["run"], r["exit"]) for r in ends] == [(2, 0)]  # run 1 was killed, run 2 finished
+
+
+def test_restart_starts_the_new_run_at_once_in_the_slot_its_run_had(fleet: Harness) -> None:
+    """Under cap 1 with a task waiting, `restart 42` used to put #42 behind it (61 s in a
+    measured case): now run 2 starts at once, in the slot run 1 had."""
+    config = fleet.write(
+        fleet.config([task(42, "hang,sleep:1+finish"), task(7, "finish")], concurrency=1)
+    )
+    up = fleet.start(config)
+    wait_ready(up)
+    wait_states(up, {42: "running", 7: "pending"})
+    wait_for(lambda: agent_pids(fleet).get((42, 1)), 10, "run 1 of #42")
+    asked = time.time()
+    done = cli(fleet, config, "restart", "42")
+    assert done.returncode == 0 and "starts at once in its slot" in done.stdout, explain(done)
+    second = wait_for(lambda: [r for r in fleet.runs_of(42) if r["run"] == 2], 15, "run 2")[0]
+    assert second["t"] - asked < 8, second["t"] - asked  # the stop (SIGTERM) and a start
+    result = up.wait(30)
+    assert result.returncode == 0, result.explain()
+    order = [(r["issue"], r["run"]) for r in fleet.agent_records("start")]
+    assert order == [(42, 1), (42, 2), (7, 1)], order
+    with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
+        first, again = ledger.runs(issue=42)
+    assert first.ended_at is not None and again.intent_at >= first.ended_at  # never two at once
 
 
 def test_add_runs_a_new_task(fleet: Harness) -> None:
