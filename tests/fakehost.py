@@ -15,12 +15,13 @@ stay on the real hosts; this is for the core's logic, in seconds.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import posixpath
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ class FakeRun(RunHandle):
         self._signal_code: int | None = None
         lines = list(script.stdout)
         if script.limit_in is not None:
-            lines.append(f"Claude AI usage limit reached|{math.ceil(time.time() + script.limit_in)}")
+            reset = math.ceil(time.time() + script.limit_in)
+            lines.append(f"Claude AI usage limit reached|{reset}")
         self.data: dict[Stream, bytes] = {
             "stdout": "".join(f"{line}\n" for line in lines).encode(),
             "stderr": "".join(f"{line}\n" for line in script.stderr).encode(),
@@ -176,7 +178,7 @@ class FakeHost(Host):
         runs = self.runs_of(issue)
         return any(
             b.at < (a.ended_at if a.ended_at is not None else float("inf"))
-            for a, b in zip(runs, runs[1:], strict=False)
+            for a, b in itertools.pairwise(runs)
         )
 
     # the Host interface ---------------------------------------------------------------------
@@ -247,6 +249,15 @@ class FakeHost(Host):
 
     async def touch_lease(self, path: str) -> None:
         self.leases.append(path)
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait (bounded) until ``predicate()`` is true."""
+    with anyio.fail_after(timeout):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(0.005)
 
 
 def fake_config(tmp_path: Path, tasks: Sequence[dict[str, Any]], **overrides: Any) -> FleetConfig:

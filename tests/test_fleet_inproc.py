@@ -17,7 +17,7 @@ import structlog
 from supervisor.config import FleetConfig
 from supervisor.fleet import Fleet, FleetResult
 from supervisor.ledger import Ledger, ShiftRecord, TaskRecord
-from tests.fakehost import FakeHost, Script, fake_config
+from tests.fakehost import FakeHost, Script, fake_config, until
 
 pytestmark = pytest.mark.anyio
 LIMIT = 10.0
@@ -35,7 +35,9 @@ def task(issue: int, **fields: Any) -> dict[str, Any]:
     return {"issue": issue, **fields}
 
 
-async def run_fleet(config: FleetConfig, host: FakeHost, **kwargs: Any) -> tuple[Fleet, FleetResult]:
+async def run_fleet(
+    config: FleetConfig, host: FakeHost, **kwargs: Any
+) -> tuple[Fleet, FleetResult]:
     fleet = Fleet(config, hosts={host.name: host}, **kwargs)
     with anyio.fail_after(LIMIT):
         result = await fleet.run()
@@ -83,8 +85,7 @@ async def test_a_stop_stops_every_run_and_leaves_them_stopped(tmp_path: Path) ->
     fleet = Fleet(config, hosts={"local": host})
 
     async def stop_when_running() -> None:
-        while len(host.alive) < 2:
-            await anyio.sleep(0.01)
+        await until(lambda: len(host.alive) >= 2)
         fleet.stop.request("test")
 
     with anyio.fail_after(LIMIT):
@@ -99,9 +100,9 @@ async def test_a_stop_stops_every_run_and_leaves_them_stopped(tmp_path: Path) ->
 async def test_a_usage_limit_holds_the_machine_and_gives_the_slot_back(tmp_path: Path) -> None:
     host = FakeHost(scripts={1: [Script(limit_in=0.4, exit=1), Script()], 2: [Script()]})
     config = fake_config(tmp_path, [task(1), task(2)], concurrency=1)
-    fleet, result = await run_fleet(config, host)
+    _, result = await run_fleet(config, host)
     assert result.exit_code == 0
-    first, second = host.runs_of(1)
+    _, second = host.runs_of(1)
     assert result.workers[0].usage_pauses == 1 and result.workers[0].crashes == 0
     assert second.argv[-1] == "Continue from the latest milestone"
     (hold,) = Ledger.reader(config.state_path).holds()  # type: ignore[union-attr]
@@ -158,8 +159,7 @@ async def test_a_long_backoff_gives_the_slot_back_and_says_so(
 async def _restart_when_waiting(fleet: Fleet, issue: int) -> None:
     worker = fleet.worker_for(issue)
     assert worker is not None
-    while str(worker.status.state) != "backoff":
-        await anyio.sleep(0.01)
+    await until(lambda: str(worker.status.state) == "backoff")
     await anyio.sleep(0.05)
     assert worker.request_restart() is True
 
@@ -173,8 +173,7 @@ async def test_restart_starts_the_next_run_at_once_in_the_same_slot(tmp_path: Pa
     fleet = Fleet(config, hosts={"local": host})
 
     async def restart() -> None:
-        while not host.alive:
-            await anyio.sleep(0.01)
+        await until(lambda: host.alive)
         answer = await fleet.handle_request({"cmd": "restart", "task": 42})
         assert answer["ok"] and "starts at once in its slot" in answer["message"], answer
 
@@ -199,7 +198,7 @@ async def test_a_done_task_is_not_run_again_and_a_failed_one_is(tmp_path: Path) 
     _, second = await run_fleet(config, host)
     assert states(second) == {1: "done", 2: "done"} and second.exit_code == 0
     assert [(s.issue, s.run) for s in host.starts] == [(1, 1), (2, 1), (2, 2)]
-    _, third = await run_fleet(config, host, rerun=[1])
+    await run_fleet(config, host, rerun=[1])
     assert [(s.issue, s.run) for s in host.starts][3:] == [(1, 2)]
 
 
