@@ -141,11 +141,11 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
     """Deal with every run earlier shifts left behind (see the module docstring)."""
     ledger = fleet.ledger
     runs = ledger.open_runs()
+    # The watchdogs to dismiss once recovery is done (each stays while a run it guards is
+    # left): those of the shifts that died, and those whose runs such a shift watched (an
+    # adopter killed before it could dismiss them), besides those of every open run.
     leases: dict[str, set[str]] = defaultdict(set)
-    for run in ledger.runs():
-        if run.shift in died and run.lease_path:
-            leases[run.machine].add(run.lease_path)
-    for run in runs:
+    for run in [r for shift in died for r in ledger.runs(shift=shift)] + runs:
         if run.lease_path:
             leases[run.machine].add(run.lease_path)
     notes: list[tuple[str, str]] = []
