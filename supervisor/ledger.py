@@ -107,21 +107,9 @@ class Ledger:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.fchmod(fd, 0o600)
             os.close(fd)
-            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise LedgerError(_cannot(path, exc)) from None
-        ledger = cls(path, db, writable=True)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            ledger._check_version(create=True)
-        except sqlite3.Error as exc:
-            db.close()
-            raise LedgerError(_cannot(path, exc)) from None
-        except LedgerError:
-            db.close()
-            raise
-        return ledger
+        return cls._connect(path, str(path), writable=True)
 
     @classmethod
     def reader(cls, state_dir: Path) -> Ledger | None:
@@ -129,22 +117,26 @@ class Ledger:
         path = ledger_path(state_dir)
         if not path.exists():
             return None
+        return cls._connect(path, f"file:{_uri_path(path)}?mode=ro", writable=False)
+
+    @classmethod
+    def _connect(cls, path: Path, target: str, *, writable: bool) -> Ledger:
+        """Open ``target``, set the writer's journal up, check (or make) the schema."""
+        db: sqlite3.Connection | None = None
         try:
-            db = sqlite3.connect(
-                f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT,
-                isolation_level=None,
-            )
-        except sqlite3.Error as exc:
+            db = sqlite3.connect(target, uri=not writable, timeout=BUSY_TIMEOUT,
+                                 isolation_level=None)
+            ledger = cls(path, db, writable=writable)
+            if writable:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            ledger._check_version(create=writable)
+        except (sqlite3.Error, LedgerError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, LedgerError):
+                raise
             raise LedgerError(_cannot(path, exc)) from None
-        ledger = cls(path, db, writable=False)
-        try:
-            ledger._check_version(create=False)
-        except sqlite3.Error as exc:
-            db.close()
-            raise LedgerError(_cannot(path, exc)) from None
-        except LedgerError:
-            db.close()
-            raise
         return ledger
 
     def close(self) -> None:

@@ -60,6 +60,29 @@ def _file_lines(path: Path) -> list[str]:
     return lines[:-1] if text.endswith("\n") or not text else lines
 
 
+def _start_and_kill(fleet: Harness, config: Path, how: str, rng: random.Random) -> bool:
+    """Start ``up`` and SIGKILL it at a moment chosen by ``how``; False if it ended first."""
+    shifts_before = len(_shift_dirs(fleet.state_dir))
+    starts_before = _starts(fleet)
+    up = fleet.start(config)
+
+    def ended() -> bool:
+        return up.popen.poll() is not None
+
+    if how == "anytime":
+        time.sleep(rng.uniform(0.05, 1.5))
+    elif how == "after-a-start":
+        _wait(lambda: _starts(fleet) > starts_before or ended(), 4.0)
+        time.sleep(rng.uniform(0.0, 0.1))
+    else:  # the new shift exists: it is connecting, or recovering the last one's runs
+        _wait(lambda: len(_shift_dirs(fleet.state_dir)) > shifts_before or ended(), 4.0)
+        time.sleep(rng.uniform(0.0, 0.15))
+    if ended():
+        return False
+    kill_up(up)
+    return True
+
+
 def test_random_sigkills_of_up_lose_and_repeat_nothing(fleet: Harness) -> None:
     seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
@@ -70,22 +93,9 @@ def test_random_sigkills_of_up_lose_and_repeat_nothing(fleet: Harness) -> None:
     kills: list[str] = []
     budget = time.monotonic() + CHAOS_BUDGET
     while len(kills) < KILLS and time.monotonic() < budget:
-        shifts_before = len(_shift_dirs(fleet.state_dir))
-        starts_before = _starts(fleet)
-        up = fleet.start(config)
         how = rng.choice(["anytime", "after-a-start", "adopting"])
-        if how == "anytime":
-            time.sleep(rng.uniform(0.05, 1.5))
-        elif how == "after-a-start":
-            _wait(lambda: _starts(fleet) > starts_before or up.popen.poll() is not None, 4.0)
-            time.sleep(rng.uniform(0.0, 0.1))
-        else:  # the new shift exists: it is connecting, or recovering the last one's runs
-            _wait(lambda: len(_shift_dirs(fleet.state_dir)) > shifts_before
-                  or up.popen.poll() is not None, 4.0)
-            time.sleep(rng.uniform(0.0, 0.15))
-        if up.popen.poll() is not None:
-            break  # it finished everything between two kills
-        kill_up(up)
+        if not _start_and_kill(fleet, config, how, rng):
+            break  # that `up` finished everything before its kill
         kills.append(how)
 
     print(f"chaos: seed {seed}, kills {kills}")

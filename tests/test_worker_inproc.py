@@ -105,19 +105,25 @@ async def test_the_intent_is_in_the_ledger_before_the_host_is_asked(tmp_path: Pa
     assert [w.state for w in services.ledger.workers(SHIFT)] == ["done"]
 
 
-async def test_a_crash_backs_off_in_its_slot_then_runs_again(tmp_path: Path) -> None:
-    services, worker = setup(tmp_path, [Script(exit=2), Script()],
-                             restart={"backoff_base": 0.05, "backoff_max": 0.05})
+async def slots_held_in(services: Services, worker: Worker, state: str) -> int:
+    """Live the worker's life; return how many slots were held once it was in ``state``."""
     held: list[int] = []
 
     async def watch() -> None:
-        await until(lambda: str(worker.status.state) == "backoff")
+        await until(lambda: str(worker.status.state) == state)
         held.append(services.pool.total)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
         await life(worker)
-    assert held == [1]  # the slot stayed with it through the backoff
+    (count,) = held
+    return count
+
+
+async def test_a_crash_backs_off_in_its_slot_then_runs_again(tmp_path: Path) -> None:
+    services, worker = setup(tmp_path, [Script(exit=2), Script()],
+                             restart={"backoff_base": 0.05, "backoff_max": 0.05})
+    assert await slots_held_in(services, worker, "backoff") == 1  # kept through the backoff
     assert (worker.status.state, worker.status.run, worker.status.crashes) == ("done", 2, 1)
     history = services.ledger.task(7).history  # type: ignore[union-attr]
     assert history["consecutive_crashes"] == 0 and len(history["crash_times"]) == 1
@@ -126,16 +132,7 @@ async def test_a_crash_backs_off_in_its_slot_then_runs_again(tmp_path: Path) -> 
 
 async def test_a_usage_limit_gives_the_slot_back_and_holds_the_machine(tmp_path: Path) -> None:
     services, worker = setup(tmp_path, [Script(exit=1, limit_in=0.3), Script()])
-    held: list[int] = []
-
-    async def watch() -> None:
-        await until(lambda: str(worker.status.state) == "paused")
-        held.append(services.pool.total)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
-        await life(worker)
-    assert held == [0]
+    assert await slots_held_in(services, worker, "paused") == 0
     ((machine, until_at, reason),) = services.paused
     assert machine == "local" and reason == "usage limit" and until_at > time.time() - 5
     assert (worker.status.usage_pauses, worker.status.crashes) == (1, 0)
