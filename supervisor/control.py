@@ -89,7 +89,17 @@ async def _read_line(stream: anyio.abc.ByteStream) -> bytes:
 
 
 async def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the fleet at ``path`` and return its response."""
+    """Send one request to the fleet at ``path`` and return its response.
+
+    A socket another user owns is refused: it is not our fleet, and what we would send it
+    (``add``, a prompt) and believe of its answers is not theirs to see or make up."""
+    with contextlib.suppress(FileNotFoundError):
+        owner = os.stat(path).st_uid
+        if owner != os.geteuid():
+            raise ControlError(
+                f"the control socket {path} belongs to another user (uid {owner}): refused; "
+                "fix: remove it, or give this fleet a state directory of your own"
+            )
     try:
         with anyio.fail_after(timeout):
             async with await anyio.connect_unix(path) as stream:

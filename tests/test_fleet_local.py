@@ -7,10 +7,12 @@ deadline, and the ``fleet`` fixture kills whatever the test started.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
+import stat
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +57,30 @@ def test_per_machine_cap_is_never_exceeded(fleet: Harness) -> None:
     assert len(fleet.agent_records("end")) == 6
     assert fleet.max_concurrent() == 2
     assert result.summary["peak_running"] <= 2
+
+
+def test_an_unusable_state_directory_is_exit_2_with_the_path_and_the_fix(fleet: Harness) -> None:
+    """It was a traceback and exit 1; nothing may start before the ledger can be written."""
+    blocker = fleet.tmp / "state-is-a-file"
+    blocker.write_text("in the way\n")
+    result = fleet.run_config([task(1, "finish")], state_dir=str(blocker))
+    assert result.returncode == 2, result.explain()
+    assert "Traceback" not in result.stderr
+    assert str(blocker) in result.stderr and "is not a directory" in result.stderr
+    assert "fix:" in result.stderr
+    assert fleet.agent_records() == []
+
+
+def test_the_state_directory_is_private(fleet: Harness) -> None:
+    fleet.state_dir.mkdir(mode=0o755)
+    fleet.state_dir.chmod(0o755)
+    result = fleet.run_config([task(1, "finish")])
+    assert result.returncode == 0, result.explain()
+    assert stat.S_IMODE(fleet.state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((fleet.state_dir / "ledger.sqlite3").stat().st_mode) == 0o600
+    shift = json.loads((result.run_dir / "shift.json").read_text())
+    assert shift["pid"] > 0 and shift["id"] == result.run_dir.name
+    assert shift["workers"] == [{"worker": "w1", "task": 1}]
 
 
 # -- milestones ---------------------------------------------------------------------------------

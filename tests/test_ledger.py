@@ -1,5 +1,6 @@
 """The ledger (``supervisor/ledger.py``): SQLite in the state directory, one transaction per
-transition, readers that never write, a newer ledger refused.
+transition, readers that never write, a newer ledger refused; and the state directory that holds
+it: private, and refused with one clear message when it cannot be used.
 
 The crash tests SIGKILL a child process in the middle of its transactions (one caught inside a
 transaction on purpose, then many at random moments) and check that the ledger holds the old
@@ -29,6 +30,7 @@ from supervisor.ledger import (
     TaskRecord,
     ledger_path,
 )
+from supervisor.rundir import StateDirUnusable, prepare_state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,3 +281,39 @@ def test_transitions_cut_by_sigkill_at_random_leave_old_or_new_state(tmp_path: P
                 task.last_exit = runs[-1].number % 256
                 task.reason = "r" * (runs[-1].number % 7) * 9000
                 ledger.save_task(task, shift="s1", worker="w1")
+
+
+# -- the state directory that holds it ------------------------------------------------------------
+
+
+def test_the_state_directory_is_made_private(tmp_path: Path) -> None:
+    state = tmp_path / "new" / "state"
+    prepare_state_dir(state)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    opened.chmod(0o755)
+    prepare_state_dir(opened)
+    assert stat.S_IMODE(opened.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("case", ["a-file", "another-users", "cannot-be-made"])
+def test_an_unusable_state_directory_is_one_clear_error(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "state"
+    if case == "a-file":
+        path.write_text("not a directory\n")
+        words = "is not a directory"
+    elif case == "another-users":
+        if os.geteuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        path.mkdir()
+        os.chown(path, 12345, 12345)
+        words = "belongs to another user (uid 12345)"
+    else:
+        path = Path("/proc/self/no-such/state")  # no one can make a directory there
+        words = "cannot be made"
+    with pytest.raises(StateDirUnusable) as caught:
+        prepare_state_dir(path)
+    message = str(caught.value)
+    assert str(path) in message and words in message and "fix:" in message, message
+    assert "\n" not in message

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+import pytest
 from conftest import Harness, task
 from fleet_helpers import (
     agent_pids,
@@ -35,6 +37,7 @@ from fleet_helpers import (
     workers_by_task,
 )
 
+from supervisor import control
 from supervisor.ledger import Ledger
 from supervisor.rundir import socket_path
 
@@ -461,3 +464,16 @@ def test_runs_lists_past_and_running_fleets(fleet: Harness) -> None:
     rows = json.loads(cli(fleet, config, "runs", "--json").stdout)
     assert [(r["state"], r["exit_code"]) for r in rows] == [("ended", 1), ("ended", 130)]
     assert read_json(fleet.state_dir / "runs" / first_id / "summary.json")["exit_code"] == 1
+
+
+def test_a_control_socket_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Another user's socket where ours should be is not our fleet: nothing is sent to it."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a socket to another user needs root")
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        os.chown(path, 12345, 12345)
+        with pytest.raises(control.ControlError, match="belongs to another user"):
+            anyio.run(control.request, path, {"cmd": "status"})
