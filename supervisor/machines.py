@@ -14,12 +14,14 @@ written to the ledger as they happen.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import posixpath
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import anyio.abc
@@ -358,10 +360,17 @@ class Machines:
                 self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=view.name)
                 self.lost(view.name)
 
+        async def zone(view: MachineView) -> None:
+            view.timezone = await timezone_of(view.host)
+
         async with anyio.create_task_group() as tg:
             for view in self:
                 if not view.local:
                     tg.start_soon(probe, view)
+        async with anyio.create_task_group() as tg:
+            for view in self:
+                if view.reachable:
+                    tg.start_soon(zone, view)
 
     def refuse(self, name: str, exc: HostError) -> None:
         """Leave ``name`` out of this shift for good, with one line saying why."""
@@ -416,6 +425,28 @@ class Machines:
         for view in self:
             with contextlib.suppress(Exception):
                 await view.host.aclose()
+
+
+async def timezone_of(host: Host) -> tzinfo | None:
+    """The machine's time zone, as its host tells it (``Host.timezone()``: a zone, or an IANA
+    name); None -- the supervisor's own zone -- when it cannot tell."""
+    # TODO(hosts): call host.timezone() directly once the hosts branch adds it to Host.
+    ask = getattr(host, "timezone", None)
+    if ask is None:
+        return None
+    try:
+        with anyio.fail_after(PREFLIGHT_TIMEOUT):
+            found = ask()
+            if inspect.isawaitable(found):
+                found = await found
+    except (HostError, TimeoutError):
+        return None
+    if isinstance(found, str):
+        try:
+            return ZoneInfo(found)
+        except (ZoneInfoNotFoundError, ValueError):
+            return None
+    return found if isinstance(found, tzinfo) else None
 
 
 def clock(epoch: float) -> str:

@@ -156,8 +156,15 @@ class FakeRun(RunHandle):
 class FakeHost(Host):
     """A machine in memory (see the module docstring)."""
 
-    def __init__(self, name: str = "local", scripts: Mapping[int, Sequence[Script]] = ()) -> None:
+    def __init__(
+        self,
+        name: str = "local",
+        scripts: Mapping[int, Sequence[Script]] = (),
+        *,
+        zone: str | None = None,
+    ) -> None:
         self.name = name
+        self.zone = zone
         self.scripts: dict[int, list[Script]] = {k: list(v) for k, v in dict(scripts).items()}
         self.starts: list[Started] = []
         self.runs: dict[str, FakeRun] = {}
@@ -212,6 +219,10 @@ class FakeHost(Host):
             if run._status is not None and not run._status.lost:
                 out.append(f"exit={run._status.code}\n")
         return "".join(out)
+
+    async def timezone(self) -> str | None:
+        """The machine's IANA zone (the hosts' ``Host.timezone``)."""
+        return self.zone
 
     async def resolve_path(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join("/home/fake", path.lstrip("~/"))

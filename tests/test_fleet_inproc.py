@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
@@ -119,6 +121,32 @@ async def test_a_lost_link_loses_the_task_or_requeues_it(tmp_path: Path) -> None
         assert [e["state"] for e in ledger.machine_events("local")] == ["unreachable"]
         (run,) = ledger.runs(issue=1)
         assert (run.state, run.lost, run.outcome) == ("ended", True, "lost")
+
+
+async def test_a_reset_time_is_read_in_the_machines_time_zone(tmp_path: Path) -> None:
+    """"resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there."""
+    zone = "Pacific/Kiritimati"  # UTC+14: 5pm there is not 5pm here, wherever here is
+    if datetime.now(ZoneInfo(zone)).utcoffset() == datetime.now().astimezone().utcoffset():
+        pytest.skip("the supervisor runs in the machine's zone")
+    host = FakeHost(scripts={1: [Script(exit=1, stdout=("5-hour limit reached ∙ resets 5pm",))]},
+                    zone=zone)
+    config = fake_config(tmp_path, [task(1)])
+    fleet = Fleet(config, hosts={"local": host})
+
+    async def stop_once_held() -> None:
+        await until(lambda: fleet.machines["local"].held_until is not None)
+        fleet.stop.request("test")
+
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_once_held)
+            await fleet.run()
+    until_at = fleet.machines["local"].held_until or 0.0
+    with Ledger.reader(config.state_path) as ledger:  # type: ignore[union-attr]
+        (hold,) = ledger.holds()
+    there = datetime.fromtimestamp(hold["until"], ZoneInfo(zone))
+    assert (there.hour, there.minute) == (17, 0), there
+    assert until_at == 0.0 or until_at == hold["until"]
 
 
 # -- the slot rule (issue 15): what the console says is what happens -----------------------------
