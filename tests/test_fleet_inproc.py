@@ -243,7 +243,7 @@ def _dead_shift(state_dir: Path, shift: str) -> Ledger:
 
 
 async def _orphan(host: FakeHost, ledger: Ledger, shift: str, issue: int, script: Script,
-                  state_dir: Path) -> str:
+                  state_dir: Path, lease: str | None = None) -> str:
     """A run of ``issue`` started by the dead shift, alive on ``host`` (or ended, as scripted)."""
     from supervisor.hosts.base import RunSpec
 
@@ -251,7 +251,7 @@ async def _orphan(host: FakeHost, ledger: Ledger, shift: str, issue: int, script
     run = ledger.run_intent(
         task_record, shift=shift, worker="w1", machine="local", workspace="/ws/issue",
         run_dir_of=lambda n: str(state_dir / "runs" / shift / "agents" / "w1" / f"run-{n}"),
-        lease_path=None, prompt_kind="first", milestones_before=[],
+        lease_path=lease, prompt_kind="first", milestones_before=[],
     )
     host.scripts[issue] = [script, *host.scripts.get(issue, [Script()])]
     handle = await host.start(RunSpec(
@@ -281,6 +281,33 @@ async def test_adoption_comes_first_and_takes_its_slot_at_once(tmp_path: Path) -
         assert ledger.shift("dead-1").state == "died"  # type: ignore[union-attr]
         (run,) = ledger.runs(issue=1)
         assert run.supervisors == ("dead-1", fleet.shift_id) and run.state == "ended"
+
+
+async def test_a_dead_shifts_lease_lives_as_long_as_its_adopted_run(tmp_path: Path) -> None:
+    """Renewed while the adopted run is watched, no longer after; its watchdogs dismissed as
+    soon as it ends (they used to outlive the adoption by up to a third of the lease)."""
+    config = fake_config(tmp_path, [task(1), task(2)], lease_timeout=2)
+    host = FakeHost(scripts={2: [Script(duration=1.5)]})
+    ledger = _dead_shift(config.state_path, "dead-5")
+    await _orphan(host, ledger, "dead-5", 1, Script(duration=0.6), config.state_path,
+                  lease="/dead-5/lease")
+    ledger.close()
+    fleet = Fleet(config, hosts={"local": host})
+    ended: list[float] = []
+
+    async def watch() -> None:
+        await until(lambda: host.runs_of(1)[0].ended_at is not None)
+        ended.append(time.time())
+        host.leases.clear()
+
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            result = await fleet.run()
+    assert result.exit_code == 0
+    assert "/dead-5/lease" not in host.leases  # not renewed once its run had ended
+    dismissals = [c for c in host.commands if c[-1] == "/dead-5/lease"]
+    assert dismissals and dismissals[0][:2] == ["sh", "-c"]
 
 
 async def test_a_run_that_ended_unwatched_is_decided_as_if_watched(tmp_path: Path) -> None:

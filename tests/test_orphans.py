@@ -379,6 +379,36 @@ def test_a_run_adopted_twice_loses_and_repeats_nothing(fleet: Harness) -> None:
     assert [p for p in agent_pids(fleet).values() if alive(p)] == []
 
 
+def test_a_dead_fleets_watchdog_ends_with_the_runs_it_adopted(fleet: Harness) -> None:
+    """The adopting fleet dismisses the dead one's watchdog as soon as the adopted runs end,
+    not at its own end, nor at the watchdog's next look (here every 10 s)."""
+    tasks = [task(1, "sleep:2+finish"), task(2, "sleep:2+finish")]
+    config = fleet.write(fleet.config(tasks, lease_timeout=30, agent={"env": STEPS}))
+    old_id, _old_dir, orphans = kill_fleet_mid_run(fleet, config, [1, 2])
+    (lease,) = {w["lease_path"] for w in orphans.values()}
+    dog_pid = int(Path(f"{lease}.dog").read_text().split()[0])
+    assert alive(dog_pid)
+
+    # The next fleet adopts both, and has a task of its own that keeps it going.
+    fleet.write(fleet.config([*tasks, task(3, "hang")], lease_timeout=30,
+                             agent={"env": STEPS}))
+    second = fleet.start(config)
+    wait_ready(second)
+
+    def adopted_ended() -> bool:
+        return {(r["issue"], r["exit"]) for r in fleet.agent_records("end")} >= {(1, 0), (2, 0)}
+
+    wait_for(adopted_ended, 20, "the adopted runs to end")
+    wait_for(lambda: not alive(dog_pid), 4, "the dead fleet's watchdog to be dismissed")
+    assert second.popen.poll() is None, "the adopting fleet is still running"
+    assert cli(fleet, config, "down").returncode == 0
+    result = second.wait(20)
+    assert result.returncode == 130, result.explain()
+    assert not result.leftovers, result.leftovers
+    assert {e["from_fleet"] for e in events(run_records(new_run_dir(fleet.state_dir, old_id)),
+                                            "adopted")} == {old_id}
+
+
 @pytest.mark.parametrize("all_ended", [True, False])
 def test_dismissal_ends_every_watchdog_of_the_lease_once_its_runs_have_ended(
     tmp_path: Path, all_ended: bool
