@@ -175,6 +175,34 @@ def test_a_new_up_adopts_the_runs_of_a_killed_one(fleet: Harness) -> None:
     assert [r for r in orphans.values() if wrapper_alive(r["run_dir"])] == []
 
 
+def test_a_run_started_just_before_the_kill_is_adopted_not_started_again(
+    fleet: Harness,
+) -> None:
+    """SIGKILL within a few milliseconds of an agent's start (4 of 4 such kills left no pid in
+    the old state file, and the task was started again beside its living run): the intent and
+    the pid were in the ledger before and right after the start, so the next `up` adopts it."""
+    config = fleet.write(fleet.config([task(1, "sleep:2+finish")],
+                                      agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
+    for attempt in range(3):
+        up = fleet.start(config)
+        wait_for(lambda n=attempt: len(fleet.agent_records("start")) > n or up.popen.poll(), 15,
+                 "the agent's start")
+        kill_up(up)
+        if attempt < 2:
+            # Let this one end (the next attempt needs a task to start again).
+            again = fleet.start(config).wait(30)
+            assert again.returncode == 0, again.explain()
+            fleet.write(fleet.config([task(attempt + 2, "sleep:2+finish")],
+                                     agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
+    result = fleet.start(config).wait(30)
+    assert result.returncode == 0, result.explain()
+    starts = fleet.agent_records("start")
+    assert sorted(r["issue"] for r in starts) == [1, 2, 3], starts  # each once
+    assert sorted((r["issue"], r["exit"]) for r in fleet.agent_records("end")) == [
+        (1, 0), (2, 0), (3, 0)]
+    assert [p for p in agent_pids(fleet).values() if alive(p)] == []
+
+
 def test_on_orphans_stop_stops_them_then_runs_the_tasks(fleet: Harness) -> None:
     issues = [1, 2, 3]
     plans = {1: "hang", 2: "grandchildren:1+hang", 3: "ignore-term+hang"}
