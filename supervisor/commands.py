@@ -31,17 +31,10 @@ Answer = dict[str, Any]
 class Steerable(Protocol):
     """What the commands need of a running fleet (``fleet.Fleet``)."""
 
-    @property
-    def stop(self) -> StopControl: ...
-
-    @property
-    def starts(self) -> StartsGate: ...
-
-    @property
-    def ledger(self) -> Ledger: ...
-
-    @property
-    def log(self) -> structlog.typing.FilteringBoundLogger: ...
+    stop: StopControl
+    starts: StartsGate
+    ledger: Ledger
+    log: structlog.typing.FilteringBoundLogger
 
     def worker_for(self, issue: int) -> Worker | None: ...
 

@@ -1,5 +1,6 @@
 """The control socket: how ``status``, ``down``, ``restart``, ``add``, ``pause`` and ``resume``
-reach a running fleet.
+reach a running fleet.  Transport only: what each command does is the command table's
+(:mod:`supervisor.commands`).
 
 A Unix domain socket in the state directory, mode 0600 (only the fleet's owner may steer it).
 The protocol is one JSON object per line each way, one request per connection::
@@ -11,9 +12,8 @@ The protocol is one JSON object per line each way, one request per connection::
     → {"cmd": "frobnicate"}
     ← {"ok": false, "error": "unknown command 'frobnicate'; known: add, down, ..."}
 
-Commands: ``status``; ``down``; ``restart`` (``task``); ``add`` (``task``, optional ``title``,
-``prompt``); ``pause``; ``resume``.  A malformed request gets an error response; it never
-disturbs the fleet.
+A malformed request gets an error response; it never disturbs the fleet.  A client refuses a
+socket that another user owns.
 """
 
 from __future__ import annotations

@@ -110,20 +110,11 @@ class Adopter(Protocol):
 class RecoveringFleet(Protocol):
     """What recovery needs of the fleet."""
 
-    @property
-    def config(self) -> FleetConfig: ...
-
-    @property
-    def ledger(self) -> Ledger: ...
-
-    @property
-    def shift_id(self) -> str: ...
-
-    @property
-    def machines(self) -> Machines: ...
-
-    @property
-    def log(self) -> structlog.typing.FilteringBoundLogger: ...
+    config: FleetConfig
+    ledger: Ledger
+    shift_id: str
+    machines: Machines
+    log: structlog.typing.FilteringBoundLogger
 
     def adopter_for(self, issue: int) -> Adopter | None: ...
 

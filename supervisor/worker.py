@@ -52,32 +52,17 @@ from supervisor.workspace import Clone, ensure_worktree, worktree_name
 class FleetServices(Protocol):
     """What a worker needs from its fleet (``fleet.Fleet`` provides it)."""
 
-    @property
-    def config(self) -> FleetConfig: ...
+    config: FleetConfig
+    pool: SlotPool
+    gate: StartGate
+    mux: LogMux
+    stop: StopControl
+    starts: StartsGate
+    ledger: Ledger
+    shift_id: str
 
     @property
     def hosts(self) -> Mapping[str, Host]: ...
-
-    @property
-    def pool(self) -> SlotPool: ...
-
-    @property
-    def gate(self) -> StartGate: ...
-
-    @property
-    def mux(self) -> LogMux: ...
-
-    @property
-    def stop(self) -> StopControl: ...
-
-    @property
-    def starts(self) -> StartsGate: ...
-
-    @property
-    def ledger(self) -> Ledger: ...
-
-    @property
-    def shift_id(self) -> str: ...
 
     async def clone_on(self, machine: str) -> Clone: ...
 

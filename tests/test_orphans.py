@@ -185,7 +185,8 @@ def test_a_run_started_just_before_the_kill_is_adopted_not_started_again(
                                       agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
     for attempt in range(3):
         up = fleet.start(config)
-        wait_for(lambda n=attempt: len(fleet.agent_records("start")) > n or up.popen.poll(), 15,
+        wait_for(lambda n=attempt, up=up: len(fleet.agent_records("start")) > n or up.popen.poll(),
+                 15,
                  "the agent's start")
         kill_up(up)
         if attempt < 2:
