@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -226,6 +226,9 @@ async def look(host: Host, run_dirs: Sequence[str]) -> dict[str, Look]:
     """How far each run got, from the files of its run directory (one command per machine)."""
     if not run_dirs:
         return {}
+    probe = getattr(host, "probe", None)  # TODO(hosts): Host.probe, once merged, always
+    if probe is not None:
+        return {d: _look_of(status) for d, status in (await probe(list(run_dirs))).items()}
     result = await host.run(["sh", "-c", _LOOK, "sh", *run_dirs], check=False, timeout=60)
     found: dict[str, Look] = {}
     for block in result.stdout.split("\036")[1:]:
@@ -246,6 +249,20 @@ async def look(host: Host, run_dirs: Sequence[str]) -> dict[str, Look]:
         else:
             found[run_dir] = Look(Seen.UNSTARTED, age)
     return found
+
+
+def _look_of(status: Any) -> Look:
+    """A look from the hosts' ``RunStatus`` (``Host.probe``): its state's name, pid, code."""
+    state = str(getattr(status.state, "value", status.state))
+    if state == "gone":
+        return Look(Seen.GONE)
+    if state == "unstarted":  # the host has applied the age rule already
+        return Look(Seen.UNSTARTED, UNSTARTED_AFTER)
+    if status.pid is not None and status.start_ticks is not None:
+        return Look(Seen.STARTED, UNSTARTED_AFTER, status.pid, status.start_ticks, status.code)
+    if state == "running":  # a start in flight: its pid comes in a moment
+        return Look(Seen.STARTING)
+    return Look(Seen.NO_AGENT, UNSTARTED_AFTER, code=status.code)
 
 
 def _two_ints(text: str) -> tuple[int, int] | None:
@@ -344,16 +361,12 @@ async def _stray_runs(fleet: RecoveringFleet) -> None:
         if not view.local and view.claimed is None:
             continue
         try:
-            base, pattern = await _runs_pattern(fleet, view.name)
-            started = await view.host.glob(base, [f"{pattern}/pid"])
-            ended = await view.host.glob(base, [f"{pattern}/exit"])
+            base, unfinished = await _unfinished_runs(fleet, view.name)
         except HostError:
             continue
-        for pid_file in sorted(started):
-            run_rel = pid_file.rsplit("/", 1)[0]
-            if f"{run_rel}/exit" in ended or run_rel.split("/", 1)[0] not in ours:
+        for run_dir in unfinished:
+            if run_dir[len(base) + 1 :].split("/", 1)[0] not in ours:
                 continue
-            run_dir = f"{base}/{run_rel}"
             known = ledger.run_by_dir(run_dir)
             if known is not None and known.state in ("intent", "running"):
                 continue
@@ -373,13 +386,22 @@ async def _stray_runs(fleet: RecoveringFleet) -> None:
                               f"open: {run_dir} on {view.name}", machine=view.name)
 
 
-async def _runs_pattern(fleet: RecoveringFleet, machine: str) -> tuple[str, str]:
-    """Where every shift keeps its run directories on ``machine``, as (base, glob)."""
+async def _unfinished_runs(fleet: RecoveringFleet, machine: str) -> tuple[str, list[str]]:
+    """Where every shift keeps its run directories on ``machine``, and those of them without an
+    ``exit`` file."""
     view = fleet.machines[machine]
     if view.local:
-        return str(fleet.config.state_path / "runs"), "*/agents/*/run-*"
-    workdir = await view.host.resolve_path(view.workdir)
-    return f"{workdir}/.agentize-fleet/runs", "*/*/run-*"
+        base, pattern = str(fleet.config.state_path / "runs"), "*/agents/*/run-*"
+    else:
+        workdir = await view.host.resolve_path(view.workdir)
+        base, pattern = f"{workdir}/.agentize-fleet/runs", "*/*/run-*"
+    scan = getattr(view.host, "scan", None)  # TODO(hosts): Host.scan, once merged, always
+    if scan is not None:
+        return base, sorted(await scan(base))
+    started = await view.host.glob(base, [f"{pattern}/pid"])
+    ended = await view.host.glob(base, [f"{pattern}/exit"])
+    runs = (p.rsplit("/", 1)[0] for p in started)
+    return base, sorted(f"{base}/{r}" for r in runs if f"{r}/exit" not in ended)
 
 
 def offsets_of(state_path: Path, run: RunRecord) -> dict[Stream, int]:

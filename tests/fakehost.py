@@ -7,13 +7,14 @@ as ``scripts/fake-agent``'s plans do.  It keeps what the real hosts would show -
 directories with ``pid`` and ``exit`` files, milestone files in worktrees -- and counts what a
 test asserts: every start, and the most runs alive at once.
 
-Its helper commands do nothing and succeed (``git``, ``mkdir``, the claim), except the few
-scripts whose answer the core reads: the run-directory look of recovery.  The end-to-end tests
-stay on the real hosts; this is for the core's logic, in seconds.
+Its helper commands do nothing and succeed (``git``, ``mkdir``, the claim); what recovery asks
+of run directories it answers through ``probe`` and ``scan``, as the hosts do.  The end-to-end
+tests stay on the real hosts; this is for the core's logic, in seconds.
 """
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import itertools
 import math
@@ -40,7 +41,25 @@ from supervisor.hosts.base import (
     Stream,
     TreeStats,
 )
-from supervisor.recovery import _LOOK
+
+
+class FakeState(enum.Enum):
+    """The hosts' run states (``hosts/runfiles.RunState``) that the fake shows."""
+
+    GONE = "gone"
+    RUNNING = "running"
+    EXITED = "exited"
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class FakeStatus:
+    """A run's status as ``probe`` gives it (``hosts/runfiles.RunStatus``)."""
+
+    state: FakeState
+    code: int | None = None
+    pid: int | None = None
+    start_ticks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -204,21 +223,32 @@ class FakeHost(Host):
     ) -> CommandResult:
         self._reachable()
         self.commands.append(list(argv))
-        if list(argv[:3]) == ["sh", "-c", _LOOK]:
-            return CommandResult(0, self._look(argv[4:]), "")
         return CommandResult(0, "", "")
 
-    def _look(self, run_dirs: Sequence[str]) -> str:
-        out = []
+    async def probe(self, run_dirs: Sequence[str]) -> dict[str, FakeStatus]:
+        """Each run's state, as the hosts' ``probe`` tells it."""
+        self._reachable()
+        found = {}
         for run_dir in run_dirs:
-            out.append(f"\036{run_dir}\n")
             run = self.runs.get(run_dir)
             if run is None:
+                found[run_dir] = FakeStatus(FakeState.GONE)
                 continue
-            out.append(f"age=60\nwrapper=1\npid={run.identity.pid} {run.identity.start_ticks}\n")
-            if run._status is not None and not run._status.lost:
-                out.append(f"exit={run._status.code}\n")
-        return "".join(out)
+            status = run._status
+            state = (FakeState.RUNNING if status is None
+                     else FakeState.LOST if status.lost else FakeState.EXITED)
+            found[run_dir] = FakeStatus(state, None if status is None else status.code,
+                                        run.identity.pid, run.identity.start_ticks)
+        return found
+
+    async def scan(self, root: str) -> list[str]:
+        """Run directories under ``root`` without an ``exit`` file."""
+        self._reachable()
+        return sorted(d for d, run in self.runs.items()
+                      if d.startswith(root.rstrip("/") + "/") and f"{d}/exit" not in self.files)
+
+    async def attach_dir(self, run_dir: str) -> RunHandle | None:
+        return self.runs.get(run_dir)
 
     async def timezone(self) -> str | None:
         """The machine's IANA zone (the hosts' ``Host.timezone``)."""
