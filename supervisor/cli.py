@@ -363,7 +363,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             return EXIT_NOTHING
         summary = info.summary
         if summary is None and ledger is not None:
-            summary = report.summary_from_ledger(ledger, info.shift_id)
+            summary = report.summary_from_ledger(ledger, info.shift_id, lock_holder(state_dir))
     finally:
         if ledger is not None:
             ledger.close()

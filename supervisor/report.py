@@ -367,17 +367,20 @@ def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_from_ledger(ledger: Ledger, shift: str) -> dict[str, Any] | None:
-    """What ``summary.json`` would say of a shift that never wrote one (its ``up`` died)."""
+def summary_from_ledger(
+    ledger: Ledger, shift: str, running_pid: int | None
+) -> dict[str, Any] | None:
+    """What ``summary.json`` would say of a shift that never wrote one (its ``up`` died, or
+    still runs: ``running_pid`` is the pid holding the state directory's lock, if any)."""
     record = ledger.shift(shift)
     if record is None:
         return None
+    running = record.state == "running" and running_pid == record.pid
     return {
         "fleet": shift, "name": record.name, "pid": record.pid,
         "started_at": record.started_at, "ended_at": record.ended_at,
         "exit_code": record.exit_code,
-        "exit_meaning": record.exit_meaning or (
-            "supervisor died" if record.state == "died" else "still running"),
+        "exit_meaning": record.exit_meaning or ("still running" if running else "supervisor died"),
         "workers": workers_of(ledger, shift),
     }
 

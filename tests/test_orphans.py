@@ -315,6 +315,10 @@ def test_the_lease_watchdog_stops_runs_of_a_dead_supervisor(fleet: Harness) -> N
     assert runs.returncode == 0, explain(runs)
     assert runs.stdout.splitlines()[1].split()[1] == "died", runs.stdout
     assert cli(fleet, config, "status").returncode == 3
+    # Its report is written from the ledger: it never wrote a summary.
+    report = cli(fleet, config, "report", "--shift", _old_id, timeout=60)
+    assert report.returncode == 0, explain(report)
+    assert "supervisor died" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("wrapper_gone", [False, True], ids=["exit-recorded", "wrapper-gone"])
