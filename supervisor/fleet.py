@@ -49,7 +49,7 @@ from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
 from supervisor.outcome import WorkerStatus
 from supervisor.recovery import Recovery, recover
-from supervisor.rundir import prepare_socket_dir, write_json_atomic
+from supervisor.rundir import prepare_socket_dir, prepare_state_dir, write_json_atomic
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.worker import Worker
 from supervisor.workspace import Clone
@@ -102,6 +102,9 @@ class Fleet:
         self.config = config
         self.watch = watch
         self.deadline = deadline or Deadline()
+        # First: a state directory or ledger that cannot be used ends `up` before anything.
+        prepare_state_dir(config.state_path)
+        self.ledger = Ledger.open(config.state_path)
         self.shift_id = new_shift_id()
         self.run_dir = config.state_path / "runs" / self.shift_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,6 @@ class Fleet:
                           rotate_bytes=config.log_rotate_bytes)
         self.log = self.mux.logger(Tag("fleet", None, "-", 0))
         route_structlog(self.mux)
-        self.ledger = Ledger.open(config.state_path)
         self.pool = SlotPool(config.concurrency, {})
         self.machines = Machines(
             config, shift_id=self.shift_id, shift_dir=self.run_dir, pool=self.pool,

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import stat
 import time
 from collections import defaultdict
@@ -69,6 +70,21 @@ def test_an_unusable_state_directory_is_exit_2_with_the_path_and_the_fix(fleet: 
     assert str(blocker) in result.stderr and "is not a directory" in result.stderr
     assert "fix:" in result.stderr
     assert fleet.agent_records() == []
+
+
+def test_a_ledger_of_a_newer_version_is_exit_2_and_starts_nothing(fleet: Harness) -> None:
+    config = fleet.write(fleet.config([task(1, "finish")]))
+    assert fleet.run(config).returncode == 0
+    db = sqlite3.connect(fleet.state_dir / "ledger.sqlite3")
+    db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    shifts = sorted((fleet.state_dir / "runs").iterdir())
+    result = fleet.run(config, "--fresh")
+    assert result.returncode == 2, result.explain()
+    assert "newer agentize-fleet" in result.stderr and "Traceback" not in result.stderr
+    assert sorted((fleet.state_dir / "runs").iterdir()) == shifts
+    assert len(fleet.agent_records("start")) == 1
 
 
 def test_the_state_directory_is_private(fleet: Harness) -> None:
