@@ -339,9 +339,14 @@ class Ledger:
             _put_task(db, task, shift)
             _put_worker(db, task, shift, worker, None)
             run_id = int(cur.lastrowid or 0)
-        found = self.run(run_id)
-        assert found is not None
-        return found
+        return RunRecord(
+            id=run_id, issue=task.issue, number=number, shift=shift, worker=worker,
+            machine=machine, workspace=workspace, run_dir=run_dir, lease_path=lease_path,
+            prompt_kind=prompt_kind, milestones_before=tuple(sorted(milestones_before)),
+            state="intent", pid=None, start_ticks=None, intent_at=now, started_at=None,
+            ended_at=None, exit_code=None, lost=False, outcome=None, reason="",
+            supervised_by=shift, supervisors=(shift,),
+        )
 
     def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
         with self._tx() as db:
@@ -477,21 +482,20 @@ class _Tx:
                 self._db.execute(statement)
 
 
+_TASK_NAMES = (*TASK_COLUMNS, "updated_at")
+_PUT_TASK = (
+    f"INSERT INTO tasks({', '.join(_TASK_NAMES)}) VALUES ({', '.join('?' * len(_TASK_NAMES))}) "
+    "ON CONFLICT(issue) DO UPDATE SET "
+    + ", ".join(f"{n} = excluded.{n}" for n in _TASK_NAMES if n not in ("issue", "first_shift"))
+)
+
+
 def _put_task(db: _Tx, task: TaskRecord, shift: str) -> None:
+    task.first_shift, task.last_shift = task.first_shift or shift, shift
     values = {name: getattr(task, name) for name in TASK_COLUMNS}
     values["history"] = json.dumps(task.history)
     values["listed"] = int(task.listed)
-    values["first_shift"] = task.first_shift or shift
-    values["last_shift"] = shift
-    task.first_shift, task.last_shift = values["first_shift"], shift
-    values["updated_at"] = time.time()
-    names = list(values)
-    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in ("issue", "first_shift"))
-    db.execute(
-        f"INSERT INTO tasks({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-        f"ON CONFLICT(issue) DO UPDATE SET {updates}",
-        [values[n] for n in names],
-    )
+    db.execute(_PUT_TASK, [*values.values(), time.time()])
 
 
 def _put_worker(
