@@ -14,14 +14,12 @@ written to the ledger as they happen.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import posixpath
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import anyio.abc
@@ -428,25 +426,13 @@ class Machines:
 
 
 async def timezone_of(host: Host) -> tzinfo | None:
-    """The machine's time zone, as its host tells it (``Host.timezone()``: a zone, or an IANA
-    name); None -- the supervisor's own zone -- when it cannot tell."""
-    # TODO(hosts): call host.timezone() directly once the hosts branch adds it to Host.
-    ask = getattr(host, "timezone", None)
-    if ask is None:
-        return None
+    """The machine's time zone, as its host tells it; None -- the supervisor's own zone --
+    when it cannot tell (or does not answer in time)."""
     try:
         with anyio.fail_after(PREFLIGHT_TIMEOUT):
-            found = ask()
-            if inspect.isawaitable(found):
-                found = await found
+            return await host.timezone()
     except (HostError, TimeoutError):
         return None
-    if isinstance(found, str):
-        try:
-            return ZoneInfo(found)
-        except (ZoneInfoNotFoundError, ValueError):
-            return None
-    return found if isinstance(found, tzinfo) else None
 
 
 def clock(epoch: float) -> str:

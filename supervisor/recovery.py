@@ -32,39 +32,21 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
 
 from supervisor.config import FleetConfig
 from supervisor.hosts.base import Host, HostError, HostUnreachable, RunHandle, RunIdentity, Stream
+from supervisor.hosts.runfiles import UNSTARTED_AFTER, RunState, RunStatus
 from supervisor.ledger import Ledger, RunRecord
 from supervisor.logs import lines_containing, log_files
 from supervisor.machines import Machines
 
-#: An intent whose run directory has no ``wrapper`` file this long after it was made (or, with
-#: no directory at all, after the intent) never started: its supervisor died first.
-UNSTARTED_AFTER = 5.0
 #: A wrapper that runs but has not written the agent's pid yet gets this long to do so.
 PID_WAIT = 10.0
 PROBE_CONCURRENCY = 16
-
-# sh -c LOOK sh RUN_DIR...: per run directory, its files that say how far the run got.
-# TODO(hosts): replace by Host.probe(run_dirs) once the hosts branch lands.
-_LOOK = r"""
-now=$(date +%s)
-for d in "$@"; do
-    printf '\036%s\n' "$d"
-    [ -d "$d" ] || continue
-    echo "age=$(( now - $(stat -c %Y -- "$d") ))"
-    for f in pid exit wrapper; do
-        [ -f "$d/$f" ] && { printf '%s=' "$f"; head -c 100 -- "$d/$f" | tr '\n' ' '; echo; }
-    done
-done
-exit 0
-"""
-
 
 class Seen(enum.Enum):
     """How far a run got, from its run directory."""
@@ -223,53 +205,25 @@ def _may_still_start(run: RunRecord, seen: Look, local: bool) -> bool:
 
 
 async def look(host: Host, run_dirs: Sequence[str]) -> dict[str, Look]:
-    """How far each run got, from the files of its run directory (one command per machine)."""
+    """How far each run got, from the files of its run directory (one look per machine)."""
     if not run_dirs:
         return {}
-    probe = getattr(host, "probe", None)  # TODO(hosts): Host.probe, once merged, always
-    if probe is not None:
-        return {d: _look_of(status) for d, status in (await probe(list(run_dirs))).items()}
-    result = await host.run(["sh", "-c", _LOOK, "sh", *run_dirs], check=False, timeout=60)
-    found: dict[str, Look] = {}
-    for block in result.stdout.split("\036")[1:]:
-        run_dir, _, body = block.partition("\n")
-        files = dict(line.split("=", 1) for line in body.splitlines() if "=" in line)
-        if "age" not in files:
-            found[run_dir] = Look(Seen.GONE)
-            continue
-        age = float(files["age"] or 0)
-        pid = _two_ints(files.get("pid", ""))
-        code = files.get("exit", "").strip()
-        if pid is not None:
-            found[run_dir] = Look(Seen.STARTED, age, pid[0], pid[1])
-        elif code.isdigit():
-            found[run_dir] = Look(Seen.NO_AGENT, age, code=int(code))
-        elif "wrapper" in files:
-            found[run_dir] = Look(Seen.STARTING, age)
-        else:
-            found[run_dir] = Look(Seen.UNSTARTED, age)
-    return found
+    return {d: _look_of(status) for d, status in (await host.probe(list(run_dirs))).items()}
 
 
-def _look_of(status: Any) -> Look:
-    """A look from the hosts' ``RunStatus`` (``Host.probe``): its state's name, pid, code."""
-    state = str(getattr(status.state, "value", status.state))
-    if state == "gone":
+def _look_of(status: RunStatus) -> Look:
+    """What recovery makes of a run directory's status (``Host.probe``, ``hosts/runfiles``)."""
+    if status.state is RunState.GONE:
         return Look(Seen.GONE)
-    if state == "unstarted":  # the host has applied the age rule already
+    if status.state is RunState.UNSTARTED:  # the host has applied the age rule already
         return Look(Seen.UNSTARTED, UNSTARTED_AFTER)
     if status.pid is not None and status.start_ticks is not None:
         return Look(Seen.STARTED, UNSTARTED_AFTER, status.pid, status.start_ticks, status.code)
-    if state == "running":  # a start in flight: its pid comes in a moment
+    if status.state is RunState.RUNNING:  # a start in flight: its pid comes in a moment
         return Look(Seen.STARTING)
-    return Look(Seen.NO_AGENT, UNSTARTED_AFTER, code=status.code)
-
-
-def _two_ints(text: str) -> tuple[int, int] | None:
-    parts = text.split()
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
-        return int(parts[0]), int(parts[1])
-    return None
+    if status.state is RunState.EXITED:  # the wrapper recorded why the agent did not start
+        return Look(Seen.NO_AGENT, UNSTARTED_AFTER, code=status.code)
+    return Look(Seen.UNSTARTED, UNSTARTED_AFTER)  # the wrapper went before starting the agent
 
 
 async def _settle(fleet: RecoveringFleet, run: RunRecord, look: Look, adopted: set[int]) -> str:
@@ -391,17 +345,10 @@ async def _unfinished_runs(fleet: RecoveringFleet, machine: str) -> tuple[str, l
     ``exit`` file."""
     view = fleet.machines[machine]
     if view.local:
-        base, pattern = str(fleet.config.state_path / "runs"), "*/agents/*/run-*"
+        base = str(fleet.config.state_path / "runs")
     else:
-        workdir = await view.host.resolve_path(view.workdir)
-        base, pattern = f"{workdir}/.agentize-fleet/runs", "*/*/run-*"
-    scan = getattr(view.host, "scan", None)  # TODO(hosts): Host.scan, once merged, always
-    if scan is not None:
-        return base, sorted(await scan(base))
-    started = await view.host.glob(base, [f"{pattern}/pid"])
-    ended = await view.host.glob(base, [f"{pattern}/exit"])
-    runs = (p.rsplit("/", 1)[0] for p in started)
-    return base, sorted(f"{base}/{r}" for r in runs if f"{r}/exit" not in ended)
+        base = f"{await view.host.resolve_path(view.workdir)}/.agentize-fleet/runs"
+    return base, sorted(await view.host.scan(base))
 
 
 def offsets_of(state_path: Path, run: RunRecord) -> dict[Stream, int]:

@@ -466,9 +466,11 @@ class Worker:
             "AGENTIZE_FLEET_WORKSPACE": workspace,
             "AGENTIZE_FLEET_TITLE": self.task.title,
         }
-        # TODO(hosts): pass RunSpec.meta (task, run, shift, worker, machine) once it exists.
+        # The run directory says whose run it is, for whoever finds it without the ledger.
+        meta = {"task": str(self.task.issue), "run": str(run.number), "shift": fleet.shift_id,
+                "worker": self.name, "machine": machine}
         spec = RunSpec(argv=argv, cwd=workspace, run_dir=run.run_dir, lease_path=lease,
-                       lease_timeout=config.lease_timeout, env=env)
+                       lease_timeout=config.lease_timeout, env=env, meta=meta)
         self._limit_hit = None
         try:
             handle = await host.start(spec)

@@ -23,8 +23,10 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 
@@ -250,9 +252,9 @@ class FakeHost(Host):
     async def attach_dir(self, run_dir: str) -> RunHandle | None:
         return self.runs.get(run_dir)
 
-    async def timezone(self) -> str | None:
-        """The machine's IANA zone (the hosts' ``Host.timezone``)."""
-        return self.zone
+    async def timezone(self) -> tzinfo | None:
+        """The machine's zone, from its IANA name (``Host.timezone``)."""
+        return ZoneInfo(self.zone) if self.zone else None
 
     async def resolve_path(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join("/home/fake", path.lstrip("~/"))

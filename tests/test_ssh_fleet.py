@@ -828,5 +828,8 @@ def test_the_next_up_adopts_a_killed_ones_remote_run(
     expected = (remote_run_dir / "stdout").read_text().splitlines()
     assert before + after == expected, (len(before), len(after), len(expected))
     assert "All tests passed (3/3)!" in after
-    assert read_json(old_dir / "summary.json")["orphans"][0].startswith("adopted")
+    # "adopted" while it ran, or "took over the end of" it when a loaded machine let it finish
+    # before the second `up` looked: either way once, and read on from where the log stopped.
+    note = read_json(old_dir / "summary.json")["orphans"][0]
+    assert note.startswith(("adopted", "took over the end of")), note
     assert not _claim_file(wd).exists()
