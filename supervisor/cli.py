@@ -880,6 +880,8 @@ def _output_closed() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every command ends the same way on Ctrl-C (130) and on a closed
+    output (141, quietly: ``shifts | head``, ``--help | head`` included)."""
     # Library warnings go to stderr as one line each (``up`` routes them into the fleet's log
     # instead), so that stdout carries only what a command is asked for: a table, JSON, logs.
     structlog.configure(
@@ -887,6 +889,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         cache_logger_on_first_use=False,
     )
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Flushed here, not at exit: a failed flush at exit is a traceback-like message
+            # and exit code 120, whatever the command returned.
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
@@ -894,16 +910,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code: int = args.func(args)
-        sys.stdout.flush()
     except UsageError as exc:
         command_parser.print_usage(sys.stderr)
         return _error(str(exc))
     except ConfigError as exc:
         return _error(str(exc))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return _output_closed()
     return code
 
 
