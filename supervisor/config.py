@@ -217,6 +217,16 @@ class SSHMachineConfig(_Strict):
     unreachable_after: Annotated[float, Field(gt=0)] = 120.0
 
 
+def _first_repeat(values: list[Any]) -> tuple[int, int] | None:
+    """The indexes of the first value seen twice (its first place, its second), or None."""
+    seen: dict[Any, int] = {}
+    for at, value in enumerate(values):
+        if value in seen:
+            return seen[value], at
+        seen[value] = at
+    return None
+
+
 # The config file's parsed TOML while :func:`load_config` builds the config (parsed once: a
 # thousand ``[[tasks]]`` take pure-Python tomllib a while).
 _config_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
@@ -295,13 +305,13 @@ class FleetConfig(BaseSettings):
                 'the name "local" is reserved for this machine; fix: rename that machine',
                 f"machines.{at}.name"
             )
-        for at, name in enumerate(names):
-            if name in names[:at]:
-                first = names.index(name)
-                raise FieldsError(
-                    f"two machines are named {name!r}; fix: give each its own `name`",
-                    f"machines.{first}.name", f"machines.{at}.name",
-                )
+        twice = _first_repeat(names)
+        if twice is not None:
+            first, at = twice
+            raise FieldsError(
+                f"two machines are named {names[at]!r}; fix: give each its own `name`",
+                f"machines.{first}.name", f"machines.{at}.name",
+            )
         if self.local.max_agents == 0 and not any(m.max_agents for m in self.machines):
             where = ("machines.*.max_agents",) if self.machines else ("machines",)
             raise FieldsError(
@@ -310,13 +320,13 @@ class FleetConfig(BaseSettings):
                 "local.max_agents", *where,
             )
         issues = [t.issue for t in self.tasks.items]
-        for at, issue in enumerate(issues):
-            if issue in issues[:at]:
-                first = issues.index(issue)
-                raise FieldsError(
-                    f"issue {issue} is listed twice; fix: remove one of the two entries",
-                    f"tasks.{first}.issue", f"tasks.{at}.issue",
-                )
+        twice = _first_repeat(issues)
+        if twice is not None:
+            first, at = twice
+            raise FieldsError(
+                f"issue {issues[at]} is listed twice; fix: remove one of the two entries",
+                f"tasks.{first}.issue", f"tasks.{at}.issue",
+            )
         known = {"local", *names}
         for at, task in enumerate(self.tasks.items):
             if task.machine is not None and task.machine not in known:

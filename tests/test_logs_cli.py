@@ -702,17 +702,24 @@ def test_follow_ends_when_the_supervisor_is_gone(tmp_path: Path, procs: Procs) -
     }
     for name, state in states.items():
         (log.run_dir / "state.json").write_text(json.dumps(state))
-        follower = procs.logs("--state-dir", str(tmp_path / "state"), "-f", "--json", name=name)
-        if name == "alive":
-            time.sleep(tail.LIVENESS_INTERVAL * 2 + 0.5)
-            assert follower.popen.poll() is None
-            os.kill(follower.popen.pid, signal.SIGINT)
-            assert follower.wait(10) == 130
-        else:
-            assert follower.wait(tail.LIVENESS_INTERVAL + 10) == 0
-            assert f"supervisor (pid {state['pid']}) is gone" in follower.stderr()
-            assert follower.stderr().count("\n") == 1
-        assert lines_of(follower.stdout()) == log.written
+        follow_until_gone(procs, log, name, state["pid"] if name != "alive" else None)
+
+
+def follow_until_gone(procs: Procs, log: HandLog, name: str, gone: int | None) -> None:
+    """``logs -f`` of ``log``'s shift: it goes on while the supervisor lives (``gone`` None),
+    and ends saying so once it is gone (``gone``: its pid)."""
+    follower = procs.logs("--state-dir", str(log.run_dir.parent.parent), "-f", "--json",
+                          name=name)
+    if gone is None:
+        time.sleep(tail.LIVENESS_INTERVAL * 2 + 0.5)
+        assert follower.popen.poll() is None
+        os.kill(follower.popen.pid, signal.SIGINT)
+        assert follower.wait(10) == 130
+    else:
+        assert follower.wait(tail.LIVENESS_INTERVAL + 10) == 0
+        assert f"supervisor (pid {gone}) is gone" in follower.stderr()
+        assert follower.stderr().count("\n") == 1
+    assert lines_of(follower.stdout()) == log.written
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -798,17 +805,8 @@ def test_follow_ends_when_the_supervisor_named_in_shift_json_is_gone(
             (log.run_dir / "state.json").write_text(
                 json.dumps({"pid": me, "started_at": time.time()}))
         (log.run_dir / "shift.json").write_text(json.dumps(shift))
-        follower = procs.logs("--state-dir", str(tmp_path / "state"), "-f", "--json",
-                              name=f"shift-{name}")
-        if name == "alive":
-            time.sleep(tail.LIVENESS_INTERVAL * 2 + 0.5)
-            assert follower.popen.poll() is None
-            os.kill(follower.popen.pid, signal.SIGINT)
-            assert follower.wait(10) == 130
-        else:
-            assert follower.wait(tail.LIVENESS_INTERVAL + 10) == 0
-            assert f"supervisor (pid {shift['pid']}) is gone" in follower.stderr()
-        assert lines_of(follower.stdout()) == log.written
+        gone = shift["pid"] if name != "alive" else None
+        follow_until_gone(procs, log, f"shift-{name}", gone)  # type: ignore[arg-type]
 
 
 def test_shift_info_from_shift_json_or_state_json(tmp_path: Path) -> None:
