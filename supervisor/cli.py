@@ -270,7 +270,8 @@ async def _github_tasks(config: FleetConfig) -> list[TaskConfig]:
         except ValidationError as exc:
             # One issue GitHub lists but no run could be started for (a NUL or 128 KiB in its
             # title) must not stop the others: it is left out, and said so.
-            why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            why = "; ".join(f"{'.'.join(map(str, e['loc']))} "
+                            f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())
             structlog.get_logger(__name__).warning(
                 f"issue #{t.issue} from GitHub skipped: {why}"
             )

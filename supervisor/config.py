@@ -439,7 +439,7 @@ def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
     for part in loc[:-1]:
         if model is None:
             return []
-        if isinstance(part, int) or (model is TasksConfig and part == "items"):
+        if isinstance(part, int):
             continue
         fields = dict(_settable(model))
         if part not in fields:

@@ -72,6 +72,10 @@ INVALID: dict[str, tuple[Any, tuple[str, ...]]] = {
         lambda c: {**c, "restart": {**c["restart"], "max_crash": 2}},
         ("did you mean `max_crashes`?",),
     ),
+    "misspelt-task-key": (
+        lambda c: {**c, "tasks": [{"issue": 5, "titel": "x"}]},
+        ("tasks.0.titel", "(issue 5)", "did you mean `title`?"),
+    ),
     # Strict types for task fields: no bool, string or float taken for an issue number.
     "issue-true": (lambda c: {**c, "tasks": [{"issue": True}]}, ("tasks.0.issue", "True")),
     "issue-string": (lambda c: {**c, "tasks": [{"issue": "7"}]}, ("tasks.0.issue", "'7'")),
