@@ -177,7 +177,7 @@ def test_restart_gives_a_task_a_new_run(fleet: Harness) -> None:
 
     # A task the fleet does not have: an error, and the fleet goes on.
     missing = cli(fleet, config, "restart", "99")
-    assert missing.returncode == 1, explain(missing)
+    assert missing.returncode == 2, explain(missing)  # an unknown name: exitcodes.py
     assert "#99" in missing.stderr and "not in this fleet" in missing.stderr
 
     assert cli(fleet, config, "down").returncode == 0
@@ -204,7 +204,7 @@ def test_add_runs_a_new_task(fleet: Harness) -> None:
     assert "task #57 added" in done.stdout
     # Adding a task the fleet already runs is refused.
     again = cli(fleet, config, "add", "1")
-    assert again.returncode == 1 and "already in the fleet" in again.stderr, explain(again)
+    assert again.returncode == 2 and "already in the fleet" in again.stderr, explain(again)
     wait_states(up, {57: "done", 1: "running"})
 
     assert cli(fleet, config, "down").returncode == 0
