@@ -64,6 +64,13 @@ def logs_argv() -> list[str]:
     return [sys.executable, "-m", "supervisor.tail"]
 
 
+def default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default, so that the Ctrl-C tests hold
+    when the suite itself runs with SIGINT ignored (a background job: ``nohup ... &``), which
+    a child would otherwise inherit and Python then leaves ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Proc:
     popen: subprocess.Popen[bytes]
@@ -104,6 +111,7 @@ class Procs:
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
+                preexec_fn=default_sigint,
             )
         proc = Proc(popen, out, err)
         self.started.append(proc)
