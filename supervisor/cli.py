@@ -472,10 +472,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     workdirs = {"local": str(config.resolve(config.workspace_root))}
     workdirs.update({m.name: m.workdir for m in config.machines})
     holder = Claimant.for_state_dir(config.state_path, "-").holder
-    # The table's error column says why a machine failed; the hosts' own log lines about the
-    # same failure would say it a second time.
-    structlog.configure(processors=[_drop], wrapper_class=structlog.make_filtering_bound_logger(
-        logging.CRITICAL))
 
     async def check_all() -> list[Any]:
         rows: dict[str, Any] = {}
@@ -862,12 +858,6 @@ def _warning_line(
     where = f"{machine}: " if machine else ""
     print(f"{PROG}: {method}: {where}{event}" + (f" ({details})" if details else ""),
           file=sys.stderr)
-    raise structlog.DropEvent
-
-
-def _drop(
-    _logger: Any, _method: str, _event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
     raise structlog.DropEvent
 
 
