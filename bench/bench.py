@@ -86,6 +86,10 @@ class Sizes:
     scale_tasks: int = 1000
     scale_cap: int = 16
     scale_agent: float = 0.05
+    ssh_procs: int = 4
+    ssh_lines: int = 250_000
+    ssh_idle: int = 50
+    ssh_cuts: int = 5
 
 
 FULL = Sizes()
@@ -98,6 +102,9 @@ QUICK = Sizes(
     idle_seconds=4.0,
     idle_settle=1.0,
     scale_tasks=100,
+    ssh_lines=25_000,
+    ssh_idle=10,
+    ssh_cuts=2,
 )
 
 
@@ -1319,6 +1326,66 @@ class Bench:
                     f"{af.wall:.2f}s = {af.factor:.2f}× the ideal; over {SCALE_CLONES} clones "
                     f"{multi.factor:.2f}×")
 
+    def ssh(self) -> None:
+        """Agents on an SSH machine (issue 14; ``bench_ssh.py``).  agentize-fleet's column is the
+        fleet following agents on a real sshd on 127.0.0.1; the reference column is the plain
+        way, ``ssh HOST CMD > file`` with OpenSSH's client; honcho and supervisord have no
+        remote machines."""
+        import bench_ssh as b
+
+        s = self.sizes
+        reason = b.unavailable()
+        if reason is not None:
+            self.notes.append(f"SSH rows skipped: {reason}")
+            log(f"ssh: skipped: {reason}")
+            return
+        na = {HONCHO_: "n/a (local only)", SD: "n/a (local only)"}
+        w = f"SSH throughput {s.ssh_procs}×{s.ssh_lines:,}, line by line (ref: plain ssh)"
+        plain = b.throughput_plain(self.dir("ssh-plain"), s.ssh_procs, s.ssh_lines)
+        log(f"ssh throughput: plain ssh: {plain.rate:,.0f} lines/s, "
+            f"{plain.arrived}/{plain.expected} lines, in order: {plain.in_order}")
+        af = b.throughput_fleet_ssh(self.dir("ssh-fleet"), s.ssh_procs, s.ssh_lines)
+        log(f"ssh throughput: agentize-fleet: {af.rate:,.0f} lines/s, "
+            f"{af.arrived}/{af.expected} lines, in order: {af.in_order}")
+        self.add(w, "lines/s (first start → last line in sink)", {AF: af.rate, REF: plain.rate},
+                 "higher", 0, na)
+        self.add(w, "lines arrived, in order", {AF: af.arrived, REF: plain.arrived}, "",
+                 text={**na, **{p: f"{r.arrived:,}/{r.expected:,} {'✓' if r.complete else '✗'}"
+                                for p, r in ((AF, af), (REF, plain))}})
+        self.add(w, "local CPU µs per line (AF: `up`; ref: the ssh clients)",
+                 {p: None if r.sup_cpu is None else 1e6 * r.sup_cpu / r.expected
+                  for p, r in ((AF, af), (REF, plain))}, "lower", 2, na)
+        self.target(f"{w}: every line arrives once, in order", af.complete and plain.complete,
+                    f"agentize-fleet {af.arrived:,}/{af.expected:,} at {af.rate:,.0f} lines/s, "
+                    f"plain ssh {plain.arrived:,}/{plain.expected:,} at {plain.rate:,.0f} "
+                    f"({af.rate / max(plain.rate, 1):.2f}× plain ssh)")
+        idle = b.idle_ssh(self.dir("ssh-idle"), s.ssh_idle, s.idle_seconds, s.idle_settle)
+        log(f"ssh idle {s.ssh_idle}: supervisor {idle.sup_cpu:.3f} CPU s in "
+            f"{idle.seconds:.1f}s, remote side {fmt(idle.remote_cpu, 3)} s, peak RSS "
+            f"{idle.peak_rss_mib:.1f} MiB, {idle.connections} sshd connection process(es), "
+            f"{idle.remote_processes} remote helper process(es)")
+        wi = f"SSH idle {s.ssh_idle} agents × {s.idle_seconds:g}s"
+        none = {**na, REF: "n/a"}
+        self.add(wi, "supervisor CPU ms per agent-second",
+                 {AF: idle.per_agent_second(idle.sup_cpu)}, "lower", 4, none)
+        self.add(wi, "remote side (sshd and all under it, agents excepted) CPU ms/agent-s",
+                 {AF: idle.per_agent_second(idle.remote_cpu)}, "lower", 4, none)
+        self.add(wi, "supervisor peak RSS MiB", {AF: idle.peak_rss_mib}, "lower", 1, none)
+        self.add(wi, "remote processes besides the agents", {AF: idle.remote_processes},
+                 "lower", 0, none)
+        self.notes.append(f"{wi}: {idle.connections} sshd connection process(es) for "
+                          f"{s.ssh_idle} agents; all up in {idle.ready_seconds:.1f}s")
+        rc = b.reconnect_ssh(self.dir("ssh-reconnect"), s.ssh_cuts)
+        log(f"ssh reconnect: median {rc.median:.3f}s, worst {rc.worst:.3f}s over "
+            f"{len(rc.gaps)} cuts, every line once and in order: {rc.lines_ok}")
+        wr = f"SSH link cut ×{s.ssh_cuts} under an agent printing every 10 ms"
+        self.add(wr, "s from the cut to output flowing again, median", {AF: rc.median},
+                 "lower", 3, none)
+        self.add(wr, "s from the cut to output flowing again, worst", {AF: rc.worst},
+                 "lower", 3, none)
+        self.target(f"{wr}: every line once, in order", rc.lines_ok,
+                    f"median {rc.median:.3f}s, worst {rc.worst:.3f}s until output flowed again")
+
     def profile_fleet(self) -> None:
         """agentize-fleet alone, under pyinstrument, on each workload: bench/profiles/*.txt."""
         s = self.sizes
@@ -1344,7 +1411,7 @@ class Bench:
 
     def run(self) -> None:
         make_origin(self.work / "origin")
-        for name in ("throughput", "restart", "idle", "scale"):
+        for name in ("throughput", "restart", "idle", "scale", "ssh"):
             if self.only and name not in self.only:
                 continue
             t0 = time.time()
@@ -1421,7 +1488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="1/10 sizes, 4 s idle windows: checks the bench in under a minute")
     parser.add_argument("--only", action="append", default=[],
-                        choices=["throughput", "restart", "idle", "scale"],
+                        choices=["throughput", "restart", "idle", "scale", "ssh"],
                         help="run only this workload (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the comparison: run agentize-fleet alone under "

@@ -1,8 +1,8 @@
 """Machine checks for ``agentize-fleet check``: can each machine run agents at all?
 
 Written against the :class:`~supervisor.hosts.base.Host` interface only, so it checks the local
-machine and SSH machines alike: one helper command per machine reports git, the agent, free disk
-at the workdir and the load.
+machine and SSH machines alike: one helper command per machine (``sh/check-probe.sh``) reports
+git, the agent, free disk at the workdir, the workdir's claim and the load.
 """
 
 from __future__ import annotations
@@ -10,40 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from supervisor.claim import READ_CLAIM
+from supervisor import sh
 from supervisor.hosts.base import Host, HostAuthError, HostError, HostUnreachable
-
-# $1: agent executable, $2: workdir.  Prints key=value lines.
-_PROBE = READ_CLAIM + r"""
-agent=$1
-wd=$2
-if command -v git >/dev/null 2>&1; then
-    echo "git=$(git --version 2>/dev/null | head -n 1)"
-else
-    echo "git="
-fi
-if command -v "$agent" >/dev/null 2>&1; then echo "agent=1"; else echo "agent=0"; fi
-case $wd in
-"~") wd=$HOME ;;
-"~/"*) wd=$HOME/${wd#"~/"} ;;
-/*) ;;
-*) wd=$HOME/$wd ;;
-esac
-d=$wd
-while [ ! -e "$d" ] && [ "$d" != / ] && [ -n "$d" ]; do d=$(dirname -- "$d"); done
-df -Pk -- "$d" 2>/dev/null | awk 'NR == 2 { print "disk_kib=" $4 }'
-# The workdir's claim (supervisor/claim.py): which fleet holds it, and how fresh its lease is.
-if read_claim "$wd"; then
-    echo "claim_holder=$h"
-    echo "claim_age=$age"
-    echo "claim_by=$d"
-fi
-if [ -r /proc/loadavg ]; then
-    read -r l rest </proc/loadavg && echo "load=$l"
-else
-    uptime 2>/dev/null | sed -n 's/.*load average[s]*: *\([0-9.]*\).*/load=\1/p'
-fi
-"""
 
 
 @dataclass(frozen=True)
@@ -53,6 +21,8 @@ class CheckRow:
     ``git`` is git's version (``"2.39.5"``) or ``None`` when git is missing; ``free_disk`` is in
     bytes, at the workdir or its nearest existing parent; ``load`` is the 1-minute load average.
     Unknown values are ``None``; ``error`` is one line, or ``""`` when the machine is fine.
+    ``warning`` is something the fleet copes with but the owner should fix (a login shell that
+    prints: its chatter is dropped from every command's output, see ``hosts/ssh``).
     """
 
     machine: str
@@ -64,6 +34,7 @@ class CheckRow:
     free_disk: int | None = None
     load: float | None = None
     error: str = ""
+    warning: str = ""
 
     @property
     def ok(self) -> bool:
@@ -108,7 +79,7 @@ async def check_machine(
     name = host.name
     try:
         result = await host.run(
-            ["sh", "-c", _PROBE, "sh", agent_executable, workdir], check=False, timeout=60.0
+            sh.command("check-probe", agent_executable, workdir), check=False, timeout=60.0
         )
     except HostUnreachable as exc:
         return CheckRow(name, False, False, False, error=_one_line(exc.message))
@@ -158,6 +129,13 @@ async def check_machine(
             f"workdir in use by {values.get('claim_by') or 'another fleet'} "
             f"(lease renewed {age}s ago)"
         )
+    warning = ""
+    if result.login_noise:
+        said = _one_line(result.login_noise)
+        warning = (
+            f"the login shell prints {len(result.login_noise.encode())} bytes before every "
+            f"command ({said[:60]!r}); they are dropped, but print only in interactive shells"
+        )
     return CheckRow(
         machine=name,
         reachable=True,
@@ -168,6 +146,7 @@ async def check_machine(
         free_disk=free_disk,
         load=load,
         error="; ".join(problems),
+        warning=warning,
     )
 
 
@@ -200,7 +179,7 @@ def _cells(row: CheckRow) -> tuple[str, ...]:
         "-" if unknown or not row.auth_ok else _yes_no(row.agent_found),
         format_bytes(row.free_disk),
         "-" if row.load is None else f"{row.load:.2f}",
-        row.error,
+        "; ".join(filter(None, (row.error, row.warning and f"warning: {row.warning}"))),
     )
 
 

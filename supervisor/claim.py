@@ -16,7 +16,8 @@ come to re-adopt its runs — one ``up`` per state directory is the local lock's
 the holder's lease is stale.  Otherwise the machine is left out of the fleet with a message
 naming the other fleet.  Claims are made and released under ``flock(1)`` on a file next to it,
 so two fleets starting at once do not both win (where ``flock`` is missing, claims go
-unserialised rather than failing).  POSIX sh and coreutils, as the run wrapper.
+unserialised rather than failing).  POSIX sh and coreutils, as the run wrapper: the scripts
+are ``sh/claim.sh`` and ``sh/release.sh``; claims and leases are private files (0600).
 """
 
 from __future__ import annotations
@@ -26,47 +27,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor import sh
 from supervisor.hosts.base import Host, HostError
-
-#: sh function ``read_claim WORKDIR``: sets ``h`` (holder), ``l`` (its lease), ``d`` (its
-#: description) and ``age`` (seconds since the lease was renewed); false when WORKDIR has no
-#: claim or its lease is gone.  Shared by the claim itself and ``check``'s probe.
-READ_CLAIM = r"""
-read_claim() {
-    { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$1/.agentize-fleet/claim" \
-        2>/dev/null && [ -e "$l" ] && age=$(( $(date +%s) - $(stat -c %Y -- "$l") ))
-}
-"""
-
-# sh -c CLAIM sh WORKDIR HOLDER LEASE STALE_AFTER DESCRIPTION
-# Exit 0: ours (the lease is touched, so it is fresh from this moment).  Exit 75: held by a
-# live fleet; stdout says "AGE DESCRIPTION" of the holder.  Any other exit: could not tell.
-_CLAIM = READ_CLAIM + r"""
-set -u
-dir=$1/.agentize-fleet holder=$2 lease=$3 stale=$4 desc=$5
-mkdir -p -- "$dir" "$(dirname -- "$lease")" || exit 2
-exec 9>>"$dir/claim.lock" || exit 2
-if command -v flock >/dev/null 2>&1; then
-    flock -w 30 9 || { echo "cannot lock $dir/claim.lock" >&2; exit 2; }
-fi
-if read_claim "$1" && [ "$h" != "$holder" ] && [ "$age" -lt "$stale" ]; then
-    echo "$age $d"
-    exit 75
-fi
-touch -- "$lease" || exit 2
-printf '%s\n%s\n%s\n' "$holder" "$lease" "$desc" >"$dir/claim.new" &&
-    mv -f -- "$dir/claim.new" "$dir/claim"
-"""
-
-# sh -c RELEASE sh WORKDIR HOLDER: remove the claim if it is still ours.
-_RELEASE = r"""
-dir=$1/.agentize-fleet
-[ -e "$dir/claim" ] || exit 0
-exec 9>>"$dir/claim.lock" || exit 2
-if command -v flock >/dev/null 2>&1; then flock -w 10 9 || exit 2; fi
-IFS= read -r h <"$dir/claim" 2>/dev/null && [ "$h" = "$2" ] && rm -f -- "$dir/claim"
-exit 0
-"""
 
 _IN_USE = 75
 LEASE_RENEWAL_WITHOUT_WATCHDOG = 30.0  # lease_timeout = 0: leases still say the fleet lives
@@ -112,17 +74,14 @@ async def claim_workdir(
     ``stale_after`` is how old another holder's lease may be before it counts as gone.
     """
     result = await host.run(
-        [
-            "sh",
-            "-c",
-            _CLAIM,
-            "sh",
+        sh.command(
+            "claim",
             workdir,
             claimant.holder,
             lease,
             str(max(1, round(stale_after))),
             claimant.description,
-        ],
+        ),
         check=False,
         timeout=60,
     )
@@ -148,4 +107,4 @@ async def claim_workdir(
 
 async def release_workdir(host: Host, workdir: str, claimant: Claimant) -> None:
     """Give ``workdir`` back (if the claim is still ours): the next fleet need not wait."""
-    await host.run(["sh", "-c", _RELEASE, "sh", workdir, claimant.holder], check=False, timeout=15)
+    await host.run(sh.command("release", workdir, claimant.holder), check=False, timeout=15)

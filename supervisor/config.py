@@ -25,7 +25,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -34,6 +42,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from supervisor import agents
 
 ENV_PREFIX = "AGENTIZE_FLEET_"
 DEFAULT_CONFIG = Path("configs/fleet.toml")
@@ -77,22 +87,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AgentConfig(_Strict):
-    """How an agent run is started."""
+AgentKindName = Literal["command", "claude", "codex", "gemini"]
 
+
+class AgentConfig(_Strict):
+    """How an agent run is started (and, per ``kind``, read: see ``supervisor/agents``)."""
+
+    # Before `command`: its validators read the kind.
+    kind: AgentKindName = "command"
     command: list[str] = Field(
-        default_factory=lambda: ["claude", "-p", "{prompt}", "--dangerously-skip-permissions"],
+        default_factory=lambda: list(agents.KINDS["command"].default_command),
         min_length=1,
         description="argument list, run without a shell; placeholders "
         "{issue} {title} {prompt} {workspace}",
     )
     first_prompt: str = "/issue-to-impl {issue}"
     resume_prompt: str = "Continue from the latest milestone"
+    continue_prompt: str = (
+        "Your previous session on issue #{issue} was interrupted. Check the worktree "
+        "(git status, git log) and continue the work where it stopped."
+    )
     env: dict[str, str] = Field(default_factory=dict)
     usage_limit_patterns: list[str] | None = None
     rate_limit_patterns: list[str] | None = None
+    stall_timeout: Annotated[float, Field(ge=0)] = 1800.0
 
-    @field_validator("command", "first_prompt", "resume_prompt")
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_default_command(cls, data: Any) -> Any:
+        # Each kind has its own default command (kind "claude": no -p, the kind adds it).
+        if isinstance(data, dict) and "command" not in data:
+            kind = agents.KINDS.get(str(data.get("kind", "command")))
+            if kind is not None:
+                data = {**data, "command": list(kind.default_command)}
+        return data
+
+    @field_validator("command")
+    @classmethod
+    def _no_managed_flags(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        kind = agents.KINDS.get(str(info.data.get("kind")))
+        if kind is not None:
+            kind.check_command(value)  # ManagedFlagError (a ValueError) names the flag
+        return value
+
+    @field_validator("command", "first_prompt", "resume_prompt", "continue_prompt")
     @classmethod
     def _known_placeholders(cls, value: str | list[str]) -> str | list[str]:
         for text in [value] if isinstance(value, str) else value:
@@ -192,6 +230,14 @@ class NotifyConfig(_Strict):
         return value
 
 
+class CostLimitsConfig(_Strict):
+    """``max_cost_usd``: no new run starts once a task (``task``) or the whole fleet
+    (``fleet``) has cost this much in USD, as the agents report it; unset: no limit."""
+
+    task: Annotated[float, Field(gt=0)] | None = None
+    fleet: Annotated[float, Field(gt=0)] | None = None
+
+
 class LocalMachineConfig(_Strict):
     """The machine the supervisor runs on; ``max_agents = 0`` uses only remote machines."""
 
@@ -261,6 +307,8 @@ class FleetConfig(BaseSettings):
     log_rotate_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024
     on_orphans: Literal["adopt", "stop"] = "adopt"
     usage_limit_scope: Literal["machine", "fleet"] = "machine"
+    max_usage_wait: Annotated[float, Field(ge=0)] = 12 * 3600.0
+    max_cost_usd: CostLimitsConfig = Field(default_factory=CostLimitsConfig)
     requeue_lost: bool = False
     agent: AgentConfig = Field(default_factory=AgentConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)

@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 
+from supervisor import sh
 from supervisor.hosts.base import Host
 from supervisor.logs import lines_containing, log_files
 
@@ -54,30 +55,13 @@ def work_remaining(markdown: str) -> str:
 
 
 # One helper command per machine lists the commits of every worktree (RS-separated), instead of
-# one git process per task from here: a fleet of a thousand tasks reports in a second.
-_COMMITS = r"""
-base=$1
-shift
-for ws in "$@"; do
-    printf '\036%s\n' "$ws"
-    git -C "$ws" log --format='%h %s' "$base..HEAD" 2>/dev/null
-done
-"""
-
-# Before that, one git process per clone says which worktrees are still where ``base`` is
-# (most, in a fleet that just started; they have no commits to list).
-_HEADS = r"""
-base=$1
-shift
-for clone in "$@"; do
-    printf '\036%s\n' "$(git -C "$clone" rev-parse --verify --quiet "$base^{commit}")"
-    git -C "$clone" worktree list --porcelain 2>/dev/null
-done
-"""
+# one git process per task from here: a fleet of a thousand tasks reports in a second
+# (``sh/report-commits.sh``).  Before that, one git process per clone says which worktrees are
+# still where ``base`` is (``sh/report-heads.sh``).
 
 
 def _unmoved(listing: str) -> set[str]:
-    """The worktrees whose HEAD is the base commit, from the output of :data:`_HEADS`."""
+    """The worktrees whose HEAD is the base commit, from the output of ``sh/report-heads.sh``."""
     unmoved: set[str] = set()
     for block in listing.split("\036")[1:]:
         base, _, porcelain = block.partition("\n")
@@ -96,13 +80,13 @@ async def _branch_commits(host: Host, workspaces: Sequence[str], base: str) -> d
     """The commits made on each worktree's branch since ``base``, by worktree path."""
     found: dict[str, list[str]] = {}
     clones = sorted({ws.rsplit("/trees/", 1)[0] for ws in workspaces if "/trees/" in ws})
-    heads = await host.run(["sh", "-c", _HEADS, "sh", base, *clones], check=False, timeout=120)
+    heads = await host.run(sh.command("report-heads", base, *clones), check=False, timeout=120)
     unmoved = _unmoved(heads.stdout)
     moved = [ws for ws in workspaces if ws not in unmoved]
     found.update((ws, []) for ws in workspaces if ws in unmoved)
     for start in range(0, len(moved), 200):  # keep the argument list short
         part = list(moved[start : start + 200])
-        result = await host.run(["sh", "-c", _COMMITS, "sh", base, *part], check=False,
+        result = await host.run(sh.command("report-commits", base, *part), check=False,
                                 timeout=120)
         for block in result.stdout.split("\036")[1:]:
             path, _, commits = block.partition("\n")

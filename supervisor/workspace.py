@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from supervisor import sh
 from supervisor.hosts.base import CommandFailed, CommandResult, Host
 
 _locks: dict[tuple[str, str], anyio.Lock] = {}
@@ -38,37 +39,11 @@ def _lock(host: Host, clone: str) -> anyio.Lock:
     return _locks.setdefault((host.name, clone), anyio.Lock())
 
 
-# A new worktree of a new branch, registered the way `git worktree add` registers it (the
-# layout of gitrepository-layout(5): worktrees/ID/{gitdir,commondir,HEAD,locked} and the
-# tree's `.git` file), then populated by the same `git reset --hard` git runs there.  `git
-# worktree add` reads every registered worktree twice (itself and its `git branch`), so adding
-# the thousandth costs ~90 ms where this costs ~9 ms.  Only the plain case is done here: exit 3
-# (nothing left behind) asks for `git worktree add` whenever the ID, the directory or the branch
-# exists, or a post-checkout hook would have to run.  `locked` keeps a concurrent `git worktree
-# prune` away while the tree is filled, as git's own add does.
-#   sh -c SCRIPT sh CLONE NAME TREE START
-_ADD_PLAIN_WORKTREE = r"""
-set -u
-clone=$1 name=$2 tree=$3 start=$4
-reg=$clone/worktrees/$name
-case $clone in /*) ;; *) exit 3 ;; esac  # absolute paths only, as git writes them
-case $tree in /*) ;; *) exit 3 ;; esac
-if [ -e "$reg" ] || [ -e "$tree" ] || [ -e "$clone/hooks/post-checkout" ]; then exit 3; fi
-git -C "$clone" update-ref "refs/heads/$name" "$start^{commit}" "" 2>/dev/null || exit 3
-undo() {
-    rm -rf "$reg" "$tree"
-    git -C "$clone" update-ref -d "refs/heads/$name" 2>/dev/null
-    exit 3
-}
-mkdir "$reg" "$tree" 2>/dev/null || undo
-{ echo initializing >"$reg/locked" && echo "$tree/.git" >"$reg/gitdir" &&
-    echo ../.. >"$reg/commondir" && echo "ref: refs/heads/$name" >"$reg/HEAD" &&
-    echo "gitdir: $reg" >"$tree/.git"; } || undo
-git -C "$tree" reset --hard --no-recurse-submodules --quiet || undo
-rm -f "$reg/locked"
-"""
+# New worktrees of new branches are registered the way `git worktree add` registers them, by
+# ``sh/worktree-add.sh`` (about 10x faster with a thousand worktrees; exit 3, leaving nothing
+# behind, asks for `git worktree add`).
 
-#: Settings under which `git worktree add` does more than :data:`_ADD_PLAIN_WORKTREE` (hooks
+#: Settings under which `git worktree add` does more than ``sh/worktree-add.sh`` (hooks
 #: elsewhere, per-worktree config, sparse checkouts, upstream set up for new branches): a clone
 #: whose config names any of them always gets `git worktree add`.
 _GIT_ONLY_SETTINGS = (
@@ -109,7 +84,7 @@ class Clone:
     host: Host
     path: str
     default_branch: str
-    #: New worktrees may be registered by :data:`_ADD_PLAIN_WORKTREE` (no setting of the
+    #: New worktrees may be registered by ``sh/worktree-add.sh`` (no setting of the
     #: clone's asks for more than that).
     plain_worktrees: bool = False
 
@@ -176,7 +151,7 @@ async def ensure_clone(
 async def ensure_worktree(clone: Clone, name: str) -> str:
     """The task's worktree ``trees/NAME`` on branch ``NAME``: re-used if it exists.
 
-    A new worktree of a new branch is registered by :data:`_ADD_PLAIN_WORKTREE` (git's layout,
+    A new worktree of a new branch is registered by ``sh/worktree-add.sh`` (git's layout,
     filled by git, without git's scan of every other worktree) where the clone allows it;
     every other case goes to ``git worktree add``.
 
@@ -193,7 +168,7 @@ async def ensure_worktree(clone: Clone, name: str) -> str:
     if clone.plain_worktrees:
         start = clone.default_branch
         plain = await host.run(
-            ["sh", "-c", _ADD_PLAIN_WORKTREE, "sh", clone.path, name, path, start],
+            sh.command("worktree-add", clone.path, name, path, start),
             check=False,
             timeout=600.0,
         )

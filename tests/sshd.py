@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -234,6 +235,21 @@ def run_sshd(
         yield server
     finally:
         server.stop()
+
+
+def noisy_login(directory: Path, *, stdout: str = "", stderr: str = "") -> str:
+    """sshd config lines for a login shell that prints before every command, as a ``.bashrc``
+    warning, ``pyenv: cannot rehash`` or a banner would: a ``ForceCommand`` wrapper that prints,
+    then runs the command it was sent."""
+    wrapper = directory / "noisy-login"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s' {shlex.quote(stdout)}\n"
+        f"printf '%s' {shlex.quote(stderr)} >&2\n"
+        'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n'
+    )
+    wrapper.chmod(0o755)
+    return f"ForceCommand {wrapper}"
 
 
 def kill_sessions(session_ids: list[int]) -> None:

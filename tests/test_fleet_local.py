@@ -248,7 +248,8 @@ def _with_create_times(pids: list[int]) -> dict[int, float]:
 
 
 def _wrapper_pids(started: Started) -> list[int]:
-    return [int(p.read_text()) for p in started.state_dir.glob("runs/*/agents/*/run-*/wrapper")]
+    return [int(p.read_text().split()[0])
+            for p in started.state_dir.glob("runs/*/agents/*/run-*/wrapper")]
 
 
 def _alive(pids: dict[int, float]) -> list[int]:

@@ -77,7 +77,7 @@ def new_run_dir(state_dir: Path, old: str) -> Path:
 
 def wrapper_alive(run_dir: str) -> bool:
     try:
-        pid = int(Path(run_dir, "wrapper").read_text())
+        pid = int(Path(run_dir, "wrapper").read_text().split()[0])
     except (OSError, ValueError):
         return False
     if not alive(pid):
@@ -281,7 +281,7 @@ def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> 
     run_dir = Path(row["run_dir"])
     # The agent dies too; with `wrapper_gone` its wrapper first (power loss), so no exit file.
     if wrapper_gone:
-        sigkill(int((run_dir / "wrapper").read_text()))
+        sigkill(int((run_dir / "wrapper").read_text().split()[0]))
     assert alive(row["pid"], row["start_ticks"])
     sigkill(row["pid"])
     wait_for(lambda: not alive(row["pid"]), 5, "the agent to die")
@@ -307,7 +307,7 @@ def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> 
             if worker["task"] == 1:
                 worker["pid"] = dummy.pid
         write_json_atomic(old_dir / "state.json", state)
-        (run_dir / "wrapper").write_text(f"{dummy.pid}\n")  # the wrapper's pid: reused too
+        (run_dir / "wrapper").write_text(f"{dummy.pid} {ticks + 1}\n")  # wrapper's pid: reused too
 
         result = fleet.start(config).wait(45)
         assert result.returncode == 0, result.explain()

@@ -312,7 +312,7 @@ def test_stop_kills_the_remote_agent_and_its_grandchildren(
     assert session_processes(agent_pid) == []
     # nor its wrapper, nor the remote helpers that streamed its output
     run_dir = Path(result.events("run-started")[-1]["run_dir"])
-    wrapper = int((run_dir / "wrapper").read_text())
+    wrapper = int((run_dir / "wrapper").read_text().split()[0])
     assert not psutil.pid_exists(wrapper) or psutil.Process(wrapper).status() == "zombie"
     assert (run_dir / "exit").read_text().strip() == "137"
     assert not agent_leftovers(result), "processes outlived the fleet"

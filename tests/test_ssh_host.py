@@ -5,7 +5,6 @@ The "remote" machine is this machine, so the tests can look at the run's process
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -16,6 +15,8 @@ import anyio
 import psutil
 import pytest
 
+from supervisor import sh
+from supervisor.check import check_machine, format_check_table
 from supervisor.hosts.base import (
     Chunk,
     CommandFailed,
@@ -25,10 +26,12 @@ from supervisor.hosts.base import (
     HostUnreachable,
     RunIdentity,
     RunSpec,
+    RunState,
 )
-from supervisor.hosts.ssh import SSHHost, SSHRunHandle, SSHTarget, _LinkLost
+from supervisor.hosts.local import LocalHost
+from supervisor.hosts.ssh import FramingError, LinkLost, Output, SSHHost, SSHRunHandle, SSHTarget
 from tests.conftest import unstartable_spec
-from tests.sshd import SSHD, keygen, known_hosts_line, session_processes
+from tests.sshd import SSHD, keygen, known_hosts_line, noisy_login, run_sshd, session_processes
 
 
 @pytest.fixture
@@ -56,6 +59,7 @@ def spec_for(work: Path, argv: list[str], name: str = "run-1", **kw: object) -> 
         lease_path=str(work / "lease"),
         lease_timeout=float(kw.pop("lease_timeout", 120.0)),  # type: ignore[arg-type]
         env=kw.pop("env", {}),  # type: ignore[arg-type]
+        meta=kw.pop("meta", {}),  # type: ignore[arg-type]
     )
 
 
@@ -205,7 +209,7 @@ async def test_closing_output_early_leaves_no_reader_behind(
         stream = handle.output()
         first = await stream.__anext__()
         assert first.data.startswith(b"tick")
-        assert len(readers()) == 2
+        assert await eventually(lambda: len(readers()) == 2, timeout=5)  # both tails started
         await stream.aclose()  # type: ignore[attr-defined]
         assert await eventually(lambda: not readers(), timeout=5)
         assert await handle.alive()
@@ -297,20 +301,18 @@ async def test_next_supervisor_reattaches_by_offsets(
 async def test_start_whose_answer_is_lost_is_found_again(
     host: SSHHost, work: Path, session_reaper: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = host._exec_once
+    real = host.connections.exec_once
     mode = {"run_it": True, "fail": True}
 
-    async def flaky(
-        command: str, *, timeout: float, input: bytes | None
-    ) -> tuple[int, bytes, bytes]:
+    async def flaky(line: str, *, timeout: float, input: bytes | None) -> Output:
         if input is not None and mode["fail"]:  # only the start command sends input
             mode["fail"] = False
             if mode["run_it"]:
-                await real(command, timeout=timeout, input=input)
-            raise _LinkLost(host.name, "SSH link lost while a command ran", started=True)
-        return await real(command, timeout=timeout, input=input)
+                await real(line, timeout=timeout, input=input)
+            raise LinkLost(host.name, "SSH link lost while a command ran", started=True)
+        return await real(line, timeout=timeout, input=input)
 
-    monkeypatch.setattr(host, "_exec_once", flaky)
+    monkeypatch.setattr(host.connections, "exec_once", flaky)
     with anyio.fail_after(30):
         # the run started, only the answer was lost: start() finds it and returns its handle
         handle = await host.start(spec_for(work, ["sleep", "600"], name="lost-answer"))
@@ -394,11 +396,16 @@ async def test_wrapper_killed_means_lost(
     with anyio.fail_after(20):
         handle = await host.start(spec_for(work, ["sleep", "600"]))
         session_reaper.append(handle.identity.pid)
-        wrapper = int((work / "runs" / "run-1" / "wrapper").read_text())
+        rd = work / "runs" / "run-1"
+        wrapper = int((rd / "wrapper").read_text().split()[0])
         session_reaper.append(wrapper)  # its lease watchdog lives on in the wrapper's session
         os.kill(wrapper, signal.SIGKILL)
         status = await handle.wait()
-        assert status.lost and status.code is None
+        assert status.lost and status.code is None and "vanished" in status.reason
+        # Ended where it runs: its tree killed, the end written down for every later reader
+        # (the lease watchdog's "runs left" among them).
+        assert (rd / "exit").read_text() == "lost\n" and "vanished" in (rd / "note").read_text()
+        assert await eventually(lambda: not session_processes(handle.identity.pid))
         _ = [c async for c in handle.output()]  # ends too
 
 
@@ -481,12 +488,209 @@ async def test_closed_port_is_unreachable(closed_port: int) -> None:
 
 @pytest.mark.anyio
 async def test_many_concurrent_commands_share_channels(sshd: SSHD) -> None:
-    h = SSHHost(sshd.target(max_channels=3))
+    h = SSHHost(sshd.target(max_channels=3, max_connections=4))
     try:
+        results: dict[int, str] = {}
+
+        async def one(i: int) -> None:
+            results[i] = (await h.run(["sh", "-c", f"sleep 0.2; echo {i}"])).stdout
+
         with anyio.fail_after(30):
-            results = await asyncio.gather(
-                *(h.run(["sh", "-c", f"sleep 0.2; echo {i}"]) for i in range(20))
-            )
-        assert [r.stdout for r in results] == [f"{i}\n" for i in range(20)]
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i)
+        assert [results[i] for i in range(20)] == [f"{i}\n" for i in range(20)]
+        assert h.connects <= 4, "more connections than max_connections were opened"
     finally:
         await h.aclose()
+
+
+# ---- login-shell noise (issue 16) ---------------------------------------------------------------
+
+NOISE_OUT = "Welcome to m1!\nlast login: yesterday\n"
+NOISE_ERR = "pyenv: cannot rehash: /root/.pyenv/shims isn't writable\n"
+
+
+@pytest.fixture(params=["stderr", "stdout", "both"])
+def noisy_sshd(request: pytest.FixtureRequest, tmp_path: Path, client_key: Path) -> Iterator[SSHD]:
+    """A machine whose login shell prints before every command."""
+    where = tmp_path / "noisy"
+    where.mkdir()
+    config = noisy_login(
+        where,
+        stdout=NOISE_OUT if request.param in ("stdout", "both") else "",
+        stderr=NOISE_ERR if request.param in ("stderr", "both") else "",
+    )
+    with run_sshd(where, client_key=client_key, extra_config=config) as server:
+        yield server
+
+
+@pytest.mark.anyio
+async def test_a_noisy_login_never_enters_output(
+    noisy_sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    """Commands and a run's output (both streams, across cut links) arrive exactly once and
+    byte-exact; a start succeeds; ``check`` warns of the noise."""
+    host = SSHHost(noisy_sshd.target())
+    script = (
+        'i=1; while [ $i -le 400 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); '
+        "sleep 0.005; done"
+    )
+    expected_out = "".join(f"out {i}\n" for i in range(1, 401)).encode()
+    expected_err = "".join(f"err {i}\n" for i in range(1, 401)).encode()
+    try:
+        with anyio.fail_after(60):
+            r = await host.run(["sh", "-c", "echo hi; echo there >&2"])
+            assert (r.stdout, r.stderr) == ("hi\n", "there\n")
+            assert r.login_noise and r.login_noise in (NOISE_OUT, NOISE_ERR, NOISE_OUT + NOISE_ERR)
+            handle = await host.start(spec_for(work, ["sh", "-c", script]))
+            session_reaper.append(handle.identity.pid)
+            got = {"stdout": b"", "stderr": b""}
+            cuts = 0
+            async for chunk in handle.output():
+                got[chunk.stream] += chunk.data
+                assert chunk.end == len(got[chunk.stream])
+                if cuts < 3 and len(got["stdout"]) > 600 * (cuts + 1):
+                    noisy_sshd.kill_connections()
+                    cuts += 1
+            assert (await handle.wait()).code == 0
+            row = await check_machine(host, agent_executable="sh", workdir=str(work))
+    finally:
+        with anyio.fail_after(10):
+            await host.aclose()
+    assert cuts == 3 and host.connects >= 2
+    assert got["stdout"] == expected_out
+    assert got["stderr"] == expected_err
+    assert row.ok and "login shell prints" in row.warning
+    assert "warning: the login shell prints" in format_check_table([row])
+
+
+@pytest.mark.anyio
+async def test_a_login_that_does_not_run_the_command_is_a_clear_error(
+    tmp_path: Path, client_key: Path
+) -> None:
+    where = tmp_path / "deaf"
+    where.mkdir()
+    with run_sshd(where, client_key=client_key, extra_config="ForceCommand echo hello") as d:
+        host = SSHHost(d.target())
+        try:
+            with anyio.fail_after(20), pytest.raises(FramingError) as info:
+                await host.run(["true"])
+        finally:
+            await host.aclose()
+    assert "did not run the command" in str(info.value) and "hello" in str(info.value)
+
+
+# ---- finding runs by their directory ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_probe_scan_attach_dir_and_timezone(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    root = work / "runs"
+    with anyio.fail_after(30):
+        running = await host.start(
+            spec_for(work, ["sleep", "600"], name="w1/run-1", meta={"task": "9", "run": "1"})
+        )
+        session_reaper.append(running.identity.pid)
+        done = await host.start(spec_for(work, ["true"], name="w2/run-1"))
+        assert (await done.wait()).code == 0
+        run_dirs = [running.identity.run_dir, done.identity.run_dir, str(root / "nope")]
+        found = await host.probe(run_dirs)
+        assert [found[d].state for d in run_dirs] == [
+            RunState.RUNNING,
+            RunState.EXITED,
+            RunState.GONE,
+        ]
+        assert found[run_dirs[0]].meta == {"task": "9", "run": "1"}
+        assert found[run_dirs[0]].pid == running.identity.pid
+        assert await host.scan(str(root)) == [running.identity.run_dir]
+        again = await host.attach_dir(running.identity.run_dir)
+        assert again is not None and again.identity == running.identity
+        assert await host.attach_dir(str(root / "nope")) is None
+        assert (await again.stats()).cpu_percent is None  # a first look: no % yet
+        await anyio.sleep(0.3)
+        assert (await again.stats()).cpu_percent is not None
+        assert await host.timezone() == await LocalHost().timezone()
+        await again.signal(signal.SIGKILL)
+        assert (await running.wait()).code == 128 + signal.SIGKILL
+    rd = Path(running.identity.run_dir)
+    for directory in (root, rd.parent, rd):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    for name in ("meta", "runner.sh", "wrapper", "pid", "stdout", "exit", "start.lock"):
+        assert (rd / name).stat().st_mode & 0o777 == 0o600, name
+
+
+@pytest.mark.anyio
+async def test_a_start_cut_short_is_found_running_by_the_next_supervisor(
+    sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    """Issue 16.5: `up` killed within 10 ms of a remote start.  The start goes on remotely and
+    holds its lock until the pid is written; the next supervisor's probe waits for it and sees
+    the run RUNNING, never UNSTARTED, and adopts it from its directory alone."""
+    slow = b"sleep 1\n" + sh.script("runner").encode()  # a wrapper slow to write its files
+    first = SSHHost(sshd.target(), runner=slow)
+    spec = spec_for(work, ["sleep", "600"], name="cut-short")
+    try:
+        with anyio.fail_after(20):
+            await first.run(["true"])  # connected: the start goes out at once
+            async with anyio.create_task_group() as tg:
+
+                async def start_it() -> None:
+                    await first.start(spec)
+
+                tg.start_soon(start_it)
+                assert await eventually(lambda: Path(spec.run_dir).is_dir(), timeout=10)
+                await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()  # the supervisor dies 10 ms into the remote start
+    finally:
+        await first.aclose()
+    assert not (Path(spec.run_dir) / "pid").exists(), "the start was not cut short"
+    second = SSHHost(sshd.target())
+    try:
+        with anyio.fail_after(30):
+            found = (await second.probe([spec.run_dir]))[spec.run_dir]
+            assert found.state is RunState.RUNNING and found.pid is not None
+            session_reaper.append(found.pid)
+            handle = await second.attach_dir(spec.run_dir)
+            assert handle is not None and await handle.alive()
+            await handle.stop(5)
+            assert (await handle.wait()).code == 128 + signal.SIGTERM
+    finally:
+        await second.aclose()
+
+
+@pytest.mark.anyio
+async def test_more_runs_than_channels_neither_wait_nor_starve_helpers(
+    sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    """Each run's output stream holds a channel for as long as the run lives: with 2 channels
+    a connection and max_connections = 1, five runs are followed at once and helper commands
+    still get through (streams add connections of their own)."""
+    h = SSHHost(sshd.target(max_channels=2, max_connections=1))
+    script = "sleep 1; echo done"
+    got: dict[int, bytes] = {}
+    try:
+        with anyio.fail_after(30):
+            handles = [
+                await h.start(spec_for(work, ["sh", "-c", script], name=f"run-{i}"))
+                for i in range(5)
+            ]
+            session_reaper.extend(handle.identity.pid for handle in handles)
+
+            async def follow(i: int) -> None:
+                got[i] = b"".join([c.data async for c in handles[i].output()])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(follow, i)
+                await anyio.sleep(0.3)
+                began = time.monotonic()
+                assert (await h.run(["echo", "helper"])).stdout == "helper\n"
+                assert time.monotonic() - began < 0.9, "the helper waited for a stream to end"
+            assert [(await handle.wait()).code for handle in handles] == [0] * 5
+    finally:
+        await h.aclose()
+    assert got == {i: b"done\n" for i in range(5)}
+    assert h.connects <= 1 + 3  # one for helpers, one per two streams

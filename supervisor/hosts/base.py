@@ -4,9 +4,10 @@ Everything machine-specific -- how a short command runs, how an agent is started
 outlives a lost link or a dead supervisor, how its output is read back, how its whole process
 tree is signalled -- sits behind :class:`Host`.  The worker state machine, the restart policy,
 milestone detection and the log records are the same code for every machine; only the host
-differs (``hosts/local.py`` and ``hosts/ssh.py``).
+differs (``hosts/local.py`` and the ``hosts/ssh`` package).
 
-Every run is started through the same wrapper, ``supervisor/runner.sh``, on every host:
+Every run is started through the same wrapper, ``supervisor/sh/runner.sh`` (copied into its run
+directory), on every host; the run directory's rules are ``hosts/runfiles.py``'s:
 
 * the agent runs in a session of its own (``setsid``), so its process group id equals its pid
   and the whole tree can be signalled with ``kill -SIG -- -PGID``;
@@ -14,7 +15,9 @@ Every run is started through the same wrapper, ``supervisor/runner.sh``, on ever
   link or a dead supervisor and can be read again from any byte offset;
 * ``pid`` in the run directory holds ``PID START_TICKS`` (field 22 of ``/proc/PID/stat``) so a
   reused pid is never mistaken for the agent;
-* ``exit`` is written atomically when the agent ends, with its exit status;
+* ``wrapper`` holds the wrapper's own ``PID START_TICKS``: it is alive while those match;
+* ``exit`` is written when the agent ends, with its exit status, or ``lost`` by whoever finds
+  the wrapper gone without it (after killing what was left of the run);
 * a watchdog kills the group when the fleet's lease file has not been touched for
   ``lease_timeout`` seconds: a run never outlives its supervisor unnoticed.
 """
@@ -25,42 +28,42 @@ import abc
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
+from datetime import tzinfo
 from typing import Literal
 
 import anyio
+
+from supervisor import sh
+from supervisor.hosts.runfiles import ExitStatus, RunState, RunStatus
+
+__all__ = [
+    "STOP_WATCHDOG",
+    "STREAMS",
+    "Chunk",
+    "CommandFailed",
+    "CommandResult",
+    "ExitStatus",
+    "Host",
+    "HostAuthError",
+    "HostError",
+    "HostUnreachable",
+    "RunHandle",
+    "RunIdentity",
+    "RunSpec",
+    "RunState",
+    "RunStatus",
+    "Stream",
+    "TreeStats",
+]
 
 Stream = Literal["stdout", "stderr"]
 KILL_SETTLE = 5.0  # after SIGKILL, how long to wait for the wrapper to record the end
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 
-#: Ends the lease watchdogs of ``runner.sh`` (argument: the lease file) once every run they
-#: guard has ended, rather than at their next look, up to a third of the lease timeout later.  A
-#: run still going (on a machine the fleet lost, say) keeps them.  Every watchdog ever started
-#: for the lease is listed in ``LEASE.dog.all`` (``LEASE.dog`` names the one in charge): two
-#: runs starting at once may each start one, and the one not named would otherwise linger
-#: until its next look.
-STOP_WATCHDOG = r"""
-while read -r rd; do
-    [ -e "$rd/exit" ] || exit 0
-done <"$1.runs"
-f() { t=${20}; }
-cat -- "$1.dog.all" "$1.dog" 2>/dev/null | while read -r pid ticks; do
-    read -r st <"/proc/$pid/stat" 2>/dev/null || continue
-    set -f
-    f ${st##*) }
-    set +f
-    [ "$t" = "$ticks" ] && kill "$pid" 2>/dev/null
-done
-exit 0
-"""
-
-
-def runner_path() -> Path:
-    """The run wrapper shipped with the package (``supervisor/runner.sh``)."""
-    return Path(str(resources.files("supervisor").joinpath("runner.sh")))
+#: Ends the lease watchdogs of a lease file once every run they guard has ended
+#: (``sh/stop-watchdog.sh``; argument: the lease file).
+STOP_WATCHDOG = sh.script("stop-watchdog")
 
 
 class HostError(Exception):
@@ -98,6 +101,9 @@ class CommandResult:
     exit_code: int
     stdout: str
     stderr: str
+    #: What the machine's login shell printed before the command ran (a banner, a ``.bashrc``
+    #: warning): never part of ``stdout``/``stderr``, kept so that ``check`` can warn of it.
+    login_noise: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,9 @@ class RunSpec:
     """Everything a host needs to start one run of an agent.
 
     Paths are paths on the host.  ``argv`` is executed without a shell: each element reaches the
-    agent as one argument, whatever characters it holds.
+    agent as one argument, whatever characters it holds.  ``meta`` is written to the run
+    directory's ``meta`` file (``task``, ``run``, ``shift``, ``worker``, ``machine``), so that a
+    run found by a scan says whose it is.
     """
 
     argv: Sequence[str]
@@ -114,6 +122,7 @@ class RunSpec:
     lease_path: str
     lease_timeout: float
     env: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,24 +141,6 @@ class RunIdentity:
 
 
 @dataclass(frozen=True)
-class ExitStatus:
-    """How a run ended.
-
-    ``code`` is the wrapper's view of the agent's status: 0..255, where 128+N means "killed by
-    signal N".  ``lost`` means the run could not be followed to its end (the wrapper vanished,
-    the machine stayed unreachable); ``code`` is then ``None``.
-    """
-
-    code: int | None
-    lost: bool = False
-    reason: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.code == 0 and not self.lost
-
-
-@dataclass(frozen=True)
 class Chunk:
     """Raw bytes appended to one of a run's output files, ending at byte ``end`` of that file."""
 
@@ -160,10 +151,15 @@ class Chunk:
 
 @dataclass(frozen=True)
 class TreeStats:
-    """Resources of a run's whole process tree at one instant."""
+    """Resources of a run's whole process tree at one instant.
+
+    ``cpu_percent`` is the CPU used since the handle's previous look (100 = one core), and
+    ``None`` at the first look: a lifetime average, or psutil's meaningless first 0.0, would
+    show an agent spinning at 100% as idle.
+    """
 
     processes: int
-    cpu_percent: float
+    cpu_percent: float | None
     rss_bytes: int
 
 
@@ -263,11 +259,33 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     async def attach(self, identity: RunIdentity) -> RunHandle | None:
-        """Find a run started earlier (by this or a dead supervisor).
+        """Find a run started earlier (by this or a dead supervisor) by its identity.
 
         Returns ``None`` when the run directory is gone.  A run that has already ended is
         returned too: its output can still be read and ``wait`` returns its recorded status.
+        The identity's pid and start ticks are taken as given (:meth:`attach_dir` reads them).
         """
+
+    @abc.abstractmethod
+    async def attach_dir(self, run_dir: str) -> RunHandle | None:
+        """Find a run by its directory alone: its pid and start ticks are read from its files
+        (a start still in flight is waited for, briefly).  ``None`` when the directory is
+        gone or holds a run that never started."""
+
+    @abc.abstractmethod
+    async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
+        """The status of many runs in one look (one command on a remote machine), by run
+        directory.  A start in flight is seen RUNNING, never UNSTARTED."""
+
+    @abc.abstractmethod
+    async def scan(self, root: str) -> list[str]:
+        """Run directories at any depth under ``root`` that have no ``exit`` file: runs whose
+        end nobody recorded (the safety net behind the ledger)."""
+
+    @abc.abstractmethod
+    async def timezone(self) -> tzinfo | None:
+        """The machine's local time zone (a usage limit's "resets 5pm" is in it), or None when
+        it cannot be told."""
 
     @abc.abstractmethod
     async def touch_lease(self, path: str) -> None:

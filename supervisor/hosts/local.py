@@ -7,7 +7,8 @@ the run's files in-process, by byte offset: the agent never blocks on a slow sup
 supervisor that died can be replaced by one that resumes reading where the old one stopped.
 
 Process trees are found with psutil and always checked against the recorded start time, so a
-pid reused by an unrelated process is never signalled.
+pid reused by an unrelated process is never signalled.  What a run directory says is read
+through ``hosts/runfiles.py``, the same rules the SSH host's scripts print facts for.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import tzinfo
 from pathlib import Path
 
 import anyio
@@ -31,6 +33,8 @@ import anyio.abc
 import anyio.lowlevel
 import psutil
 
+from supervisor import sh
+from supervisor.hosts import runfiles, tz
 from supervisor.hosts.base import (
     STREAMS,
     Chunk,
@@ -42,11 +46,13 @@ from supervisor.hosts.base import (
     RunHandle,
     RunIdentity,
     RunSpec,
+    RunState,
+    RunStatus,
     Stream,
     TreeStats,
-    runner_path,
 )
 from supervisor.hosts.dirwatch import DirWatcher
+from supervisor.hosts.runfiles import read_small
 
 READ_SIZE = 256 * 1024
 # While output flows, read it at most this often (a pass that found a backlog goes on at once).
@@ -81,55 +87,9 @@ def use_pidfd_child_watcher() -> None:
         return  # no pidfd_open (old kernel): keep the default
 
 
-def read_start_ticks(pid: int) -> int | None:
-    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks since boot), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _read_small(path: str) -> bytes | None:
-    """A few bytes the wrapper wrote (plain ``os`` calls: asked after every read and start)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 256)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def read_pid_file(path: str) -> tuple[int, int] | None:
-    """``(pid, start_ticks)`` from a wrapper's ``pid`` file, or None if not (yet) there."""
-    data = _read_small(path)
-    if data is None or not data.endswith(b"\n"):
-        return None  # not there, or still being written
-    try:
-        pid_text, ticks_text = data.split()
-        return int(pid_text), int(ticks_text)
-    except ValueError:
-        return None
-
-
-def read_exit_file(run_dir: str) -> int | None:
-    """The run's exit status, once the wrapper has written all of it."""
-    data = _read_small(os.path.join(run_dir, "exit"))
-    if data is None or not data.endswith(b"\n"):
-        return None
-    try:
-        return int(data)
-    except ValueError:
-        return None
+def _exit_written(run_dir: str) -> bool:
+    """The run's end is recorded (a code or ``lost``, written whole)."""
+    return runfiles.complete_line(read_small(os.path.join(run_dir, runfiles.EXIT))) is not None
 
 
 def _no_inherited_descriptors() -> None:
@@ -246,7 +206,7 @@ class LocalRunHandle(RunHandle):
     def _leader(self) -> psutil.Process | None:
         """The agent's process, if it still lives as the very process we started."""
         ident = self.identity
-        if read_start_ticks(ident.pid) != ident.start_ticks:
+        if not runfiles.same_process((ident.pid, ident.start_ticks)):
             return None
         try:
             proc = psutil.Process(ident.pid)
@@ -257,17 +217,23 @@ class LocalRunHandle(RunHandle):
             return None
 
     def _tree(self) -> list[psutil.Process]:
-        """The agent and all it started: its descendants and whatever stayed in its group."""
+        """The agent and all it started: its descendants and whatever stayed in its group or
+        session (as ``sh/lib.sh``'s ``kill_tree`` reaches them remotely)."""
         leader = self._leader()
-        if leader is None:
-            return []
-        found: dict[int, psutil.Process] = {leader.pid: leader}
-        with contextlib.suppress(psutil.Error):
-            for child in leader.children(recursive=True):
-                found[child.pid] = child
+        pid = self.identity.pid
+        found: dict[int, psutil.Process] = {}
+        if leader is not None:
+            found[leader.pid] = leader
+            with contextlib.suppress(psutil.Error):
+                for child in leader.children(recursive=True):
+                    found[child.pid] = child
+        elif pid <= 1 or runfiles.read_start_ticks(pid) is not None:
+            return []  # the pid names another process now: no member of the run is left
+        # Members still carry the leader's pid as their group or session id, which the kernel
+        # gives no new process while any of them lives: they are the run's, leader gone or not.
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if proc.pid not in found and os.getpgid(proc.pid) == leader.pid:
+                if proc.pid not in found and pid in (os.getpgid(proc.pid), os.getsid(proc.pid)):
                     found[proc.pid] = proc
         return list(found.values())
 
@@ -290,11 +256,13 @@ class LocalRunHandle(RunHandle):
         for proc in tree:
             cached = self._procs.get(proc.pid, proc)
             with contextlib.suppress(psutil.Error):
-                cpu += cached.cpu_percent(interval=None)
+                cpu += cached.cpu_percent(interval=None)  # since this object's previous call
                 rss += cached.memory_info().rss
                 live[proc.pid] = cached
+        # psutil's first call for a process says 0.0, whatever it does: no second look, no %.
+        sampled = any(pid in self._procs for pid in live)
         self._procs = live
-        return TreeStats(processes=len(live), cpu_percent=cpu, rss_bytes=rss)
+        return TreeStats(processes=len(live), cpu_percent=cpu if sampled else None, rss_bytes=rss)
 
     # its end -------------------------------------------------------------------------------
 
@@ -304,31 +272,25 @@ class LocalRunHandle(RunHandle):
         run_dir = self.identity.run_dir
         if self._wrapper is not None:
             await self._wrapper.wait()
-        else:
-            delay = POLL_MIN
-            while read_exit_file(run_dir) is None and self._wrapper_alive():
-                await anyio.sleep(delay)
-                delay = min(delay * 2, POLL_MAX)
-        code = read_exit_file(run_dir)
-        if code is None:
-            # The wrapper died without recording the end (someone killed it): make sure
-            # nothing of the agent is left, and report the run as lost.
+        delay = POLL_MIN
+        found = runfiles.local_status(run_dir)
+        while found.state is RunState.RUNNING and self._wrapper is None:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+            found = runfiles.local_status(run_dir)
+        if found.needs_ending:
+            # The wrapper died without recording the end (someone killed it): nothing of the
+            # agent may be left, and the end is written down for every later reader.
             await self.signal(signals.SIGKILL)
-            self._status = ExitStatus(code=None, lost=True, reason="run wrapper vanished")
-        else:
-            self._status = ExitStatus(code=code)
+            runfiles.write_lost(run_dir, runfiles.WRAPPER_VANISHED)
+        # Still "running" after our own wrapper ended: it died before it could write its
+        # `wrapper` file, and so before it could start anything.
+        status = runfiles.exit_status(found, run_dir) or ExitStatus(
+            code=None, lost=True, reason="the run wrapper ended before it started the agent"
+        )
+        self._status = status
         self._ended.set()
-        return self._status
-
-    def _wrapper_alive(self) -> bool:
-        try:
-            pid = int(Path(self.identity.run_dir, "wrapper").read_text().strip())
-            proc = psutil.Process(pid)
-            return proc.status() != psutil.STATUS_ZOMBIE and any(
-                "runner.sh" in part for part in proc.cmdline()
-            )
-        except (OSError, ValueError, psutil.Error):
-            return False
+        return status
 
     # its output ------------------------------------------------------------------------------
 
@@ -357,7 +319,7 @@ class LocalRunHandle(RunHandle):
                 if watcher is not None and wd is not None:
                     watcher.arm(wd)  # before reading to the end: a later write wakes us
                 # ``exit`` is written after the agent's group is gone: all output is in the files.
-                ended = self._ended.is_set() or read_exit_file(self.identity.run_dir) is not None
+                ended = self._ended.is_set() or _exit_written(self.identity.run_dir)
                 got = backlog = False
                 for stream, fd in fds.items():
                     while data := os.read(fd, READ_SIZE):
@@ -394,9 +356,14 @@ class LocalRunHandle(RunHandle):
 class LocalHost(Host):
     """This machine: subprocesses, files and psutil."""
 
-    def __init__(self, name: str = "local", *, use_inotify: bool = True) -> None:
+    def __init__(
+        self, name: str = "local", *, use_inotify: bool = True, umask: int | None = None
+    ) -> None:
+        """``umask``: the agents' (default: the one this process started with, whatever the
+        supervisor uses for its own files)."""
         self.name = name
-        self._runner = str(runner_path())
+        self._runner = sh.script("runner").encode()
+        self._umask = f"{runfiles.USER_UMASK if umask is None else umask:04o}"
         self._use_inotify = use_inotify
         self._watcher: DirWatcher | None = None
         self._leases: dict[str, float] = {}
@@ -472,21 +439,31 @@ class LocalHost(Host):
         now = time.monotonic()
         if now - self._leases.get(path, -LEASE_TOUCH_GAP) < LEASE_TOUCH_GAP:
             return  # renewed a moment ago (every run start asks)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).touch()
+        runfiles.make_private_dirs(os.path.dirname(path))
+        Path(path).touch(mode=0o600)
         self._leases[path] = now
 
     async def start(self, spec: RunSpec) -> RunHandle:
         run_dir = Path(spec.run_dir)
-        os.makedirs(spec.run_dir, exist_ok=True)
+        runfiles.make_private_dirs(spec.run_dir)
+        if (run_dir / runfiles.WRAPPER).exists():
+            raise HostError(self.name, f"run directory {run_dir} already holds a run")
+        runner = str(run_dir / runfiles.RUNNER)
+        try:
+            runfiles.write_private(str(run_dir / runfiles.META), runfiles.format_meta(spec.meta))
+            with open(runner, "wb", opener=_private) as handle:
+                handle.write(self._runner)
+        except OSError as exc:
+            raise HostError(self.name, f"cannot prepare run directory {run_dir}: {exc}") from None
         await self.touch_lease(spec.lease_path)
         argv = [
             "sh",
-            self._runner,
+            runner,
             spec.run_dir,
             spec.lease_path,
             f"{spec.lease_timeout:g}",
             spec.cwd,
+            self._umask,
             "--",
             *spec.argv,
         ]
@@ -524,9 +501,9 @@ class LocalHost(Host):
                 delay = 0.0005
                 # The pid file, or the exit file of a wrapper that could not start the agent.
                 while (
-                    read_pid_file(pid_file) is None
+                    runfiles.parse_pair(read_small(pid_file)) is None
                     and wrapper.returncode is None
-                    and read_exit_file(spec.run_dir) is None
+                    and not _exit_written(spec.run_dir)
                 ):
                     if watcher is not None and wd is not None:
                         await watcher.wait(wd, PID_SAFETY_POLL)
@@ -536,7 +513,7 @@ class LocalHost(Host):
         finally:
             if watcher is not None and wd is not None:
                 watcher.remove(wd)
-        found = read_pid_file(pid_file)
+        found = runfiles.parse_pair(read_small(pid_file))
         if found is None:
             # The wrapper could not start the agent (bad cwd, no setsid): it recorded an exit
             # code, or we stop it and report what it wrote.
@@ -555,3 +532,35 @@ class LocalHost(Host):
         if not Path(identity.run_dir).is_dir():
             return None
         return LocalRunHandle(identity, watcher=self._dir_watcher())
+
+    async def attach_dir(self, run_dir: str) -> RunHandle | None:
+        found = runfiles.local_status(run_dir)
+        with anyio.move_on_after(PID_WAIT):
+            # A run still starting (its wrapper spawned, no pid yet): wait for the pid.
+            while found.state is RunState.RUNNING and found.pid is None:
+                await anyio.sleep(PID_SAFETY_POLL)
+                found = runfiles.local_status(run_dir)
+        if found.state in (RunState.GONE, RunState.UNSTARTED):
+            return None
+        identity = RunIdentity(self.name, run_dir, found.pid or 0, found.start_ticks or 0)
+        return LocalRunHandle(identity, watcher=self._dir_watcher())
+
+    async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
+        return {run_dir: runfiles.local_status(run_dir) for run_dir in run_dirs}
+
+    async def scan(self, root: str) -> list[str]:
+        found = []
+        for directory, _, files in os.walk(root):
+            if (runfiles.WRAPPER in files or runfiles.META in files) and (
+                runfiles.EXIT not in files
+            ):
+                found.append(directory)
+        return sorted(found)
+
+    async def timezone(self) -> tzinfo | None:
+        return tz.zone_from_facts(tz.local_facts())
+
+
+def _private(path: str, flags: int) -> int:
+    """An ``open`` opener making the file 0600."""
+    return os.open(path, flags, 0o600)

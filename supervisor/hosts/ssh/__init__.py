@@ -1,0 +1,26 @@
+"""Machines reached over SSH (asyncssh): ``connection.py`` (target, errors, the pool, framed
+commands), ``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
+
+from supervisor.hosts.ssh.connection import (
+    Connections,
+    FramingError,
+    LinkLost,
+    Output,
+    SSHHostKeyError,
+    SSHLoginError,
+    SSHTarget,
+)
+from supervisor.hosts.ssh.host import SSHHost
+from supervisor.hosts.ssh.run import SSHRunHandle
+
+__all__ = [
+    "Connections",
+    "FramingError",
+    "LinkLost",
+    "Output",
+    "SSHHost",
+    "SSHHostKeyError",
+    "SSHLoginError",
+    "SSHRunHandle",
+    "SSHTarget",
+]

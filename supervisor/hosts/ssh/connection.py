@@ -1,0 +1,583 @@
+"""Connections to one SSH machine: its target, the error types, the pool, command execution.
+
+One SSH connection per machine, opened lazily and shared by every run and helper command; a
+second (third, ...) connection is opened only when all channels of the open ones are busy, since
+OpenSSH allows ``MaxSessions`` (10) channels per connection.  A lost connection is re-opened on
+the next use, with capped exponential backoff between failed attempts.
+
+Every command is one ``sh -c SCRIPT sh ARG...`` line with each word shlex-quoted: the login shell
+(bash, zsh, ...) only ever sees single-quoted words, and the script gets its data as positional
+parameters, never pasted into its text.  Every command is also **framed**: it first prints
+:data:`supervisor.sh.FRAME_MARK` on stdout and on stderr, and what comes before the mark on
+either stream is the login shell's own chatter (a banner, a ``.bashrc`` warning, ``pyenv:
+cannot rehash``): dropped, never taken for output or counted into a byte offset, remembered
+for ``check`` to warn of.  A command whose mark never comes was not run as sent: that is a
+:class:`FramingError`, not output.
+
+asyncssh is asyncio-only: this needs anyio's asyncio backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shlex
+import signal as signal_module
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import anyio
+import asyncssh
+import structlog
+from anyio.streams.memory import MemoryObjectSendStream
+
+from supervisor import sh
+from supervisor.hosts.base import HostAuthError, HostError, HostUnreachable, Stream
+
+log = structlog.get_logger(__name__)
+
+#: Longest pause between two connection attempts.
+MAX_BACKOFF = 30.0
+#: How much login-shell chatter is looked through for the frame mark before giving up.
+NOISE_LIMIT = 1024 * 1024
+#: Output a stream channel may hold unread before the remote side is asked to wait.
+STREAM_BUFFER = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """How to reach one SSH machine.
+
+    ``known_hosts``: a path, ``None`` for the default (``~/.ssh/known_hosts``), or the literal
+    ``"none"`` to disable host key checking (logged as a warning).  ``ssh_config``: an OpenSSH
+    client config file (``Host`` blocks, ``IdentityFile``, ...); when ``None`` asyncssh reads
+    ``~/.ssh/config`` if it exists.
+    """
+
+    name: str
+    host: str
+    port: int = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = None
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 5.0
+    keepalive_count_max: int = 3
+    max_channels: int = 8
+    unreachable_after: float = 120.0
+    #: More connections are opened only when all channels of the open ones are busy.
+    max_connections: int = 4
+
+
+class SSHHostKeyError(HostAuthError):
+    """The machine's host key is unknown or has changed."""
+
+    host_key = True
+
+
+class LinkLost(HostUnreachable):
+    """The link failed under a command; ``started`` tells whether the command had begun."""
+
+    def __init__(self, host: str, message: str, *, started: bool) -> None:
+        super().__init__(host, message)
+        self.started = started
+
+
+class SSHLoginError(HostAuthError):
+    """The machine refused our credentials, or our key / config files cannot be used."""
+
+    host_key = False
+
+
+class FramingError(HostError):
+    """A command's output never showed the frame mark: the machine's login shell did not run
+    the command as sent (a ``ForceCommand``, a shell that is not POSIX-like)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """A framed command's end: exit code, payloads, and what the login shell printed first."""
+
+    code: int
+    stdout: bytes
+    stderr: bytes
+    noise: bytes = b""
+
+
+class Deframer:
+    """One stream of a framed command: drops what precedes the frame mark."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.framed = False
+        self.noise = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The payload in ``data`` (empty until the mark has come)."""
+        if self.framed:
+            return data
+        seen = self.noise + data
+        at = seen.find(sh.FRAME_MARK)
+        if at < 0:
+            if len(seen) > NOISE_LIMIT:
+                raise FramingError(
+                    self.host, f"no frame mark in the first {NOISE_LIMIT} bytes of a command's "
+                    "output: the login shell did not run it as sent"
+                )
+            self.noise = seen
+            return b""
+        self.framed = True
+        self.noise = seen[:at]
+        return seen[at + len(sh.FRAME_MARK) :]
+
+
+def decode(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+def as_bytes(data: bytes | str | None) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, str):
+        return data.encode()
+    return data
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def command_line(script: str, *args: str) -> str:
+    """The framed command line running the text ``script`` with ``args`` as $1, $2, ..."""
+    return shlex.join(["sh", "-c", sh.framed(script), "sh", *args])
+
+
+class _Link:
+    """One SSH connection and how many of its channels are in use."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+        self.busy = 0
+
+    @property
+    def alive(self) -> bool:
+        return not self.conn.is_closed()
+
+
+@dataclass
+class StreamEnd:
+    """How a :meth:`Connections.stream` channel went: whether it opened, the script's exit code."""
+
+    opened: bool = False
+    code: int | None = None
+
+
+class _StreamSession(asyncssh.SSHClientSession[bytes]):
+    """Both output streams of one channel into one queue, in arrival order, with the
+    channel's flow control held while the reader is more than :data:`STREAM_BUFFER` behind."""
+
+    def __init__(self, send: MemoryObjectSendStream[tuple[Stream, bytes]]) -> None:
+        self._send = send
+        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._held = 0
+        self.exit_status: int | None = None
+        self.error: Exception | None = None
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        stream: Stream = "stderr" if datatype == asyncssh.EXTENDED_DATA_STDERR else "stdout"
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait((stream, data))
+            self._held += len(data)
+            if self._held > STREAM_BUFFER and self._chan is not None:
+                self._chan.pause_reading()
+
+    def consumed(self, size: int) -> None:
+        was_over = self._held > STREAM_BUFFER
+        self._held -= size
+        if was_over and self._held <= STREAM_BUFFER and self._chan is not None:
+            self._chan.resume_reading()
+
+    def eof_received(self) -> bool:
+        return True  # keep the channel until the exit status and the close come
+
+    def exit_status_received(self, status: int) -> None:
+        self.exit_status = status
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.error = exc
+        self._send.close()
+
+
+class Connections:
+    """The connection pool of one machine, and the one way commands are run over it.
+
+    This is the whole interface the SSH host and its run handles share: :meth:`script` and
+    :meth:`command` (short framed commands), :meth:`stream` (a long-running one whose output
+    is read as it comes), :attr:`closed` and :meth:`aclose`.
+    """
+
+    def __init__(self, target: SSHTarget) -> None:
+        if target.max_channels < 1 or target.max_connections < 1:
+            raise ValueError("max_channels and max_connections must be at least 1")
+        self.target = target
+        self.name = target.name
+        self._links: list[_Link] = []
+        self._connect_lock = anyio.Lock()
+        self._freed = anyio.Event()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: HostError | None = None
+        self._streams = 0  # channels held by output streams
+        self.closed = False
+        #: Connections opened so far (first one included): a reconnect shows as 2, 3, ...
+        self.connects = 0
+        #: What the login shell printed before the first command that had it print (see
+        #: :class:`Deframer`); ``None`` while no command has shown any.
+        self.login_noise: bytes | None = None
+        if target.known_hosts == "none":
+            log.warning(
+                "ssh host key checking disabled",
+                machine=target.name,
+                host=target.host,
+                hint="known_hosts = 'none': anyone on the path can impersonate this machine",
+            )
+
+    # ---- connections ----------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        user = f"{self.target.user}@" if self.target.user else ""
+        return f"{user}{self.target.host}:{self.target.port}"
+
+    def _options(self) -> dict[str, Any]:
+        """Arguments for ``asyncssh.connect``; bad local files raise :class:`SSHLoginError`."""
+        t = self.target
+        kwargs: dict[str, Any] = {
+            "port": t.port,
+            "connect_timeout": t.connect_timeout,
+            "login_timeout": max(t.connect_timeout, 1.0),
+            "keepalive_interval": t.keepalive_interval,
+            "keepalive_count_max": t.keepalive_count_max,
+        }
+        if t.user:
+            kwargs["username"] = t.user
+        if t.identity_file:
+            path = os.path.expanduser(t.identity_file)
+            try:
+                asyncssh.read_private_key(path)
+            except (OSError, asyncssh.KeyImportError) as exc:
+                raise SSHLoginError(
+                    self.name, f"cannot use identity_file {t.identity_file}: {exc}"
+                ) from None
+            kwargs["client_keys"] = [path]
+        if t.known_hosts == "none":
+            kwargs["known_hosts"] = None
+        elif t.known_hosts:
+            path = os.path.expanduser(t.known_hosts)
+            if not os.path.isfile(path):
+                raise SSHHostKeyError(
+                    self.name,
+                    f"known_hosts file {t.known_hosts} does not exist: create it with "
+                    f"`ssh-keyscan -p {t.port} {t.host} >> {t.known_hosts}` "
+                    "after checking the key with the machine's owner",
+                )
+            kwargs["known_hosts"] = path
+        if t.ssh_config:
+            path = os.path.expanduser(t.ssh_config)
+            if not os.path.isfile(path):
+                raise SSHLoginError(self.name, f"ssh_config file {t.ssh_config} does not exist")
+            kwargs["config"] = [path]
+        return kwargs
+
+    def _connect_error(self, exc: BaseException) -> HostError:
+        """One clear line for a failed connection attempt."""
+        t = self.target
+        where = self._where()
+        if isinstance(exc, HostError):
+            return exc
+        if isinstance(exc, asyncssh.PermissionDenied):
+            user = t.user or "(default user)"
+            key = t.identity_file or "default keys / ssh-agent"
+            return SSHLoginError(
+                self.name,
+                f"authentication failed for user {user} (key {key}) at {where}: "
+                "check identity_file / ssh-agent and the machine's authorized_keys",
+            )
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            known = t.known_hosts or "~/.ssh/known_hosts"
+            pattern = t.host if t.port == 22 else f"[{t.host}]:{t.port}"
+            return SSHHostKeyError(
+                self.name,
+                f"host key of {t.host}:{t.port} is not in known_hosts ({known}) or has changed: "
+                f"if the machine was reinstalled remove the old key with "
+                f"`ssh-keygen -R '{pattern}' -f {known}`, then add the new one with "
+                f"`ssh-keyscan -p {t.port} {t.host} >> {known}` after checking it",
+            )
+        if isinstance(exc, asyncssh.ConfigParseError):
+            return SSHLoginError(self.name, f"bad ssh_config {t.ssh_config}: {exc}")
+        if isinstance(exc, asyncssh.KeyImportError):
+            return SSHLoginError(self.name, f"cannot load a client key: {exc}")
+        if isinstance(exc, socket.gaierror):
+            return HostUnreachable(self.name, f"cannot resolve host name {t.host!r}: {exc}")
+        if isinstance(exc, ConnectionRefusedError):
+            return HostUnreachable(self.name, f"connection refused at {where} (is sshd running?)")
+        if isinstance(exc, TimeoutError):
+            return HostUnreachable(
+                self.name, f"timed out after {t.connect_timeout:g}s connecting to {where}"
+            )
+        if isinstance(exc, asyncssh.DisconnectError):
+            return HostUnreachable(self.name, f"disconnected by {where}: {exc.reason or exc}")
+        if isinstance(exc, OSError):
+            return HostUnreachable(self.name, f"cannot connect to {where}: {exc.strerror or exc}")
+        return HostUnreachable(self.name, f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+
+    def link_error(self, exc: BaseException) -> HostError:
+        """One clear line for a channel that failed on an open connection."""
+        if isinstance(exc, HostError):
+            return exc
+        if isinstance(exc, asyncssh.ChannelOpenError):
+            return HostUnreachable(self.name, f"cannot open an SSH channel: {exc.reason or exc}")
+        if isinstance(exc, asyncssh.DisconnectError):
+            return HostUnreachable(self.name, f"SSH link lost: {exc.reason or exc}")
+        if isinstance(exc, OSError):
+            return HostUnreachable(self.name, f"SSH link lost: {exc.strerror or exc}")
+        return HostUnreachable(self.name, f"SSH link failed: {type(exc).__name__}: {exc}")
+
+    async def _open(self) -> _Link:
+        """Open one more connection, unless the last attempt failed too recently."""
+        now = time.monotonic()
+        if self._last_error is not None and now < self._retry_at:
+            err = self._last_error
+            raise type(err)(self.name, err.message)
+        try:
+            options = self._options()
+            with anyio.fail_after(self.target.connect_timeout + 5.0):
+                conn = await asyncssh.connect(self.target.host, **options)
+        except Exception as exc:  # every cause is mapped to one line
+            err = self._connect_error(exc)
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** (self._failures - 1))
+            self._last_error = err
+            log.debug("ssh connect failed", machine=self.name, error=err.message)  # raised below
+            raise err from None
+        self._failures = 0
+        self._last_error = None
+        self.connects += 1
+        if self.connects > 1:
+            log.info("ssh reconnected", machine=self.name, connection=self.connects)
+        return _Link(conn)
+
+    def _free_link(self) -> _Link | None:
+        self._links = [link for link in self._links if link.alive]
+        for link in self._links:
+            if link.busy < self.target.max_channels:
+                return link
+        return None
+
+    def _max_links(self) -> int:
+        """``max_connections`` for helper commands, plus what the open output streams fill: a
+        stream holds its channel as long as its run lives, and a fleet of many runs on one
+        machine must neither wait for channels nor starve the helper commands."""
+        t = self.target
+        return t.max_connections + math.ceil(self._streams / t.max_channels)
+
+    async def _acquire(self) -> _Link:
+        while True:
+            if self.closed:
+                raise HostUnreachable(self.name, "the SSH host was closed")
+            link = self._free_link()
+            if link is None and len(self._links) < self._max_links():
+                async with self._connect_lock:
+                    # Those who queued here behind an opening look again: its channels, or
+                    # the cap it may have reached, decide for them.
+                    link = self._free_link()
+                    room = len(self._links) < self._max_links()
+                    if link is None and room and not self.closed:
+                        link = await self._open()
+                        self._links.append(link)
+            if link is not None:
+                link.busy += 1
+                return link
+            await self._freed.wait()
+
+    def _release(self, link: _Link) -> None:
+        link.busy -= 1
+        self._freed.set()  # wakes every waiter; the next ones wait for the next release
+        self._freed = anyio.Event()
+
+    @contextlib.asynccontextmanager
+    async def _channel(self) -> AsyncIterator[asyncssh.SSHClientConnection]:
+        """A connection with one channel slot reserved for the caller."""
+        link = await self._acquire()
+        try:
+            yield link.conn
+        finally:
+            self._release(link)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        links, self._links = self._links, []
+        for link in links:
+            link.conn.close()
+        for link in links:
+            with contextlib.suppress(Exception), anyio.move_on_after(5.0):
+                await link.conn.wait_closed()
+        self._freed.set()
+
+    # ---- short commands -------------------------------------------------------------------------
+
+    async def command(
+        self,
+        script: str,
+        *args: str,
+        timeout: float,
+        input: bytes | None = None,
+        idempotent: bool = False,
+    ) -> Output:
+        """Run the shell text ``script`` with ``args``, framed; its status and payloads.
+
+        A command whose channel could not even be opened (the connection had just died) is
+        retried once on a fresh connection; an ``idempotent`` one also when the link died
+        while it ran.  Raises TimeoutError after ``timeout`` (the remote command may go on).
+        """
+        line = command_line(script, *args)
+        try:
+            return await self.exec_once(line, timeout=timeout, input=input)
+        except LinkLost as err:
+            if self.closed or (err.started and not idempotent):
+                raise
+            log.info("ssh command retried after a lost link", machine=self.name, error=err.message)
+            return await self.exec_once(line, timeout=timeout, input=input)
+
+    async def exec_once(self, line: str, *, timeout: float, input: bytes | None) -> Output:
+        """Run one framed command line once (no retry)."""
+        async with self._channel() as conn:
+            process: asyncssh.SSHClientProcess[bytes] | None = None
+            try:
+                with anyio.fail_after(timeout):
+                    if input is None:
+                        process = await conn.create_process(
+                            line, encoding=None, stdin=asyncssh.DEVNULL
+                        )
+                    else:
+                        process = await conn.create_process(line, encoding=None, input=input)
+                    result = await process.wait()
+            except TimeoutError:
+                if process is not None:
+                    process.close()  # the command may go on remotely; its channel is let go
+                raise
+            except (asyncssh.Error, OSError) as exc:
+                err = self.link_error(exc)
+                raise LinkLost(self.name, err.message, started=process is not None) from None
+        if result.exit_signal is not None:
+            name = result.exit_signal[0]
+            try:
+                code = 128 + int(signal_module.Signals[f"SIG{name}"])
+            except KeyError:
+                code = 255
+        elif result.exit_status is None or result.exit_status < 0:
+            # No exit status at all: the channel was closed under the command.
+            raise LinkLost(self.name, "SSH link lost while a command ran", started=True)
+        else:
+            code = result.exit_status
+        on_out, on_err = Deframer(self.name), Deframer(self.name)
+        stdout = on_out.feed(as_bytes(result.stdout))
+        stderr = on_err.feed(as_bytes(result.stderr))
+        if not on_out.framed:
+            said = one_line(decode(on_out.noise + on_err.noise))[-300:]
+            raise FramingError(
+                self.name,
+                f"the login shell did not run the command as sent (exit {code}, no frame "
+                f"mark in its output): {said or 'no output'}",
+            )
+        if not on_err.framed:  # stderr redirected somewhere by the login: nothing to drop
+            stderr, on_err.noise = on_err.noise, b""
+        noise = on_out.noise + on_err.noise
+        self._noticed(noise)
+        return Output(code, stdout, stderr, noise)
+
+    def _noticed(self, noise: bytes) -> None:
+        if noise and self.login_noise is None:
+            self.login_noise = noise
+            log.warning(
+                "login shell prints",
+                machine=self.name,
+                bytes=len(noise),
+                sample=one_line(decode(noise))[:200],
+                hint="dropped from every command's output; quieter: print only in "
+                "interactive shells (`[ -t 1 ]`, `case $- in *i*`)",
+            )
+
+    async def script(
+        self,
+        name: str,
+        *args: str,
+        timeout: float = 60.0,
+        input: bytes | None = None,
+        idempotent: bool = True,
+    ) -> Output:
+        """Run ``supervisor/sh/NAME.sh`` (they are idempotent unless told); a command that does
+        not answer within ``timeout`` is :class:`HostUnreachable`."""
+        try:
+            return await self.command(
+                sh.script(name), *args, timeout=timeout, input=input, idempotent=idempotent
+            )
+        except TimeoutError:
+            raise HostUnreachable(
+                self.name, f"no answer within {timeout:g}s to a helper command"
+            ) from None
+
+    # ---- a long-running command -----------------------------------------------------------------
+
+    async def stream(
+        self, name: str, *args: str, end: StreamEnd
+    ) -> AsyncGenerator[tuple[Stream, bytes], None]:
+        """Run ``supervisor/sh/NAME.sh`` and yield its payload as it comes, by stream; its exit
+        code lands in ``end``.  A lost link raises :class:`HostUnreachable`; closing the
+        iterator early sends EOF to the command's stdin (the stream script stops then)."""
+        line = command_line(sh.script(name), *args)
+        send, receive = anyio.create_memory_object_stream[tuple[Stream, bytes]](math.inf)
+        self._streams += 1  # counted before its channel is asked for: see _max_links
+        try:
+            async with self._channel() as conn:
+                try:
+                    chan, session = await conn.create_session(
+                        lambda: _StreamSession(send), line, encoding=None
+                    )
+                except (asyncssh.Error, OSError) as exc:
+                    raise self.link_error(exc) from None
+                end.opened = True
+                reader = cast(_StreamSession, session)
+                framing = {"stdout": Deframer(self.name), "stderr": Deframer(self.name)}
+                try:
+                    async with receive:
+                        async for stream, data in receive:
+                            reader.consumed(len(data))
+                            payload = framing[stream].feed(data)
+                            if payload:
+                                yield stream, payload
+                finally:
+                    with contextlib.suppress(Exception):
+                        chan.write_eof()
+                    with contextlib.suppress(Exception):
+                        chan.close()
+        finally:
+            self._streams -= 1
+        if reader.exit_status is None:
+            detail = f": {reader.error}" if reader.error else ""
+            raise HostUnreachable(self.name, f"SSH link lost while streaming output{detail}")
+        if not framing["stdout"].framed:
+            raise FramingError(self.name, "the login shell did not run the stream command")
+        self._noticed(framing["stdout"].noise + framing["stderr"].noise)
+        end.code = reader.exit_status
