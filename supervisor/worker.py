@@ -41,7 +41,7 @@ from supervisor.limits import (
     OutputTail,
     shared_detector,
 )
-from supervisor.logs import LineSplitter, LogMux, Tag
+from supervisor.logs import LogMux, Tag, pump_output
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
 
@@ -588,22 +588,13 @@ class Worker:
         return status
 
     async def _pump(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> None:
-        max_bytes = self.fleet.config.max_line_bytes
-        splitters = {s: LineSplitter(max_bytes, offsets.get(s, 0)) for s in STREAMS}
         tails = {s: OutputTail() for s in STREAMS}
         mux = self.fleet.mux
-        tag = self.tag
-        async for chunk in handle.output(offsets):
-            splitter = splitters[chunk.stream]
-            block = splitter.feed(chunk.data)
-            if block is not None:
-                mux.output(tag, chunk.stream, block, splitter.offset)
-                tails[chunk.stream].add(block)
-        for stream, splitter in splitters.items():
-            rest = splitter.finish()
-            if rest is not None:
-                mux.output(tag, stream, rest, splitter.offset)
-                tails[stream].add(rest)
+        await pump_output(
+            mux, self.tag, handle.output(offsets), offsets, self.fleet.config.max_line_bytes,
+            on_block=lambda stream, block: tails[stream].add(block),
+            pause=lambda: self._unless_stopped(mux.writable),
+        )
         self._scan(tails.values())
 
     def _scan(self, tails: Iterable[OutputTail]) -> None:
