@@ -24,6 +24,7 @@ import structlog
 from supervisor import control, durations, report
 from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
+from supervisor.console import write_final
 from supervisor.exitcodes import EXIT_LOCKED, EXIT_NOTHING, EXIT_USAGE
 from supervisor.fleet import (
     Deadline,
@@ -159,11 +160,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         for held in locks:
             held.release()
-    if not args.quiet:
-        print()
-        print(summary_table(result.workers))
-        print(f"\nlogs: {result.run_dir / 'fleet.jsonl'}")
-        print(f"summary: {result.run_dir / 'summary.json'}")
+    if not args.quiet:  # through a sink: a closed or stalled stdout is no error, no hang
+        write_final(f"\n{summary_table(result.workers)}\n\nlogs: {result.run_dir / 'fleet.jsonl'}"
+                    f"\nsummary: {result.run_dir / 'summary.json'}\n")
     return result.exit_code
 
 

@@ -176,6 +176,7 @@ class ConsoleSink:
         self._pending: list[str] = []
         self._size = 0
         self._closing = False
+        self._abandoned = False  # given up at close: the descriptor is no longer ours to touch
         self._cond = threading.Condition()
         self._fd: int | None
         try:
@@ -242,6 +243,8 @@ class ConsoleSink:
             self._cond.notify()
         assert self._thread is not None
         self._thread.join(timeout)
+        with self._cond:
+            self._abandoned = True
         if self._thread.is_alive() or self.broken is not None or _reader_gone(self._fd):
             _silence(self._fd)
             return False
@@ -266,7 +269,8 @@ class ConsoleSink:
                 with self._cond:
                     self.broken = exc
                     self._pending.clear()
-                _silence(self._fd)
+                    if not self._abandoned:  # else the number may name another file by now
+                        _silence(self._fd)
                 return
 
     @staticmethod
