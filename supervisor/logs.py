@@ -335,8 +335,9 @@ class Tag:
 
 
 def _open_log(path: Path) -> int:
-    """Open (or create, ``0600``) a log file for appending, its torn tail repaired."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
+    """Open (or create, ``0600``) a log file for appending, its torn tail repaired (read and
+    write: the repair reads the file's end)."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
     try:
         if os.fstat(fd).st_size:
             os.fchmod(fd, LOG_MODE)  # a file an older version made 0644
