@@ -35,6 +35,7 @@ This module also holds what readers share about the log's files: their names and
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -92,10 +93,23 @@ class EventRecord(Record):
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
+_second_text: list[Any] = [None, ""]  # the last second formatted, and its text
+
+
 def utc_timestamp(now: float | None = None) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-28T07:05:12.345Z`` (``ts``)."""
-    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-28T07:05:12.345Z`` (``ts``).
+
+    Made for every block of output lines: the text up to the second is formatted once a
+    second, not per block.
+    """
+    fraction, whole = math.modf(time.time() if now is None else now)
+    micros = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
+    second = int(whole) + micros // 1_000_000  # (a fraction rounded up to the next second)
+    millis = micros % 1_000_000 // 1000
+    if _second_text[0] != second:
+        moment = datetime.fromtimestamp(second, UTC)
+        _second_text[:] = [second, moment.strftime("%Y-%m-%dT%H:%M:%S.")]
+    return f"{_second_text[1]}{millis:03d}Z"
 
 
 # -- writing (the plain, obviously correct encoder) ------------------------------------------

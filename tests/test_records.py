@@ -235,3 +235,18 @@ def test_an_adopted_event_counts_as_an_offset(tmp_path: Path) -> None:
     mux.event(tag, "adopted", "adopted", {"offsets": {"stdout": 100, "stderr": 5}})
     mux.close()
     assert last_offsets([path], "w1", 3) == {"stdout": 100, "stderr": 5}
+
+
+def test_timestamps_are_datetimes_rounding_in_milliseconds() -> None:
+    """``ts`` is formatted once a second and completed per block: the same text as formatting
+    ``datetime.fromtimestamp`` every time, its rounding to the microsecond included."""
+    from datetime import UTC, datetime
+
+    rng = random.Random(7)
+    moments = [0.0, 1.5, 1e-7, 0.9999999, 1796000000.9999996, 1796000001.0]
+    moments += [rng.uniform(0, 4e9) for _ in range(20_000)]
+    moments += [1796000000 + n / 1000 + rng.choice([0, 4e-7, 5e-7, 6e-7]) for n in range(3000)]
+    for now in moments:
+        moment = datetime.fromtimestamp(now, UTC)
+        expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        assert records.utc_timestamp(now) == expected, now
