@@ -34,7 +34,8 @@ from supervisor.allocator import keep_buffers
 from supervisor.hosts.base import STREAMS, RunHandle, RunSpec, Stream
 from supervisor.hosts.local import LocalHost
 from supervisor.limits import OutputTail
-from supervisor.logs import LineSplitter, LogMux, Tag
+from supervisor.lines import LineSplitter
+from supervisor.logs import LogMux, Tag
 
 FLEET_ID = "20261128-070712-345-c8"
 WORKLOAD = Path(__file__).resolve().parent / "workloads" / "flood.py"
@@ -84,7 +85,7 @@ def writer_once(data: bytes, chunk: int, directory: Path) -> tuple[float, float]
 
 async def pump(mux: LogMux, tag: Tag, handle: RunHandle, tails: dict[Stream, OutputTail]) -> None:
     """What ``Worker._pump`` does, without the limit scan at its end."""
-    from supervisor.logs import pump_output  # only here: the writer mode runs on older code too
+    from supervisor.lines import pump_output  # only here: the writer mode runs on older code too
 
     await pump_output(mux, tag, handle.output({}), {}, 65536,
                       on_block=lambda stream, block: tails[stream].add(block))

@@ -21,7 +21,8 @@ write wait in memory (up to :data:`HOLD_BYTES`; output beyond that is dropped an
 lines stay in the runs' own files) and are retried every :data:`RETRY_INTERVAL`; the log says
 once when writing started failing and once when it works again; ``on_fault`` tells the fleet
 (to hold new starts), and :meth:`LogMux.writable` lets readers of agent output pause meanwhile,
-so that output waits in the agents' own files rather than in the supervisor's memory.
+so that output waits in the agents' own files rather than in the supervisor's memory
+(:func:`supervisor.lines.pump_output` does).
 
 **Private.**  The log and its rotated segments are created ``0600``: agent output holds code,
 prompts and whatever tokens a tool printed.
@@ -35,17 +36,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import (
-    AsyncIterable,
-    Awaitable,
-    Callable,
-    Iterator,
-    Mapping,
-    MutableMapping,
-)
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final
 
 import anyio
 import structlog
@@ -54,12 +48,11 @@ from supervisor.console import ConsoleRenderer, ConsoleSink, use_colour
 from supervisor.records import (
     FIELDS,
     LOG_NAME,
-    EventRecord,
     encode,
     event_record,
+    last_batch_end,
     lines_containing,
     log_files,
-    parse,
     rotated_segments,
     utc_timestamp,
 )
@@ -67,13 +60,11 @@ from supervisor.records import (
 __all__ = [
     "LOG_NAME",
     "ConsoleRenderer",
-    "LineSplitter",
     "LogMux",
     "LogUnwritable",
     "Tag",
     "lines_containing",
     "log_files",
-    "pump_output",
     "repair_torn_tail",
     "rotated_segments",
     "route_structlog",
@@ -89,7 +80,6 @@ HOLD_BYTES: Final = 64 << 20
 RETRY_INTERVAL: Final = 1.0
 LOG_MODE: Final = 0o600
 _IOV_MAX: Final = 1024
-_SCAN_BLOCK: Final = 1 << 20
 _HEADS_KEPT: Final = 4096
 
 
@@ -107,90 +97,6 @@ class LogUnwritable(Exception):
             "make the state directory writable by this user and give its file system room "
             "(or choose another state_dir)"
         )
-
-
-# -- turning bytes into lines -------------------------------------------------------------
-
-
-def _utf8_cut(data: bytes, limit: int) -> int:
-    """The largest cut <= ``limit`` that does not split a UTF-8 character."""
-    cut = limit
-    while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
-        cut -= 1
-    return cut if cut > 0 else limit
-
-
-class LineSplitter:
-    """Splits one stream's bytes into lines, never holding more than ``max_bytes``.
-
-    Lines come back as one block of bytes (the lines joined by newlines, without the last
-    one): the record encoder turns a whole block into records with a handful of C passes, so
-    no line ever becomes a Python object of its own.  A line longer than ``max_bytes`` is
-    emitted in pieces cut on UTF-8 character boundaries.  ``offset`` is the byte offset just
-    after the last emitted line: the point from which a re-attached reader must resume to lose
-    and repeat nothing.  Bytes are passed on as they came; invalid UTF-8 is the encoder's
-    business.
-    """
-
-    def __init__(self, max_bytes: int = 65536, offset: int = 0) -> None:
-        self.max_bytes = max_bytes
-        self.offset = offset
-        self._pending = b""
-
-    def feed(self, data: bytes) -> bytes | None:
-        """The complete lines ``data`` finishes, as a block; ``None`` when it finishes none."""
-        pending = self._pending
-        end = data.rfind(b"\n")
-        block: bytes | None = None
-        if end < 0:
-            self._pending = pending + data if pending else data
-        else:
-            # One copy of the lines, whether or not a line began in an earlier read.
-            block = b"".join((pending, memoryview(data)[:end])) if pending else data[:end]
-            self._pending = data[end + 1 :]
-            if len(block) > self.max_bytes and self._has_long_line(block):
-                block = b"\n".join(
-                    piece for line in block.split(b"\n") for piece in self._pieces(line)
-                )
-            self.offset += len(pending) + end + 1
-        if len(self._pending) > self.max_bytes:
-            # A line still without its newline: emit all but a short tail now (bounded memory).
-            pieces = self._pieces(self._pending)
-            self._pending = pieces.pop()
-            self.offset += sum(map(len, pieces))
-            cut = b"\n".join(pieces)
-            block = cut if block is None else block + b"\n" + cut
-        return block
-
-    def _has_long_line(self, block: bytes) -> bool:
-        """Whether a line of ``block`` is longer than ``max_bytes`` (a few ``rfind`` calls,
-        each skipping up to ``max_bytes`` ahead, rather than one step per line)."""
-        limit = self.max_bytes
-        start = 0
-        while len(block) - start > limit:
-            newline = block.rfind(b"\n", start, start + limit + 1)
-            if newline < 0:
-                return True  # no newline among the line's first limit + 1 bytes
-            start = newline + 1
-        return False
-
-    def _pieces(self, line: bytes) -> list[bytes]:
-        """``line`` cut into pieces of at most ``max_bytes``, the last one possibly shorter."""
-        out: list[bytes] = []
-        while len(line) > self.max_bytes:
-            cut = _utf8_cut(line, self.max_bytes)
-            out.append(line[:cut])
-            line = line[cut:]
-        out.append(line)
-        return out
-
-    def finish(self) -> bytes | None:
-        """Whatever is left when the stream ends, as a last line (it had no newline)."""
-        if not self._pending:
-            return None
-        rest, self._pending = self._pending, b""
-        self.offset += len(rest)
-        return rest
 
 
 # -- record encoding (the fast path) ---------------------------------------------------------
@@ -267,39 +173,6 @@ def _seq_args(first: int, count: int, last: bytes) -> tuple[bytes, ...]:
 # -- the file ----------------------------------------------------------------------------------
 
 
-def _ends_batch(line: bytes) -> bool:
-    """Whether the record on ``line`` is the last of its batch: an event, or output with ``off``."""
-    record = parse(line)
-    return isinstance(record, EventRecord) or getattr(record, "off", None) is not None
-
-
-def _whole_lines_backwards(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
-    """The newline-terminated lines of the file's first ``size`` bytes, last first, each with
-    the offset just after it; bytes after the last newline are not a line (skipped)."""
-    pos, buf = size, b""  # buf holds the file's bytes [pos, pos + len(buf)) not yet yielded
-    trimmed = False
-    while pos > 0:
-        step = min(_SCAN_BLOCK, pos)
-        pos -= step
-        buf = os.pread(fd, step, pos) + buf
-        if not trimmed:
-            cut = buf.rfind(b"\n")
-            if cut < 0:
-                buf = b""
-                continue  # torn bytes only so far
-            buf, trimmed = buf[: cut + 1], True
-        end = len(buf)
-        while end > 0:
-            start = buf.rfind(b"\n", 0, end - 1) + 1
-            if start == 0:
-                break  # this line may begin in the block before: read that first
-            yield pos + end, buf[start:end]
-            end = start
-        buf = buf[:end]
-    if buf:
-        yield len(buf), buf  # the file's first line
-
-
 def repair_torn_tail(fd: int) -> int:
     """Cut a log file back to its last whole batch; the number of bytes removed.
 
@@ -312,11 +185,7 @@ def repair_torn_tail(fd: int) -> int:
     reading the run's own files.  Cheap on a sound file: one read of its last block.
     """
     size = os.fstat(fd).st_size
-    keep = 0
-    for end, line in _whole_lines_backwards(fd, size):
-        if _ends_batch(line):
-            keep = end
-            break
+    keep = last_batch_end(fd, size)
     if keep < size:
         os.ftruncate(fd, keep)
     return size - keep
@@ -430,7 +299,7 @@ class LogMux:
 
     def output(self, tag: Tag, stream: str, block: bytes, end_offset: int) -> None:
         """Record a block of agent output lines (fast path): ``block`` is the lines joined by
-        newlines, as :class:`LineSplitter` gives them.
+        newlines, as :class:`supervisor.lines.LineSplitter` gives them.
 
         The last record of the batch also carries ``off``, the byte offset in the run's
         ``stream`` file just after these lines.  Batches reach the file whole (one ``write``),
@@ -718,61 +587,6 @@ class LogMux:
             wrapper_class=structlog.make_filtering_bound_logger(0),
         )
         return logger
-
-
-_S = TypeVar("_S", bound=str)
-_S_co = TypeVar("_S_co", bound=str, covariant=True)
-
-
-class Chunk(Protocol[_S_co]):
-    """Bytes read from one of a run's output files (``supervisor.hosts.base.Chunk``)."""
-
-    @property
-    def stream(self) -> _S_co: ...
-
-    @property
-    def data(self) -> bytes: ...
-
-
-async def pump_output(
-    mux: LogMux,
-    tag: Tag,
-    chunks: AsyncIterable[Chunk[_S]],
-    offsets: Mapping[_S, int],
-    max_line_bytes: int,
-    *,
-    on_block: Callable[[_S, bytes], object] | None = None,
-    pause: Callable[[], Awaitable[object]] | None = None,
-) -> None:
-    """Turn a run's output, as it is read from ``offsets`` on, into records until it ends.
-
-    The line path of the whole fleet: each chunk is split into a block of whole lines
-    (:class:`LineSplitter`, one per stream, its offset starting at the stream's) and recorded
-    (:meth:`LogMux.output`); ``on_block`` sees every block too (the worker keeps the last ones
-    for its limit scan).  While the log cannot be written, reading waits in ``pause`` (default
-    :meth:`LogMux.writable`; the worker's stops waiting when the fleet stops): the output waits
-    in the run's own files, not in memory, and is caught up from there.
-    """
-    splitters: dict[_S, LineSplitter] = {}
-    wait = mux.writable if pause is None else pause
-    async for chunk in chunks:
-        if mux.fault is not None:
-            await wait()
-        stream = chunk.stream
-        splitter = splitters.get(stream)
-        if splitter is None:
-            splitter = splitters[stream] = LineSplitter(max_line_bytes, offsets.get(stream, 0))
-        block = splitter.feed(chunk.data)
-        if block is not None:
-            mux.output(tag, stream, block, splitter.offset)
-            if on_block is not None:
-                on_block(stream, block)
-    for stream, splitter in splitters.items():
-        rest = splitter.finish()
-        if rest is not None:
-            mux.output(tag, stream, rest, splitter.offset)
-            if on_block is not None:
-                on_block(stream, rest)
 
 
 def route_structlog(mux: LogMux) -> None:

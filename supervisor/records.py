@@ -61,6 +61,7 @@ NEEDLE_FIELDS: Final = FIELDS[:-1]
 LOG_NAME: Final = "fleet.jsonl"
 _SEGMENT = re.compile(r"^fleet\.jsonl\.(\d+)$")
 _SEARCH_BLOCK = 4 << 20
+_SCAN_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,49 @@ def lines_containing(
                         end = data.find(b"\n", at) + 1
                         yield index, data[start:end]
                         at = data.find(wanted, end)
+
+
+def ends_batch(record: Record | None) -> bool:
+    """Whether ``record`` is the last of its batch: an event, or output with ``off``."""
+    return isinstance(record, EventRecord) or (
+        isinstance(record, OutputRecord) and record.off is not None
+    )
+
+
+def _whole_lines_backwards(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """The newline-terminated lines of the file's first ``size`` bytes, last first, each with
+    the offset just after it; bytes after the last newline are not a line (skipped)."""
+    pos, buf = size, b""  # buf holds the file's bytes [pos, pos + len(buf)) not yet yielded
+    trimmed = False
+    while pos > 0:
+        step = min(_SCAN_BLOCK, pos)
+        pos -= step
+        buf = os.pread(fd, step, pos) + buf
+        if not trimmed:
+            cut = buf.rfind(b"\n")
+            if cut < 0:
+                buf = b""
+                continue  # torn bytes only so far
+            buf, trimmed = buf[: cut + 1], True
+        end = len(buf)
+        while end > 0:
+            start = buf.rfind(b"\n", 0, end - 1) + 1
+            if start == 0:
+                break  # this line may begin in the block before: read that first
+            yield pos + end, buf[start:end]
+            end = start
+        buf = buf[:end]
+    if buf:
+        yield len(buf), buf  # the file's first line
+
+
+def last_batch_end(fd: int, size: int) -> int:
+    """The offset just after the last record of the file's first ``size`` bytes that ends a
+    batch (0 if none): where a sound log ends.  Reads back from the end, one block at a time."""
+    for end, line in _whole_lines_backwards(fd, size):
+        if ends_batch(parse(line)):
+            return end
+    return 0
 
 
 def records_of(paths: Iterable[Path], runs: Mapping[str, int]) -> Iterator[Record]:

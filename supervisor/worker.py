@@ -41,7 +41,8 @@ from supervisor.limits import (
     OutputTail,
     shared_detector,
 )
-from supervisor.logs import LogMux, Tag, pump_output
+from supervisor.lines import pump_output
+from supervisor.logs import LogMux, Tag
 from supervisor.scheduling import SlotPool, StartGate, StartsGate
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
 

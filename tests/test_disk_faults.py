@@ -25,7 +25,8 @@ import pytest
 import supervisor.logs
 from supervisor.hosts.base import RunSpec
 from supervisor.hosts.local import LocalHost
-from supervisor.logs import LogMux, LogUnwritable, Tag, pump_output
+from supervisor.lines import pump_output
+from supervisor.logs import LogMux, LogUnwritable, Tag
 from supervisor.records import EventRecord, OutputRecord, log_files, parse
 from tests.conftest import AGENT, clean_env
 

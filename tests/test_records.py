@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from supervisor import records
-from supervisor.logs import LineSplitter, LogMux, Tag
+from supervisor.lines import LineSplitter
+from supervisor.logs import LogMux, Tag
 from supervisor.records import (
     FIELDS,
     EventRecord,
