@@ -39,6 +39,7 @@ from supervisor.config import (
     TaskConfig,
     load_config,
 )
+from supervisor.console import write_final
 from supervisor.exitcodes import (
     DETAILS,
     EXIT_BROKEN_PIPE,
@@ -226,11 +227,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         for held in locks:
             held.release()
-    if not args.quiet:
-        print()
-        print(report.summary_table([w.as_dict() for w in result.workers]))
-        print(f"\nlogs: {result.run_dir / 'fleet.jsonl'}")
-        print(f"summary: {result.run_dir / 'summary.json'}")
+    if not args.quiet:  # through a sink: a closed or stalled stdout is no error, no hang
+        write_final(f"\n{report.summary_table([w.as_dict() for w in result.workers])}\n\n"
+                    f"logs: {result.run_dir / 'fleet.jsonl'}\n"
+                    f"summary: {result.run_dir / 'summary.json'}\n")
     return result.exit_code
 
 
