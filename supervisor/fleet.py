@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from supervisor import commands, control, report, stall
+from supervisor import commands, control, report, spend, stall
 from supervisor.agents.render import render_line
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.exitcodes import (
@@ -502,6 +502,7 @@ class Fleet:
             ],
             "starts_closed": self.starts.closed_reason or None,
             "holds": self.ledger.holds(shift=self.shift_id),
+            "runs": spend.run_rows(self.ledger, self.shift_id),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.ledger.end_shift(self.shift_id, code, MEANINGS.get(code, ""))
