@@ -240,7 +240,7 @@ def judge(
         return Verdict(outcome, policy.Restart(0.0), WorkerState.BACKOFF, line, [(
             "resume-refused", f"↻ run {run}: the agent refused to resume its session "
             f"({line}); starting a fresh session with the continue prompt",
-            {**fields, "line": line},
+            {**fields, "agent_line": line},
         )], step)
     assert step.outcome is not None
     decided, status.history = policy.decide(
@@ -263,7 +263,7 @@ def judge(
         until = decided.until if isinstance(decided, policy.Pause) else now
         lines.append(("usage-limit", f"⏸ usage limit reached{window}: pausing until "
                       f"{clock(until)} (its slot goes to others meanwhile)",
-                      {"line": said.line, "reset_at": said.reset_at, "until": until,
+                      {"agent_line": said.line, "reset_at": said.reset_at, "until": until,
                        "window": said.window, **fields}))
     elif step.outcome is policy.Outcome.CRASH:
         status.crashes += 1

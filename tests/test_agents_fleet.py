@@ -1,0 +1,182 @@
+"""Issue 13 end to end: real ``agentize-fleet up`` subprocesses running the protocol doubles
+(``scripts/fake-claude``, ``fake-codex``, ``fake-gemini``) as agent kinds, in real git
+worktrees.  What the fleet did is read back from the doubles' own record file (argv, cwd,
+session, resumed session, prompt of every run), the ledger, the JSONL log and the report.
+
+The fast, in-process side of the same rules (a refused resume, a stall, the resume after a hold
+for every kind) is in ``test_agents_worker.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FleetRun, Harness, wait_for
+from fleet_helpers import cli, explain
+
+from supervisor.ledger import Ledger
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+COST_PER_TURN = 0.015625
+CONTINUE = "Your previous session on issue #{issue} was interrupted; go on."
+RESUME = "Continue from the latest milestone"
+
+
+def kind_config(harness: Harness, kind: str, tasks: list[dict[str, Any]], **extra: Any) -> Path:
+    """A fleet of ``kind`` running its double, cap 1 so the runs' order is the queue's."""
+    agent = {
+        "kind": kind,
+        "command": [str(SCRIPTS / f"fake-{kind}")],
+        "continue_prompt": CONTINUE,
+        "resume_prompt": RESUME,
+        **extra.pop("agent", {}),
+    }
+    return harness.write(harness.config(tasks, concurrency=1, agent=agent, **extra))
+
+
+def starts(harness: Harness, issue: int) -> list[dict[str, Any]]:
+    return harness.runs_of(issue)
+
+
+def ends(harness: Harness, issue: int) -> list[dict[str, Any]]:
+    return sorted((r for r in harness.agent_records("end") if r["issue"] == issue),
+                  key=lambda r: r["run"])
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def results(run: FleetRun) -> list[dict[str, Any]]:
+    """The agents' result events, from the log (their raw stdout lines)."""
+    found = []
+    for record in run.records:
+        line = record.get("line", "")
+        if record["stream"] == "stdout" and line.startswith('{"type":"result"'):
+            found.append(json.loads(line))
+    return found
+
+
+def ledger_runs(harness: Harness, issue: int | None = None) -> list[Any]:
+    with Ledger.reader(harness.state_dir) as ledger:  # type: ignore[union-attr]
+        return ledger.runs(issue=issue)
+
+
+def report_json(run: FleetRun) -> dict[str, Any]:
+    return json.loads((run.run_dir / "report.json").read_text())
+
+
+# -- kind "claude": the whole of issue 13's first "done when" ----------------------------------
+
+
+def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_waits_limits(
+    fleet: Harness,
+) -> None:
+    """#4 hits the usage limit first (cap 1: nothing may start until its resetsAt); #1 crashes
+    mid-session and is resumed with --resume in its worktree; #2 leaves a milestone and starts
+    fresh with the resume prompt; #3 ends with an API error at exit 0 and is retried, not done;
+    the report's total cost is the sum of the runs' total_cost_usd."""
+    claude_json = fleet.home / ".claude.json"
+    claude_json.write_text(json.dumps({"numStartups": 3, "projects": {}}))
+    reset_in = 4
+    tasks = [
+        {"issue": 4, "env": {"FAKE_AGENT_PLAN": f"usage-limit:{reset_in},finish"}},
+        {"issue": 1, "env": {"FAKE_AGENT_PLAN": "crash,finish"}},
+        {"issue": 2, "env": {"FAKE_AGENT_PLAN": "milestone,finish"}},
+        {"issue": 3, "env": {"FAKE_AGENT_PLAN": "api-error,finish"}},
+    ]
+    run = fleet.run(kind_config(fleet, "claude", tasks), timeout=90)
+    assert run.returncode == 0, run.explain()
+    assert {w["task"]: w["state"] for w in run.summary["workers"]} == dict.fromkeys(
+        (1, 2, 3, 4), "done")
+
+    # #4: the usage limit holds the machine until resetsAt; then its session is resumed.
+    (limited, after) = starts(fleet, 4)
+    (first_end, _) = ends(fleet, 4)
+    with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
+        (hold,) = ledger.holds()
+    assert hold["machine"] == "local" and hold["reason"] == "usage limit (five_hour)"
+    assert '"rate_limit_event"' in hold["line"] and '"rejected"' in hold["line"]
+    resets_at = json.loads(hold["line"])["rate_limit_info"]["resetsAt"]
+    assert hold["until"] >= resets_at
+    later = [r for r in fleet.agent_records("start") if r["t"] > first_end["t"]]
+    assert later and all(r["t"] >= resets_at for r in later), (resets_at, later)
+    assert flag(after["argv"], "--resume") == first_end["session"]
+    (usage_event,) = run.events("usage-limit")
+    assert usage_event["agent_line"] == hold["line"]  # the agent line that triggered it
+    assert usage_event["session_id"] == first_end["session"]
+
+    # #1: crashed mid-session, resumed with --resume in the same worktree, continue prompt.
+    (crashed, resumed) = starts(fleet, 1)
+    (crash_end, resumed_end) = ends(fleet, 1)
+    assert crash_end["exit"] == 1
+    assert flag(crashed["argv"], "--session-id") == crash_end["session"]  # pinned
+    assert flag(resumed["argv"], "--resume") == crash_end["session"]
+    assert resumed["cwd"] == crashed["cwd"]
+    assert resumed_end["resumed"] == crash_end["session"]
+    assert resumed_end["prompt"] == CONTINUE.format(issue=1)
+    first, second = ledger_runs(fleet, 1)
+    assert (first.outcome, first.session_id) == ("crashed", crash_end["session"])
+    assert (second.outcome, second.resumed_from) == ("done", crash_end["session"])
+    assert second.session_id == resumed_end["session"]  # a resumed session's new id, re-read
+
+    # #2: the milestone hand-off is a fresh session with the resume prompt.
+    (_, fresh) = starts(fleet, 2)
+    (milestone_end, fresh_end) = ends(fleet, 2)
+    assert "--resume" not in fresh["argv"] and flag(fresh["argv"], "--session-id")
+    assert fresh_end["prompt"] == RESUME and fresh_end["session"] != milestone_end["session"]
+    assert [r.outcome for r in ledger_runs(fleet, 2)] == ["milestone", "done"]
+
+    # #3: an API error reported as success with is_error at exit 0 is retried, not done.
+    (error_end, retry_end) = ends(fleet, 3)
+    assert error_end["exit"] == 0
+    assert [r.outcome for r in ledger_runs(fleet, 3)] == ["rate-limited", "done"]
+    assert retry_end["resumed"] == error_end["session"]
+    done_at = [e["seq"] for e in run.events("done") if e["task"] == 3]
+    retried = [e for e in run.events("crashed") if e["task"] == 3]
+    assert len(done_at) == 1 and retried and retried[0]["seq"] < done_at[0]
+    assert retried[0]["outcome"] == "rate-limited"
+
+    # Cost: the report's total is the sum of the runs' total_cost_usd, exactly.
+    costs = [r["total_cost_usd"] for r in results(run)]
+    report = report_json(run)
+    assert report["totals"]["cost_usd"] == sum(costs) == sum(
+        r.cost_usd or 0.0 for r in ledger_runs(fleet))
+    assert all(c % COST_PER_TURN == 0 for c in costs)
+    by_task = {t["task"]: t for t in report["tasks"]}
+    assert by_task[1]["cost_usd"] == sum(r.cost_usd or 0 for r in ledger_runs(fleet, 1))
+    assert by_task[3]["outcome"] == "done" and by_task[3]["result_text"]
+    assert [r["outcome"] for r in by_task[1]["runs_detail"]] == ["crashed", "done"]
+    markdown = (run.run_dir / "report.md").read_text()
+    assert "Usage holds" in markdown and "usage limit (five_hour)" in markdown
+    ended = [e for e in run.events("run-ended") if e["task"] == 1]
+    assert ended[-1]["session_id"] == resumed_end["session"] and ended[-1]["outcome"] == "done"
+    assert ended[-1]["cost_usd"] == second.cost_usd and ended[-1]["turns"] == second.turns
+
+    # The live view showed the events as people read them, never the raw JSON.
+    assert "Bash: echo 'step 1/2'" in run.stdout and '{"type":"assistant"' not in run.stdout
+
+    # Worktree trust (Agentize's `wt spawn`): each worktree is trusted in ~/.claude.json, whose
+    # other keys are kept.
+    config = json.loads(claude_json.read_text())
+    assert config["numStartups"] == 3
+    trusted = {os.path.realpath(r["cwd"]) for r in fleet.agent_records("start")}
+    assert len(trusted) == 4
+    for path in trusted:
+        assert config["projects"][path]["hasTrustDialogAccepted"] is True
+
+    # `logs --session` shows that session's runs: #1's two runs, nothing else.
+    shown = cli(fleet, Path(run.run_dir / ".." / ".." / ".." / "fleet.toml"), "logs", "--json",
+                "--session", crash_end["session"][:8])
+    assert shown.returncode == 0, explain(shown)
+    records = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert records and {(r["task"], r["run"]) for r in records} == {(1, 1), (1, 2)}
+    readable = cli(fleet, fleet.tmp / "fleet.toml", "logs", "--session", crash_end["session"])
+    assert "Bash: echo 'step 1/2'" in readable.stdout and '"type"' not in readable.stdout
+    unknown = cli(fleet, fleet.tmp / "fleet.toml", "logs", "--session", "no-such-session")
+    assert unknown.returncode == 2 and "no run has agent session" in unknown.stderr
