@@ -49,7 +49,7 @@ from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
 from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
-from supervisor.outcome import WorkerStatus
+from supervisor.outcome import WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Recovery, recover
 from supervisor.rundir import prepare_socket_dir, prepare_state_dir, write_json_atomic
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
@@ -309,7 +309,7 @@ class Fleet:
                 services.start_soon(self.machines.keep_leases)
                 services.start_soon(self._keep_deadlines)
                 services.start_soon(stall.watch, self)
-                self.machines.restore_holds()
+                self._restore_holds()
                 await services.start(
                     control.serve, prepare_socket_dir(self.config.state_path), self.handle_request
                 )
@@ -347,6 +347,15 @@ class Fleet:
                     await self.machines.release_claims(lost)
                 await self.machines.aclose()
         return self._finish(summary)
+
+    def _restore_holds(self) -> None:
+        """Usage holds of earlier shifts still in force hold this one too; one longer than
+        ``max_usage_wait`` ends it at once (exit 5), as it would have ended the shift that met
+        it."""
+        limit = self.config.max_usage_wait
+        for machine, until in self.machines.restore_holds().items():
+            if until - time.time() > limit:
+                self.close_starts(usage_wait_too_long(machine, until, limit))
 
     def _fail_without_machines(self) -> None:
         if any(self.pool.capacity.values()):

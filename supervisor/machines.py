@@ -416,13 +416,17 @@ class Machines:
         if self.tg is not None:
             self.tg.start_soon(self._reopen_at, names, until)
 
-    def restore_holds(self) -> None:
+    def restore_holds(self) -> dict[str, float]:
         """Holds an earlier shift recorded that are still in force hold this shift too (an
-        ``up`` that ended on a long usage hold, started again before the reset)."""
+        ``up`` that ended on a long usage hold, started again before the reset).  Returns
+        machine -> until of each."""
+        found: dict[str, float] = {}
         for held in self.ledger.holds(active_at=time.time()):
-            if held["machine"] in self.views:
-                self.hold(str(held["machine"]), float(held["until"]), str(held["reason"]),
-                          held["line"], record=False)
+            name, until = str(held["machine"]), float(held["until"])
+            if name in self.views:
+                self.hold(name, until, str(held["reason"]), held["line"], record=False)
+                found[name] = max(until, found.get(name, 0.0))
+        return found
 
     async def _reopen_at(self, names: list[str], until: float) -> None:
         await anyio.sleep(max(0.0, until - time.time()))

@@ -300,5 +300,20 @@ def _short(text: str, width: int = 100) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def when(epoch: float) -> str:
+    """A reset time as people read it: the time, and the date when it is not today."""
+    if time.strftime("%Y-%m-%d", time.localtime(epoch)) == time.strftime("%Y-%m-%d"):
+        return clock(epoch)
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
+def usage_wait_too_long(machine: str, until: float, limit: float) -> str:
+    """Why new runs close when a usage hold outlasts ``max_usage_wait`` (a seven-day window,
+    monthly credit): the fleet ends (exit 5) instead of sleeping for days, and says when it
+    could go on."""
+    return (f"usage limit on {machine} until {when(until)}, longer than max_usage_wait "
+            f"({limit:g}s): the fleet can go on after {when(until)}")
+
+
 def clock(epoch: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(epoch))

@@ -28,10 +28,10 @@ from supervisor.config import TaskConfig
 from supervisor.hosts.base import ExitStatus, HostError, HostUnreachable, RunHandle
 from supervisor.ledger import TaskRecord
 from supervisor.lifecycle import WorkerState
-from supervisor.outcome import FIRST, Decision, MachineLost, WorkerStatus
+from supervisor.outcome import FIRST, Decision, MachineLost, WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Adoption
 from supervisor.scheduling import Slot
-from supervisor.workrun import FleetServices, RunDriver, _when
+from supervisor.workrun import FleetServices, RunDriver
 
 __all__ = ["FleetServices", "Worker"]
 
@@ -290,10 +290,7 @@ class Worker(RunDriver):
         if wait > limit:
             self.status.next_run_at = until
             self.persist()
-            self.fleet.close_starts(
-                f"usage limit on {self.status.machine} until {_when(until)}, longer than "
-                f"max_usage_wait ({limit:g}s): the fleet can go on after {_when(until)}"
-            )
+            self.fleet.close_starts(usage_wait_too_long(self.status.machine or "?", until, limit))
             return False
         if not await self._wait_until(until, closable=True):
             if not self.fleet.stop.requested.is_set():

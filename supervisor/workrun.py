@@ -41,7 +41,7 @@ from supervisor.lifecycle import WorkerState, advance
 from supervisor.limits import LimitDetector
 from supervisor.lines import pump_output
 from supervisor.logs import LogMux, Tag
-from supervisor.outcome import Decision, WorkerStatus, clock, judge
+from supervisor.outcome import Decision, WorkerStatus, judge
 from supervisor.recovery import Adoption
 from supervisor.runio import render
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
@@ -447,9 +447,3 @@ class RunDriver:
             self.fleet.pause_machine(s.machine, verdict.decision.until, why, line)
         return verdict.decision
 
-
-def _when(epoch: float) -> str:
-    """A reset time as people read it: the time, and the date when it is not today."""
-    if time.strftime("%Y-%m-%d", time.localtime(epoch)) == time.strftime("%Y-%m-%d"):
-        return clock(epoch)
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))

@@ -180,3 +180,83 @@ def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_w
     assert "Bash: echo 'step 1/2'" in readable.stdout and '"type"' not in readable.stdout
     unknown = cli(fleet, fleet.tmp / "fleet.toml", "logs", "--session", "no-such-session")
     assert unknown.returncode == 2 and "no run has agent session" in unknown.stderr
+
+
+# -- kinds "codex" and "gemini": success, crash-resume, the usage limit -------------------------
+
+
+def _resumed_from(kind: str, argv: list[str]) -> str | None:
+    """The session a run's argv resumes: codex ``exec ... resume ID``, gemini ``--resume ID``."""
+    if kind == "codex":
+        return argv[argv.index("resume") + 1] if "resume" in argv else None
+    return flag(argv, "--resume")
+
+
+@pytest.mark.parametrize("kind", ["codex", "gemini"])
+def test_codex_and_gemini_fleets_finish_resume_crashes_and_end_on_a_long_usage_hold(
+    fleet: Harness, kind: str
+) -> None:
+    """#1 finishes; #2 crashes mid-session and is resumed in its worktree; #3 hits the usage
+    limit (resetting in 2 hours, as the CLI's text says): longer than max_usage_wait, so the
+    fleet ends with exit 5, #3 paused with its session, and says when it can go on.  The next
+    ``up`` before the reset starts nothing and ends the same way."""
+    tasks = [
+        {"issue": 1, "env": {"FAKE_AGENT_PLAN": "finish"}},
+        {"issue": 2, "env": {"FAKE_AGENT_PLAN": "crash,finish"}},
+        {"issue": 3, "env": {"FAKE_AGENT_PLAN": "usage-limit:7200,finish"}},
+    ]
+    config = kind_config(fleet, kind, tasks, max_usage_wait=600)
+    began = time.time()
+    run = fleet.run(config, timeout=90)
+    assert run.returncode == 5, run.explain()
+    states = {w["task"]: w["state"] for w in run.summary["workers"]}
+    assert states == {1: "done", 2: "done", 3: "paused"}
+
+    (crashed, resumed) = starts(fleet, 2)
+    (crash_end, resumed_end) = ends(fleet, 2)
+    assert crash_end["exit"] == 1 and crash_end["session"]
+    assert _resumed_from(kind, resumed["argv"]) == crash_end["session"]
+    assert resumed["cwd"] == crashed["cwd"] and resumed_end["resumed"] == crash_end["session"]
+    assert resumed_end["prompt"] == CONTINUE.format(issue=2)
+    assert [r.outcome for r in ledger_runs(fleet, 2)] == ["crashed", "done"]
+
+    (limited_end,) = ends(fleet, 3)
+    with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
+        (hold,) = ledger.holds()
+        task = ledger.task(3)
+    assert hold["machine"] == "local" and hold["reason"] == "usage limit"
+    assert began + 7200 - 90 <= hold["until"] <= time.time() + 7200 + 300 + 60
+    assert hold["line"] and ("usage limit" in hold["line"].lower())
+    assert task is not None and (task.state, task.outcome) == ("paused", "usage-limited")
+    assert (task.next_resume, task.next_prompt) == (limited_end["session"], "continue")
+    assert "max_usage_wait" in run.summary["starts_closed"]
+    assert "can go on after" in (run.run_dir / "report.md").read_text()
+    assert [r.outcome for r in ledger_runs(fleet, 1)] == ["done"]
+    tokens = report_json(run)["totals"]
+    assert tokens["cost_usd"] is None and tokens["output_tokens"]  # tokens, no USD
+
+    count = len(fleet.agent_records("start"))
+    again = fleet.run(config, timeout=60)
+    assert again.returncode == 5, again.explain()
+    assert len(fleet.agent_records("start")) == count  # nothing started before the reset
+    (event,) = again.events("starts-closed")
+    assert "max_usage_wait" in event["reason"]
+
+
+def test_exit_5_on_a_usage_hold_then_the_next_up_resumes_the_session(fleet: Harness) -> None:
+    """A hold longer than max_usage_wait ends the fleet with exit 5; the next ``up`` after the
+    reset resumes the limited session (--resume, continue prompt) and finishes it."""
+    tasks = [{"issue": 5, "env": {"FAKE_AGENT_PLAN": "usage-limit:5,finish"}}]
+    config = kind_config(fleet, "claude", tasks, max_usage_wait=1)
+    first = fleet.run(config, timeout=60)
+    assert first.returncode == 5, first.explain()
+    assert first.task_summary(5)["state"] == "paused"
+    (limited_end,) = ends(fleet, 5)
+    with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
+        (hold,) = ledger.holds()
+    wait_for(lambda: time.time() > hold["until"] + 0.2, 30, "the reset")
+    second = fleet.run(config, timeout=60)
+    assert second.returncode == 0, second.explain()
+    (_, resumed) = starts(fleet, 5)
+    assert flag(resumed["argv"], "--resume") == limited_end["session"]
+    assert ends(fleet, 5)[-1]["prompt"] == CONTINUE.format(issue=5)
