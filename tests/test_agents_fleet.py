@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import FleetRun, Harness, wait_for
-from fleet_helpers import cli, explain
+from fleet_helpers import cli, explain, kill_up, wait_states
 
 from supervisor.ledger import Ledger
 
@@ -68,7 +68,8 @@ def ledger_runs(harness: Harness, issue: int | None = None) -> list[Any]:
 
 
 def report_json(run: FleetRun) -> dict[str, Any]:
-    return json.loads((run.run_dir / "report.json").read_text())
+    data: dict[str, Any] = json.loads((run.run_dir / "report.json").read_text())
+    return data
 
 
 # -- kind "claude": the whole of issue 13's first "done when" ----------------------------------
@@ -96,7 +97,7 @@ def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_w
         (1, 2, 3, 4), "done")
 
     # #4: the usage limit holds the machine until resetsAt; then its session is resumed.
-    (limited, after) = starts(fleet, 4)
+    (_, after) = starts(fleet, 4)
     (first_end, _) = ends(fleet, 4)
     with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
         (hold,) = ledger.holds()
@@ -171,8 +172,8 @@ def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_w
         assert config["projects"][path]["hasTrustDialogAccepted"] is True
 
     # `logs --session` shows that session's runs: #1's two runs, nothing else.
-    shown = cli(fleet, Path(run.run_dir / ".." / ".." / ".." / "fleet.toml"), "logs", "--json",
-                "--session", crash_end["session"][:8])
+    shown = cli(fleet, fleet.tmp / "fleet.toml", "logs", "--json", "--session",
+                crash_end["session"][:8])
     assert shown.returncode == 0, explain(shown)
     records = [json.loads(line) for line in shown.stdout.splitlines()]
     assert records and {(r["task"], r["run"]) for r in records} == {(1, 1), (1, 2)}
@@ -260,3 +261,116 @@ def test_exit_5_on_a_usage_hold_then_the_next_up_resumes_the_session(fleet: Harn
     (_, resumed) = starts(fleet, 5)
     assert flag(resumed["argv"], "--resume") == limited_end["session"]
     assert ends(fleet, 5)[-1]["prompt"] == CONTINUE.format(issue=5)
+
+
+# -- status, stall, refused resume, malformed lines, adoption, cost limits ---------------------
+
+
+def test_status_shows_the_held_machine_its_reset_and_the_cost(fleet: Harness) -> None:
+    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "usage-limit:900,finish"}},
+             {"issue": 2, "env": {"FAKE_AGENT_PLAN": "finish"}}]
+    config = kind_config(fleet, "claude", tasks)
+    started = fleet.start(config)
+    wait_states(started, {1: "paused"}, timeout=30)
+    shown = cli(fleet, config, "status")
+    assert shown.returncode == 0, explain(shown)
+    assert "machine local held until" in shown.stdout and "usage limit (five_hour)" in shown.stdout
+    (row,) = [line for line in shown.stdout.splitlines() if line.startswith("#1 ")]
+    assert "paused (usage-limited)" in row and "$0.0469" in row  # 3 turns (2 steps + 1)
+    assert "cost" in shown.stdout.splitlines()[2]  # the table's header (after the hold line)
+    assert cli(fleet, config, "down").returncode == 0
+    result = started.wait(30)
+    assert result.returncode == 130, result.explain()
+    assert fleet.runs_of(2) == []  # held: nothing else started
+
+
+def test_a_silent_run_is_stopped_as_stalled_and_its_session_resumed(fleet: Harness) -> None:
+    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "sleep:60+finish,finish"}}]
+    run = fleet.run(kind_config(fleet, "claude", tasks, agent={"stall_timeout": 1.5}), timeout=60)
+    assert run.returncode == 0, run.explain()
+    assert run.elapsed < 40
+    (stalled,) = run.events("stalled")
+    assert stalled["quiet"] >= 1.5
+    (first, second) = starts(fleet, 1)
+    assert flag(second["argv"], "--resume") == flag(first["argv"], "--session-id")
+    assert [r.outcome for r in ledger_runs(fleet, 1)] == ["stalled", "done"]
+    (crashed,) = run.events("crashed")
+    assert "stalled ran" not in crashed["line"] and "stalled (stalled: no output for" in (
+        crashed["line"])
+
+
+def test_a_refused_resume_starts_a_fresh_session_with_the_continue_prompt(
+    fleet: Harness,
+) -> None:
+    """The fleet is stopped mid-run; the agent's session store is lost (a machine reinstalled);
+    the next ``up`` resumes the interrupted session, the CLI refuses, and a fresh session goes
+    on with the continue prompt -- logged, and not counted as a crash."""
+    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "hang,finish,finish"}}]
+    config = kind_config(fleet, "claude", tasks)
+    started = fleet.start(config)
+    wait_for(lambda: starts(fleet, 1), 30, "the first run")
+    assert cli(fleet, config, "down").returncode == 0
+    assert started.wait(30).returncode == 130
+    (first,) = starts(fleet, 1)
+    shutil.rmtree(Path(first["cwd"]) / ".tmp" / "fake-agent-sessions")
+    run = fleet.run(config, timeout=60)
+    assert run.returncode == 0, run.explain()
+    (_, refused, fresh) = starts(fleet, 1)
+    session = flag(first["argv"], "--session-id")
+    assert flag(refused["argv"], "--resume") == session
+    assert "--resume" not in fresh["argv"] and flag(fresh["argv"], "--session-id") != session
+    assert ends(fleet, 1)[-1]["prompt"] == CONTINUE.format(issue=1)
+    (event,) = run.events("resume-refused")
+    assert f"No conversation found with session ID: {session}" in event["agent_line"]
+    assert [r.outcome for r in ledger_runs(fleet, 1)] == ["stopped", "resume-refused", "done"]
+    assert run.task_summary(1)["crashes"] == 0
+
+
+def test_malformed_event_lines_are_logged_raw_and_never_crash_the_fleet(fleet: Harness) -> None:
+    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "badutf8+splice+finish"}}]
+    run = fleet.run(kind_config(fleet, "claude", tasks), timeout=60)
+    assert run.returncode == 0, run.explain()
+    lines = [r["line"] for r in run.records if r["stream"] == "stdout"]
+    assert any(line.startswith("bad: ") for line in lines)
+    assert any('spliced here:{"type":"rate_limit_event"' in line for line in lines)
+    (ended,) = run.events("run-ended")
+    assert ended["malformed_lines"] >= 1 and ended["outcome"] == "done"
+    assert "bad: " in run.stdout  # the live view shows raw lines as they are
+
+
+def test_an_adopted_run_is_read_by_its_kind_from_the_ledger_row(fleet: Harness) -> None:
+    """``up`` is killed mid-run; the next one adopts the run, rebuilds its reader from the
+    ledger (kind, session) and records its cost and outcome from the result event."""
+    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "sleep:2+finish"}}]
+    config = kind_config(fleet, "claude", tasks)
+    started = fleet.start(config)
+    wait_for(lambda: starts(fleet, 1), 30, "the run")
+    kill_up(started)
+    run = fleet.run(config, timeout=60)
+    assert run.returncode == 0, run.explain()
+    (adopted,) = run.events("adopted")
+    assert adopted["task"] == 1
+    (only,) = ledger_runs(fleet, 1)
+    (end,) = ends(fleet, 1)
+    assert (only.outcome, only.session_id, only.agent_kind) == ("done", end["session"], "claude")
+    assert only.cost_usd == sum(r["total_cost_usd"] for r in results(run))
+
+
+def test_cost_limits_stop_new_runs_of_a_task_and_of_the_fleet(fleet: Harness) -> None:
+    """A run costs 3 turns ($0.046875): the task limit lets #1 make two runs then fails it; the
+    fleet limit lets two runs start and closes new runs (exit 5, the report says so)."""
+    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "milestone,milestone,finish"}}]
+    run = fleet.run(kind_config(fleet, "claude", tasks, max_cost_usd={"task": 0.05}), timeout=60)
+    assert run.returncode == 1, run.explain()
+    summary = run.task_summary(1)
+    assert summary["state"] == "failed" and "max_cost_usd.task" in summary["reason"]
+    assert len(starts(fleet, 1)) == 2
+
+    fleet.record.unlink()
+    tasks = [{"issue": n, "env": {"FAKE_AGENT_PLAN": "finish"}} for n in (2, 3, 4)]
+    config = kind_config(fleet, "claude", tasks, max_cost_usd={"fleet": 0.05})
+    run = fleet.run(config, timeout=60)
+    assert run.returncode == 5, run.explain()
+    assert [len(starts(fleet, n)) for n in (2, 3, 4)] == [1, 1, 0]
+    assert "max_cost_usd.fleet" in run.summary["starts_closed"]
+    assert "new runs were stopped early" in (run.run_dir / "report.md").read_text()
