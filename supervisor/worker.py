@@ -191,6 +191,10 @@ class Worker(RunDriver):
         going_on = True
         while going_on:
             if decision is None:
+                if self.slot.held and self.slot.machine in self.fleet.pool.closed:
+                    # Its machine is held (a usage limit) or unreachable: a resume or restart
+                    # in its slot waits for it like any new run.
+                    self.slot.release()
                 if not self.slot.held and not await self._get_slot():
                     self._set(WorkerState.STOPPED, self._stop_reason())
                     return
