@@ -160,8 +160,8 @@ async def test_the_stall_watchdog_stops_a_silent_run_once_and_it_is_resumed(
     tmp_path: Path,
 ) -> None:
     silent = Script(stdout=(claude_init(),), hang=True)
-    fleet, result, host = await run(tmp_path, [silent, FINISH["claude"]], "claude",
-                                    agent={"stall_timeout": 0.3})
+    _, result, host = await run(tmp_path, [silent, FINISH["claude"]], "claude",
+                                agent={"stall_timeout": 0.3})
     assert result.exit_code == 0
     first, second = host.runs_of(7)
     assert first.code == 143 and resumed("claude", second.argv) == SID
