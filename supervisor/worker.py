@@ -242,7 +242,6 @@ class Worker(RunDriver):
             return await self._one_run(host)
         except HostUnreachable as exc:
             self.fleet.machine_lost(machine)
-            self._agent = None
             return self._ended(ExitStatus(None, lost=True, reason=str(exc)), [])
 
     async def _follow(self, decision: Decision) -> bool:

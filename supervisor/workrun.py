@@ -252,7 +252,7 @@ class RunDriver:
                 run.id, state="ended" if unsure else "abandoned", lost=unsure,
                 reason=f"start {'not confirmed' if unsure else 'failed'}: {exc.message}",
             )
-            self._run = None
+            self._run = self._agent = None  # nothing ran: no session to go on with
             raise
         fleet.ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
         self.status.milestones_before = sorted(before)
