@@ -381,9 +381,10 @@ def summary_from_ledger(
 
 
 def summary_table(statuses: Sequence[Mapping[str, Any]]) -> str:
-    """The end-of-shift table: per task its state, runs, milestones, crashes and wall time."""
+    """The end-of-shift table: per task its state, runs, milestones, crashes and wall time (and
+    its cost, when an agent reported one)."""
     header = ("worker", "task", "machine", "state", "runs", "milestones", "crashes", "wall", "note")
-    rows = [header] + [
+    rows: list[tuple[str, ...]] = [header] + [
         (
             str(s["worker"]),
             f"#{s['task']}",
@@ -397,7 +398,12 @@ def summary_table(statuses: Sequence[Mapping[str, Any]]) -> str:
         )
         for s in statuses
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    if any(s.get("cost_usd") is not None for s in statuses):
+        rows = [(*rows[0][:-1], "cost", rows[0][-1])] + [
+            (*row[:-1], spend.usd(s.get("cost_usd")), row[-1])
+            for row, s in zip(rows[1:], statuses, strict=True)
+        ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -111,6 +111,7 @@ def task_markdown(task: Mapping[str, Any]) -> list[str]:
             duration = f"{float(r['duration']):.0f}s" if r.get("duration") is not None else "-"
             lines.append(f"| {r.get('number')} | {r.get('outcome') or '-'} | {session} | "
                          f"{usd(r.get('cost_usd'))} | {r.get('turns') or '-'} | {duration} |")
+        lines.append("")
     return lines
 
 
