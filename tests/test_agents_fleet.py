@@ -374,3 +374,23 @@ def test_cost_limits_stop_new_runs_of_a_task_and_of_the_fleet(fleet: Harness) ->
     assert [len(starts(fleet, n)) for n in (2, 3, 4)] == [1, 1, 0]
     assert "max_cost_usd.fleet" in run.summary["starts_closed"]
     assert "new runs were stopped early" in (run.run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("agent", "words"),
+    [
+        ({"kind": "cursor"}, ["agent.kind", "'cursor'", "'claude'"]),
+        ({"kind": "claude", "command": ["claude", "--verbose"]}, ["'--verbose'", "remove it"]),
+        ({"kind": "codex", "command": ["codex", "exec"]}, ["'exec'"]),
+    ],
+)
+def test_up_refuses_an_unknown_kind_or_a_managed_flag_naming_it(
+    fleet: Harness, agent: dict[str, Any], words: list[str]
+) -> None:
+    config = fleet.config([{"issue": 1}])
+    config["agent"] = agent
+    run = fleet.run(fleet.write(config), timeout=30)
+    assert run.returncode == 2, run.explain()
+    assert "Traceback" not in run.stderr and "fleet.toml" in run.stderr
+    for word in words:
+        assert word in run.stderr, run.stderr
