@@ -48,14 +48,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from supervisor.ledger_schema import (
+    MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
+    SUMMED_FIELDS,
     TASK_COLUMNS,
     USAGE_FIELDS,
     RunRecord,
     RunState,
     ShiftRecord,
     TaskRecord,
+    TaskUsage,
     WorkerRecord,
     record_of,
 )
@@ -68,6 +71,7 @@ __all__ = [
     "RunRecord",
     "ShiftRecord",
     "TaskRecord",
+    "TaskUsage",
     "WorkerRecord",
     "ledger_path",
 ]
@@ -170,6 +174,15 @@ class Ledger:
                 f"this one reads up to {SCHEMA_VERSION}); fix: upgrade agentize-fleet, or point "
                 f"state_dir at another directory"
             )
+        if found < SCHEMA_VERSION and create:
+            with self._tx() as db:
+                for version in range(found, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[version]:
+                        db.execute(statement)
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                    (str(SCHEMA_VERSION),),
+                )
 
     def _version(self) -> int | None:
         try:
@@ -313,12 +326,17 @@ class Ledger:
         lease_path: str | None,
         prompt_kind: str,
         milestones_before: Sequence[str],
+        agent_kind: str | None = None,
+        session_id: str | None = None,
+        resumed_from: str | None = None,
     ) -> RunRecord:
         """Commit the intent of the task's next run, before anything is started.
 
         The run's number is the task's counter plus one (runs are numbered per task across
         shifts); ``run_dir_of(number)`` names its run directory.  The task's counter moves in
-        the same transaction: a crash leaves both or neither.
+        the same transaction: a crash leaves both or neither.  ``session_id`` is the agent
+        session the run will be in when it is known before the start (pinned, or resumed
+        from ``resumed_from``): a run killed before its first line can still be resumed.
         """
         now = time.time()
         with self._tx() as db:
@@ -330,10 +348,11 @@ class Ledger:
             cur = db.execute(
                 "INSERT INTO runs(issue, number, shift, worker, machine, workspace, run_dir, "
                 "lease_path, prompt_kind, milestones_before, state, intent_at, supervised_by, "
-                "supervisors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?)",
+                "supervisors, agent_kind, session_id, resumed_from) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?, ?, ?, ?)",
                 (task.issue, number, shift, worker, machine, workspace, run_dir, lease_path,
                  prompt_kind, json.dumps(sorted(milestones_before)), now, shift,
-                 json.dumps([shift])),
+                 json.dumps([shift]), agent_kind, session_id, resumed_from),
             )
             task.runs = number
             _put_task(db, task, shift)
@@ -345,7 +364,8 @@ class Ledger:
             prompt_kind=prompt_kind, milestones_before=tuple(sorted(milestones_before)),
             state="intent", pid=None, start_ticks=None, intent_at=now, started_at=None,
             ended_at=None, exit_code=None, lost=False, outcome=None, reason="",
-            supervised_by=shift, supervisors=(shift,),
+            supervised_by=shift, supervisors=(shift,), agent_kind=agent_kind,
+            session_id=session_id, resumed_from=resumed_from,
         )
 
     def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
@@ -368,14 +388,18 @@ class Ledger:
         task: TaskRecord | None = None,
         shift: str | None = None,
         worker: str | None = None,
+        usage: Mapping[str, Any] | None = None,
     ) -> None:
-        """A run's end (or abandonment) and, in the same transaction, its task's new state."""
+        """A run's end (or abandonment) and, in the same transaction, what its agent reported
+        (``usage``: see :meth:`record_usage`) and its task's new state."""
         with self._tx() as db:
             db.execute(
                 "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
                 "reason = ? WHERE id = ?",
                 (state, time.time(), exit_code, int(lost), outcome, reason, run_id),
             )
+            if usage:
+                _put_usage(db, run_id, usage)
             if task is not None:
                 assert shift is not None and worker is not None
                 _put_task(db, task, shift)
@@ -394,18 +418,41 @@ class Ledger:
             )
 
     def record_usage(self, run_id: int, usage: Mapping[str, Any]) -> None:
-        """What an agent kind reported of a run (session, cost, tokens, turns)."""
-        unknown = set(usage) - set(USAGE_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown usage fields: {sorted(unknown)}")
-        if not usage:
-            return
-        names = sorted(usage)
-        with self._tx() as db:
-            db.execute(
-                f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
-                (*(usage[n] for n in names), run_id),
-            )
+        """What an agent kind reported of a run (:data:`USAGE_FIELDS`: session, cost, tokens,
+        turns, its own duration, last result text, limit line); the task's sums follow."""
+        if usage:
+            with self._tx() as db:
+                _put_usage(db, run_id, usage)
+
+    def task_usage(self, issue: int) -> TaskUsage:
+        """What the task's runs cost so far (the sums :meth:`record_usage` keeps)."""
+        return self._one(TaskUsage, "SELECT * FROM tasks WHERE issue = ?", (issue,)) or (
+            TaskUsage()
+        )
+
+    def cost_of(
+        self, *, issue: int | None = None, after_run: int = 0, shift: str | None = None
+    ) -> float:
+        """The USD cost of a task's runs numbered above ``after_run``, or of the runs a shift
+        started (what ``max_cost_usd`` counts)."""
+        where, args = (
+            ("issue = ? AND number > ?", (issue, after_run)) if issue is not None
+            else ("shift = ?", (shift,))
+        )
+        row = self._db.execute(
+            f"SELECT COALESCE(SUM(cost_usd), 0) FROM runs WHERE {where}", args
+        ).fetchone()
+        return float(row[0])
+
+    def runs_of_session(self, session: str) -> list[RunRecord]:
+        """The runs in agent session ``session`` (or an id starting with it), and the runs that
+        resumed it (a resumed Claude session may go on under a new id)."""
+        return self._all(
+            RunRecord,
+            "SELECT * FROM runs WHERE substr(session_id, 1, ?) = ? "
+            "OR substr(resumed_from, 1, ?) = ? ORDER BY id",
+            (len(session), session, len(session), session),
+        )
 
     def run(self, run_id: int) -> RunRecord | None:
         return self._one(RunRecord, "SELECT * FROM runs WHERE id = ?", (run_id,))
@@ -443,7 +490,12 @@ class Ledger:
                 (machine, reason, time.time(), until, shift, line),
             )
 
-    def holds(self, *, active_at: float | None = None) -> list[dict[str, Any]]:
+    def holds(
+        self, *, active_at: float | None = None, shift: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage holds: all, those still in force at ``active_at``, or those of a shift."""
+        if shift is not None:
+            return self._dicts("SELECT * FROM holds WHERE shift = ? ORDER BY id", (shift,))
         if active_at is None:
             return self._dicts("SELECT * FROM holds ORDER BY id")
         return self._dicts("SELECT * FROM holds WHERE until > ? ORDER BY id", (active_at,))
@@ -496,6 +548,30 @@ def _put_task(db: _Tx, task: TaskRecord, shift: str) -> None:
     values["history"] = json.dumps(task.history)
     values["listed"] = int(task.listed)
     db.execute(_PUT_TASK, [*values.values(), time.time()])
+
+
+_SUM_USAGE = (
+    "UPDATE tasks SET "
+    + ", ".join(f"{n} = (SELECT SUM({n}) FROM runs WHERE issue = tasks.issue)"
+                for n in SUMMED_FIELDS)
+    + ", session_id = COALESCE((SELECT session_id FROM runs WHERE issue = tasks.issue AND "
+    "session_id IS NOT NULL ORDER BY number DESC LIMIT 1), session_id) "
+    "WHERE issue = (SELECT issue FROM runs WHERE id = ?)"
+)
+
+
+def _put_usage(db: _Tx, run_id: int, usage: Mapping[str, Any]) -> None:
+    """A run's agent facts, and its task's sums over its runs (one SQL ``sum`` each, so a
+    task's cost is exactly the sum of its runs' costs as SQLite adds them)."""
+    unknown = set(usage) - set(USAGE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown usage fields: {sorted(unknown)}")
+    names = sorted(usage)
+    db.execute(
+        f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+        (*(usage[n] for n in names), run_id),
+    )
+    db.execute(_SUM_USAGE, (run_id,))
 
 
 def _put_worker(

@@ -1,91 +1,47 @@
 """One worker: a task bound to a machine and a worktree, driven through its runs.
 
-The worker owns the I/O of a task's life -- preparing the worktree, starting runs through its
-:class:`~supervisor.hosts.base.Host`, pumping their output into the log, noticing milestones --
-and asks the pure parts what to do: :func:`supervisor.lifecycle.advance` for every state
-change and :func:`supervisor.policy.decide` after every run.
-
-Every transition goes to the ledger as it happens: the intent of a run before the host is asked
-to start it, its pid right after, its end together with the task's new state in one
-transaction.  A supervisor killed at any instant leaves the next one a true account.
+The worker owns the I/O of a task's life -- the slot it runs in, the waits between its runs
+(backoff, a usage hold, a machine lost) -- and asks the pure parts what to do:
+:func:`supervisor.lifecycle.advance` for every state change and
+:func:`supervisor.outcome.judge` (with :func:`supervisor.policy.decide` and the agent kind's
+verdict) after every run.  One run's own steps (prepare, start or adopt, read, judge, record)
+are :class:`supervisor.workrun.RunDriver`'s.
 
 The life is a loop of *attempt* (prepare, one run) and *follow the decision* (one method per
 decision: done, give up, resume, back off, pause, machine lost).  The run slot is held by a
 :class:`Slot`: which decisions keep it is the policy's rule (:func:`supervisor.policy.keeps_slot`).
+How the next run starts -- which agent session, which prompt -- is in the task's status
+(``next_resume``, ``next_prompt``), decided with each run's end and kept in the ledger.
 """
 
 from __future__ import annotations
 
-import posixpath
-import random
 import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
 
 import anyio
-import structlog
 
 from supervisor import policy
-from supervisor.config import FleetConfig, TaskConfig
-from supervisor.hosts.base import (
-    STREAMS,
-    ExitStatus,
-    Host,
-    HostError,
-    HostUnreachable,
-    RunHandle,
-    RunSpec,
-    Stream,
-)
-from supervisor.ledger import Ledger, RunRecord, TaskRecord
-from supervisor.lifecycle import WorkerState, advance
-from supervisor.limits import LimitDetector, LimitHit, OutputTail
-from supervisor.lines import pump_output
-from supervisor.logs import LogMux, Tag
-from supervisor.outcome import Decision, MachineLost, WorkerStatus, judge
+from supervisor.agents import NextStep
+from supervisor.config import TaskConfig
+from supervisor.hosts.base import ExitStatus, HostError, HostUnreachable, RunHandle
+from supervisor.ledger import TaskRecord
+from supervisor.lifecycle import WorkerState
+from supervisor.outcome import FIRST, Decision, MachineLost, WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Adoption
-from supervisor.runio import limit_in, render
-from supervisor.scheduling import Slot, SlotPool, StartGate, StartsGate, StopControl
-from supervisor.workspace import Clone, ensure_worktree, worktree_name
+from supervisor.scheduling import Slot
+from supervisor.workrun import FleetServices, RunDriver
+
+__all__ = ["FleetServices", "Worker"]
 
 
-class FleetServices(Protocol):
-    """What a worker needs from its fleet (``fleet.Fleet`` provides it)."""
-
-    config: FleetConfig
-    pool: SlotPool
-    gate: StartGate
-    mux: LogMux
-    stop: StopControl
-    starts: StartsGate
-    ledger: Ledger
-    shift_id: str
-
-    @property
-    def hosts(self) -> Mapping[str, Host]: ...
-
-    async def clone_on(self, machine: str) -> Clone: ...
-
-    async def run_root(self, machine: str) -> str: ...
-
-    async def lease_path(self, machine: str) -> str: ...
-
-    def limit_detector(self, machine: str) -> LimitDetector: ...
-
-    def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None: ...
-
-    def machine_lost(self, machine: str) -> None: ...
-
-    def adopted_run_ended(self, machine: str, lease: str | None) -> None: ...
-
-
-class Worker:
+class Worker(RunDriver):
     """Drives one task from ``pending`` to a final state.
 
     ``record`` is the ledger's account of the task from earlier shifts; ``again`` starts it
-    anew even if it ended (``--rerun``, ``--fresh``, or failed, stopped and lost ones).
+    again even if it ended (failed, stopped and lost ones; an interrupted one -- stopped, lost
+    -- goes on in its agent session), ``anew`` from scratch (``--rerun``, ``--fresh``).
     """
 
     def __init__(
@@ -96,81 +52,27 @@ class Worker:
         *,
         record: TaskRecord | None = None,
         again: bool = False,
+        anew: bool = False,
         origin: str = "config",
     ) -> None:
-        self.name = name
-        self.task = task
-        self.fleet = fleet
-        self.origin = origin
+        super().__init__(name, task, fleet, origin)
         self.adoption: Adoption | None = None
-        self.status = WorkerStatus(worker=name, task=task.issue, title=task.title)
         self.slot = Slot(fleet.pool, fleet.starts)
-        self._policy = policy.RestartPolicy(**fleet.config.restart.model_dump())
-        self._first_kind = "first"
-        self._limit_hit: LimitHit | None = None
-        self._logger: structlog.typing.FilteringBoundLogger | None = None
-        self._logger_tag: Tag | None = None
-        self._restart_requested = False
         self._wake = anyio.Event()
-        self._current: RunHandle | None = None
-        self._run: RunRecord | None = None
         self._active = False
         self._again = False
-        self._prepared = False
         if record is not None:
-            self._first_kind = self.status.restore(record, again)
+            usage = fleet.ledger.task_usage(task.issue)
+            self.status.restore(record, usage, again=again, anew=anew)
+            if self.status.next_prompt == "first":
+                self._cost_from = record.runs
 
-    # helpers -----------------------------------------------------------------------------
-
-    @property
-    def current(self) -> RunHandle | None:
-        """The run in progress, if any."""
-        return self._current
+    # the worker's view ---------------------------------------------------------------------
 
     @property
     def wants_runs(self) -> bool:
         """Whether the task is to run in this shift (a done one is not, unless asked)."""
         return not self.status.state.final or self._again
-
-    @property
-    def tag(self) -> Tag:
-        return Tag(self.name, self.task.issue, self.status.machine or "-", self.status.run)
-
-    def log(self, event: str, message: str, **fields: Any) -> None:
-        tag = self.tag
-        if self._logger is None or self._logger_tag != tag:
-            self._logger, self._logger_tag = self.fleet.mux.logger(tag), tag
-        self._logger.info(event, msg=message, **fields)
-
-    def record(self) -> TaskRecord:
-        """The task as the ledger keeps it."""
-        return self.status.to_record(self.task.prompt, self.task.machine, self.origin)
-
-    def persist(self) -> None:
-        self.fleet.ledger.save_task(
-            self.record(), shift=self.fleet.shift_id, worker=self.name,
-            adopted_from=self.status.adopted_from,
-        )
-
-    def _set(self, state: WorkerState, reason: str = "", *, save: bool = True) -> None:
-        self.status.state = advance(self.status.state, state)
-        self.status.reason = reason
-        if state.final:
-            self.status.ended_at = time.time()
-        if save:
-            self.persist()
-
-    async def _unless_stopped(self, wait: Callable[[], Awaitable[object]]) -> bool:
-        """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first."""
-        with anyio.CancelScope() as scope, self.fleet.stop.on_request(scope.cancel):
-            await wait()
-            return True
-        return False
-
-    def _stop_reason(self) -> str:
-        if self.fleet.stop.requested.is_set():
-            return self.fleet.stop.reason
-        return self.fleet.starts.closed_reason or "stopped"
 
     # steering from outside ----------------------------------------------------------------
 
@@ -190,7 +92,8 @@ class Worker:
         self._set(WorkerState.PENDING, "requeued")
         self.status.ended_at = None
         self.status.history = policy.History()
-        self._first_kind = "first"
+        self._plan(FIRST)
+        self._cost_from = self.status.run
         if self._active:
             self._again = True
             return False
@@ -213,8 +116,25 @@ class Worker:
         return False
 
     async def stop_run(self, handle: RunHandle) -> None:
-        """Stop one run (``restart``): the same stop as the fleet's, on this run alone."""
+        """Stop one run (``restart``, a stall): the same stop as the fleet's, on this run
+        alone."""
         await handle.stop(self.fleet.config.stop_timeout)
+
+    def stall(self, quiet: float) -> RunHandle | None:
+        """The stall watchdog found the run silent for ``quiet`` seconds: mark it stalled and
+        return it to be stopped (its session is then resumed like a crash's); None when there
+        is no run, or it is being stopped already."""
+        handle = self._current
+        if handle is None or self._stalled or self.status.state is not WorkerState.RUNNING:
+            return None
+        self._stalled = f"stalled: no output for {quiet:.0f}s"
+        self.log("stalled", f"⌛ run {self.status.run} printed nothing for {quiet:.0f}s "
+                 "(stall_timeout): stopping it; its session is resumed", quiet=round(quiet, 1))
+        return handle
+
+    def wake(self) -> None:
+        """Cut a wait short (new runs were closed: a paused task stops waiting for its reset)."""
+        self._wake.set()
 
     # the life ----------------------------------------------------------------------------
 
@@ -266,17 +186,20 @@ class Worker:
     async def _live(self) -> None:
         adoption, self.adoption = self.adoption, None
         decision: Decision | None = None
-        kind: str | None = self._first_kind
         if adoption is not None:
             decision = await self._adopt(adoption)
-            kind = "auto"
-        while kind is not None:
+        going_on = True
+        while going_on:
             if decision is None:
+                if self.slot.held and self.slot.machine in self.fleet.pool.closed:
+                    # Its machine is held (a usage limit) or unreachable: a resume or restart
+                    # in its slot waits for it like any new run.
+                    self.slot.release()
                 if not self.slot.held and not await self._get_slot():
                     self._set(WorkerState.STOPPED, self._stop_reason())
                     return
-                decision = await self._attempt(kind)
-            kind, decision = await self._follow(decision), None
+                decision = await self._attempt()
+            going_on, decision = await self._follow(decision), None
 
     def _pin(self) -> str | None:
         """Where the next run must go: its worktree's machine (while that machine can take
@@ -286,7 +209,11 @@ class Worker:
             if self.fleet.pool.capacity.get(s.machine):
                 return s.machine
             s.workspace = None
+            self._plan(FIRST)  # its agent session stays in that worktree
         return self.task.machine
+
+    def _plan(self, step: NextStep) -> None:
+        self.status.next_resume, self.status.next_prompt = step.session.resume, step.prompt
 
     async def _get_slot(self) -> bool:
         """A slot for the next run; False if none will come (stopped, soft deadline)."""
@@ -301,7 +228,7 @@ class Worker:
         self.status.machine = self.slot.machine
         return True
 
-    async def _attempt(self, kind: str) -> Decision:
+    async def _attempt(self) -> Decision:
         """Prepare the worktree if needed and make one run; a lost link is the machine's
         trouble, not the task's: a crash with backoff (within the intensity limit), never an
         instant failure, and the machine takes no new runs for a while."""
@@ -312,317 +239,107 @@ class Worker:
         try:
             if self.status.workspace is None or not self._prepared:
                 await self._prepare(machine)  # once a shift: a worktree removed by hand returns
-            return await self._one_run(host, kind)
+            return await self._one_run(host)
         except HostUnreachable as exc:
             self.fleet.machine_lost(machine)
-            self._limit_hit = None
             return self._ended(ExitStatus(None, lost=True, reason=str(exc)), [])
 
-    async def _follow(self, decision: Decision) -> str | None:
-        """Do what the decision says until the next run may start; return its prompt kind, or
-        None when the task has ended."""
+    async def _follow(self, decision: Decision) -> bool:
+        """Do what the decision says until the next run may start (True), or the task has ended
+        (False); how the next run starts is in ``status.next_resume``/``next_prompt``."""
         if isinstance(decision, MachineLost):
             return await self._elsewhere(decision)
         if self.fleet.stop.requested.is_set() or self.status.state.final:
             if not self.status.state.final:
                 self._set(WorkerState.STOPPED, self._stop_reason())
-            return None
+            return False
         if isinstance(decision, policy.Resume):
             return await self._resume()
         if isinstance(decision, policy.Restart):
             return await self._backoff(decision)
         if isinstance(decision, policy.Pause):
             return await self._pause(decision.until)
-        return None  # Finish and GiveUp: the state is final already
+        return False  # Finish and GiveUp: the state is final already
 
-    async def _resume(self) -> str | None:
+    async def _resume(self) -> bool:
         """A milestone hand-off keeps its slot; no new run starts while the fleet is paused,
         nor after the soft deadline."""
         if not await self._unless_stopped(self.fleet.starts.wait) or self.fleet.starts.closed:
             self._set(WorkerState.STOPPED, self._stop_reason())
-            return None
-        return "resume"
+            return False
+        return True
 
-    async def _backoff(self, decision: policy.Restart) -> str | None:
+    async def _backoff(self, decision: policy.Restart) -> bool:
         """Wait out a crash backoff, in the slot (short) or without it (long)."""
         if not policy.keeps_slot(decision):
             self.slot.release()
         if not await self._wait_until(time.time() + decision.delay):
             self._set(WorkerState.STOPPED, self._stop_reason())
-            return None
-        if self.slot.held and await self._resume() is None:
-            return None  # stopped, or the soft deadline, while it waited in its slot
-        return "auto"
+            return False
+        # In its slot it may be stopped, or meet the soft deadline, before it starts again.
+        return not self.slot.held or await self._resume()
 
-    async def _pause(self, until: float) -> str | None:
-        """A usage-limit hold: the slot goes to others (its machine takes no new run anyway)."""
+    async def _pause(self, until: float) -> bool:
+        """A usage-limit hold: the slot goes to others (its machine takes no new run anyway).
+
+        A hold longer than ``max_usage_wait`` (a seven-day window, monthly credit) is not slept
+        through: new runs are closed fleet-wide, the running ones end, and ``up`` exits 5 with
+        this task paused -- its session and reset time in the ledger, so the next ``up`` after
+        the reset goes on with it.  A task waiting for its reset when new runs are closed
+        (another task's long hold, a cost limit) stays paused the same way."""
         self.slot.release()
-        if not await self._wait_until(until):
+        wait = until - time.time()
+        limit = self.fleet.config.max_usage_wait
+        if wait > limit:
+            self.status.next_run_at = until
+            self.persist()
+            self.fleet.close_starts(usage_wait_too_long(self.status.machine or "?", until, limit))
+            return False
+        if not await self._wait_until(until, closable=True):
+            if not self.fleet.stop.requested.is_set():
+                self.status.next_run_at = until
+                self.persist()
+                return False  # new runs were closed meanwhile: it stays paused
             self._set(WorkerState.STOPPED, self._stop_reason())
-            return None
-        return "resume"
+            return False
+        return True
 
-    async def _elsewhere(self, lost: MachineLost) -> str | None:
+    async def _elsewhere(self, lost: MachineLost) -> bool:
         """The machine stayed unreachable: the task is lost, or (``requeue_lost``) starts over
         on another machine, in a fresh worktree with the first prompt."""
         lost_on = self.slot.machine or self.status.machine or "?"
         self.fleet.machine_lost(lost_on)
         if not self.fleet.config.requeue_lost or self.fleet.stop.requested.is_set():
-            return None
+            return False
         self._set(WorkerState.PENDING, save=False)
         self.status.ended_at = None
         self.slot.release()
         self.status.workspace = self.status.machine = None
         self._prepared = False
+        self._plan(FIRST)
         if not await self._get_slot():
             self._set(WorkerState.STOPPED, self._stop_reason())
-            return None
+            return False
         self.persist()
         self.log("requeued", f"↪ requeued from {lost_on} to {self.slot.machine}",
                  machine=self.slot.machine)
-        return "first"
+        return True
 
-    async def _wait_until(self, at: float) -> bool:
-        """Sleep until ``at`` (or a restart request); False if the fleet stops meanwhile."""
+    async def _wait_until(self, at: float, *, closable: bool = False) -> bool:
+        """Sleep until ``at`` (or a restart request); False if the fleet stops meanwhile, or
+        (``closable``) new runs are closed for good meanwhile."""
         self.status.next_run_at = at
+        starts = self.fleet.starts
 
         async def nap() -> None:
             while (left := at - time.time()) > 0 and not self._restart_requested:
+                if closable and starts.closed:
+                    return
                 self._wake = anyio.Event()
                 with anyio.move_on_after(left):
                     await self._wake.wait()
 
-        ok = await self._unless_stopped(nap)
+        ok = await self._unless_stopped(nap) and not (closable and starts.closed)
         self._restart_requested = False
         self.status.next_run_at = None
         return ok
-
-    # one run -------------------------------------------------------------------------------
-
-    async def _prepare(self, machine: str) -> None:
-        """The worker clone (once per machine) and this task's worktree (re-used if there)."""
-        if self.status.state is not WorkerState.PREPARING:
-            self._set(WorkerState.PREPARING)
-        clone = await self.fleet.clone_on(machine)
-        tree = worktree_name(self.fleet.config.worktree_name, self.task.issue, self.task.title)
-        self.status.workspace = await ensure_worktree(clone, tree)
-        self._prepared = True
-        self.persist()
-        self.log("prepared", f"worktree {self.status.workspace}",
-                 workspace=self.status.workspace)
-
-    async def _prompt(self, host: Host, kind: str) -> tuple[str, str]:
-        config = self.fleet.config
-        if kind == "auto":  # after a crash: resume if any milestone exists in the worktree
-            assert self.status.workspace is not None
-            existing = await host.glob(self.status.workspace, self._globs())
-            kind = "resume" if existing else "first"
-        template = (
-            config.agent.resume_prompt
-            if kind == "resume"
-            else (self.task.prompt or config.agent.first_prompt)
-        )
-        return kind, render(template, self._values(""))
-
-    def _values(self, prompt: str) -> dict[str, str]:
-        return {
-            "issue": str(self.task.issue),
-            "title": self.task.title,
-            "prompt": prompt,
-            "workspace": self.status.workspace or "",
-        }
-
-    def _globs(self) -> list[str]:
-        issue = str(self.task.issue)
-        return [g.replace("{issue}", issue) for g in self.fleet.config.milestone_globs]
-
-    async def _one_run(self, host: Host, prompt_kind: str) -> Decision:
-        fleet = self.fleet
-        config = fleet.config
-        machine, workspace = self.status.machine, self.status.workspace
-        assert workspace is not None and machine is not None
-        kind, prompt = await self._prompt(host, prompt_kind)
-        before = await host.glob(workspace, self._globs())
-        staggered = fleet.gate.interval > 0  # else no wait, and no watcher task for it
-        if staggered and not await self._unless_stopped(fleet.gate.wait_turn):
-            return policy.Finish()  # stopped before it started: `_follow` sees the stop
-        if fleet.stop.requested.is_set():
-            return policy.Finish()
-        root = await fleet.run_root(machine)
-        lease = await fleet.lease_path(machine)
-        # Written before the host is asked: a supervisor killed during the start leaves the
-        # next one an intent to look for, never a run nobody knows of.
-        run = fleet.ledger.run_intent(
-            self.record(), shift=fleet.shift_id, worker=self.name, machine=machine,
-            workspace=workspace, run_dir_of=lambda n: posixpath.join(root, self.name, f"run-{n}"),
-            lease_path=lease, prompt_kind=kind, milestones_before=sorted(before),
-        )
-        self._run = run
-        self.status.run = run.number
-        argv = [render(part, self._values(prompt)) for part in config.agent_command]
-        env = {
-            **config.agent.env,
-            **self.task.env,
-            "AGENTIZE_FLEET_ISSUE": str(self.task.issue),
-            "AGENTIZE_FLEET_RUN": str(run.number),
-            "AGENTIZE_FLEET_WORKSPACE": workspace,
-            "AGENTIZE_FLEET_TITLE": self.task.title,
-        }
-        # The run directory says whose run it is, for whoever finds it without the ledger.
-        meta = {"task": str(self.task.issue), "run": str(run.number), "shift": fleet.shift_id,
-                "worker": self.name, "machine": machine}
-        spec = RunSpec(argv=argv, cwd=workspace, run_dir=run.run_dir, lease_path=lease,
-                       lease_timeout=config.lease_timeout, env=env, meta=meta)
-        self._limit_hit = None
-        try:
-            handle = await host.start(spec)
-        except HostError as exc:
-            unsure = isinstance(exc, HostUnreachable)
-            fleet.ledger.run_ended(
-                run.id, state="ended" if unsure else "abandoned", lost=unsure,
-                reason=f"start {'not confirmed' if unsure else 'failed'}: {exc.message}",
-            )
-            self._run = None
-            raise
-        fleet.ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
-        self.status.milestones_before = sorted(before)
-        self.status.lease_path = lease
-        self._running(handle)
-        self.log(
-            "run-started",
-            f"▶ run {run.number} started (pid {handle.identity.pid}, {kind} prompt: {prompt})",
-            pid=handle.identity.pid, prompt=prompt, prompt_kind=kind, run_dir=run.run_dir,
-        )
-        return await self._finish_run(host, handle, before, {})
-
-    def _running(self, handle: RunHandle) -> None:
-        self._current = handle
-        self.status.pid = handle.identity.pid
-        self.status.start_ticks = handle.identity.start_ticks
-        self.status.run_dir = handle.identity.run_dir
-        self.status.run_started_at = time.time()
-        self._set(WorkerState.RUNNING)
-
-    async def _adopt(self, adoption: Adoption) -> Decision:
-        """Take over a run of an earlier shift: read its output on from where the logs stopped
-        (to its end, if it ended while no supervisor watched), then decide as if watched."""
-        run, handle = adoption.run, adoption.handle
-        s = self.status
-        s.run, s.workspace, s.machine = run.number, run.workspace, run.machine
-        s.milestones_before = list(run.milestones_before)
-        s.lease_path = run.lease_path
-        s.adopted_from = run.supervised_by or run.shift
-        self._run = run
-        self._prepared = run.workspace is not None  # its agent works in it
-        self._set(WorkerState.PREPARING)
-        self._running(handle)
-        where = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
-        what = "adopted" if adoption.live else "took over the end of"
-        self.log(
-            "adopted",
-            f"⇄ {what} run {run.number} (pid {handle.identity.pid}) of dead fleet "
-            f"{s.adopted_from}, reading its output from {where}",
-            pid=handle.identity.pid, from_fleet=s.adopted_from, offsets=dict(adoption.offsets),
-            live=adoption.live,
-        )
-        host = self.fleet.hosts[run.machine]
-        try:
-            return await self._finish_run(
-                host, handle, set(run.milestones_before), adoption.offsets
-            )
-        finally:
-            self.fleet.adopted_run_ended(run.machine, run.lease_path)
-
-    async def _finish_run(
-        self, host: Host, handle: RunHandle, before: set[str], offsets: Mapping[Stream, int]
-    ) -> Decision:
-        assert self.status.workspace is not None
-        status = await self._follow_output(handle, offsets)
-        self._current = None
-        self.status.pid = None
-        self.status.last_exit = status.code
-        if status.lost and await self._machine_unreachable(host):
-            return self._ended(status, [], lost=status.reason or f"{host.name} unreachable")
-        after = await host.glob(self.status.workspace, self._globs())
-        return self._ended(status, sorted(after - before))
-
-    async def _machine_unreachable(self, host: Host) -> bool:
-        try:
-            await host.run(["true"], timeout=30.0)
-        except HostUnreachable:
-            return True
-        except HostError:
-            return False
-        return False
-
-    async def _follow_output(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
-        """Pump the run's output into the log until it ends; stop it if the fleet stops."""
-
-        async def pump() -> None:
-            tails = {s: OutputTail() for s in STREAMS}
-            mux = self.fleet.mux
-            await pump_output(
-                mux, self.tag, handle.output(offsets), offsets, self.fleet.config.max_line_bytes,
-                on_block=lambda stream, block: tails[stream].add(block),
-                # While the log cannot be written, the output waits in the run's own files.
-                pause=lambda: self._unless_stopped(mux.writable),
-            )
-            self._limit_hit = limit_in(
-                tails.values(), self.fleet.limit_detector(self.status.machine or "local")
-            )
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
-                status = await handle.wait()
-        return status
-
-    async def _stop_run(self, handle: RunHandle) -> None:
-        """The fleet stops: this run too, SIGTERM first (its task starts on the request)."""
-        stop = self.fleet.stop
-        self._set(WorkerState.STOPPING)
-        timeout = self.fleet.config.stop_timeout
-        self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
-        await handle.stop(
-            timeout,
-            sooner=stop.forced,
-            before_kill=lambda: self.log(
-                "killing", "■ SIGKILL to what is left of the run's process tree"
-            ),
-        )
-
-    # the end of a run ---------------------------------------------------------------------
-
-    def _ended(self, status: ExitStatus, new_milestones: list[str], *, lost: str = "") -> Decision:
-        """Decide what follows a run (:func:`supervisor.outcome.judge`), and record its end
-        with the task's new state in one transaction (a crash leaves both or neither)."""
-        s = self.status
-        hit = self._limit_hit
-        stop = self.fleet.stop
-        verdict = judge(
-            s, self._policy, status, new_milestones, hit, lost=lost,
-            stopping=stop.reason if stop.requested.is_set() else None,
-            restart_requested=self._restart_requested, now=time.time(), rand=random.random(),
-        )
-        self._restart_requested = False
-        if verdict.state is WorkerState.STOPPED and s.state is not WorkerState.STOPPING:
-            s.state = advance(s.state, WorkerState.STOPPING)  # it ended as the stop came
-        s.state = advance(s.state, verdict.state)
-        s.reason = verdict.reason
-        if verdict.state.final:
-            s.ended_at = time.time()
-        if self._run is not None:
-            self.fleet.ledger.run_ended(
-                self._run.id, exit_code=status.code, lost=status.lost, outcome=verdict.outcome,
-                reason=status.reason, task=self.record(), shift=self.fleet.shift_id,
-                worker=self.name,
-            )
-            self._run = None
-        else:
-            self.persist()
-        for event, message, fields in verdict.lines:
-            self.log(event, message, **fields)
-        if isinstance(verdict.decision, policy.Pause) and hit is not None:
-            assert s.machine is not None
-            self.fleet.pause_machine(s.machine, verdict.decision.until, "usage limit", hit.line)
-        return verdict.decision
