@@ -252,6 +252,23 @@ def noisy_login(directory: Path, *, stdout: str = "", stderr: str = "") -> str:
     return f"ForceCommand {wrapper}"
 
 
+def remote_helpers(server: SSHD) -> list[str]:
+    """The command lines of the live processes under ``server`` that are not sshd itself: what
+    the supervisor runs there besides the runs (a run's wrapper is started detached, and so
+    is reparented away from sshd once its start command has ended)."""
+    found = []
+    try:
+        below = psutil.Process(server.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for proc in below:
+        with contextlib.suppress(psutil.Error):
+            if proc.name().startswith("sshd") or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(" ".join(proc.cmdline())[:100])
+    return found
+
+
 def kill_sessions(session_ids: list[int]) -> None:
     """SIGKILL every local process whose session id is one of ``session_ids``."""
     wanted = {sid for sid in session_ids if sid > 1}

@@ -1,5 +1,5 @@
-"""The run wrapper, the remote start and the output stream, run with plain ``sh`` against local
-run directories (the scripts a remote machine runs, without sshd)."""
+"""The run wrapper and the remote start, run with plain ``sh`` against local run directories
+(the scripts a remote machine runs, without sshd)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-
-import pytest
 
 from supervisor import sh
 from supervisor.hosts import runfiles
@@ -208,87 +206,3 @@ def test_the_watchdog_leaves_once_a_killed_wrappers_run_is_ended(
     assert not runfiles.same_process((dog, dog_ticks or -1)), "the watchdog stayed"
     assert (rd / "exit").read_text() == "lost\n"
     assert "marked lost" in (rd / "note").read_text()
-
-
-class Stream:
-    """``sh/stream.sh`` as an SSH channel runs it: its stdin stays open until :meth:`leave`."""
-
-    def __init__(self, rd: Path, out_from: int = 0, err_from: int = 0) -> None:
-        read_end, self._stdin = os.pipe()
-        offsets = [str(out_from + 1), str(err_from + 1)]
-        self.proc = subprocess.Popen(
-            ["sh", "-c", sh.framed(sh.script("stream")), "sh", str(rd), *offsets],
-            stdin=read_end,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        os.close(read_end)
-
-    def end(self) -> tuple[bytes, bytes, int]:
-        """Its output once it has ended by itself."""
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        self.leave()
-        return out, err, self.proc.returncode
-
-    def leave(self) -> None:
-        if self._stdin >= 0:
-            os.close(self._stdin)
-            self._stdin = -1
-
-
-@pytest.mark.parametrize("offsets", [(0, 0), (5, 3)])
-def test_stream_frames_first_and_counts_only_payload(
-    tmp_path: Path, procs: Procs, offsets: tuple[int, int]
-) -> None:
-    """The marks come before anything the tails print; what follows them, plus the rest read
-    from the final offsets, is each file exactly from its offset."""
-    rd = tmp_path / "run"
-    rd.mkdir()
-    me = procs.sleeper()
-    (rd / "wrapper").write_text(f"{me.pid} {runfiles.read_start_ticks(me.pid)}\n")
-    out_data = b"".join(b"out %d\n" % i for i in range(2000))
-    err_data = b"".join(b"err %d\n" % i for i in range(500))
-    (rd / "stdout").write_bytes(out_data[:1000])
-    (rd / "stderr").write_bytes(err_data[:100])
-    reader = Stream(rd, *offsets)
-    time.sleep(0.7)
-    with open(rd / "stdout", "ab") as f:
-        f.write(out_data[1000:])
-    with open(rd / "stderr", "ab") as f:
-        f.write(err_data[100:])
-    time.sleep(0.7)
-    (rd / "exit").write_text("0\n")
-    got_out, got_err, code = reader.end()
-    assert code == 0
-    mark = sh.FRAME_MARK
-    assert got_out.startswith(mark) and got_err.startswith(mark)
-    got_out, got_err = got_out[len(mark) :], got_err[len(mark) :]
-    cases = [(got_out, out_data, offsets[0], "stdout"), (got_err, err_data, offsets[1], "stderr")]
-    for got, data, start_at, name in cases:
-        rest = run_script("read-rest", str(rd / name), str(start_at + len(got) + 1), "99999999")
-        assert got + rest.stdout == data[start_at:], name
-
-
-def test_stream_ends_when_the_wrapper_dies_or_the_reader_leaves(
-    tmp_path: Path, procs: Procs
-) -> None:
-    assert Stream(tmp_path / "nothing").end()[2] == 3
-    rd = tmp_path / "run"
-    rd.mkdir()
-    (rd / "stdout").write_bytes(b"")
-    (rd / "stderr").write_bytes(b"")
-    wrapper = procs.sleeper()
-    (rd / "wrapper").write_text(f"{wrapper.pid} {runfiles.read_start_ticks(wrapper.pid)}\n")
-    reader = Stream(rd)
-    time.sleep(0.5)
-    wrapper.kill()
-    wrapper.wait(timeout=10)
-    assert reader.end()[2] == 4
-    # The reader going away (stdin closed) stops the stream and its tails.
-    wrapper = procs.sleeper()
-    (rd / "wrapper").write_text(f"{wrapper.pid} {runfiles.read_start_ticks(wrapper.pid)}\n")
-    reader = Stream(rd)
-    time.sleep(0.5)
-    reader.leave()
-    out, _, code = reader.end()
-    assert code == -signal.SIGTERM and out == sh.FRAME_MARK

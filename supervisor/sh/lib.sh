@@ -18,7 +18,7 @@ ticks_of() {
     _t=""
     _st=""
     case $1 in '' | */*) return 1 ;; esac
-    read -r _st <"/proc/$1/stat" 2>/dev/null || return 1
+    read -r _st 2>/dev/null <"/proc/$1/stat" || return 1
     set -f
     # shellcheck disable=SC2086 # split on purpose: the fields after the command name
     _stat_fields ${_st##*) }
@@ -44,7 +44,7 @@ same_process() {
 read_pair() {
     _pid=""
     _ticks=""
-    read -r _pid _ticks _rest <"$1" 2>/dev/null && [ -n "$_ticks" ]
+    read -r _pid _ticks _rest 2>/dev/null <"$1" && [ -n "$_ticks" ]
 }
 
 # recorded_alive FILE: FILE ("PID TICKS") names a process that still lives as itself.  With

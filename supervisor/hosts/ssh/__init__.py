@@ -1,5 +1,6 @@
 """Machines reached over SSH (asyncssh): ``connection.py`` (target, errors, the pool, framed
-commands), ``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
+commands), ``follow.py`` (the one watcher per machine: output and ends of its runs),
+``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
 
 from supervisor.hosts.ssh.connection import (
     Connections,

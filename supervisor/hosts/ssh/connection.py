@@ -1,9 +1,13 @@
 """Connections to one SSH machine: its target, the error types, the pool, command execution.
 
-One SSH connection per machine, opened lazily and shared by every run and helper command; a
-second (third, ...) connection is opened only when all channels of the open ones are busy, since
-OpenSSH allows ``MaxSessions`` (10) channels per connection.  A lost connection is re-opened on
-the next use, with capped exponential backoff between failed attempts.
+One SSH connection per machine, opened lazily and shared by every helper command and by the
+machine's one watcher (``follow.py``); a second (third, ...) connection is opened only when all
+``max_channels`` helper channels of the open ones are busy, up to ``max_connections``, and is
+closed again once idle for :data:`LINK_IDLE` seconds.  OpenSSH allows ``MaxSessions`` (10)
+channels per connection: ``max_channels`` (8) helper commands plus the watcher fit; a server
+configured lower refuses a channel, and that connection's cap is lowered to what it carried.
+A lost connection is re-opened on the next use, with capped exponential backoff between failed
+attempts.
 
 Every command is one ``sh -c SCRIPT sh ARG...`` line with each word shlex-quoted: the login shell
 (bash, zsh, ...) only ever sees single-quoted words, and the script gets its data as positional
@@ -20,23 +24,21 @@ asyncssh is asyncio-only: this needs anyio's asyncio backend.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shlex
 import signal as signal_module
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
 import asyncssh
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
 from supervisor import sh
-from supervisor.hosts.base import HostAuthError, HostError, HostUnreachable, Stream
+from supervisor.hosts.base import HostAuthError, HostError, HostUnreachable
 
 log = structlog.get_logger(__name__)
 
@@ -44,8 +46,8 @@ log = structlog.get_logger(__name__)
 MAX_BACKOFF = 30.0
 #: How much login-shell chatter is looked through for the frame mark before giving up.
 NOISE_LIMIT = 1024 * 1024
-#: Output a stream channel may hold unread before the remote side is asked to wait.
-STREAM_BUFFER = 2 * 1024 * 1024
+#: A connection beyond the first is closed once it has carried nothing for this long (seconds).
+LINK_IDLE = 3.0
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,9 @@ class Deframer:
         if at < 0:
             if len(seen) > NOISE_LIMIT:
                 raise FramingError(
-                    self.host, f"no frame mark in the first {NOISE_LIMIT} bytes of a command's "
-                    "output: the login shell did not run it as sent"
+                    self.host,
+                    f"no frame mark in the first {NOISE_LIMIT} bytes of a command's "
+                    "output: the login shell did not run it as sent",
                 )
             self.noise = seen
             return b""
@@ -162,52 +165,53 @@ def command_line(script: str, *args: str) -> str:
 
 
 class _Link:
-    """One SSH connection and how many of its channels are in use."""
+    """One SSH connection: how many helper channels it carries, whether the watcher is on it,
+    how many channels it may carry (lowered when the server refused one), and since when it
+    has been idle."""
 
-    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+    def __init__(self, conn: asyncssh.SSHClientConnection, cap: int) -> None:
         self.conn = conn
         self.busy = 0
+        self.watching = 0
+        self.cap = cap
+        self.idle_since = time.monotonic()
 
     @property
     def alive(self) -> bool:
         return not self.conn.is_closed()
 
 
-@dataclass
-class StreamEnd:
-    """How a :meth:`Connections.stream` channel went: whether it opened, the script's exit code."""
+class _WatchSession(asyncssh.SSHClientSession[bytes]):
+    """The channel of a long-running framed command: its payload on stdout goes to ``on_data``
+    as it comes, its stderr to the log; ``ended`` is set when the channel closes."""
 
-    opened: bool = False
-    code: int | None = None
-
-
-class _StreamSession(asyncssh.SSHClientSession[bytes]):
-    """Both output streams of one channel into one queue, in arrival order, with the
-    channel's flow control held while the reader is more than :data:`STREAM_BUFFER` behind."""
-
-    def __init__(self, send: MemoryObjectSendStream[tuple[Stream, bytes]]) -> None:
-        self._send = send
-        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._held = 0
+    def __init__(
+        self, name: str, on_data: Callable[[bytes], None], on_closed: Callable[[], None]
+    ) -> None:
+        self._on_data = on_data
+        self._on_closed = on_closed
+        self._out = Deframer(name)
+        self._err = Deframer(name)
+        self.name = name
+        self.ended = anyio.Event()
         self.exit_status: int | None = None
         self.error: Exception | None = None
 
-    def connection_made(self, chan: Any) -> None:
-        self._chan = chan
-
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        stream: Stream = "stderr" if datatype == asyncssh.EXTENDED_DATA_STDERR else "stdout"
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._send.send_nowait((stream, data))
-            self._held += len(data)
-            if self._held > STREAM_BUFFER and self._chan is not None:
-                self._chan.pause_reading()
-
-    def consumed(self, size: int) -> None:
-        was_over = self._held > STREAM_BUFFER
-        self._held -= size
-        if was_over and self._held <= STREAM_BUFFER and self._chan is not None:
-            self._chan.resume_reading()
+        try:
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                said = self._err.feed(data)
+                if said:
+                    text = one_line(decode(said))
+                    log.warning("ssh watcher said", machine=self.name, stderr=text)
+                return
+            payload = self._out.feed(data)
+        except FramingError as err:
+            self.error = err
+            self.ended.set()
+            return
+        if payload:
+            self._on_data(payload)
 
     def eof_received(self) -> bool:
         return True  # keep the channel until the exit status and the close come
@@ -216,16 +220,50 @@ class _StreamSession(asyncssh.SSHClientSession[bytes]):
         self.exit_status = status
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.error = exc
-        self._send.close()
+        if self.error is None:
+            self.error = exc
+        self.ended.set()
+        self._on_closed()
+
+
+class Watch:
+    """A long-running framed command on one channel (the per-machine watcher of
+    ``hosts/ssh/follow.py``).  It holds no helper channel slot: its link carries at most
+    ``max_channels`` helper commands besides it (OpenSSH's ``MaxSessions`` is 10)."""
+
+    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], session: _WatchSession) -> None:
+        self._chan = chan
+        self._session = session
+
+    @property
+    def ended(self) -> anyio.Event:
+        """Set when the command ended or its channel was lost."""
+        return self._session.ended
+
+    def why(self) -> str:
+        """Why it ended, in a few words."""
+        session = self._session
+        if session.error is not None:
+            return str(session.error) or type(session.error).__name__
+        if session.exit_status is not None:
+            return f"the watcher exited with {session.exit_status}"
+        return "the watcher's channel closed"
+
+    def close(self) -> None:
+        """End the command: EOF on its stdin (it stops), then the channel is closed.  Its
+        connection counts the channel until the close is through (:attr:`ended`): OpenSSH
+        counts it against ``MaxSessions`` until then."""
+        for step in (self._chan.write_eof, self._chan.close):
+            with contextlib.suppress(Exception):
+                step()
 
 
 class Connections:
     """The connection pool of one machine, and the one way commands are run over it.
 
-    This is the whole interface the SSH host and its run handles share: :meth:`script` and
-    :meth:`command` (short framed commands), :meth:`stream` (a long-running one whose output
-    is read as it comes), :attr:`closed` and :meth:`aclose`.
+    This is the whole interface the SSH host, its watcher and its run handles share:
+    :meth:`script` and :meth:`command` (short framed commands), :meth:`watch` (the long-running
+    watcher), :attr:`closed` and :meth:`aclose`.
     """
 
     def __init__(self, target: SSHTarget) -> None:
@@ -239,7 +277,6 @@ class Connections:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: HostError | None = None
-        self._streams = 0  # channels held by output streams
         self.closed = False
         #: Connections opened so far (first one included): a reconnect shows as 2, 3, ...
         self.connects = 0
@@ -374,56 +411,78 @@ class Connections:
         self._failures = 0
         self._last_error = None
         self.connects += 1
-        if self.connects > 1:
+        if self.connects > 1 and not any(link.alive for link in self._links):
             log.info("ssh reconnected", machine=self.name, connection=self.connects)
-        return _Link(conn)
+        return _Link(conn, self.target.max_channels)
 
     def _free_link(self) -> _Link | None:
+        """The first live connection with a helper channel free (the first ones are filled
+        first, so that the later ones fall idle and are closed)."""
         self._links = [link for link in self._links if link.alive]
         for link in self._links:
-            if link.busy < self.target.max_channels:
+            if link.busy < link.cap:
                 return link
         return None
 
-    def _max_links(self) -> int:
-        """``max_connections`` for helper commands, plus what the open output streams fill: a
-        stream holds its channel as long as its run lives, and a fleet of many runs on one
-        machine must neither wait for channels nor starve the helper commands."""
-        t = self.target
-        return t.max_connections + math.ceil(self._streams / t.max_channels)
+    def _close_idle(self) -> None:
+        """Close the connections beyond the first that carry nothing and have been idle for
+        :data:`LINK_IDLE` seconds: a burst of commands (fifty runs starting) opened them."""
+        now = time.monotonic()
+        for link in self._links[1:]:
+            if link.busy == 0 and link.watching == 0 and now - link.idle_since > LINK_IDLE:
+                link.conn.close()
+        self._links = [link for link in self._links if link.alive]
 
-    async def _acquire(self) -> _Link:
+    async def _acquire(self, *, watcher: bool = False) -> _Link:
+        """A connection with a channel reserved: a helper channel, or the watcher's (any live
+        connection; the first one opened if there is none)."""
         while True:
             if self.closed:
                 raise HostUnreachable(self.name, "the SSH host was closed")
-            link = self._free_link()
-            if link is None and len(self._links) < self._max_links():
+            self._close_idle()
+            link = self._free_link() if not watcher else next(iter(self._links), None)
+            if link is None and len(self._links) < self.target.max_connections:
                 async with self._connect_lock:
                     # Those who queued here behind an opening look again: its channels, or
                     # the cap it may have reached, decide for them.
-                    link = self._free_link()
-                    room = len(self._links) < self._max_links()
+                    link = self._free_link() if not watcher else next(iter(self._links), None)
+                    room = len(self._links) < self.target.max_connections
                     if link is None and room and not self.closed:
                         link = await self._open()
                         self._links.append(link)
             if link is not None:
-                link.busy += 1
+                if watcher:
+                    link.watching += 1
+                else:
+                    link.busy += 1
                 return link
             await self._freed.wait()
 
     def _release(self, link: _Link) -> None:
         link.busy -= 1
+        link.idle_since = time.monotonic()
         self._freed.set()  # wakes every waiter; the next ones wait for the next release
         self._freed = anyio.Event()
 
-    @contextlib.asynccontextmanager
-    async def _channel(self) -> AsyncIterator[asyncssh.SSHClientConnection]:
-        """A connection with one channel slot reserved for the caller."""
-        link = await self._acquire()
-        try:
-            yield link.conn
-        finally:
-            self._release(link)
+    def _refused(
+        self, link: _Link, exc: asyncssh.ChannelOpenError, *, watcher: bool = False
+    ) -> bool:
+        """A channel refused on a connection that carries others: the server allows fewer
+        sessions per connection than we thought (``MaxSessions``).  Lower this connection's cap
+        of helper channels to what it carries (less one, when the refused one was the
+        watcher's) and say so; True when a helper command may simply be tried again."""
+        others = link.busy + link.watching - (0 if watcher else 1)
+        if others < 1 or link.cap <= 1:
+            return False
+        link.cap = max(1, link.busy - 1)
+        log.warning(
+            "ssh channel refused",
+            machine=self.name,
+            reason=exc.reason,
+            channels=others,
+            hint="the server's MaxSessions is lower than max_channels + 1: fewer channels used",
+        )
+        return True
 
     async def aclose(self) -> None:
         self.closed = True
@@ -461,25 +520,35 @@ class Connections:
             return await self.exec_once(line, timeout=timeout, input=input)
 
     async def exec_once(self, line: str, *, timeout: float, input: bytes | None) -> Output:
-        """Run one framed command line once (no retry)."""
-        async with self._channel() as conn:
+        """Run one framed command line once (no retry; a channel the server refused for lack
+        of sessions is asked for again)."""
+        while True:
+            link = await self._acquire()
             process: asyncssh.SSHClientProcess[bytes] | None = None
             try:
                 with anyio.fail_after(timeout):
                     if input is None:
-                        process = await conn.create_process(
+                        process = await link.conn.create_process(
                             line, encoding=None, stdin=asyncssh.DEVNULL
                         )
                     else:
-                        process = await conn.create_process(line, encoding=None, input=input)
+                        process = await link.conn.create_process(line, encoding=None, input=input)
                     result = await process.wait()
+                break
             except TimeoutError:
                 if process is not None:
                     process.close()  # the command may go on remotely; its channel is let go
                 raise
+            except asyncssh.ChannelOpenError as exc:
+                if self._refused(link, exc):
+                    continue
+                err = self.link_error(exc)
+                raise LinkLost(self.name, err.message, started=False) from None
             except (asyncssh.Error, OSError) as exc:
                 err = self.link_error(exc)
                 raise LinkLost(self.name, err.message, started=process is not None) from None
+            finally:
+                self._release(link)
         if result.exit_signal is not None:
             name = result.exit_signal[0]
             try:
@@ -538,46 +607,41 @@ class Connections:
                 self.name, f"no answer within {timeout:g}s to a helper command"
             ) from None
 
-    # ---- a long-running command -----------------------------------------------------------------
+    # ---- the long-running watcher ----------------------------------------------------------------
 
-    async def stream(
-        self, name: str, *args: str, end: StreamEnd
-    ) -> AsyncGenerator[tuple[Stream, bytes], None]:
-        """Run ``supervisor/sh/NAME.sh`` and yield its payload as it comes, by stream; its exit
-        code lands in ``end``.  A lost link raises :class:`HostUnreachable`; closing the
-        iterator early sends EOF to the command's stdin (the stream script stops then)."""
+    async def watch(
+        self, name: str, *args: str, input: bytes, on_data: Callable[[bytes], None]
+    ) -> Watch:
+        """Start ``supervisor/sh/NAME.sh`` on a channel of its own, ``input`` written to its
+        stdin (which stays open: closing it ends the command), its payload handed to
+        ``on_data`` as it comes.  Raises :class:`HostUnreachable` when it cannot be started."""
         line = command_line(sh.script(name), *args)
-        send, receive = anyio.create_memory_object_stream[tuple[Stream, bytes]](math.inf)
-        self._streams += 1  # counted before its channel is asked for: see _max_links
+        link = await self._acquire(watcher=True)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                link.watching -= 1
+                link.idle_since = time.monotonic()
+
         try:
-            async with self._channel() as conn:
-                try:
-                    chan, session = await conn.create_session(
-                        lambda: _StreamSession(send), line, encoding=None
-                    )
-                except (asyncssh.Error, OSError) as exc:
-                    raise self.link_error(exc) from None
-                end.opened = True
-                reader = cast(_StreamSession, session)
-                framing = {"stdout": Deframer(self.name), "stderr": Deframer(self.name)}
-                try:
-                    async with receive:
-                        async for stream, data in receive:
-                            reader.consumed(len(data))
-                            payload = framing[stream].feed(data)
-                            if payload:
-                                yield stream, payload
-                finally:
-                    with contextlib.suppress(Exception):
-                        chan.write_eof()
-                    with contextlib.suppress(Exception):
-                        chan.close()
-        finally:
-            self._streams -= 1
-        if reader.exit_status is None:
-            detail = f": {reader.error}" if reader.error else ""
-            raise HostUnreachable(self.name, f"SSH link lost while streaming output{detail}")
-        if not framing["stdout"].framed:
-            raise FramingError(self.name, "the login shell did not run the stream command")
-        self._noticed(framing["stdout"].noise + framing["stderr"].noise)
-        end.code = reader.exit_status
+            with anyio.fail_after(self.target.connect_timeout + 5.0):
+                chan, session = await link.conn.create_session(
+                    lambda: _WatchSession(self.name, on_data, release), line, encoding=None
+                )
+        except TimeoutError:
+            release()
+            raise HostUnreachable(
+                self.name,
+                f"no answer within {self.target.connect_timeout + 5.0:g}s "
+                "to the start of the watcher",
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            release()
+            if isinstance(exc, asyncssh.ChannelOpenError):
+                self._refused(link, exc, watcher=True)
+            raise self.link_error(exc) from None
+        chan.write(input)
+        return Watch(chan, cast(_WatchSession, session))

@@ -31,7 +31,8 @@ from supervisor.hosts.base import (
     RunStatus,
 )
 from supervisor.hosts.ssh.connection import Connections, SSHTarget, decode, one_line
-from supervisor.hosts.ssh.run import START_TIMEOUT, SSHRunHandle, probe, read_part
+from supervisor.hosts.ssh.follow import START_TIMEOUT, Follower, Piece, fetch, probe
+from supervisor.hosts.ssh.run import SSHRunHandle
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +53,7 @@ class SSHHost(Host):
         self.target = target
         self.name = target.name
         self.connections = Connections(target)
+        self.follower = Follower(self.connections)
         self._runner = runner
         self._home: str | None = None
         self._zone: tzinfo | None = None
@@ -65,6 +67,7 @@ class SSHHost(Host):
         return self.connections.connects
 
     async def aclose(self) -> None:
+        await self.follower.aclose()
         await self.connections.aclose()
 
     # ---- short commands -------------------------------------------------------------------------
@@ -199,15 +202,21 @@ class SSHHost(Host):
             # why on its stderr.
             detail = ""
             try:
-                stderr = posixpath.join(run_dir, "stderr")
-                detail = one_line(decode(await read_part(self.connections, stderr, 0, 65536)))
+                stderr = Piece(posixpath.join(run_dir, "stderr"), 0, 65536)
+                detail = one_line(decode((await fetch(self.connections, [stderr]))[0].data))
             except HostError:
                 pass
             raise HostError(self.name, f"the run did not start in {cwd}: {detail[-300:]}")
         pid, ticks = found
         identity = RunIdentity(host=self.name, run_dir=run_dir, pid=pid, start_ticks=ticks)
         log.info("run started", machine=self.name, run_dir=run_dir, pid=pid)
-        return SSHRunHandle(self.connections, identity)
+        return self._handle(identity)
+
+    def _handle(self, identity: RunIdentity, found: RunStatus | None = None) -> SSHRunHandle:
+        """A handle of the run, followed by this machine's watcher (``found``: its status
+        just read, which may tell its end already)."""
+        ended = runfiles.exit_status(found, identity.run_dir) if found and found.ended else None
+        return SSHRunHandle(self.connections, self.follower, identity, ended)
 
     async def _recover_start(self, run_dir: str, lost: HostUnreachable) -> bytes:
         """After a start whose answer was lost: the run's pid lines, or raise ``lost``."""
@@ -234,10 +243,10 @@ class SSHHost(Host):
             return out.stdout
 
     async def attach(self, identity: RunIdentity) -> SSHRunHandle | None:
-        found = await self.probe([identity.run_dir])
-        if found[identity.run_dir].state is RunState.GONE:
+        found = (await self.probe([identity.run_dir]))[identity.run_dir]
+        if found.state is RunState.GONE:
             return None
-        return SSHRunHandle(self.connections, identity)
+        return self._handle(identity, found)
 
     async def attach_dir(self, run_dir: str) -> SSHRunHandle | None:
         run_dir = posixpath.normpath(await self._absolute(run_dir))
@@ -251,7 +260,7 @@ class SSHHost(Host):
         if found.state in (RunState.GONE, RunState.UNSTARTED):
             return None
         identity = RunIdentity(self.name, run_dir, found.pid or 0, found.start_ticks or 0)
-        return SSHRunHandle(self.connections, identity)
+        return self._handle(identity, found)
 
     async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
         return await probe(self.connections, run_dirs)

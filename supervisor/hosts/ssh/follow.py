@@ -1,0 +1,589 @@
+"""One watcher per SSH machine, for the output and the end of every run followed there.
+
+A run on an SSH machine writes its output to files in its run directory; the host reads them
+back by byte offset.  Following each run with a channel of its own (two ``tail -F``, a status
+poll per run) cost the machine some 160 ms of CPU per agent-second and a connection per eight
+runs.  Instead, per machine:
+
+* **one watcher** (``sh/watch.sh``, on one channel) is given the run directories followed and
+  prints, only when something changed, each run's stdout and stderr sizes, whether ``exit`` is
+  written and whether its wrapper lives: a pass every 0.1 s while files change, every second
+  once nothing has for a while;
+* **one fetch** (``sh/fetch.sh``) reads, for every reader behind its run's files, the new bytes
+  (each piece with a length header, at most :data:`PIECE` bytes, :data:`FETCH_TOTAL` in all,
+  fetched again at once while a piece came back full);
+* a run whose ``exit`` appeared, or whose wrapper is gone, or whose directory vanished, is judged
+  by one probe (``sh/status.sh`` and ``runfiles.decide``) for all of them, and ended there and
+  then when its wrapper is gone without an ``exit`` (``sh/end-lost.sh``).
+
+The set of runs the watcher follows is given as its stdin when it starts; when the set grows
+(a new run) the watcher is **restarted** with the new set, at most every :data:`RESTART_GAP`
+seconds (a burst of starts makes one restart), and when it only shrank, lazily.  A restart
+rather than a list file the watcher re-reads: nothing to write or clean up on the machine
+beforehand, no half-written list to guard against, and a new watcher's first pass reports every
+run, which is exactly what a reconnect needs too: after a lost link the watcher is started
+again, and each reader fetches from the offsets it holds (nothing lost, nothing repeated).  A
+new reader does not wait for the watcher: it fetches at once.
+
+The work is done by one background task per machine, started at the first run followed and
+ended by :meth:`Follower.aclose`.  It is a plain asyncio task (asyncssh is asyncio-only): the
+readers and waiters come and go (a worker's output pump, a ``wait`` cut short by a stop
+timeout) while the watcher, the fetches and the reconnects must go on regardless of which of
+them happens to be waiting; no error of the loop reaches them, only what it found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import posixpath
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+
+from supervisor.hosts import runfiles
+from supervisor.hosts.base import STREAMS, Chunk, ExitStatus, HostError, RunStatus, Stream
+from supervisor.hosts.ssh.connection import Connections, Watch, decode
+
+log = structlog.get_logger(__name__)
+
+#: The watcher's pass interval while files change, and once QUIET_PASSES found nothing.
+WATCH_FAST = 0.1
+WATCH_SLOW = 1.0
+QUIET_PASSES = 5
+#: A quiet watcher says it lives every BEAT_PASSES passes; silent for WATCH_SILENCE seconds,
+#: it is taken for hung and started again.
+BEAT_PASSES = 15
+WATCH_SILENCE = 3 * BEAT_PASSES * WATCH_SLOW + 5.0
+#: A watcher that ended sooner than this after its start failed (it is not restarted at once).
+WATCH_MIN_LIFE = 1.0
+#: How long a restart waits for the old watcher's channel to close.
+WATCH_CLOSE_WAIT = 2.0
+#: The wrapper's start ticks are checked every TICKS_EVERY passes (``kill -0`` on the others).
+TICKS_EVERY = 10
+#: A run followed anew waits at most this long (seconds) for the watcher to take it in...
+RESTART_GAP = 0.5
+#: ...and ended runs leave the watcher's list at the latest this long after they ended.
+SHRINK_AFTER = 10.0
+#: Largest piece of one file in one fetch; most bytes in one fetch; most bytes a reader may
+#: hold unconsumed before its run is fetched for again.
+PIECE = 2 * 1024 * 1024
+FETCH_TOTAL = 16 * 1024 * 1024
+READER_BUFFER = 4 * 1024 * 1024
+FETCH_TIMEOUT = 60.0
+#: How long a start waits for the wrapper to write the ``pid`` file (seconds); a probe waits
+#: as long (and a little more) for a start in flight.
+START_TIMEOUT = 10.0
+#: Run directories judged by one probe command (keeps the command line short).
+PROBE_BATCH = 200
+
+
+async def probe(conns: Connections, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
+    """The status of each run directory, in one command per :data:`PROBE_BATCH`."""
+    found: dict[str, RunStatus] = {}
+    lock_wait = int(START_TIMEOUT) + 2
+    for first in range(0, len(run_dirs), PROBE_BATCH):
+        batch = run_dirs[first : first + PROBE_BATCH]
+        out = await conns.script("status", str(lock_wait), *batch, timeout=60.0 + lock_wait)
+        facts = runfiles.parse_probe(decode(out.stdout))
+        missing = [d for d in batch if d not in facts]
+        if out.code != 0 or missing:
+            detail = decode(out.stderr).strip() or f"exit {out.code}, no facts for {missing[:3]}"
+            raise HostError(conns.name, f"cannot read the status of runs: {detail}")
+        found.update((d, runfiles.decide(facts[d])) for d in batch)
+    return found
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One file's part asked of :func:`fetch`: ``limit`` bytes of ``path`` from ``start``."""
+
+    path: str
+    start: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What :func:`fetch` read of a :class:`Piece`: the file's size then (-1: missing) and
+    the bytes."""
+
+    size: int
+    data: bytes
+
+
+class FetchError(HostError):
+    """A fetch's answer did not add up (a file cut short under it): nothing of it is used."""
+
+
+async def fetch(conns: Connections, pieces: Sequence[Piece]) -> list[Fetched]:
+    """Read many pieces of files in one command (``sh/fetch.sh``)."""
+    args = [word for p in pieces for word in (p.path, str(p.start), str(p.limit))]
+    out = await conns.script("fetch", *args, timeout=FETCH_TIMEOUT)
+    data = out.stdout
+    found: list[Fetched] = []
+    at = 0
+    try:
+        for _ in pieces:
+            eol = data.index(b"\n", at)
+            size, length = (int(word) for word in data[at:eol].split())
+            at = eol + 1 + length
+            if length < 0 or at > len(data):
+                raise ValueError("short piece")
+            found.append(Fetched(size, data[eol + 1 : at]))
+        if out.code != 0 or data[at:] != b"end\n":
+            raise ValueError(f"exit {out.code}, trailer {data[at : at + 20]!r}")
+    except ValueError as exc:
+        said = decode(out.stderr).strip()[-200:]
+        raise FetchError(
+            conns.name, f"a fetch of run output did not add up: {exc} {said}"
+        ) from None
+    return found
+
+
+# ---- what the loop knows ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Run:
+    """A run followed on this machine: what the watcher and the fetches found, and its end."""
+
+    run_dir: str
+    sizes: dict[Stream, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
+    exit_token: str = "-"
+    alive: bool = True
+    missing: bool = False
+    users: int = 0  # handles, readers and waiters of it
+    readers: set[_Reader] = field(default_factory=set)
+    status: ExitStatus | None = None
+    #: Fetches started before the end was known (a fetch numbered above reads the final bytes).
+    ended_after: int = 0
+    #: Nothing more can be read (the machine was given up on, or the host closed).
+    abandoned: bool = False
+    #: The watcher facts last judged RUNNING: not probed again until they change.
+    judged: tuple[str, bool, bool] | None = None
+    ended_at: float = 0.0
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def facts(self) -> tuple[str, bool, bool]:
+        return (self.exit_token, self.alive, self.missing)
+
+    def wants_judging(self) -> bool:
+        if self.status is not None or self.judged == self.facts():
+            return False
+        return self.exit_token != "-" or not self.alive or self.missing
+
+
+class _Reader:
+    """One ``output()`` of a run: its offsets and the chunks fetched but not yet taken."""
+
+    def __init__(self, run: _Run, offsets: Mapping[Stream, int] | None) -> None:
+        self.run = run
+        self.pos: dict[Stream, int] = {s: int((offsets or {}).get(s, 0)) for s in STREAMS}
+        self.chunks: collections.deque[Chunk] = collections.deque()
+        self.buffered = 0
+        self.caught_up = -1  # the last fetch that read both files to their ends
+        self.wake = anyio.Event()
+
+    def finished(self) -> bool:
+        run = self.run
+        if run.abandoned:
+            return True
+        return run.status is not None and self.caught_up > run.ended_after
+
+    def room(self) -> int:
+        return READER_BUFFER - self.buffered
+
+    def wanted(self) -> list[Stream]:
+        """The streams to fetch for (both, for the last read after the end)."""
+        run = self.run
+        if self.room() <= 0 or self.finished():
+            return []
+        if run.status is not None:
+            return list(STREAMS)
+        return [s for s in STREAMS if (size := run.sizes[s]) is None or self.pos[s] < size]
+
+
+class _Watching:
+    """One watcher started: the run directories it was given (line ``I`` is ``dirs[I-1]``),
+    and what it printed that was not read yet."""
+
+    def __init__(self, dirs: list[str]) -> None:
+        self.dirs = dirs
+        self.buffer = bytearray()
+        self.started = time.monotonic()
+        self.heard = self.started
+        self.watch: Watch | None = None
+
+
+class Follower:
+    """The watcher, the fetches and the judging of one SSH machine's followed runs."""
+
+    def __init__(self, conns: Connections) -> None:
+        self.conns = conns
+        self.name = conns.name
+        self._runs: dict[str, _Run] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake: anyio.Event | None = None
+        self._closed = False
+        self._fetches = 0
+        self._turn = 0  # where the next fetch starts picking readers (fairness)
+        self._down_since: float | None = None
+        #: Watchers started so far (the first included): a restart or reconnect shows as 2, ...
+        self.watchers = 0
+
+    # ---- the interface of run handles ---------------------------------------------------------
+
+    def follow(self, run_dir: str, status: ExitStatus | None = None) -> None:
+        """A handle of the run exists: follow it (``status``: its end, when already known)."""
+        if "\n" in run_dir:
+            raise HostError(
+                self.name, f"a run directory with a newline cannot be followed: {run_dir!r}"
+            )
+        run = self._take(run_dir)
+        if status is not None and run.status is None:
+            self._end(run, status)
+        self._kick()
+
+    def unfollow(self, run_dir: str) -> None:
+        """A handle of the run is gone."""
+        self._drop(run_dir)
+
+    async def wait(self, run_dir: str) -> ExitStatus:
+        """The run's end, once known."""
+        run = self._take(run_dir)
+        try:
+            self._kick()
+            await run.done.wait()
+        finally:
+            self._drop(run_dir)
+        assert run.status is not None
+        return run.status
+
+    async def read(
+        self, run_dir: str, offsets: Mapping[Stream, int] | None
+    ) -> AsyncIterator[Chunk]:
+        """The run's output from ``offsets``, until its end has been read."""
+        run = self._take(run_dir)
+        reader = _Reader(run, offsets)
+        run.readers.add(reader)
+        try:
+            self._kick()
+            while True:
+                while reader.chunks:
+                    chunk = reader.chunks.popleft()
+                    full = reader.room() <= 0
+                    reader.buffered -= len(chunk.data)
+                    if full:
+                        self._kick()  # it may be fetched for again
+                    yield chunk
+                wake = reader.wake = anyio.Event()
+                if reader.finished() or self._closed:
+                    return
+                if not reader.chunks:
+                    await wake.wait()
+        finally:
+            run.readers.discard(reader)
+            self._drop(run_dir)
+
+    async def aclose(self) -> None:
+        """Stop the loop (and the watcher with it); every follower still waiting is told the
+        run is lost to this supervisor (the run itself goes on)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception), anyio.move_on_after(10):
+                await task
+        for run in list(self._runs.values()):
+            self._abandon(run, f"the SSH host {self.name} was closed")
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+
+    def _take(self, run_dir: str) -> _Run:
+        run = self._runs.get(run_dir)
+        if run is None:
+            run = self._runs[run_dir] = _Run(run_dir)
+        run.users += 1
+        return run
+
+    def _drop(self, run_dir: str) -> None:
+        run = self._runs.get(run_dir)
+        if run is None:
+            return
+        run.users -= 1
+        if run.users <= 0:
+            del self._runs[run_dir]
+
+    def _kick(self) -> None:
+        """Something changed for the loop: wake it, or start it."""
+        if self._closed:
+            return
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._serve(), name=f"ssh-follow-{self.name}"
+            )
+
+    def _end(self, run: _Run, status: ExitStatus) -> None:
+        run.status = status
+        run.ended_after = self._fetches
+        run.ended_at = time.monotonic()
+        run.done.set()
+        for reader in run.readers:
+            reader.wake.set()
+
+    def _abandon(self, run: _Run, reason: str) -> None:
+        """Nothing more can be known of the run here: its followers are told it is lost."""
+        run.abandoned = True
+        if run.status is None:
+            log.warning("run lost", machine=self.name, run_dir=run.run_dir, reason=reason)
+            self._end(run, ExitStatus(code=None, lost=True, reason=reason))
+        for reader in run.readers:
+            reader.wake.set()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """Keep a watcher on the runs that have not ended, fetch what grew, judge what ended;
+        after a failure, back off and start again."""
+        watching: _Watching | None = None
+        attempt = 0
+        try:
+            while not self._closed:
+                try:
+                    watching = await self._tend(watching)
+                    if self._down_since is not None:
+                        log.info("ssh watcher back", machine=self.name)
+                    self._down_since, attempt = None, 0
+                except FetchError as err:
+                    log.warning("ssh fetch failed", machine=self.name, error=err.message)
+                    await anyio.sleep(0.5)
+                except HostError as err:
+                    self._stop(watching)
+                    watching = None
+                    self._trouble(err)
+                    await anyio.sleep(min(0.25 * 2**attempt, 5.0))
+                    attempt += 1
+        finally:
+            self._stop(watching)
+
+    def _stop(self, watching: _Watching | None) -> None:
+        if watching is not None and watching.watch is not None:
+            watching.watch.close()
+
+    def _trouble(self, err: HostError) -> None:
+        """The machine could not be reached; after ``unreachable_after`` of it, the runs still
+        followed are given up on."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.info("ssh watcher interrupted", machine=self.name, error=err.message)
+        limit = self.conns.target.unreachable_after
+        if now - self._down_since > limit:
+            for run in list(self._runs.values()):
+                if run.status is None:
+                    self._abandon(
+                        run, f"{self.name} unreachable for more than {limit:g}s: {err.message}"
+                    )
+
+    async def _tend(self, watching: _Watching | None) -> _Watching | None:
+        """One round: the watcher right, its news read, runs judged, output fetched, then a
+        wait for news (unless a fetch left more to read)."""
+        self._wake = wake = anyio.Event()
+        watching, wait_for = await self._keep_watching(watching)
+        if watching is not None:
+            self._absorb(watching)
+        await self._judge()
+        if await self._fetch():
+            return watching
+        if watching is not None:
+            wait_for = min(wait_for, watching.heard + WATCH_SILENCE - time.monotonic())
+        with anyio.move_on_after(max(0.0, wait_for)):
+            if watching is not None and watching.watch is not None:
+                ended = watching.watch.ended
+                async with anyio.create_task_group() as race:
+
+                    async def on(event: anyio.Event) -> None:
+                        await event.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(on, ended)
+                    race.start_soon(on, wake)
+            else:
+                await wake.wait()
+        return watching
+
+    def _watch_list(self) -> list[str]:
+        return [d for d, run in self._runs.items() if run.status is None]
+
+    async def _keep_watching(self, watching: _Watching | None) -> tuple[_Watching | None, float]:
+        """Start, restart or stop the watcher as the followed runs require; how long the
+        loop may then wait before it must look again (a restart held back)."""
+        wanted = self._watch_list()
+        now = time.monotonic()
+        wait_for = math.inf
+        if watching is not None and watching.watch is not None:
+            watch = watching.watch
+            by_itself = watch.ended.is_set() and now - watching.started < WATCH_MIN_LIFE
+            restart = ""
+            if watch.ended.is_set():
+                restart = f"it ended: {watch.why()}"
+            elif now - watching.heard > WATCH_SILENCE:
+                restart = f"it said nothing for {WATCH_SILENCE:g}s"
+            elif not wanted:
+                restart = "nothing left to follow"
+            else:
+                since = now - watching.started
+                new = set(wanted) - set(watching.dirs)
+                gone = set(watching.dirs) - set(wanted)
+                if new and since >= RESTART_GAP:
+                    restart = "runs to add"
+                elif new:
+                    wait_for = RESTART_GAP - since
+                elif gone and self._ended_long_ago(gone):
+                    restart = "runs to drop"
+            if restart:
+                log.debug("ssh watcher restarted", machine=self.name, why=restart)
+                self._stop(watching)
+                watching = None
+                # Its channel counts against MaxSessions until closed: the next waits for that.
+                with anyio.move_on_after(WATCH_CLOSE_WAIT):
+                    await watch.ended.wait()
+                if by_itself:
+                    # A watcher that ends as soon as it starts would be started in a loop:
+                    # this is a failure like any other (backoff, then again).
+                    raise HostError(self.name, f"the run watcher ended at once: {watch.why()}")
+        if watching is None and wanted:
+            watching = _Watching(wanted)
+            watching.watch = await self._start_watch(watching)
+        return watching, wait_for
+
+    def _ended_long_ago(self, run_dirs: set[str]) -> bool:
+        now = time.monotonic()
+        for run_dir in run_dirs:
+            run = self._runs.get(run_dir)
+            if run is None or now - run.ended_at > SHRINK_AFTER:
+                return True
+        return False
+
+    async def _start_watch(self, watching: _Watching) -> Watch:
+        def on_data(data: bytes) -> None:
+            watching.buffer += data
+            watching.heard = time.monotonic()
+            if self._wake is not None:
+                self._wake.set()
+
+        listed = "".join(f"{d}\n" for d in watching.dirs) + "\n"
+        args = [str(WATCH_FAST), str(WATCH_SLOW), str(QUIET_PASSES), str(BEAT_PASSES),
+                str(TICKS_EVERY)]  # fmt: skip
+        watch = await self.conns.watch("watch", *args, input=listed.encode(), on_data=on_data)
+        self.watchers += 1
+        return watch
+
+    def _absorb(self, watching: _Watching) -> None:
+        """Take in the complete passes the watcher printed (``I OUT ERR EXIT ALIVE`` lines, each
+        pass ended by ``.``)."""
+        buffer = watching.buffer
+        if buffer.startswith(b".\n"):
+            end = 2
+        else:
+            end = buffer.rfind(b"\n.\n") + 3
+            if end < 3:
+                return
+        lines = bytes(buffer[:end]).split(b"\n")
+        del buffer[:end]
+        for line in lines:
+            fields = line.split()
+            if len(fields) != 5 or not fields[0].isdigit():
+                continue
+            index = int(fields[0]) - 1
+            if not 0 <= index < len(watching.dirs):
+                continue
+            run = self._runs.get(watching.dirs[index])
+            if run is None or run.status is not None:
+                continue
+            for stream, size in zip(STREAMS, fields[1:3], strict=True):
+                if size == b"-":
+                    run.missing = True
+                elif size.isdigit():
+                    run.sizes[stream] = max(run.sizes[stream] or 0, int(size))
+            run.exit_token = fields[3].decode("ascii", "replace")
+            run.alive = fields[4] != b"0"
+
+    async def _judge(self) -> None:
+        """Probe, in one command, the runs whose end the watcher saw (or whose wrapper or
+        directory it found gone); end those whose wrapper vanished without an ``exit``."""
+        runs = [run for run in self._runs.values() if run.wants_judging()]
+        if not runs:
+            return
+        found = await probe(self.conns, [run.run_dir for run in runs])
+        for run in runs:
+            status = found[run.run_dir]
+            if status.needs_ending:
+                out = await self.conns.script("end-lost", run.run_dir, runfiles.WRAPPER_VANISHED)
+                if out.code != 0:
+                    raise HostError(self.name, f"cannot end a lost run: {decode(out.stderr)}")
+            ended = runfiles.exit_status(status, run.run_dir)
+            if ended is None:
+                run.judged = run.facts()  # running after all: looked at again on news
+            elif run.status is None:
+                self._end(run, ended)
+
+    async def _fetch(self) -> bool:
+        """One fetch for every reader behind its files; True when a piece came back full (there
+        is more to read at once)."""
+        readers = [r for run in self._runs.values() for r in run.readers]
+        if not readers:
+            return False
+        self._turn = (self._turn + 1) % len(readers)
+        readers = readers[self._turn :] + readers[: self._turn]
+        asked: list[tuple[_Reader, Stream, Piece]] = []
+        total = 0
+        for reader in readers:
+            room = reader.room()
+            for stream in reader.wanted():
+                if total >= FETCH_TOTAL:
+                    break
+                limit = min(PIECE, room, FETCH_TOTAL - total)
+                if limit <= 0:
+                    break
+                size = reader.run.sizes[stream]
+                expect = limit if size is None else min(limit, size - reader.pos[stream])
+                path = posixpath.join(reader.run.run_dir, stream)
+                asked.append((reader, stream, Piece(path, reader.pos[stream], limit)))
+                room -= max(0, expect)
+                total += max(0, expect)
+        if not asked:
+            return False
+        self._fetches += 1
+        number = self._fetches
+        got = await fetch(self.conns, [piece for _, _, piece in asked])
+        more = False
+        done: dict[_Reader, int] = {}
+        for (reader, stream, piece), fetched in zip(asked, got, strict=True):
+            run = reader.run
+            if fetched.size < 0:
+                run.missing = True
+            else:
+                run.sizes[stream] = max(run.sizes[stream] or 0, fetched.size)
+            if fetched.data:
+                reader.pos[stream] += len(fetched.data)
+                reader.buffered += len(fetched.data)
+                reader.chunks.append(Chunk(stream, fetched.data, reader.pos[stream]))
+                reader.wake.set()
+            if len(fetched.data) >= piece.limit:
+                more = True
+            elif fetched.size < 0 or reader.pos[stream] >= fetched.size:
+                done[reader] = done.get(reader, 0) + 1
+        for reader, streams in done.items():
+            if streams == len(STREAMS) and reader.run.status is not None:
+                reader.caught_up = number
+                reader.wake.set()
+        return more
