@@ -23,6 +23,7 @@ asyncssh is asyncio-only: this needs anyio's asyncio backend.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shlex
@@ -461,6 +462,10 @@ class Connections:
     def _release(self, link: _Link) -> None:
         link.busy -= 1
         link.idle_since = time.monotonic()
+        if link.busy == 0 and self._links and link is not self._links[0]:
+            # A plain event-loop timer (sync, nothing to await): an idle fleet makes no call
+            # that would close the connection otherwise.
+            asyncio.get_running_loop().call_later(LINK_IDLE + 0.1, self._close_idle)
         self._freed.set()  # wakes every waiter; the next ones wait for the next release
         self._freed = anyio.Event()
 

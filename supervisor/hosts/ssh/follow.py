@@ -22,8 +22,9 @@ seconds (a burst of starts makes one restart), and when it only shrank, lazily. 
 rather than a list file the watcher re-reads: nothing to write or clean up on the machine
 beforehand, no half-written list to guard against, and a new watcher's first pass reports every
 run, which is exactly what a reconnect needs too: after a lost link the watcher is started
-again, and each reader fetches from the offsets it holds (nothing lost, nothing repeated).  A
-new reader does not wait for the watcher: it fetches at once.
+again, and each reader fetches from the offsets it holds (nothing lost, nothing repeated).  Once
+the link is back, every reader is fetched for at once, without waiting for the new watcher's
+first pass.
 
 The work is done by one background task per machine, started at the first run followed and
 ended by :meth:`Follower.aclose`.  It is a plain asyncio task (asyncssh is asyncio-only): the
@@ -199,14 +200,15 @@ class _Reader:
     def room(self) -> int:
         return READER_BUFFER - self.buffered
 
-    def wanted(self) -> list[Stream]:
-        """The streams to fetch for (both, for the last read after the end)."""
+    def wanted(self, resync: bool) -> list[Stream]:
+        """The streams to fetch for: those behind the sizes the watcher saw; both for the last
+        read after the end, and with ``resync`` (the watcher was down: its sizes are old)."""
         run = self.run
         if self.room() <= 0 or self.finished():
             return []
-        if run.status is not None:
+        if run.status is not None or resync:
             return list(STREAMS)
-        return [s for s in STREAMS if (size := run.sizes[s]) is None or self.pos[s] < size]
+        return [s for s in STREAMS if (size := run.sizes[s]) is not None and self.pos[s] < size]
 
 
 class _Watching:
@@ -234,6 +236,7 @@ class Follower:
         self._fetches = 0
         self._turn = 0  # where the next fetch starts picking readers (fairness)
         self._down_since: float | None = None
+        self._resync = False  # the watcher was down: read every reader once, as it comes back
         #: Watchers started so far (the first included): a restart or reconnect shows as 2, ...
         self.watchers = 0
 
@@ -382,6 +385,7 @@ class Follower:
         """The machine could not be reached; after ``unreachable_after`` of it, the runs still
         followed are given up on."""
         now = time.monotonic()
+        self._resync = True
         if self._down_since is None:
             self._down_since = now
             log.info("ssh watcher interrupted", machine=self.name, error=err.message)
@@ -401,8 +405,13 @@ class Follower:
         if watching is not None:
             self._absorb(watching)
         await self._judge()
-        if await self._fetch():
-            return watching
+        resync, self._resync = self._resync, False
+        try:
+            if await self._fetch(resync):
+                return watching
+        except BaseException:
+            self._resync = resync
+            raise
         if watching is not None:
             wait_for = min(wait_for, watching.heard + WATCH_SILENCE - time.monotonic())
         with anyio.move_on_after(max(0.0, wait_for)):
@@ -536,9 +545,10 @@ class Follower:
             elif run.status is None:
                 self._end(run, ended)
 
-    async def _fetch(self) -> bool:
-        """One fetch for every reader behind its files; True when a piece came back full (there
-        is more to read at once)."""
+    async def _fetch(self, resync: bool = False) -> bool:
+        """One fetch for every reader behind its files (with ``resync``, every reader: output
+        written while the watcher was down is read without waiting for its first pass); True
+        when a piece came back full (there is more to read at once)."""
         readers = [r for run in self._runs.values() for r in run.readers]
         if not readers:
             return False
@@ -548,7 +558,7 @@ class Follower:
         total = 0
         for reader in readers:
             room = reader.room()
-            for stream in reader.wanted():
+            for stream in reader.wanted(resync):
                 if total >= FETCH_TOTAL:
                     break
                 limit = min(PIECE, room, FETCH_TOTAL - total)
