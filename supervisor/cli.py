@@ -21,21 +21,22 @@ from typing import Any
 import anyio
 import structlog
 
+from supervisor import commands as control_commands
 from supervisor import control, durations, report
 from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, TaskConfig, load_config
-from supervisor.exitcodes import EXIT_LOCKED, EXIT_NOTHING, EXIT_USAGE
-from supervisor.fleet import (
-    Deadline,
-    Fleet,
-    summary_table,
-)
+from supervisor.exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_NOTHING, EXIT_USAGE
+from supervisor.fleet import Deadline, Fleet
+from supervisor.ledger import Ledger, LedgerError
 from supervisor.rundir import (
     FleetLocked,
+    StateDirUnusable,
     acquire_lock,
-    find_run,
-    list_runs,
+    find_shift,
+    list_shifts,
     lock_holder,
+    prepare_socket_dir,
+    prepare_state_dir,
     socket_path,
 )
 from supervisor.tail import add_logs_parser
@@ -125,6 +126,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _load(args, concurrency=args.concurrency)
     preflight(config)
     deadline = deadline_from(args)
+    prepare_state_dir(config.state_path)
+    prepare_socket_dir(config.state_path)
     locks = []
     try:
         locks.append(acquire_lock(config.state_path))
@@ -143,6 +146,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not config.tasks.items and not args.watch:
             print(f"{PROG}: nothing to do: no tasks", file=sys.stderr)
             return EXIT_NOTHING
+        listed = {t.issue for t in config.tasks.items}
+        unknown = sorted(set(args.rerun or ()) - listed)
+        if unknown:
+            raise UsageError(f"--rerun {unknown[0]}: the config lists no task #{unknown[0]}")
         colour = False if args.no_colour else None
         fleet = Fleet(
             config,
@@ -150,6 +157,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             colour=colour,
             deadline=deadline,
             watch=(lambda: _github_tasks(config)) if args.watch else None,
+            rerun=args.rerun or (),
+            fresh=args.fresh,
         )
         keep_buffers()
         # What exists now (modules, the config) lives as long as the process: the collector
@@ -161,7 +170,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             held.release()
     if not args.quiet:
         print()
-        print(summary_table(result.workers))
+        print(report.summary_table([w.as_dict() for w in result.workers]))
         print(f"\nlogs: {result.run_dir / 'fleet.jsonl'}")
         print(f"summary: {result.run_dir / 'summary.json'}")
     return result.exit_code
@@ -264,56 +273,73 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simple(payload_of: Any) -> Any:
+def _command(command: control_commands.Command) -> Any:
+    """The CLI side of one control command: send it, print the fleet's one-line answer."""
+
     def run(args: argparse.Namespace) -> int:
-        payload = payload_of(args)
-        answer = _ask(args, payload)
+        answer = _ask(args, command.payload(args))
         if isinstance(answer, int):
             return answer
         if not answer.get("ok"):
-            return _error(str(answer.get("error")), 1)
-        what = {"down": "stopping the fleet", "pause": "new runs paused",
-                "resume": "new runs allowed", "restart": f"task #{payload.get('task')} restarting",
-                "add": f"task #{payload.get('task')} added"}[payload["cmd"]]
-        print(f"{PROG}: {what}")
+            return _error(str(answer.get("error")), EXIT_FAILED)
+        print(f"{PROG}: {answer.get('message') or command.name}")
         return 0
 
     return run
 
 
+def _open_ledger(state_dir: Path) -> Ledger | None:
+    try:
+        return Ledger.reader(state_dir)
+    except LedgerError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
-    """List past fleet runs with their summaries."""
+    """List the shifts (one per ``up``) with what became of their tasks, from the ledger."""
     state_dir = _state_dir(args)
-    runs = list_runs(state_dir)
-    if not runs:
-        print(f"{PROG}: no fleet runs in {state_dir}", file=sys.stderr)
-        return EXIT_NOTHING
-    running = lock_holder(state_dir)
-    rows: list[tuple[str, ...]] = [("run", "state", "tasks", "done", "failed", "exit", "meaning")]
-    out: list[dict[str, Any]] = []
-    for info in runs:
-        data = info.summary or info.state or {}
-        workers = data.get("workers", [])
-        if info.summary is not None:
-            state = "ended"
-        elif running and data.get("pid") == running:
-            state = "running"
-        else:
-            state = "died"
-        code = data.get("exit_code") if info.summary else None
-        row = {
-            "run": info.run_id,
-            "state": state,
-            "tasks": len(workers),
-            "done": sum(1 for w in workers if w.get("state") == "done"),
-            "failed": sum(1 for w in workers if w.get("state") == "failed"),
-            "exit_code": code,
-            "meaning": data.get("exit_meaning", "") if info.summary else "",
-            "path": str(info.path),
-        }
-        out.append(row)
-        rows.append((info.run_id, state, str(row["tasks"]), str(row["done"]), str(row["failed"]),
-                     "-" if code is None else str(code), str(row["meaning"])))
+    ledger = _open_ledger(state_dir)
+    try:
+        shifts = list_shifts(state_dir, ledger)
+        if not shifts:
+            print(f"{PROG}: no fleet runs (shifts) in {state_dir}", file=sys.stderr)
+            return EXIT_NOTHING
+        running = lock_holder(state_dir)
+        header = ("shift", "state", "tasks", "done", "failed", "exit", "meaning")
+        rows: list[tuple[str, ...]] = [header]
+        out: list[dict[str, Any]] = []
+        for info in shifts:
+            record, summary = info.record, info.summary or {}
+            workers: list[dict[str, Any]] = summary.get("workers", [])
+            if ledger is not None and record is not None:
+                workers = [{"state": w.state} for w in ledger.workers(info.shift_id)]
+            if record is not None and record.state == "running":
+                state = "running" if running and record.pid == running else "died"
+            elif record is not None:
+                state = record.state
+            else:
+                state = "ended" if info.summary is not None else "died"
+            code = record.exit_code if record is not None else summary.get("exit_code")
+            meaning = (record.exit_meaning if record is not None
+                       else summary.get("exit_meaning")) or ""
+            row = {
+                "shift": info.shift_id,
+                "run": info.shift_id,
+                "state": state,
+                "tasks": len(workers),
+                "done": sum(1 for w in workers if w.get("state") == "done"),
+                "failed": sum(1 for w in workers if w.get("state") == "failed"),
+                "exit_code": code if state == "ended" else None,
+                "meaning": meaning if state == "ended" else "",
+                "path": str(info.path),
+            }
+            out.append(row)
+            rows.append((info.shift_id, state, str(row["tasks"]), str(row["done"]),
+                         str(row["failed"]), "-" if row["exit_code"] is None
+                         else str(row["exit_code"]), str(row["meaning"])))
+    finally:
+        if ledger is not None:
+            ledger.close()
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -324,23 +350,33 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Rebuild a run's report.md/report.json from its summary, its log and its worktrees."""
+    """Rebuild a shift's report.md/report.json from its summary (or the ledger, for a shift
+    whose ``up`` died), its log and its worktrees."""
     config = _load(args)
     state_dir = _state_dir(args)
-    info = find_run(state_dir, args.run)
-    if info is None:
-        what = f"no run matching {args.run!r}" if args.run else "no fleet runs"
-        print(f"{PROG}: {what} in {state_dir}", file=sys.stderr)
-        return EXIT_NOTHING
-    summary = info.summary or info.state
+    ledger = _open_ledger(state_dir)
+    try:
+        info = find_shift(state_dir, ledger, args.run)
+        if info is None:
+            what = f"no shift matching {args.run!r}" if args.run else "no fleet runs (shifts)"
+            print(f"{PROG}: {what} in {state_dir}", file=sys.stderr)
+            return EXIT_NOTHING
+        summary = info.summary
+        if summary is None and ledger is not None:
+            summary = report.summary_from_ledger(ledger, info.shift_id, lock_holder(state_dir))
+    finally:
+        if ledger is not None:
+            ledger.close()
     if summary is None:
-        return _error(f"run {info.run_id} has neither summary.json nor state.json", 1)
+        return _error(f"shift {info.shift_id} has neither summary.json nor a ledger row",
+                      EXIT_FAILED)
+    found = summary
 
     async def build() -> dict[str, Any]:
         hosts = Fleet.make_hosts(config)
         try:
             return await report.collect(
-                summary, info.path, hosts,
+                found, info.path, hosts,
                 milestone_globs=config.milestone_globs,
                 default_branch={},
             )
@@ -464,12 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="exit when the queue is drained (the default)")
     once.add_argument("--watch", action="store_true",
                       help="keep polling the GitHub task source for new issues")
+    again = up.add_mutually_exclusive_group()
+    again.add_argument("--rerun", type=int, action="append", metavar="ISSUE",
+                       help="run this task again although the ledger has it done (repeatable)")
+    again.add_argument("--fresh", action="store_true",
+                       help="start every listed task anew, done ones too (run numbers go on)")
     up.set_defaults(func=cmd_up)
 
     add_logs_parser(commands)
 
     rep = with_config(commands.add_parser("report", help="write (again) a run's morning report"))
-    rep.add_argument("--run", metavar="ID", help="run id or unique prefix (default: latest)")
+    rep.add_argument("--shift", "--run", dest="run", metavar="ID",
+                     help="shift id or unique prefix (default: latest)")
     rep.add_argument("--print", action="store_true", help="print the Markdown report too")
     rep.set_defaults(func=cmd_report)
 
@@ -488,21 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable")
     status.set_defaults(func=cmd_status)
 
-    down = with_config(commands.add_parser("down", help="stop the running fleet (like Ctrl-C)"))
-    down.set_defaults(func=_simple(lambda a: {"cmd": "down"}))
-    for name, text in (("pause", "start no new runs"), ("resume", "allow new runs again")):
-        sub = with_config(commands.add_parser(name, help=text))
-        sub.set_defaults(func=_simple(lambda a, n=name: {"cmd": n}))
-    restart = with_config(commands.add_parser("restart", help="restart one task's run"))
-    restart.add_argument("task", type=int, metavar="ISSUE")
-    restart.set_defaults(func=_simple(lambda a: {"cmd": "restart", "task": a.task}))
-    add = with_config(commands.add_parser("add", help="queue a new task in the running fleet"))
-    add.add_argument("task", type=int, metavar="ISSUE")
-    add.add_argument("--title", default="")
-    add.add_argument("--prompt")
-    add.set_defaults(func=_simple(lambda a: {"cmd": "add", "task": a.task, "title": a.title,
-                                             "prompt": a.prompt}))
-    runs = with_config(commands.add_parser("runs", help="list past fleet runs"))
+    for command in control_commands.COMMANDS.values():
+        if command.custom_output:
+            continue
+        sub = with_config(commands.add_parser(command.name, help=command.help))
+        for flags, options in command.arguments:
+            sub.add_argument(*flags, **options)
+        sub.set_defaults(func=_command(command))
+    runs = with_config(commands.add_parser("shifts", aliases=["runs"],
+                                           help="list past and running shifts (one per `up`)"))
     runs.add_argument("--json", action="store_true", help="machine-readable")
     runs.set_defaults(func=cmd_runs)
     return parser
@@ -516,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, StateDirUnusable, LedgerError) as exc:
         return _error(str(exc))
     except KeyboardInterrupt:
         return 130

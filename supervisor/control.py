@@ -1,5 +1,6 @@
 """The control socket: how ``status``, ``down``, ``restart``, ``add``, ``pause`` and ``resume``
-reach a running fleet.
+reach a running fleet.  Transport only: what each command does is the command table's
+(:mod:`supervisor.commands`).
 
 A Unix domain socket in the state directory, mode 0600 (only the fleet's owner may steer it).
 The protocol is one JSON object per line each way, one request per connection::
@@ -11,9 +12,8 @@ The protocol is one JSON object per line each way, one request per connection::
     → {"cmd": "frobnicate"}
     ← {"ok": false, "error": "unknown command 'frobnicate'; known: add, down, ..."}
 
-Commands: ``status``; ``down``; ``restart`` (``task``); ``add`` (``task``, optional ``title``,
-``prompt``); ``pause``; ``resume``.  A malformed request gets an error response; it never
-disturbs the fleet.
+A malformed request gets an error response; it never disturbs the fleet.  A client refuses a
+socket that another user owns.
 """
 
 from __future__ import annotations
@@ -89,7 +89,17 @@ async def _read_line(stream: anyio.abc.ByteStream) -> bytes:
 
 
 async def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the fleet at ``path`` and return its response."""
+    """Send one request to the fleet at ``path`` and return its response.
+
+    A socket another user owns is refused: it is not our fleet, and what we would send it
+    (``add``, a prompt) and believe of its answers is not theirs to see or make up."""
+    with contextlib.suppress(FileNotFoundError):
+        owner = os.stat(path).st_uid
+        if owner != os.geteuid():
+            raise ControlError(
+                f"the control socket {path} belongs to another user (uid {owner}): refused; "
+                "fix: remove it, or give this fleet a state directory of your own"
+            )
     try:
         with anyio.fail_after(timeout):
             async with await anyio.connect_unix(path) as stream:

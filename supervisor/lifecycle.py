@@ -2,7 +2,7 @@
 
 ::
 
-    pending → preparing → running ─exit 0, no new milestone──────→ done
+    pending → preparing → running ─exit 0, no new milestone──────→ done  (→ pending: --rerun)
                              │  ├─new milestone ──────────────────→ resuming → running
                              │  ├─crash ──→ backoff → running      (intensity exceeded → failed)
                              │  ├─usage limit ──→ paused → running
@@ -40,7 +40,8 @@ _FINAL = frozenset({WorkerState.STOPPED, WorkerState.DONE, WorkerState.FAILED, W
 
 _S = WorkerState
 _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
-    _S.PENDING: frozenset({_S.PREPARING, _S.STOPPED, _S.FAILED}),
+    # pending → lost: its earlier run could not be checked (machine unreachable at start-up).
+    _S.PENDING: frozenset({_S.PREPARING, _S.STOPPED, _S.FAILED, _S.LOST}),
     _S.PREPARING: frozenset(
         {_S.RUNNING, _S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STOPPED, _S.LOST}
     ),
@@ -52,7 +53,7 @@ _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPED, _S.FAILED, _S.LOST}),
     _S.STOPPING: frozenset({_S.STOPPED}),
     _S.STOPPED: frozenset({_S.PENDING}),
-    _S.DONE: frozenset(),
+    _S.DONE: frozenset({_S.PENDING}),  # run again on request (`add N --rerun`)
     _S.FAILED: frozenset({_S.PENDING}),
     _S.LOST: frozenset({_S.PENDING}),  # requeued on another machine
 }

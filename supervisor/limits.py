@@ -212,10 +212,11 @@ def _compile(patterns: tuple[str, ...], kind: str) -> tuple[re.Pattern[str], ...
 
 
 @functools.lru_cache(maxsize=32)
-def shared_detector(patterns: LimitPatterns) -> LimitDetector:
-    """One detector per set of patterns (it keeps no state between calls): a fleet of a
-    thousand tasks compiles its patterns once, not once per task."""
-    return LimitDetector(patterns)
+def shared_detector(patterns: LimitPatterns, tz: tzinfo | None = None) -> LimitDetector:
+    """One detector per set of patterns and time zone (it keeps no state between calls): a
+    fleet of a thousand tasks compiles its patterns once per machine's zone, not once per task.
+    ``tz`` is the zone of the machine the agent runs on (None: this machine's)."""
+    return LimitDetector(patterns, tz=tz)
 
 
 class OutputTail:

@@ -12,12 +12,20 @@ decision can be tested exactly.  The rules, after Erlang/OTP supervisors and sys
   (``random * min(backoff_max, backoff_base * 2**(k-1))`` for the k-th consecutive crash), unless
   more than ``max_crashes`` crashes fell within the last ``crash_window`` seconds, in which case
   the task is given up on (``failed``) and the fleet goes on without it.
+
+Which decisions **keep the run's slot** (:func:`keeps_slot`), so that what the console says
+("restarting in 0.7s") is what happens, rather than the task queueing behind every pending one:
+a milestone resume keeps it; a crash restart keeps it through a backoff of up to
+:data:`SLOT_KEPT_FOR` seconds (a longer one gives it to others meanwhile, and the restart waits
+for a slot again); a restart on request is a restart after no delay, so it starts at once in the
+slot its run had; a usage-limit pause gives it back (the machine takes no new runs anyway).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 
 class Outcome(enum.Enum):
@@ -52,6 +60,21 @@ class History:
     usage_pauses: int = 0
 
 
+def history_to_dict(history: History) -> dict[str, Any]:
+    """The history as the ledger stores it (JSON)."""
+    return asdict(history)
+
+
+def history_from_dict(data: dict[str, Any]) -> History:
+    """The history back from the ledger; unknown or missing keys fall back to the defaults."""
+    return History(
+        crash_times=tuple(float(t) for t in data.get("crash_times", ())),
+        consecutive_crashes=int(data.get("consecutive_crashes", 0)),
+        milestones=int(data.get("milestones", 0)),
+        usage_pauses=int(data.get("usage_pauses", 0)),
+    )
+
+
 @dataclass(frozen=True)
 class Finish:
     """The task is done."""
@@ -84,6 +107,18 @@ class GiveUp:
 
 
 Decision = Finish | Resume | Restart | Pause | GiveUp
+
+#: A crash backoff up to this long keeps the task's slot (see the module docstring).
+SLOT_KEPT_FOR = 30.0
+
+
+def keeps_slot(decision: Decision) -> bool:
+    """Whether the task keeps its slot while it waits for its next run."""
+    if isinstance(decision, Resume):
+        return True
+    if isinstance(decision, Restart):
+        return decision.delay <= SLOT_KEPT_FOR
+    return False
 
 
 def backoff_delay(policy: RestartPolicy, consecutive_crashes: int, rand: float) -> float:

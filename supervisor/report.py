@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 from supervisor import sh
+from supervisor.config import FleetConfig
 from supervisor.hosts.base import Host
+from supervisor.ledger import Ledger
 from supervisor.logs import lines_containing, log_files
 
 TAIL_LINES = 20
@@ -169,6 +172,7 @@ async def collect(
         "commits": sum(len(t["commits"]) for t in tasks),
     }
     return {
+        "not_in_config": summary.get("not_in_config", []),
         "fleet": summary.get("fleet"),
         "name": summary.get("name"),
         "started_at": summary.get("started_at"),
@@ -220,6 +224,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{t.get('runs')} | {t.get('milestones')} | {t.get('crashes')} | "
             f"{len(t['commits'])} | {float(t.get('wall_time') or 0):.0f}s |"
         )
+    if report.get("not_in_config"):
+        lines += ["", "In the ledger but no longer in the config (left as they were):", ""]
+        lines += [f"- #{t['task']} {t.get('title') or ''}: {t.get('state')}".rstrip()
+                  for t in report["not_in_config"]]
     for t in report["tasks"]:
         lines += ["", f"## #{t['task']} {t.get('title') or ''}".rstrip(), ""]
         reason = f": {t['reason']}" if t.get("reason") else ""
@@ -290,3 +298,95 @@ async def notify(
         except Exception as exc:  # any network failure is reported, never fatal
             problems.append(f"webhook POST failed: {exc}")
     return problems
+
+
+async def write_and_notify(
+    summary: dict[str, Any],
+    shift_dir: Path,
+    hosts: Mapping[str, Host],
+    config: FleetConfig,
+    log: structlog.typing.FilteringBoundLogger,
+    *,
+    default_branch: Mapping[str, str],
+) -> None:
+    """Write a shift's morning report and run the notification hooks; every failure is a
+    line in the log, never the shift's exit code."""
+    try:
+        data = await collect(summary, shift_dir, hosts, milestone_globs=config.milestone_globs,
+                             default_branch=default_branch)
+        _, report_json = write_report(shift_dir, data)
+    except Exception as exc:  # the report must never cost the summary or the exit code
+        log.warning("report-failed", msg=f"could not write the report: {exc!r}")
+        return
+    hooks = config.notify
+    if hooks.command or hooks.webhook:
+        problems = await notify(hooks.command, hooks.webhook, report_json, timeout=hooks.timeout)
+        for problem in problems:
+            log.warning("notify-failed", msg=f"notification failed: {problem}")
+        if not problems:
+            log.info("notified", msg="notifications sent")
+
+
+def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
+    """A shift's workers as its summary lists them, from the ledger (for a shift whose
+    supervisor died before writing its summary)."""
+    tasks = ledger.tasks()
+    rows = []
+    for w in ledger.workers(shift):
+        task = tasks.get(w.issue)
+        ended = w.ended_at
+        rows.append({
+            "worker": w.worker, "task": w.issue, "title": task.title if task else "",
+            "state": w.state, "reason": w.reason, "adopted_from": w.adopted_from,
+            "machine": task.machine if task else None,
+            "workspace": task.workspace if task else None,
+            "runs": task.runs if task else 0, "milestones": task.milestones if task else 0,
+            "crashes": task.crashes if task else 0,
+            "last_crash_run": task.last_crash_run if task else None,
+            "usage_pauses": task.usage_pauses if task else 0,
+            "last_exit": task.last_exit if task else None,
+            "started_at": w.started_at, "ended_at": ended,
+            "wall_time": round((ended or w.started_at or 0) - (w.started_at or 0), 3),
+        })
+    return rows
+
+
+def summary_from_ledger(
+    ledger: Ledger, shift: str, running_pid: int | None
+) -> dict[str, Any] | None:
+    """What ``summary.json`` would say of a shift that never wrote one (its ``up`` died, or
+    still runs: ``running_pid`` is the pid holding the state directory's lock, if any)."""
+    record = ledger.shift(shift)
+    if record is None:
+        return None
+    running = record.state == "running" and running_pid == record.pid
+    return {
+        "fleet": shift, "name": record.name, "pid": record.pid,
+        "started_at": record.started_at, "ended_at": record.ended_at,
+        "exit_code": record.exit_code,
+        "exit_meaning": record.exit_meaning or ("still running" if running else "supervisor died"),
+        "workers": workers_of(ledger, shift),
+    }
+
+
+def summary_table(statuses: Sequence[Mapping[str, Any]]) -> str:
+    """The end-of-shift table: per task its state, runs, milestones, crashes and wall time."""
+    header = ("worker", "task", "machine", "state", "runs", "milestones", "crashes", "wall", "note")
+    rows = [header] + [
+        (
+            str(s["worker"]),
+            f"#{s['task']}",
+            s.get("machine") or "-",
+            str(s["state"]),
+            str(s.get("runs") or 0),
+            str(s.get("milestones") or 0),
+            str(s.get("crashes") or 0),
+            f"{float(s.get('wall_time') or 0):.1f}s",
+            str(s.get("reason") or "") if s["state"] != "done" else "",
+        )
+        for s in statuses
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,13 +1,15 @@
-"""The state directory: one lock, one control socket, and a directory per fleet run.
+"""The state directory: private, one lock, one control socket, the ledger, a directory per shift.
 
 ::
 
-    <state_dir>/
+    <state_dir>/             mode 0700: agent output holds code, prompts, tokens tools printed
         lock                 flock(2)-held by the running ``up``; holds its pid
         control.sock         the running fleet's control socket (mode 0600)
-        runs/<run-id>/
+        ledger.sqlite3       the ledger (:mod:`supervisor.ledger`): tasks, runs, shifts
+        runs/<shift-id>/
+            shift.json       written once when the shift starts: id, pid (and its start
+                             ticks), host, config; whether its supervisor lives
             fleet.jsonl      every record (rotated to fleet.jsonl.1, .2, … at a size)
-            state.json       written atomically on every state change while it runs
             summary.json     written when it ends (absent: it is running, or it died)
             agents/…         local runs' wrapper files (pid, exit, stdout, stderr, lease)
 
@@ -23,13 +25,72 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor.ledger import Ledger, ShiftRecord
+
 SOCKET_NAME = "control.sock"
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
+
+
+class StateDirUnusable(Exception):
+    """The state directory cannot be used (not a directory, not writable, another user's)."""
+
+    def __init__(
+        self, path: Path, problem: str, fix: str, what: str = "the state directory"
+    ) -> None:
+        super().__init__(f"{what} {path} {problem}; fix: {fix}")
+        self.path = path
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Make the state directory if needed, private (0700), and check that it is usable.
+
+    Checked before anything is written into it, so that a bad ``state_dir`` is one clear
+    message at start (exit 2) rather than a traceback from the first file written.
+    """
+    other = "point state_dir (or --state-dir) at a directory of your own"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StateDirUnusable(path, "is not a directory", other) from None
+    except OSError as exc:
+        raise StateDirUnusable(
+            path, f"cannot be made ({exc.strerror})",
+            "make its parent directory writable by you, or " + other,
+        ) from None
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise StateDirUnusable(path, f"cannot be read ({exc.strerror})", other) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateDirUnusable(path, "is not a directory", other)
+    if info.st_uid != os.geteuid():
+        raise StateDirUnusable(
+            path, f"belongs to another user (uid {info.st_uid}): its files could be read or "
+            "replaced by them", other,
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise StateDirUnusable(
+                path, f"cannot be made private ({exc.strerror})", other
+            ) from None
+    probe = path / f".probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StateDirUnusable(
+            path, f"is not writable ({exc.strerror})",
+            f"`chmod u+rwx {path}` (and free some disk space), or " + other,
+        ) from None
 
 
 class FleetLocked(Exception):
@@ -65,7 +126,7 @@ def acquire_lock(state_dir: Path, name: str = "lock") -> RunLock:
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -96,26 +157,50 @@ def lock_holder(state_dir: Path, name: str = "lock") -> int | None:
 
 
 def socket_path(state_dir: Path) -> Path:
-    """Where the control socket lives (a short path in the temp dir if the natural one is long)."""
+    """Where the control socket lives: in the state directory, unless that path is too long
+    for a socket address (108 bytes); then in a directory private to this user (never a
+    predictable path in a shared one, where another user could put a socket of their own):
+    ``$XDG_RUNTIME_DIR`` (private by its specification), else ``<tmp>/agentize-fleet-UID``,
+    which :func:`prepare_socket_dir` makes 0700 and refuses when it is not ours."""
     natural = state_dir / SOCKET_NAME
     if len(str(natural)) <= _MAX_SOCKET_PATH:
         return natural
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"agentize-fleet-{digest}.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/"):
+        base = Path(runtime)
+    else:
+        base = Path(tempfile.gettempdir()) / f"agentize-fleet-{os.geteuid()}"
+    return base / f"agentize-fleet-{digest}.sock"
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """One fleet run found in the state directory."""
+def prepare_socket_dir(state_dir: Path) -> Path:
+    """The control socket's path, its directory made and checked private (``up`` only)."""
+    path = socket_path(state_dir)
+    folder = path.parent
+    if folder == state_dir:
+        return path
+    fix = "remove it (or set XDG_RUNTIME_DIR to a private directory of yours)"
+    what = "the control socket's directory"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise StateDirUnusable(folder, f"cannot be made ({exc.strerror})", fix, what) from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise StateDirUnusable(folder, "is not a directory of yours", fix, what)
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise StateDirUnusable(folder, "is open to other users", fix, what)
+    return path
 
-    run_id: str
-    path: Path
-    state: dict[str, Any] | None
-    summary: dict[str, Any] | None
 
-    @property
-    def ended(self) -> bool:
-        return self.summary is not None
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON so that a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = json.dumps(data, default=str, separators=(",", ":"))  # the C encoder: fast
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -126,38 +211,34 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def list_runs(state_dir: Path) -> list[RunInfo]:
-    """Every fleet run under ``state_dir``, oldest first."""
+@dataclass(frozen=True)
+class ShiftInfo:
+    """One shift found in the state directory: its ledger row and its ``summary.json``."""
+
+    shift_id: str
+    path: Path
+    record: ShiftRecord | None
+    summary: dict[str, Any] | None
+
+
+def list_shifts(state_dir: Path, ledger: Ledger | None) -> list[ShiftInfo]:
+    """Every shift under ``state_dir``, oldest first: those the ledger knows, and directories
+    of shifts from before the ledger (their ``summary.json`` is all there is)."""
+    known = {r.id: r for r in ledger.shifts()} if ledger is not None else {}
     runs = state_dir / "runs"
-    if not runs.is_dir():
-        return []
-    found = []
-    for path in sorted(p for p in runs.iterdir() if p.is_dir()):
-        state, summary = read_json(path / "state.json"), read_json(path / "summary.json")
-        found.append(RunInfo(path.name, path, state, summary))
-    return found
+    names = set(known)
+    if runs.is_dir():
+        names |= {p.name for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return [
+        ShiftInfo(name, runs / name, known.get(name), read_json(runs / name / "summary.json"))
+        for name in sorted(names)
+    ]
 
 
-def unfinished_runs(state_dir: Path) -> list[RunInfo]:
-    """Runs that never wrote their summary (running, or their supervisor died), oldest first.
-
-    Only their state files are read: a state directory keeps every past run, and parsing the
-    summaries of all of them at each start would grow with the directory's age.
-    """
-    runs = state_dir / "runs"
-    if not runs.is_dir():
-        return []
-    found = []
-    for path in sorted(p for p in runs.iterdir() if p.is_dir()):
-        if not (path / "summary.json").exists():
-            found.append(RunInfo(path.name, path, read_json(path / "state.json"), None))
-    return found
-
-
-def find_run(state_dir: Path, run_id: str | None) -> RunInfo | None:
-    """The run named by ``run_id`` (a unique prefix will do), or the latest one."""
-    runs = list_runs(state_dir)
-    if run_id is None:
-        return runs[-1] if runs else None
-    matches = [r for r in runs if r.run_id.startswith(run_id)]
+def find_shift(state_dir: Path, ledger: Ledger | None, prefix: str | None) -> ShiftInfo | None:
+    """The shift named by ``prefix`` (a unique prefix of its id will do), or the latest one."""
+    shifts = list_shifts(state_dir, ledger)
+    if prefix is None:
+        return shifts[-1] if shifts else None
+    matches = [s for s in shifts if s.shift_id.startswith(prefix)]
     return matches[0] if len(matches) == 1 else None

@@ -1,16 +1,19 @@
-"""Who may start a run now: the global cap, per-machine caps and the start stagger.
+"""Who may start a run now: the global cap, per-machine caps, the start stagger, pause and stop.
 
 :func:`choose_machine` is the pure rule (least-loaded machine with room, under the global
 cap); :class:`SlotPool` applies it to waiters in FIFO order with anyio events; and
 :class:`StartGate` keeps a minimum gap between two agent starts across the fleet, because
 agent CLIs started in a burst hit burst rate limits and race on their shared settings files.
+:class:`StartsGate` holds new runs (``pause``, the soft deadline) and :class:`StopControl` is
+the fleet's stop request, which every wait of a worker gives way to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -83,6 +86,31 @@ class SlotPool:
             raise
         assert waiter.machine is not None
         return waiter.machine
+
+    def take(self, machine: str) -> None:
+        """Take a slot on ``machine`` now, without waiting and past the caps if need be.
+
+        For a run that is already running (adopted from a dead supervisor): it counts against
+        the caps from this instant, before any waiter is served, so no new run can start
+        beside it past the cap.  (A cap lowered since it started may be exceeded by it, never
+        by a new run.)
+        """
+        self.running[machine] = self.running.get(machine, 0) + 1
+        self.capacity.setdefault(machine, 0)
+        self.peak = max(self.peak, self.total)
+
+    def would_wait(self, preferred: str | None = None) -> bool:
+        """Whether :meth:`acquire` would wait now (no room, or others queued first)."""
+        if self._waiters:
+            return True
+        closed = frozenset(self.closed)
+        return (
+            choose_machine(
+                self.running, self.capacity, total_cap=self.total_cap, preferred=preferred,
+                closed=closed,
+            )
+            is None
+        )
 
     def release(self, machine: str) -> None:
         self.running[machine] -= 1
@@ -175,3 +203,74 @@ class StartsGate:
             if not self.paused:
                 return True
             await self._changed.wait()
+
+
+class StopControl:
+    """The fleet's stop request: graceful first, forced on a second request."""
+
+    def __init__(self) -> None:
+        self.requested = anyio.Event()
+        self.forced = anyio.Event()
+        self.reason = ""
+        self._callbacks: set[Callable[[], object]] = set()
+
+    def request(self, reason: str) -> None:
+        if self.requested.is_set():
+            self.forced.set()
+        else:
+            self.reason = reason
+            self.requested.set()
+            for callback in list(self._callbacks):
+                callback()
+
+    @contextlib.contextmanager
+    def on_request(self, callback: Callable[[], object]) -> Iterator[None]:
+        """Call ``callback`` when a stop is requested inside the block (at once if one was).
+
+        What a worker does while it waits or runs, it does in its own task; a stop reaches it
+        through this callback instead of a watcher task per wait (a task, a task group and a
+        cancellation for every run of a thousand-task fleet).
+        """
+        if self.requested.is_set():
+            callback()
+            yield
+            return
+        self._callbacks.add(callback)
+        try:
+            yield
+        finally:
+            self._callbacks.discard(callback)
+
+
+class Slot:
+    """The one run slot a worker holds, if any, and the one way it gets one."""
+
+    def __init__(self, pool: SlotPool, starts: StartsGate) -> None:
+        self._pool = pool
+        self._starts = starts
+        self.machine: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.machine is not None
+
+    def take(self, machine: str) -> None:
+        """Hold a slot on ``machine`` now, without waiting (a run adopted already running)."""
+        self.release()
+        self._pool.take(machine)
+        self.machine = machine
+
+    async def acquire(self, pin: str | None) -> None:
+        """Wait for a slot (on ``pin`` if given) once new runs are allowed; none is held after
+        this when new runs will never be allowed again (the soft deadline)."""
+        while await self._starts.wait():
+            machine = await self._pool.acquire(pin)
+            if not self._starts.paused and not self._starts.closed:
+                self.machine = machine
+                return
+            self._pool.release(machine)  # paused or closed while we queued for the slot
+
+    def release(self) -> None:
+        if self.machine is not None:
+            self._pool.release(self.machine)
+            self.machine = None

@@ -4,19 +4,24 @@ The worker owns the I/O of a task's life -- preparing the worktree, starting run
 :class:`~supervisor.hosts.base.Host`, pumping their output into the log, noticing milestones --
 and asks the pure parts what to do: :func:`supervisor.lifecycle.advance` for every state
 change and :func:`supervisor.policy.decide` after every run.
+
+Every transition goes to the ledger as it happens: the intent of a run before the host is asked
+to start it, its pid right after, its end together with the task's new state in one
+transaction.  A supervisor killed at any instant leaves the next one a true account.
+
+The life is a loop of *attempt* (prepare, one run) and *follow the decision* (one method per
+decision: done, give up, resume, back off, pause, machine lost).  The run slot is held by a
+:class:`Slot`: which decisions keep it is the policy's rule (:func:`supervisor.policy.keeps_slot`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import posixpath
 import random
-import re
 import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -25,7 +30,6 @@ import structlog
 from supervisor import policy
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
-    STREAMS,
     ExitStatus,
     Host,
     HostError,
@@ -34,172 +38,31 @@ from supervisor.hosts.base import (
     RunSpec,
     Stream,
 )
+from supervisor.ledger import Ledger, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
-from supervisor.limits import (
-    LimitHit,
-    LimitPatterns,
-    OutputTail,
-    shared_detector,
-)
-from supervisor.logs import LineSplitter, LogMux, Tag
-from supervisor.scheduling import SlotPool, StartGate, StartsGate
+from supervisor.limits import LimitDetector, LimitHit
+from supervisor.logs import LogMux, Tag
+from supervisor.outcome import Decision, MachineLost, WorkerStatus, judge
+from supervisor.recovery import Adoption
+from supervisor.runio import limit_in, pump_output, render
+from supervisor.scheduling import Slot, SlotPool, StartGate, StartsGate, StopControl
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
-
-_PLACEHOLDER = re.compile(r"\{(issue|title|prompt|workspace)\}")
-
-
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill ``{issue}``-style placeholders once; values are never re-scanned or shell-parsed."""
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-class StopControl:
-    """The fleet's stop request: graceful first, forced on a second request."""
-
-    def __init__(self) -> None:
-        self.requested = anyio.Event()
-        self.forced = anyio.Event()
-        self.reason = ""
-        self._callbacks: set[Callable[[], object]] = set()
-
-    def request(self, reason: str) -> None:
-        if self.requested.is_set():
-            self.forced.set()
-        else:
-            self.reason = reason
-            self.requested.set()
-            for callback in list(self._callbacks):
-                callback()
-
-    @contextlib.contextmanager
-    def on_request(self, callback: Callable[[], object]) -> Iterator[None]:
-        """Call ``callback`` when a stop is requested inside the block (at once if one was).
-
-        What a worker does while it waits or runs, it does in its own task; a stop reaches it
-        through this callback instead of a watcher task per wait (a task, a task group and a
-        cancellation for every run of a thousand-task fleet).
-        """
-        if self.requested.is_set():
-            callback()
-            yield
-            return
-        self._callbacks.add(callback)
-        try:
-            yield
-        finally:
-            self._callbacks.discard(callback)
-
-
-@dataclass
-class WorkerStatus:
-    """What ``status`` and the summary show of one worker."""
-
-    worker: str
-    task: int
-    title: str
-    state: WorkerState = WorkerState.PENDING
-    machine: str | None = None
-    workspace: str | None = None
-    run: int = 0
-    pid: int | None = None
-    start_ticks: int | None = None
-    run_dir: str | None = None
-    milestones: int = 0
-    crashes: int = 0
-    last_crash_run: int | None = None
-    usage_pauses: int = 0
-    last_exit: int | None = None
-    reason: str = ""
-    started_at: float | None = None
-    ended_at: float | None = None
-    run_started_at: float | None = None
-    next_run_at: float | None = None
-    milestones_before: list[str] = field(default_factory=list)
-    lease_path: str | None = None
-    adopted_from: str | None = None
-    history: policy.History = field(default_factory=policy.History)
-
-    @property
-    def wall_time(self) -> float:
-        if self.started_at is None:
-            return 0.0
-        return (self.ended_at or time.time()) - self.started_at
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "worker": self.worker,
-            "task": self.task,
-            "title": self.title,
-            "state": str(self.state),
-            "machine": self.machine,
-            "workspace": self.workspace,
-            "runs": self.run,
-            "pid": self.pid,
-            "start_ticks": self.start_ticks,
-            "run_dir": self.run_dir,
-            "milestones": self.milestones,
-            "crashes": self.crashes,
-            "last_crash_run": self.last_crash_run,
-            "usage_pauses": self.usage_pauses,
-            "last_exit": self.last_exit,
-            "reason": self.reason,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "run_started_at": self.run_started_at,
-            "next_run_at": self.next_run_at,
-            "milestones_before": self.milestones_before,
-            "lease_path": self.lease_path,
-            "adopted_from": self.adopted_from,
-            "wall_time": round(self.wall_time, 3),
-        }
-
-
-@dataclass(frozen=True)
-class MachineLost:
-    """The run's machine stayed unreachable: the run's end is unknown (not a crash)."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Adoption:
-    """A run of a dead supervisor that this worker takes over instead of starting one."""
-
-    machine: str
-    handle: RunHandle
-    run: int
-    workspace: str
-    offsets: Mapping[Stream, int]
-    before: set[str]
-    from_fleet: str
-    lease_path: str
-    milestones: int
-    crashes: int
 
 
 class FleetServices(Protocol):
     """What a worker needs from its fleet (``fleet.Fleet`` provides it)."""
 
-    @property
-    def config(self) -> FleetConfig: ...
+    config: FleetConfig
+    pool: SlotPool
+    gate: StartGate
+    mux: LogMux
+    stop: StopControl
+    starts: StartsGate
+    ledger: Ledger
+    shift_id: str
 
     @property
     def hosts(self) -> Mapping[str, Host]: ...
-
-    @property
-    def pool(self) -> SlotPool: ...
-
-    @property
-    def gate(self) -> StartGate: ...
-
-    @property
-    def mux(self) -> LogMux: ...
-
-    @property
-    def stop(self) -> StopControl: ...
-
-    @property
-    def starts(self) -> StartsGate: ...
 
     async def clone_on(self, machine: str) -> Clone: ...
 
@@ -207,44 +70,53 @@ class FleetServices(Protocol):
 
     async def lease_path(self, machine: str) -> str: ...
 
-    def changed(self) -> None: ...
+    def limit_detector(self, machine: str) -> LimitDetector: ...
 
-    def pause_machine(self, machine: str, until: float, reason: str) -> None: ...
+    def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None: ...
 
     def machine_lost(self, machine: str) -> None: ...
 
+    def adopted_run_ended(self, machine: str, lease: str | None) -> None: ...
+
 
 class Worker:
-    """Drives one task from ``pending`` to a final state."""
+    """Drives one task from ``pending`` to a final state.
+
+    ``record`` is the ledger's account of the task from earlier shifts; ``again`` starts it
+    anew even if it ended (``--rerun``, ``--fresh``, or failed, stopped and lost ones).
+    """
 
     def __init__(
         self,
         name: str,
         task: TaskConfig,
         fleet: FleetServices,
-        adoption: Adoption | None = None,
+        *,
+        record: TaskRecord | None = None,
+        again: bool = False,
+        origin: str = "config",
     ) -> None:
         self.name = name
         self.task = task
         self.fleet = fleet
-        self.adoption = adoption
+        self.origin = origin
+        self.adoption: Adoption | None = None
         self.status = WorkerStatus(worker=name, task=task.issue, title=task.title)
-        if adoption is not None:
-            self.status.adopted_from = adoption.from_fleet
+        self.slot = Slot(fleet.pool, fleet.starts)
         self._policy = policy.RestartPolicy(**fleet.config.restart.model_dump())
-        agent = fleet.config.agent
-        defaults = LimitPatterns()
-        self._limits = shared_detector(
-            LimitPatterns(
-                usage=tuple(agent.usage_limit_patterns or defaults.usage),
-                rate=tuple(agent.rate_limit_patterns or defaults.rate),
-            )
-        )
+        self._first_kind = "first"
         self._limit_hit: LimitHit | None = None
         self._logger: structlog.typing.FilteringBoundLogger | None = None
         self._logger_tag: Tag | None = None
         self._restart_requested = False
+        self._wake = anyio.Event()
         self._current: RunHandle | None = None
+        self._run: RunRecord | None = None
+        self._active = False
+        self._again = False
+        self._prepared = False
+        if record is not None:
+            self._first_kind = self.status.restore(record, again)
 
     # helpers -----------------------------------------------------------------------------
 
@@ -252,6 +124,11 @@ class Worker:
     def current(self) -> RunHandle | None:
         """The run in progress, if any."""
         return self._current
+
+    @property
+    def wants_runs(self) -> bool:
+        """Whether the task is to run in this shift (a done one is not, unless asked)."""
+        return not self.status.state.final or self._again
 
     @property
     def tag(self) -> Tag:
@@ -263,12 +140,23 @@ class Worker:
             self._logger, self._logger_tag = self.fleet.mux.logger(tag), tag
         self._logger.info(event, msg=message, **fields)
 
-    def _set(self, state: WorkerState, reason: str = "") -> None:
+    def record(self) -> TaskRecord:
+        """The task as the ledger keeps it."""
+        return self.status.to_record(self.task.prompt, self.task.machine, self.origin)
+
+    def persist(self) -> None:
+        self.fleet.ledger.save_task(
+            self.record(), shift=self.fleet.shift_id, worker=self.name,
+            adopted_from=self.status.adopted_from,
+        )
+
+    def _set(self, state: WorkerState, reason: str = "", *, save: bool = True) -> None:
         self.status.state = advance(self.status.state, state)
         self.status.reason = reason
         if state.final:
             self.status.ended_at = time.time()
-        self.fleet.changed()
+        if save:
+            self.persist()
 
     async def _unless_stopped(self, wait: Callable[[], Awaitable[object]]) -> bool:
         """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first."""
@@ -277,16 +165,79 @@ class Worker:
             return True
         return False
 
+    def _stop_reason(self) -> str:
+        if self.fleet.stop.requested.is_set():
+            return self.fleet.stop.reason
+        return self.fleet.starts.closed_reason or "stopped"
+
+    # steering from outside ----------------------------------------------------------------
+
+    def adopt(self, adoption: Adoption) -> None:
+        """Take over a run of an earlier shift (recovery); a live one holds its slot now."""
+        self.adoption = adoption
+        if adoption.live:
+            self.slot.take(adoption.run.machine)
+
+    def lost_unchecked(self, reason: str) -> None:
+        """Its earlier run could not be checked: do not start it again in this shift."""
+        self._set(WorkerState.LOST, reason)
+
+    def requeue(self) -> bool:
+        """Start an ended task again on this same worker (``add``): same worktree, never a
+        second worker in it.  Returns True when its ``run`` must be started again."""
+        self._set(WorkerState.PENDING, "requeued")
+        self.status.ended_at = None
+        self.status.history = policy.History()
+        self._first_kind = "first"
+        if self._active:
+            self._again = True
+            return False
+        return True
+
+    def request_restart(self) -> RunHandle | bool:
+        """Mark the task for an immediate new run (``agentize-fleet restart``).
+
+        Returns the run to stop (the caller stops it with :meth:`stop_run`; the next run then
+        starts at once in the same slot), ``True`` when the task was waiting (backoff, pause)
+        and will start as soon as it has a slot, ``False`` when there is nothing to restart.
+        """
+        if self._current is not None:
+            self._restart_requested = True
+            return self._current
+        if self.status.state in (WorkerState.BACKOFF, WorkerState.PAUSED):
+            self._restart_requested = True
+            self._wake.set()
+            return True
+        return False
+
+    async def stop_run(self, handle: RunHandle) -> None:
+        """Stop one run (``restart``): the same stop as the fleet's, on this run alone."""
+        await handle.stop(self.fleet.config.stop_timeout)
+
     # the life ----------------------------------------------------------------------------
 
     async def run(self) -> WorkerStatus:
-        """Run the task to its end; never raises for the task's own failures."""
-        if self.status.state.final:  # failed before it began (no usable machine)
-            return self.status
+        """Run the task to its end (again, if requeued meanwhile); never raises for the task's
+        own failures."""
+        while True:
+            self._active = True
+            try:
+                await self._life()
+            finally:
+                self._active = False
+            if not self._again:
+                return self.status
+            self._again = False
+
+    async def _life(self) -> None:
+        if self.status.state.final and self.adoption is None:
+            return  # done earlier, or failed before it began (no usable machine)
         pinned = self.task.machine
         if pinned is not None and not self.fleet.pool.capacity.get(pinned):
             self._fail(f"machine {pinned} cannot run agents in this fleet")
-            return self.status
+            return
+        self.status.started_at = self.status.started_at or time.time()
+        self._prepared = False
         try:
             await self._live()
         except HostError as exc:
@@ -297,7 +248,8 @@ class Worker:
             if handle is not None:
                 with anyio.CancelScope(shield=True):
                     await handle.signal(signal.SIGKILL)
-        return self.status
+        finally:
+            self.slot.release()
 
     def _fail(self, reason: str, detail: str = "") -> None:
         stopping = self.fleet.stop.requested.is_set() and not detail
@@ -307,122 +259,143 @@ class Worker:
             self.status.state = WorkerState.STOPPED if stopping else WorkerState.FAILED
             self.status.reason = reason
             self.status.ended_at = time.time()
-            self.fleet.changed()
+            self.persist()
 
     async def _live(self) -> None:
-        fleet = self.fleet
-        slot: str | None = None
-        adoption = self.adoption
-
-        async def first_slot() -> None:
-            nonlocal slot
-            if adoption is not None:  # its run is already running: no gate to pass
-                slot = await fleet.pool.acquire(adoption.machine)
-            else:
-                slot = await self._acquire(self.task.machine)
-
-        if not await self._unless_stopped(first_slot) or slot is None:
-            self._set(WorkerState.STOPPED, f"not started: {self._stop_reason()}")
-            return
-        try:
-            self.status.machine = slot
-            self.status.started_at = self.status.started_at or time.time()
-            host = fleet.hosts[slot]
-            decision: policy.Decision | MachineLost | None = None
-            if adoption is not None:
-                decision = await self._adopt(host, adoption)
-            prompt_kind = "first"
-            while True:
-                if decision is None:
-                    try:
-                        if self.status.workspace is None:
-                            await self._prepare(slot)
-                        decision = await self._one_run(host, prompt_kind)
-                    except HostUnreachable as exc:
-                        # A lost link is the machine's trouble, not the task's: a crash with
-                        # backoff (within the intensity limit), never an instant failure; the
-                        # machine takes no new runs for a while.
-                        fleet.machine_lost(slot)
-                        self._limit_hit = None
-                        decision = self._decide(ExitStatus(None, lost=True, reason=str(exc)), [])
-                if fleet.stop.requested.is_set():
-                    self._set(WorkerState.STOPPED, fleet.stop.reason)
-                    return
-                if isinstance(decision, MachineLost):
-                    self.log("lost", f"✗ {decision.reason}", reason=decision.reason)
-                    fleet.machine_lost(slot)
-                    if not fleet.config.requeue_lost:
-                        self._set(WorkerState.LOST, decision.reason)
-                        return
-                    # Start over on another machine: a fresh worktree there, the first prompt.
-                    self._set(WorkerState.LOST, decision.reason)
-                    self._set(WorkerState.PENDING)
-                    self.status.ended_at = None
-                    fleet.pool.release(slot)
-                    lost_on, slot = slot, None
-
-                    async def elsewhere() -> None:
-                        nonlocal slot
-                        slot = await self._acquire(None)
-
-                    if not await self._unless_stopped(elsewhere) or slot is None:
-                        self._set(WorkerState.STOPPED, self._stop_reason())
-                        return
-                    self.log("requeued", f"↪ requeued from {lost_on} to {slot}", machine=slot)
-                    self.status.machine, self.status.workspace = slot, None
-                    host = fleet.hosts[slot]
-                    decision, prompt_kind = None, "first"
-                    continue
-                if isinstance(decision, policy.Finish):
-                    self._set(WorkerState.DONE)
-                    self.log("done", f"✓ done after {self.status.run} run(s)")
-                    return
-                if isinstance(decision, policy.GiveUp):
-                    self._set(WorkerState.FAILED, decision.reason)
-                    self.log("gave-up", f"✗ giving up: {decision.reason}", reason=decision.reason)
-                    return
-                if isinstance(decision, policy.Resume):
-                    self._set(WorkerState.RESUMING)
-                    prompt_kind = "resume"
-                    decision = None
-                    # Keeps its slot: a milestone hand-off is not a failure.  But no new run
-                    # starts while the fleet is paused, nor after the soft deadline.
-                    if not await self._unless_stopped(fleet.starts.wait) or fleet.starts.closed:
-                        self._set(WorkerState.STOPPED, self._stop_reason())
-                        return
-                    continue
-                # Backoff or pause: give the slot to others meanwhile.
-                fleet.pool.release(slot)
-                slot_held, slot = slot, None
-                until = (
-                    time.time() + decision.delay
-                    if isinstance(decision, policy.Restart)
-                    else decision.until
-                )
-                decision = None
-                self.status.next_run_at = until
-                self.fleet.changed()
-                prompt_kind = "resume" if self.status.state is WorkerState.PAUSED else "auto"
-
-                # Its worktree ties it to its machine; before it has one, any machine will do.
-                pin = slot_held if self.status.workspace is not None else self.task.machine
-
-                async def wait_and_reacquire(machine: str | None = pin, at: float = until) -> None:
-                    nonlocal slot
-                    while (left := at - time.time()) > 0 and not self._restart_requested:
-                        with anyio.move_on_after(min(left, 0.5)):
-                            await fleet.stop.requested.wait()
-                    slot = await self._acquire(machine)
-
-                if not await self._unless_stopped(wait_and_reacquire) or slot is None:
+        adoption, self.adoption = self.adoption, None
+        decision: Decision | None = None
+        kind: str | None = self._first_kind
+        if adoption is not None:
+            decision = await self._adopt(adoption)
+            kind = "auto"
+        while kind is not None:
+            if decision is None:
+                if not self.slot.held and not await self._get_slot():
                     self._set(WorkerState.STOPPED, self._stop_reason())
                     return
-                self.status.machine, host = slot, fleet.hosts[slot]
-                self.status.next_run_at = None
-                self._restart_requested = False
-        finally:
-            if slot is not None:
-                fleet.pool.release(slot)
+                decision = await self._attempt(kind)
+            kind, decision = await self._follow(decision), None
+
+    def _pin(self) -> str | None:
+        """Where the next run must go: its worktree's machine (while that machine can take
+        runs; else it starts over elsewhere), or the task's own pin."""
+        s = self.status
+        if s.workspace is not None and s.machine is not None:
+            if self.fleet.pool.capacity.get(s.machine):
+                return s.machine
+            s.workspace = None
+        return self.task.machine
+
+    async def _get_slot(self) -> bool:
+        """A slot for the next run; False if none will come (stopped, soft deadline)."""
+        pin = self._pin()
+        pool = self.fleet.pool
+        if self.status.run and pool.would_wait(pin) and not self.fleet.starts.paused:
+            where = f" on {pin}" if pin else ""
+            self.log("waiting", f"⋯ waiting for a slot{where} ({pool.total} of "
+                     f"{pool.total_cap} running)")
+        if not await self._unless_stopped(lambda: self.slot.acquire(pin)) or not self.slot.held:
+            return False
+        self.status.machine = self.slot.machine
+        return True
+
+    async def _attempt(self, kind: str) -> Decision:
+        """Prepare the worktree if needed and make one run; a lost link is the machine's
+        trouble, not the task's: a crash with backoff (within the intensity limit), never an
+        instant failure, and the machine takes no new runs for a while."""
+        machine = self.slot.machine
+        assert machine is not None
+        self.status.machine = machine
+        host = self.fleet.hosts[machine]
+        try:
+            if self.status.workspace is None or not self._prepared:
+                await self._prepare(machine)  # once a shift: a worktree removed by hand returns
+            return await self._one_run(host, kind)
+        except HostUnreachable as exc:
+            self.fleet.machine_lost(machine)
+            self._limit_hit = None
+            return self._ended(ExitStatus(None, lost=True, reason=str(exc)), [])
+
+    async def _follow(self, decision: Decision) -> str | None:
+        """Do what the decision says until the next run may start; return its prompt kind, or
+        None when the task has ended."""
+        if isinstance(decision, MachineLost):
+            return await self._elsewhere(decision)
+        if self.fleet.stop.requested.is_set() or self.status.state.final:
+            if not self.status.state.final:
+                self._set(WorkerState.STOPPED, self._stop_reason())
+            return None
+        if isinstance(decision, policy.Resume):
+            return await self._resume()
+        if isinstance(decision, policy.Restart):
+            return await self._backoff(decision)
+        if isinstance(decision, policy.Pause):
+            return await self._pause(decision.until)
+        return None  # Finish and GiveUp: the state is final already
+
+    async def _resume(self) -> str | None:
+        """A milestone hand-off keeps its slot; no new run starts while the fleet is paused,
+        nor after the soft deadline."""
+        if not await self._unless_stopped(self.fleet.starts.wait) or self.fleet.starts.closed:
+            self._set(WorkerState.STOPPED, self._stop_reason())
+            return None
+        return "resume"
+
+    async def _backoff(self, decision: policy.Restart) -> str | None:
+        """Wait out a crash backoff, in the slot (short) or without it (long)."""
+        if not policy.keeps_slot(decision):
+            self.slot.release()
+        if not await self._wait_until(time.time() + decision.delay):
+            self._set(WorkerState.STOPPED, self._stop_reason())
+            return None
+        if self.slot.held and await self._resume() is None:
+            return None  # stopped, or the soft deadline, while it waited in its slot
+        return "auto"
+
+    async def _pause(self, until: float) -> str | None:
+        """A usage-limit hold: the slot goes to others (its machine takes no new run anyway)."""
+        self.slot.release()
+        if not await self._wait_until(until):
+            self._set(WorkerState.STOPPED, self._stop_reason())
+            return None
+        return "resume"
+
+    async def _elsewhere(self, lost: MachineLost) -> str | None:
+        """The machine stayed unreachable: the task is lost, or (``requeue_lost``) starts over
+        on another machine, in a fresh worktree with the first prompt."""
+        lost_on = self.slot.machine or self.status.machine or "?"
+        self.fleet.machine_lost(lost_on)
+        if not self.fleet.config.requeue_lost or self.fleet.stop.requested.is_set():
+            return None
+        self._set(WorkerState.PENDING, save=False)
+        self.status.ended_at = None
+        self.slot.release()
+        self.status.workspace = self.status.machine = None
+        self._prepared = False
+        if not await self._get_slot():
+            self._set(WorkerState.STOPPED, self._stop_reason())
+            return None
+        self.persist()
+        self.log("requeued", f"↪ requeued from {lost_on} to {self.slot.machine}",
+                 machine=self.slot.machine)
+        return "first"
+
+    async def _wait_until(self, at: float) -> bool:
+        """Sleep until ``at`` (or a restart request); False if the fleet stops meanwhile."""
+        self.status.next_run_at = at
+
+        async def nap() -> None:
+            while (left := at - time.time()) > 0 and not self._restart_requested:
+                self._wake = anyio.Event()
+                with anyio.move_on_after(left):
+                    await self._wake.wait()
+
+        ok = await self._unless_stopped(nap)
+        self._restart_requested = False
+        self.status.next_run_at = None
+        return ok
+
+    # one run -------------------------------------------------------------------------------
 
     async def _prepare(self, machine: str) -> None:
         """The worker clone (once per machine) and this task's worktree (re-used if there)."""
@@ -431,23 +404,10 @@ class Worker:
         clone = await self.fleet.clone_on(machine)
         tree = worktree_name(self.fleet.config.worktree_name, self.task.issue, self.task.title)
         self.status.workspace = await ensure_worktree(clone, tree)
-        workspace = self.status.workspace
-        self.log("prepared", f"worktree {workspace}", workspace=workspace)
-
-    async def _acquire(self, machine: str | None) -> str | None:
-        """A slot for a new run, once new runs are allowed; None once they never will be."""
-        fleet = self.fleet
-        while await fleet.starts.wait():
-            slot = await fleet.pool.acquire(machine)
-            if not fleet.starts.paused and not fleet.starts.closed:
-                return slot
-            fleet.pool.release(slot)  # paused or closed while we queued for the slot
-        return None
-
-    def _stop_reason(self) -> str:
-        if self.fleet.stop.requested.is_set():
-            return self.fleet.stop.reason
-        return self.fleet.starts.closed_reason or "stopped"
+        self._prepared = True
+        self.persist()
+        self.log("prepared", f"worktree {self.status.workspace}",
+                 workspace=self.status.workspace)
 
     async def _prompt(self, host: Host, kind: str) -> tuple[str, str]:
         config = self.fleet.config
@@ -474,53 +434,62 @@ class Worker:
         issue = str(self.task.issue)
         return [g.replace("{issue}", issue) for g in self.fleet.config.milestone_globs]
 
-    async def _one_run(self, host: Host, prompt_kind: str) -> policy.Decision | MachineLost:
+    async def _one_run(self, host: Host, prompt_kind: str) -> Decision:
         fleet = self.fleet
         config = fleet.config
-        assert self.status.workspace is not None and self.status.machine is not None
-        workspace = self.status.workspace
+        machine, workspace = self.status.machine, self.status.workspace
+        assert workspace is not None and machine is not None
         kind, prompt = await self._prompt(host, prompt_kind)
         before = await host.glob(workspace, self._globs())
         staggered = fleet.gate.interval > 0  # else no wait, and no watcher task for it
         if staggered and not await self._unless_stopped(fleet.gate.wait_turn):
-            return policy.Finish()  # stopped before it started: `_live` sees the stop
+            return policy.Finish()  # stopped before it started: `_follow` sees the stop
         if fleet.stop.requested.is_set():
             return policy.Finish()
-        self.status.run += 1
-        run = self.status.run
+        root = await fleet.run_root(machine)
+        lease = await fleet.lease_path(machine)
+        # Written before the host is asked: a supervisor killed during the start leaves the
+        # next one an intent to look for, never a run nobody knows of.
+        run = fleet.ledger.run_intent(
+            self.record(), shift=fleet.shift_id, worker=self.name, machine=machine,
+            workspace=workspace, run_dir_of=lambda n: posixpath.join(root, self.name, f"run-{n}"),
+            lease_path=lease, prompt_kind=kind, milestones_before=sorted(before),
+        )
+        self._run = run
+        self.status.run = run.number
         argv = [render(part, self._values(prompt)) for part in config.agent_command]
         env = {
             **config.agent.env,
             **self.task.env,
             "AGENTIZE_FLEET_ISSUE": str(self.task.issue),
-            "AGENTIZE_FLEET_RUN": str(run),
+            "AGENTIZE_FLEET_RUN": str(run.number),
             "AGENTIZE_FLEET_WORKSPACE": workspace,
             "AGENTIZE_FLEET_TITLE": self.task.title,
         }
-        run_dir = posixpath.join(
-            await fleet.run_root(self.status.machine), self.name, f"run-{run}"
-        )
-        lease = await fleet.lease_path(self.status.machine)
-        spec = RunSpec(
-            argv=argv,
-            cwd=workspace,
-            run_dir=run_dir,
-            lease_path=lease,
-            lease_timeout=config.lease_timeout,
-            env=env,
-        )
+        # The run directory says whose run it is, for whoever finds it without the ledger.
+        meta = {"task": str(self.task.issue), "run": str(run.number), "shift": fleet.shift_id,
+                "worker": self.name, "machine": machine}
+        spec = RunSpec(argv=argv, cwd=workspace, run_dir=run.run_dir, lease_path=lease,
+                       lease_timeout=config.lease_timeout, env=env, meta=meta)
         self._limit_hit = None
-        handle = await host.start(spec)
+        try:
+            handle = await host.start(spec)
+        except HostError as exc:
+            unsure = isinstance(exc, HostUnreachable)
+            fleet.ledger.run_ended(
+                run.id, state="ended" if unsure else "abandoned", lost=unsure,
+                reason=f"start {'not confirmed' if unsure else 'failed'}: {exc.message}",
+            )
+            self._run = None
+            raise
+        fleet.ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
         self.status.milestones_before = sorted(before)
         self.status.lease_path = lease
         self._running(handle)
         self.log(
             "run-started",
-            f"▶ run {run} started (pid {handle.identity.pid}, {kind} prompt: {prompt})",
-            pid=handle.identity.pid,
-            prompt=prompt,
-            prompt_kind=kind,
-            run_dir=run_dir,
+            f"▶ run {run.number} started (pid {handle.identity.pid}, {kind} prompt: {prompt})",
+            pid=handle.identity.pid, prompt=prompt, prompt_kind=kind, run_dir=run.run_dir,
         )
         return await self._finish_run(host, handle, before, {})
 
@@ -532,22 +501,48 @@ class Worker:
         self.status.run_started_at = time.time()
         self._set(WorkerState.RUNNING)
 
+    async def _adopt(self, adoption: Adoption) -> Decision:
+        """Take over a run of an earlier shift: read its output on from where the logs stopped
+        (to its end, if it ended while no supervisor watched), then decide as if watched."""
+        run, handle = adoption.run, adoption.handle
+        s = self.status
+        s.run, s.workspace, s.machine = run.number, run.workspace, run.machine
+        s.milestones_before = list(run.milestones_before)
+        s.lease_path = run.lease_path
+        s.adopted_from = run.supervised_by or run.shift
+        self._run = run
+        self._prepared = run.workspace is not None  # its agent works in it
+        self._set(WorkerState.PREPARING)
+        self._running(handle)
+        where = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
+        what = "adopted" if adoption.live else "took over the end of"
+        self.log(
+            "adopted",
+            f"⇄ {what} run {run.number} (pid {handle.identity.pid}) of dead fleet "
+            f"{s.adopted_from}, reading its output from {where}",
+            pid=handle.identity.pid, from_fleet=s.adopted_from, offsets=dict(adoption.offsets),
+            live=adoption.live,
+        )
+        host = self.fleet.hosts[run.machine]
+        try:
+            return await self._finish_run(
+                host, handle, set(run.milestones_before), adoption.offsets
+            )
+        finally:
+            self.fleet.adopted_run_ended(run.machine, run.lease_path)
+
     async def _finish_run(
-        self,
-        host: Host,
-        handle: RunHandle,
-        before: set[str],
-        offsets: Mapping[Stream, int],
-    ) -> policy.Decision | MachineLost:
+        self, host: Host, handle: RunHandle, before: set[str], offsets: Mapping[Stream, int]
+    ) -> Decision:
         assert self.status.workspace is not None
-        status = await self._follow(handle, offsets)
+        status = await self._follow_output(handle, offsets)
         self._current = None
         self.status.pid = None
         self.status.last_exit = status.code
         if status.lost and await self._machine_unreachable(host):
-            return MachineLost(status.reason or f"machine {host.name} unreachable")
+            return self._ended(status, [], lost=status.reason or f"{host.name} unreachable")
         after = await host.glob(self.status.workspace, self._globs())
-        return self._decide(status, sorted(after - before))
+        return self._ended(status, sorted(after - before))
 
     async def _machine_unreachable(self, host: Host) -> bool:
         try:
@@ -558,69 +553,21 @@ class Worker:
             return False
         return False
 
-    async def _adopt(self, host: Host, adoption: Adoption) -> policy.Decision | MachineLost:
-        """Take over a run whose supervisor died: keep reading it from where the log stopped."""
-        self.status.run = adoption.run
-        self.status.workspace = adoption.workspace
-        self.status.milestones = adoption.milestones
-        self.status.crashes = adoption.crashes
-        self.status.milestones_before = sorted(adoption.before)
-        self.status.lease_path = adoption.lease_path
-        self._set(WorkerState.PREPARING)
-        self._running(adoption.handle)
-        offsets = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
-        self.log(
-            "adopted",
-            f"⇄ adopted run {adoption.run} (pid {adoption.handle.identity.pid}) of dead fleet "
-            f"{adoption.from_fleet}, reading its output from {offsets}",
-            pid=adoption.handle.identity.pid,
-            from_fleet=adoption.from_fleet,
-            offsets=dict(adoption.offsets),
-        )
-        return await self._finish_run(host, adoption.handle, adoption.before, adoption.offsets)
-
-    async def _follow(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
+    async def _follow_output(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
+
+        async def pump() -> None:
+            tails = await pump_output(handle, offsets, self.fleet.mux, self.tag,
+                                      self.fleet.config.max_line_bytes)
+            self._limit_hit = limit_in(
+                tails, self.fleet.limit_detector(self.status.machine or "local")
+            )
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, handle, offsets)
+            tg.start_soon(pump)
             with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
                 status = await handle.wait()
         return status
-
-    async def _pump(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> None:
-        max_bytes = self.fleet.config.max_line_bytes
-        splitters = {s: LineSplitter(max_bytes, offsets.get(s, 0)) for s in STREAMS}
-        tails = {s: OutputTail() for s in STREAMS}
-        mux = self.fleet.mux
-        tag = self.tag
-        async for chunk in handle.output(offsets):
-            splitter = splitters[chunk.stream]
-            block = splitter.feed(chunk.data)
-            if block is not None:
-                mux.output(tag, chunk.stream, block, splitter.offset)
-                tails[chunk.stream].add(block)
-        for stream, splitter in splitters.items():
-            rest = splitter.finish()
-            if rest is not None:
-                mux.output(tag, stream, rest, splitter.offset)
-                tails[stream].add(rest)
-        self._scan(tails.values())
-
-    def _scan(self, tails: Iterable[OutputTail]) -> None:
-        """Why did the run end: look for a usage or rate limit in the last output it printed.
-
-        Only the tail of each stream counts (:class:`OutputTail`): an agent stopped by a limit
-        says so last, while a limit message far earlier in the output (a test log, a file the
-        agent printed) says nothing about this exit -- and scanning every line of an agent
-        printing a million lines a second would cost more than logging them.
-        """
-        found: LimitHit | None = None
-        for tail in tails:
-            text = tail.text()
-            hit = self._limits.feed_batch(text.split("\n"), time.time(), text) if text else None
-            if hit is not None and (found is None or hit.kind == "usage"):
-                found = hit
-        self._limit_hit = found
 
     async def _stop_run(self, handle: RunHandle) -> None:
         """The fleet stops: this run too, SIGTERM first (its task starts on the request)."""
@@ -636,98 +583,38 @@ class Worker:
             ),
         )
 
-    def request_restart(self) -> RunHandle | bool:
-        """Mark the task for an immediate new run (``agentize-fleet restart``).
+    # the end of a run ---------------------------------------------------------------------
 
-        Returns the run to stop (the caller stops it with :meth:`stop_run`), ``True`` when the
-        task was waiting (backoff, pause) and will start at once, ``False`` when there is
-        nothing to restart.
-        """
-        if self._current is not None:
-            self._restart_requested = True
-            return self._current
-        if self.status.state in (WorkerState.BACKOFF, WorkerState.PAUSED):
-            self._restart_requested = True
-            return True
-        return False
-
-    async def stop_run(self, handle: RunHandle) -> None:
-        """Stop one run (``restart``): the same stop as the fleet's, on this run alone."""
-        await handle.stop(self.fleet.config.stop_timeout)
-
-    def _decide(self, status: ExitStatus, new_milestones: list[str]) -> policy.Decision:
-        now = time.time()
+    def _ended(self, status: ExitStatus, new_milestones: list[str], *, lost: str = "") -> Decision:
+        """Decide what follows a run (:func:`supervisor.outcome.judge`), and record its end
+        with the task's new state in one transaction (a crash leaves both or neither)."""
+        s = self.status
         hit = self._limit_hit
-        if self.fleet.stop.requested.is_set():
-            self.log("run-ended", f"■ run {self.status.run} ended with {status.code} (stopped)",
-                     exit_code=status.code)
-            return policy.Finish()
-        if self._restart_requested:
-            self.log("restarting", f"↻ run {self.status.run} restarted on request")
-            if new_milestones:
-                return policy.Resume()
-            self._set(WorkerState.BACKOFF, "restart requested")
-            return policy.Restart(0.0)
-        if new_milestones:
-            outcome = policy.Outcome.MILESTONE
-        elif hit is not None and hit.kind == "usage":
-            outcome = policy.Outcome.USAGE_LIMIT
-        elif status.ok:
-            outcome = policy.Outcome.DONE
-        else:
-            outcome = policy.Outcome.CRASH
-        decision, self.status.history = policy.decide(
-            self._policy,
-            self.status.history,
-            outcome,
-            now=now,
-            rand=random.random(),
-            reset_at=hit.reset_at if hit is not None else None,
+        stop = self.fleet.stop
+        verdict = judge(
+            s, self._policy, status, new_milestones, hit, lost=lost,
+            stopping=stop.reason if stop.requested.is_set() else None,
+            restart_requested=self._restart_requested, now=time.time(), rand=random.random(),
         )
-        code = "lost" if status.lost else str(status.code)
-        if outcome is policy.Outcome.MILESTONE:
-            self.status.milestones += 1
-            self.log(
-                "milestone",
-                f"⚑ run {self.status.run} left milestone {', '.join(new_milestones)}: resuming",
-                milestones=new_milestones,
-                exit_code=status.code,
+        self._restart_requested = False
+        if verdict.state is WorkerState.STOPPED and s.state is not WorkerState.STOPPING:
+            s.state = advance(s.state, WorkerState.STOPPING)  # it ended as the stop came
+        s.state = advance(s.state, verdict.state)
+        s.reason = verdict.reason
+        if verdict.state.final:
+            s.ended_at = time.time()
+        if self._run is not None:
+            self.fleet.ledger.run_ended(
+                self._run.id, exit_code=status.code, lost=status.lost, outcome=verdict.outcome,
+                reason=status.reason, task=self.record(), shift=self.fleet.shift_id,
+                worker=self.name,
             )
-        elif outcome is policy.Outcome.USAGE_LIMIT:
-            self.status.usage_pauses += 1
-            assert hit is not None
-            if isinstance(decision, policy.Pause):
-                self._set(WorkerState.PAUSED, "usage limit")
-                assert self.status.machine is not None
-                self.fleet.pause_machine(self.status.machine, decision.until, "usage limit")
-            self.log(
-                "usage-limit",
-                f"⏸ usage limit reached: pausing until {_clock(getattr(decision, 'until', now))}",
-                line=hit.line,
-                reset_at=hit.reset_at,
-                exit_code=status.code,
-            )
-        elif outcome is policy.Outcome.CRASH:
-            self.status.crashes += 1
-            self.status.last_crash_run = self.status.run
-            detail = status.reason or f"exit {code}"
-            if isinstance(decision, policy.Restart):
-                self._set(WorkerState.BACKOFF, detail)
-                self.log(
-                    "crashed",
-                    f"✗ run {self.status.run} crashed ({detail}); restarting in "
-                    f"{decision.delay:.1f}s",
-                    exit_code=status.code,
-                    backoff=round(decision.delay, 3),
-                )
-            else:
-                self.log("crashed", f"✗ run {self.status.run} crashed ({detail})",
-                         exit_code=status.code)
+            self._run = None
         else:
-            self.log("run-ended", f"■ run {self.status.run} exited 0 with no new milestone",
-                     exit_code=status.code)
-        return decision
-
-
-def _clock(epoch: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(epoch))
+            self.persist()
+        for event, message, fields in verdict.lines:
+            self.log(event, message, **fields)
+        if isinstance(verdict.decision, policy.Pause) and hit is not None:
+            assert s.machine is not None
+            self.fleet.pause_machine(s.machine, verdict.decision.until, "usage limit", hit.line)
+        return verdict.decision

@@ -7,10 +7,13 @@ deadline, and the ``fleet`` fixture kills whatever the test started.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
+import stat
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +58,45 @@ def test_per_machine_cap_is_never_exceeded(fleet: Harness) -> None:
     assert len(fleet.agent_records("end")) == 6
     assert fleet.max_concurrent() == 2
     assert result.summary["peak_running"] <= 2
+
+
+def test_an_unusable_state_directory_is_exit_2_with_the_path_and_the_fix(fleet: Harness) -> None:
+    """It was a traceback and exit 1; nothing may start before the ledger can be written."""
+    blocker = fleet.tmp / "state-is-a-file"
+    blocker.write_text("in the way\n")
+    result = fleet.run_config([task(1, "finish")], state_dir=str(blocker))
+    assert result.returncode == 2, result.explain()
+    assert "Traceback" not in result.stderr
+    assert str(blocker) in result.stderr and "is not a directory" in result.stderr
+    assert "fix:" in result.stderr
+    assert fleet.agent_records() == []
+
+
+def test_a_ledger_of_a_newer_version_is_exit_2_and_starts_nothing(fleet: Harness) -> None:
+    config = fleet.write(fleet.config([task(1, "finish")]))
+    assert fleet.run(config).returncode == 0
+    db = sqlite3.connect(fleet.state_dir / "ledger.sqlite3")
+    db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    shifts = sorted((fleet.state_dir / "runs").iterdir())
+    result = fleet.run(config, "--fresh")
+    assert result.returncode == 2, result.explain()
+    assert "newer agentize-fleet" in result.stderr and "Traceback" not in result.stderr
+    assert sorted((fleet.state_dir / "runs").iterdir()) == shifts
+    assert len(fleet.agent_records("start")) == 1
+
+
+def test_the_state_directory_is_private(fleet: Harness) -> None:
+    fleet.state_dir.mkdir(mode=0o755)
+    fleet.state_dir.chmod(0o755)
+    result = fleet.run_config([task(1, "finish")])
+    assert result.returncode == 0, result.explain()
+    assert stat.S_IMODE(fleet.state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((fleet.state_dir / "ledger.sqlite3").stat().st_mode) == 0o600
+    shift = json.loads((result.run_dir / "shift.json").read_text())
+    assert shift["pid"] > 0 and shift["id"] == result.run_dir.name
+    assert shift["workers"] == [{"worker": "w1", "task": 1}]
 
 
 # -- milestones ---------------------------------------------------------------------------------
@@ -130,18 +172,38 @@ def test_milestone_cap_fails_the_task(fleet: Harness) -> None:
     assert result.task_summary(9)["state"] == "done"
 
 
-def test_existing_worktree_is_reused_by_the_next_fleet(fleet: Harness) -> None:
+def test_a_done_task_is_not_run_again_unless_asked_and_then_in_its_worktree(
+    fleet: Harness,
+) -> None:
     config = fleet.write(fleet.config([task(3, "finish")]))
     first = fleet.run(config)
     assert first.returncode == 0, first.explain()
     tree = fleet.workspace_root / "origin.git" / "trees" / "issue-3"
     (tree / "scratch.txt").write_text("left by the first fleet\n")
+
+    # The ledger remembers: the next `up` (cron's, say) does not spend a run on it again.
     second = fleet.run(config)
     assert second.returncode == 0, second.explain()
+    assert [r["run"] for r in fleet.runs_of(3)] == [1]
+    (said,) = second.events("task-done-before")
+    assert "not started again" in said["line"] and "--rerun 3" in said["line"], said
+    assert second.task_summary(3)["state"] == "done"
+
+    # Asked to, it runs again, in the same worktree, as run 2 (numbers go on across shifts).
+    third = fleet.run(config, "--rerun", "3")
+    assert third.returncode == 0, third.explain()
+    assert [r["run"] for r in fleet.runs_of(3)] == [1, 2]
     assert {r["cwd"] for r in fleet.runs_of(3)} == {os.path.realpath(tree)}
     assert (tree / "scratch.txt").read_text() == "left by the first fleet\n"
     subjects = git(tree, "log", "--format=%s", "main..issue-3").splitlines()
     assert subjects == ["issue 3: implement", "issue 3: implement"]
+    assert third.task_summary(3)["runs"] == 2
+
+    # --fresh starts every listed task anew; --rerun of a task the config lacks is refused.
+    fourth = fleet.run(config, "--fresh")
+    assert fourth.returncode == 0 and [r["run"] for r in fleet.runs_of(3)] == [1, 2, 3]
+    refused = fleet.run(config, "--rerun", "99")
+    assert refused.returncode == 2 and "no task #99" in refused.stderr, refused.explain()
 
 
 def test_start_interval_spaces_agent_starts(fleet: Harness) -> None:
@@ -195,6 +257,21 @@ def test_crash_loop_fails_after_intensity_limit(fleet: Harness) -> None:
     assert len(gave_up) == 1
     assert not [e for e in result.events("crashed") if e["task"] != 2]
     result.assert_seq_gapless()
+
+
+def test_a_crash_restart_keeps_its_slot_through_a_short_backoff(fleet: Harness) -> None:
+    """Under cap 1, "restarting in 0.3s" means that: the crashed task's next run comes before
+    the tasks waiting for a slot (it used to queue behind all of them)."""
+    result = fleet.run_config(
+        [task(1, "crash:1,finish"), task(2, "finish"), task(3, "finish")],
+        concurrency=1,
+        restart={"backoff_base": 0.3, "backoff_max": 0.3},
+    )
+    assert result.returncode == 0, result.explain()
+    order = [(r["issue"], r["run"]) for r in fleet.agent_records("start")]
+    assert order == [(1, 1), (1, 2), (2, 1), (3, 1)], order
+    (crashed,) = result.events("crashed")
+    assert "restarting in" in crashed["line"] and "slot" not in crashed["line"], crashed
 
 
 # -- stopping -----------------------------------------------------------------------------------
@@ -549,7 +626,7 @@ def test_a_worktree_removed_by_hand_is_made_again(fleet: Harness) -> None:
     head_before = git(removed, "rev-parse", "HEAD").strip()
     shutil.rmtree(removed)
 
-    second = fleet.run_config([task(1, "finish"), task(2, "finish")])
+    second = fleet.run_config([task(1, "finish"), task(2, "finish")], "--fresh")
     assert second.returncode == 0, second.explain()
     again = {w["task"]: w for w in second.summary["workers"]}
     assert again[1]["workspace"] == str(removed) and (removed / ".git").is_file()

@@ -2,7 +2,8 @@
 
 The next ``up`` on the same state directory re-adopts the dead fleet's runs (default) or stops
 them (``on_orphans = "stop"``); without a next ``up`` the run wrapper's lease watchdog stops
-them; and a pid that was reused by an unrelated process is never signalled.
+them; and a pid that was reused by an unrelated process is never signalled.  What the dead
+supervisor was doing is read from the ledger, as the next ``up`` reads it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -38,19 +40,31 @@ from fleet_helpers import (
     wait_states,
 )
 
-from supervisor.fleet import write_json_atomic
+from supervisor.ledger import Ledger, ledger_path
 
 GRANDCHILD = re.compile(r"^fake-agent: grand(?:-grand)?child pid (\d+)$")
 # Enough steps that each run is caught in the middle, prints before and after the kill.
 STEPS = {"FAKE_AGENT_STEPS": "25", "FAKE_AGENT_STEP_DELAY": "0.08"}
 
 
-def running_in_state_file(run_dir: Path, tasks: int) -> dict[int, dict[str, Any]] | None:
-    """The workers of ``run_dir``'s state.json once ``tasks`` of them run with a known pid."""
-    with contextlib.suppress(OSError, ValueError):
-        rows = {w["task"]: w for w in read_json(run_dir / "state.json")["workers"]}
-        live = [w for w in rows.values() if w["state"] == "running" and w["pid"]]
-        if len(live) == tasks:
+def running_in_ledger(
+    state_dir: Path, tasks: int, shift: str | None = None
+) -> dict[int, dict[str, Any]] | None:
+    """The ledger's running runs once ``tasks`` of them have a pid (and, given ``shift``, are
+    watched by that shift), by task: pid, start ticks, run directory, lease, run number."""
+    with contextlib.suppress(Exception):
+        ledger = Ledger.reader(state_dir)
+        if ledger is None:
+            return None
+        with ledger:
+            rows = {
+                r.issue: {"task": r.issue, "pid": r.pid, "start_ticks": r.start_ticks,
+                          "run_dir": r.run_dir, "lease_path": r.lease_path, "runs": r.number,
+                          "worker": r.worker}
+                for r in ledger.open_runs()
+                if r.state == "running" and r.pid and (shift is None or r.supervised_by == shift)
+            }
+        if len(rows) == tasks:
             return rows
     return None
 
@@ -91,12 +105,12 @@ def kill_fleet_mid_run(
     fleet: Harness, config: Path, issues: list[int], lines: int = 3
 ) -> tuple[str, Path, dict[int, dict[str, Any]]]:
     """Start ``up``, wait until every task runs and has logged ``lines`` stdout lines, SIGKILL
-    ``up``; return the dead fleet's id, run directory and the workers of its state file."""
+    ``up``; return the dead fleet's id, run directory and its runs as the ledger has them."""
     up = fleet.start(config)
     wait_ready(up)
     wait_states(up, dict.fromkeys(issues, "running"))
     run_dir = only_run_dir(fleet.state_dir)
-    wait_for(lambda: running_in_state_file(run_dir, len(issues)), 10, "pids in state.json")
+    wait_for(lambda: running_in_ledger(fleet.state_dir, len(issues)), 10, "pids in the ledger")
 
     def logged() -> bool:
         records = run_records(run_dir)
@@ -104,8 +118,8 @@ def kill_fleet_mid_run(
 
     wait_for(logged, 15, f"{lines} output lines of every task in the JSONL")
     kill_up(up)
-    rows = running_in_state_file(run_dir, len(issues))
-    assert rows is not None, "the state file lost its running workers"
+    rows = running_in_ledger(fleet.state_dir, len(issues))
+    assert rows is not None, "the ledger lost its running runs"
     for row in rows.values():
         assert alive(row["pid"], row["start_ticks"]), f"run of #{row['task']} died with up"
     return run_dir.name, run_dir, rows
@@ -161,6 +175,35 @@ def test_a_new_up_adopts_the_runs_of_a_killed_one(fleet: Harness) -> None:
     assert [r for r in orphans.values() if wrapper_alive(r["run_dir"])] == []
 
 
+def test_a_run_started_just_before_the_kill_is_adopted_not_started_again(
+    fleet: Harness,
+) -> None:
+    """SIGKILL within a few milliseconds of an agent's start (4 of 4 such kills left no pid in
+    the old state file, and the task was started again beside its living run): the intent and
+    the pid were in the ledger before and right after the start, so the next `up` adopts it."""
+    config = fleet.write(fleet.config([task(1, "sleep:2+finish")],
+                                      agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
+    for attempt in range(3):
+        up = fleet.start(config)
+        wait_for(lambda n=attempt, up=up: len(fleet.agent_records("start")) > n or up.popen.poll(),
+                 15,
+                 "the agent's start")
+        kill_up(up)
+        if attempt < 2:
+            # Let this one end (the next attempt needs a task to start again).
+            again = fleet.start(config).wait(30)
+            assert again.returncode == 0, again.explain()
+            fleet.write(fleet.config([task(attempt + 2, "sleep:2+finish")],
+                                     agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
+    result = fleet.start(config).wait(30)
+    assert result.returncode == 0, result.explain()
+    starts = fleet.agent_records("start")
+    assert sorted(r["issue"] for r in starts) == [1, 2, 3], starts  # each once
+    assert sorted((r["issue"], r["exit"]) for r in fleet.agent_records("end")) == [
+        (1, 0), (2, 0), (3, 0)]
+    assert [p for p in agent_pids(fleet).values() if alive(p)] == []
+
+
 def test_on_orphans_stop_stops_them_then_runs_the_tasks(fleet: Harness) -> None:
     issues = [1, 2, 3]
     plans = {1: "hang", 2: "grandchildren:1+hang", 3: "ignore-term+hang"}
@@ -198,10 +241,11 @@ def test_on_orphans_stop_stops_them_then_runs_the_tasks(fleet: Harness) -> None:
     old_summary = read_json(old_dir / "summary.json")
     assert len(old_summary["orphans"]) == 3
     assert all(note.startswith("stopped") for note in old_summary["orphans"])
-    # Each task ran twice as run 1: the stopped orphan, then the new run, which finished.
+    # Each task ran twice: the stopped orphan (run 1), then a new run (run 2: runs are
+    # numbered per task across shifts), which finished.
     for issue in issues:
         starts = fleet.runs_of(issue)
-        assert [r["run"] for r in starts] == [1, 1], starts
+        assert [r["run"] for r in starts] == [1, 2], starts
         assert starts[1]["pid"] != starts[0]["pid"]
     assert [p for p in agent_pids(fleet).values() if alive(p)] == []
 
@@ -271,12 +315,16 @@ def test_the_lease_watchdog_stops_runs_of_a_dead_supervisor(fleet: Harness) -> N
     assert runs.returncode == 0, explain(runs)
     assert runs.stdout.splitlines()[1].split()[1] == "died", runs.stdout
     assert cli(fleet, config, "status").returncode == 3
+    # Its report is written from the ledger: it never wrote a summary.
+    report = cli(fleet, config, "report", "--shift", _old_id, timeout=60)
+    assert report.returncode == 0, explain(report)
+    assert "supervisor died" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("wrapper_gone", [False, True], ids=["exit-recorded", "wrapper-gone"])
 def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> None:
     config = fleet.write(fleet.config([task(1, "hang,finish")], concurrency=1))
-    old_id, old_dir, orphans = kill_fleet_mid_run(fleet, config, [1])
+    old_id, _old_dir, orphans = kill_fleet_mid_run(fleet, config, [1])
     row = orphans[1]
     run_dir = Path(row["run_dir"])
     # The agent dies too; with `wrapper_gone` its wrapper first (power loss), so no exit file.
@@ -292,7 +340,7 @@ def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> 
         wait_for(lambda: (run_dir / "exit").exists(), 5, "the wrapper to record the exit")
 
     # An unrelated process now has the agent's pid (in a session of its own, so that its
-    # group id is its pid too); the state file still names the old start time.
+    # group id is its pid too); the ledger and the run's pid file still name the old start time.
     dummy = subprocess.Popen(
         ["sleep", "300"],
         env=fleet.env(),
@@ -302,11 +350,11 @@ def test_a_reused_pid_is_never_signalled(fleet: Harness, wrapper_gone: bool) -> 
     try:
         ticks = wait_for(lambda: start_ticks(dummy.pid), 5, "the dummy's start time")
         assert ticks != row["start_ticks"]
-        state = read_json(old_dir / "state.json")
-        for worker in state["workers"]:
-            if worker["task"] == 1:
-                worker["pid"] = dummy.pid
-        write_json_atomic(old_dir / "state.json", state)
+        db = sqlite3.connect(ledger_path(fleet.state_dir))
+        db.execute("UPDATE runs SET pid = ? WHERE issue = 1", (dummy.pid,))
+        db.commit()
+        db.close()
+        (run_dir / "pid").write_text(f"{dummy.pid} {row['start_ticks']}\n")
         (run_dir / "wrapper").write_text(f"{dummy.pid} {ticks + 1}\n")  # wrapper's pid: reused too
 
         result = fleet.start(config).wait(45)
@@ -344,7 +392,8 @@ def test_a_run_adopted_twice_loses_and_repeats_nothing(fleet: Harness) -> None:
     wait_ready(second)
     second_dir = new_run_dir(fleet.state_dir, first_id)
     wait_for(lambda: events(run_records(second_dir), "adopted"), 10, "the second fleet to adopt")
-    wait_for(lambda: running_in_state_file(second_dir, 1), 10, "the adopted run in state.json")
+    wait_for(lambda: running_in_ledger(fleet.state_dir, 1, second_dir.name), 10,
+             "the adopted run watched by the second fleet in the ledger")
     kill_up(second)
     assert alive(row["pid"], row["start_ticks"]), "the run ended too early for this test"
 
@@ -361,6 +410,36 @@ def test_a_run_adopted_twice_loses_and_repeats_nothing(fleet: Harness) -> None:
     ]
     assert logged == file_lines(Path(row["run_dir"], "stdout"))
     assert [p for p in agent_pids(fleet).values() if alive(p)] == []
+
+
+def test_a_dead_fleets_watchdog_ends_with_the_runs_it_adopted(fleet: Harness) -> None:
+    """The adopting fleet dismisses the dead one's watchdog as soon as the adopted runs end,
+    not at its own end, nor at the watchdog's next look (here every 10 s)."""
+    tasks = [task(1, "sleep:2+finish"), task(2, "sleep:2+finish")]
+    config = fleet.write(fleet.config(tasks, lease_timeout=30, agent={"env": STEPS}))
+    old_id, _old_dir, orphans = kill_fleet_mid_run(fleet, config, [1, 2])
+    (lease,) = {w["lease_path"] for w in orphans.values()}
+    dog_pid = int(Path(f"{lease}.dog").read_text().split()[0])
+    assert alive(dog_pid)
+
+    # The next fleet adopts both, and has a task of its own that keeps it going.
+    fleet.write(fleet.config([*tasks, task(3, "hang")], lease_timeout=30,
+                             agent={"env": STEPS}))
+    second = fleet.start(config)
+    wait_ready(second)
+
+    def adopted_ended() -> bool:
+        return {(r["issue"], r["exit"]) for r in fleet.agent_records("end")} >= {(1, 0), (2, 0)}
+
+    wait_for(adopted_ended, 20, "the adopted runs to end")
+    wait_for(lambda: not alive(dog_pid), 4, "the dead fleet's watchdog to be dismissed")
+    assert second.popen.poll() is None, "the adopting fleet is still running"
+    assert cli(fleet, config, "down").returncode == 0
+    result = second.wait(20)
+    assert result.returncode == 130, result.explain()
+    assert not result.leftovers, result.leftovers
+    assert {e["from_fleet"] for e in events(run_records(new_run_dir(fleet.state_dir, old_id)),
+                                            "adopted")} == {old_id}
 
 
 @pytest.mark.parametrize("all_ended", [True, False])

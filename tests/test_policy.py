@@ -106,3 +106,41 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+def test_a_short_backoff_keeps_the_slot_a_long_one_and_a_pause_give_it_back() -> None:
+    assert policy.keeps_slot(policy.Resume())
+    assert policy.keeps_slot(policy.Restart(0.0))
+    assert policy.keeps_slot(policy.Restart(policy.SLOT_KEPT_FOR))
+    assert not policy.keeps_slot(policy.Restart(policy.SLOT_KEPT_FOR + 0.1))
+    assert not policy.keeps_slot(policy.Pause(1e9))
+
+
+def test_the_history_goes_through_the_ledger_and_back() -> None:
+    history = History(crash_times=(1.5, 2.5), consecutive_crashes=2, milestones=3,
+                      usage_pauses=1)
+    assert policy.history_from_dict(policy.history_to_dict(history)) == history
+    assert policy.history_from_dict({}) == History()
+
+
+def test_the_verdict_says_what_the_fleet_will_do() -> None:
+    from supervisor.hosts.base import ExitStatus
+    from supervisor.outcome import WorkerStatus, judge
+
+    rules = RestartPolicy(backoff_base=100.0, backoff_max=100.0)
+    status = WorkerStatus(worker="w1", task=7, title="", run=2)
+    long = judge(status, rules, ExitStatus(3), [], None, now=0.0, rand=0.9)
+    assert isinstance(long.decision, policy.Restart) and long.state == "backoff"
+    ((event, message, fields),) = long.lines
+    assert event == "crashed" and "restarting in 90.0s" in message
+    assert "its slot goes to others meanwhile" in message and fields["backoff"] == 90.0
+    short = judge(status, rules, ExitStatus(3), [], None, now=1.0, rand=0.001)
+    assert "restarting in 0.1s" in short.lines[0][1] and "slot" not in short.lines[0][1]
+    assert (status.crashes, status.last_crash_run) == (2, 2)
+    asked = judge(status, rules, ExitStatus(143), [], None, restart_requested=True, now=2.0,
+                  rand=0.5)
+    assert asked.decision == policy.Restart(0.0) and asked.outcome == "restarted"
+    stopped = judge(status, rules, ExitStatus(143), [], None, stopping="SIGTERM", now=3.0,
+                    rand=0.5)
+    assert (stopped.state, stopped.reason) == ("stopped", "SIGTERM")
+    assert status.crashes == 2  # neither a restart on request nor a stop is a crash

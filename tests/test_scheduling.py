@@ -92,3 +92,18 @@ async def test_starts_gate_pause_resume_and_close() -> None:
         assert result == [True]
         gate.close("deadline")
         assert await gate.wait() is False
+
+
+def test_take_holds_a_slot_at_once_past_the_cap_and_would_wait_sees_it() -> None:
+    """Adoption: a run already running takes its slot without waiting (even on a machine with
+    no capacity left, or none at all); nobody new gets one until the count is under the cap."""
+    pool = SlotPool(2, {"local": 2, "m1": 0})
+    assert not pool.would_wait()
+    pool.take("local")
+    pool.take("m1")
+    pool.take("gone")  # a machine no longer configured
+    assert (pool.total, pool.peak) == (3, 3)
+    assert pool.would_wait() and pool.would_wait("local")
+    pool.release("gone")
+    pool.release("m1")
+    assert not pool.would_wait("local")

@@ -757,7 +757,9 @@ def test_status_cpu_of_a_remote_run_is_recent_not_a_lifetime_average(
         return spent >= 2.9 and value is not None and value < 5.0 and len(seen) >= 2
 
     wait_for(settled, 40, f"a recent CPU% under 5 once the agent sleeps (seen {seen})")
-    assert max(seen) >= 50.0, seen  # while it spun
+    # While it spun (a loaded 2-core machine gives the spinner well under 100%: the point is
+    # that a sample taken while it spun is far above one taken once it sleeps).
+    assert max(seen) >= 20.0, seen
     lifetime = 100.0 * sum(agent.cpu_times()[:2]) / (time.time() - agent.create_time())
     assert lifetime > 20.0, lifetime  # what a lifetime average would still say
     assert cli(fleet, path, "down").returncode == 0
@@ -826,5 +828,8 @@ def test_the_next_up_adopts_a_killed_ones_remote_run(
     expected = (remote_run_dir / "stdout").read_text().splitlines()
     assert before + after == expected, (len(before), len(after), len(expected))
     assert "All tests passed (3/3)!" in after
-    assert read_json(old_dir / "summary.json")["orphans"][0].startswith("adopted")
+    # "adopted" while it ran, or "took over the end of" it when a loaded machine let it finish
+    # before the second `up` looked: either way once, and read on from where the log stopped.
+    note = read_json(old_dir / "summary.json")["orphans"][0]
+    assert note.startswith(("adopted", "took over the end of")), note
     assert not _claim_file(wd).exists()

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+import pytest
 from conftest import Harness, task
 from fleet_helpers import (
     agent_pids,
@@ -35,6 +37,8 @@ from fleet_helpers import (
     workers_by_task,
 )
 
+from supervisor import control
+from supervisor.ledger import Ledger
 from supervisor.rundir import socket_path
 
 # A crash backoff long enough that a crashed task is still in backoff when the test looks
@@ -126,10 +130,11 @@ def test_status_without_a_running_fleet_exits_3(fleet: Harness) -> None:
 
 def test_down_stops_a_running_fleet(fleet: Harness) -> None:
     # A state directory too deep for a socket path (sun_path is 108 bytes): the socket moves
-    # to the temp directory, still private, still found by the CLI.
+    # to a directory of this user's in the temp directory (never a predictable path in a
+    # shared one), still private, still found by the CLI.
     fleet.state_dir = fleet.tmp / ("deep-" * 20) / "state"
     path = socket_path(fleet.state_dir)
-    assert path.parent == Path(tempfile.gettempdir()), path
+    assert path.parent == Path(tempfile.gettempdir()) / f"agentize-fleet-{os.geteuid()}", path
     config = fleet.write(
         fleet.config([task(1, "hang"), task(2, "grandchildren:1+hang")], stop_timeout=5)
     )
@@ -137,6 +142,7 @@ def test_down_stops_a_running_fleet(fleet: Harness) -> None:
     wait_ready(up)
     wait_states(up, {1: "running", 2: "running"})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     wait_for(lambda: len(agent_pids(fleet)) == 2, 10, "both agents' start records")
     def grandchildren() -> list[int]:
         lines = [r["line"] for r in run_records(only_run_dir(fleet.state_dir))
@@ -193,6 +199,30 @@ def test_restart_gives_a_task_a_new_run(fleet: Harness) -> None:
     assert [(r["run"], r["exit"]) for r in ends] == [(2, 0)]  # run 1 was killed, run 2 finished
 
 
+def test_restart_starts_the_new_run_at_once_in_the_slot_its_run_had(fleet: Harness) -> None:
+    """Under cap 1 with a task waiting, `restart 42` used to put #42 behind it (61 s in a
+    measured case): now run 2 starts at once, in the slot run 1 had."""
+    config = fleet.write(
+        fleet.config([task(42, "hang,sleep:1+finish"), task(7, "finish")], concurrency=1)
+    )
+    up = fleet.start(config)
+    wait_ready(up)
+    wait_states(up, {42: "running", 7: "pending"})
+    wait_for(lambda: agent_pids(fleet).get((42, 1)), 10, "run 1 of #42")
+    asked = time.time()
+    done = cli(fleet, config, "restart", "42")
+    assert done.returncode == 0 and "starts at once in its slot" in done.stdout, explain(done)
+    second = wait_for(lambda: [r for r in fleet.runs_of(42) if r["run"] == 2], 15, "run 2")[0]
+    assert second["t"] - asked < 8, second["t"] - asked  # the stop (SIGTERM) and a start
+    result = up.wait(30)
+    assert result.returncode == 0, result.explain()
+    order = [(r["issue"], r["run"]) for r in fleet.agent_records("start")]
+    assert order == [(42, 1), (42, 2), (7, 1)], order
+    with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
+        first, again = ledger.runs(issue=42)
+    assert first.ended_at is not None and again.intent_at >= first.ended_at  # never two at once
+
+
 def test_add_runs_a_new_task(fleet: Harness) -> None:
     config = fleet.write(fleet.config([task(1, "hang")]))
     up = fleet.start(config)
@@ -202,9 +232,10 @@ def test_add_runs_a_new_task(fleet: Harness) -> None:
     done = cli(fleet, config, "add", "57", "--title", "added later")
     assert done.returncode == 0, explain(done)
     assert "task #57 added" in done.stdout
-    # Adding a task the fleet already runs is refused.
+    # Adding a task the fleet already runs changes nothing: `add` is idempotent.
     again = cli(fleet, config, "add", "1")
-    assert again.returncode == 1 and "already in the fleet" in again.stderr, explain(again)
+    assert again.returncode == 0, explain(again)
+    assert "already in the fleet (state running)" in again.stdout, explain(again)
     wait_states(up, {57: "done", 1: "running"})
 
     assert cli(fleet, config, "down").returncode == 0
@@ -218,6 +249,44 @@ def test_add_runs_a_new_task(fleet: Harness) -> None:
     assert [r["exit"] for r in fleet.agent_records("end") if r["issue"] == 57] == [0]
     added = events(result.records, "task-added")
     assert [e["task"] for e in added] == [57], added
+
+
+def test_add_is_idempotent_and_never_puts_two_workers_in_one_worktree(fleet: Harness) -> None:
+    """``add N`` twice for an ended task used to start two workers in one worktree.  Now: a
+    failed task is queued again on its own worker; a done one stays done unless --rerun."""
+    config = fleet.write(
+        fleet.config([task(1, "hang"), task(2, "crash:3,finish")], restart={"max_crashes": 0})
+    )
+    up = fleet.start(config)
+    wait_ready(up)
+    wait_states(up, {1: "running", 2: "failed"})
+
+    first, second = cli(fleet, config, "add", "2"), cli(fleet, config, "add", "2")
+    for done in (first, second):
+        assert done.returncode == 0, explain(done)
+    assert "task #2 (failed) queued again on w2" in first.stdout, explain(first)
+    assert second.stdout.strip().endswith(("already in the fleet (state pending)",
+                                           "already in the fleet (state preparing)",
+                                           "already in the fleet (state running)",
+                                           "task #2 is already done; `add 2 --rerun` runs it "
+                                           "again")), explain(second)
+    wait_states(up, {2: "done"})
+    done_again = cli(fleet, config, "add", "2")
+    assert "already done; `add 2 --rerun` runs it again" in done_again.stdout
+    rerun = cli(fleet, config, "add", "2", "--rerun")
+    assert rerun.returncode == 0 and "queued again on w2" in rerun.stdout, explain(rerun)
+    wait_for(lambda: len(fleet.runs_of(2)) == 3, 15, "run 3 of #2")
+    wait_states(up, {2: "done"})
+
+    assert cli(fleet, config, "down").returncode == 0
+    result = up.wait(20)
+    assert [w["worker"] for w in result.summary["workers"]] == ["w1", "w2"]
+    runs = fleet.runs_of(2)
+    assert [r["run"] for r in runs] == [1, 2, 3]
+    assert len({r["cwd"] for r in runs}) == 1
+    # Never two runs of #2 at once: each started after the one before it ended.
+    ends = {r["run"]: r["t"] for r in fleet.agent_records("end") if r["issue"] == 2}
+    assert all(runs[i + 1]["t"] >= ends[runs[i]["run"]] for i in range(2)), (runs, ends)
 
 
 def test_pause_holds_new_runs_until_resume(fleet: Harness) -> None:
@@ -361,6 +430,7 @@ def test_runs_lists_past_and_running_fleets(fleet: Harness) -> None:
                                       restart={"max_crashes": 0}))
     none = cli(fleet, config, "runs")
     assert none.returncode == 3 and "no fleet runs" in none.stderr, explain(none)
+    assert cli(fleet, config, "shifts").returncode == 3
 
     first = fleet.run(config)
     assert first.returncode == 1, first.explain()  # task 2 failed
@@ -385,7 +455,7 @@ def test_runs_lists_past_and_running_fleets(fleet: Harness) -> None:
     table = cli(fleet, config, "runs")
     assert table.returncode == 0, explain(table)
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["run", "state", "tasks", "done", "failed", "exit", "meaning"]
+    assert lines[0].split() == ["shift", "state", "tasks", "done", "failed", "exit", "meaning"]
     assert lines[1].split()[:6] == [first_id, "ended", "2", "1", "1", "1"], lines
     assert lines[2].split()[1:3] == ["running", "1"], lines
 
@@ -394,3 +464,16 @@ def test_runs_lists_past_and_running_fleets(fleet: Harness) -> None:
     rows = json.loads(cli(fleet, config, "runs", "--json").stdout)
     assert [(r["state"], r["exit_code"]) for r in rows] == [("ended", 1), ("ended", 130)]
     assert read_json(fleet.state_dir / "runs" / first_id / "summary.json")["exit_code"] == 1
+
+
+def test_a_control_socket_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Another user's socket where ours should be is not our fleet: nothing is sent to it."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a socket to another user needs root")
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        os.chown(path, 12345, 12345)
+        with pytest.raises(control.ControlError, match="belongs to another user"):
+            anyio.run(control.request, path, {"cmd": "status"})

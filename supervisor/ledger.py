@@ -1,0 +1,529 @@
+"""The ledger: a supervisor's memory of tasks, runs and shifts, written before each act.
+
+A fleet is left overnight and its supervisor may die at any instant (SIGKILL, OOM, a reboot);
+the next ``up`` must know what the dead one was doing *at that instant*: which run of which
+task it was about to start, which ones it had started, which had ended and how.  A snapshot
+written every so often cannot know that (a run started between two snapshots is forgotten and
+started twice), so every transition is committed here *before* the act it announces:
+
+* the **intent** of a run (task T, run N, machine M, worktree W, run directory D) before the
+  host is asked to start anything; the pid and its start ticks right after the start; the exit
+  status and the outcome after the end, in the same transaction as the task's new state;
+* every change of a task's state as it happens; a shift's start and end; usage-limit holds and
+  machine reachability.
+
+**Why SQLite** (the standard library's ``sqlite3``, no server, one file
+``<state_dir>/ledger.sqlite3``, mode 0600): one transaction per transition, so a crash leaves
+the old state or the new, never half of each; any number of readers (``status``, ``shifts``,
+``report``, ``logs``) while the one writer writes; queries instead of scans of JSON files.
+
+**WAL with ``synchronous=NORMAL``.**  A commit appends the transaction's pages to the
+write-ahead log with ``write(2)``; only checkpoints ``fsync``.  A *killed supervisor* loses
+nothing committed (the pages are in the kernel's page cache, which outlives the process), and a
+commit costs tens of microseconds, not an ``fsync``'s milliseconds: transitions are rare next to
+output lines, but a fleet of a thousand short tasks makes thousands of them.  A *power cut* may
+lose the last transactions before a checkpoint; what they said is still on the machines: each run
+directory carries its own ``meta`` (task, run, shift, worker), ``pid`` and ``exit`` files, and
+the next ``up`` scans the run directories for any run the ledger does not know
+(:mod:`supervisor.recovery`).  ``synchronous=FULL`` would close that window at an ``fsync`` per
+transition; the scan already covers it.
+
+**One writer**: the ``up`` that holds the state directory's lock (:mod:`supervisor.rundir`).
+Readers open the file read-only and never create it.  The ledger records transitions, never
+output lines: the line path does not touch it.
+
+See :mod:`supervisor.ledger_schema` for the tables (a ledger written by a newer version is
+refused with :class:`LedgerTooNew`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from supervisor.ledger_schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    TASK_COLUMNS,
+    USAGE_FIELDS,
+    RunRecord,
+    RunState,
+    ShiftRecord,
+    TaskRecord,
+    WorkerRecord,
+    record_of,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Ledger",
+    "LedgerError",
+    "LedgerTooNew",
+    "RunRecord",
+    "ShiftRecord",
+    "TaskRecord",
+    "WorkerRecord",
+    "ledger_path",
+]
+
+LEDGER_NAME = "ledger.sqlite3"
+BUSY_TIMEOUT = 10.0
+_R = TypeVar("_R")
+
+
+class LedgerError(Exception):
+    """The ledger cannot be used; the message names the file and the fix."""
+
+
+class LedgerTooNew(LedgerError):
+    """The ledger was written by a newer agentize-fleet: reading it could misread it."""
+
+
+def ledger_path(state_dir: Path) -> Path:
+    return state_dir / LEDGER_NAME
+
+
+class Ledger:
+    """The open ledger: the writer (:meth:`open`) or a reader (:meth:`reader`)."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, *, writable: bool) -> None:
+        self.path = path
+        self._db = connection
+        self.writable = writable
+
+    # opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Ledger:
+        """The writer's ledger (made on first use, mode 0600); only the lock holder opens it."""
+        path = ledger_path(state_dir)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise LedgerError(_cannot(path, exc)) from None
+        return cls._connect(path, str(path), writable=True)
+
+    @classmethod
+    def reader(cls, state_dir: Path) -> Ledger | None:
+        """A read-only view for ``status``, ``shifts``, ``report``; None when there is none."""
+        path = ledger_path(state_dir)
+        if not path.exists():
+            return None
+        return cls._connect(path, f"file:{_uri_path(path)}?mode=ro", writable=False)
+
+    @classmethod
+    def _connect(cls, path: Path, target: str, *, writable: bool) -> Ledger:
+        """Open ``target``, set the writer's journal up, check (or make) the schema."""
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(target, uri=not writable, timeout=BUSY_TIMEOUT,
+                                 isolation_level=None)
+            ledger = cls(path, db, writable=writable)
+            if writable:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            ledger._check_version(create=writable)
+        except (sqlite3.Error, LedgerError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, LedgerError):
+                raise
+            raise LedgerError(_cannot(path, exc)) from None
+        return ledger
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _check_version(self, *, create: bool) -> None:
+        found = self._version()
+        if found is None and create:
+            with self._tx() as db:
+                db.executescript_in_tx(SCHEMA)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            return
+        if found is None:
+            raise LedgerError(
+                f"{self.path} is not an agentize-fleet ledger (no schema version); fix: move "
+                f"it aside, or point state_dir at another directory"
+            )
+        if found > SCHEMA_VERSION:
+            raise LedgerTooNew(
+                f"{self.path} was written by a newer agentize-fleet (ledger version {found}; "
+                f"this one reads up to {SCHEMA_VERSION}); fix: upgrade agentize-fleet, or point "
+                f"state_dir at another directory"
+            )
+
+    def _version(self) -> int | None:
+        try:
+            row = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
+        if row is None:
+            return None
+        try:
+            return int(row[0])
+        except ValueError:
+            return None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        """One transaction: all of it is committed, or none of it."""
+        if not self.writable:
+            raise LedgerError(f"{self.path} is open read-only")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise LedgerError(_cannot(self.path, exc)) from None
+        try:
+            yield _Tx(self._db)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise LedgerError(_cannot(self.path, exc)) from None
+
+    def _all(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> list[_R]:
+        cur = self._db.execute(sql, args)
+        return [record_of(cls, r, cur.description) for r in cur.fetchall()]
+
+    def _one(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> _R | None:
+        found = self._all(cls, sql, args)
+        return found[0] if found else None
+
+    def _dicts(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = self._db.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    # shifts ---------------------------------------------------------------------------------
+
+    def begin_shift(self, shift: ShiftRecord) -> list[str]:
+        """Record a new shift; shifts left ``running`` (their ``up`` died: we hold the lock)
+        become ``died``.  Returns the ids of those."""
+        with self._tx() as db:
+            died = [r[0] for r in db.execute("SELECT id FROM shifts WHERE state = 'running'")]
+            db.execute(
+                "UPDATE shifts SET state = 'died', found_by = ? WHERE state = 'running'",
+                (shift.id,),
+            )
+            db.execute(
+                "INSERT INTO shifts(id, pid, pid_ticks, host, config, dir, name, concurrency, "
+                "started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                (shift.id, shift.pid, shift.pid_ticks, shift.host, shift.config, shift.dir,
+                 shift.name, shift.concurrency, shift.started_at),
+            )
+        return died
+
+    def end_shift(self, shift_id: str, exit_code: int, meaning: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
+                "exit_meaning = ? WHERE id = ?",
+                (time.time(), exit_code, meaning, shift_id),
+            )
+
+    def shifts(self) -> list[ShiftRecord]:
+        """Every shift, oldest first."""
+        return self._all(ShiftRecord, "SELECT * FROM shifts ORDER BY started_at, id")
+
+    def shift(self, shift_id: str) -> ShiftRecord | None:
+        return self._one(ShiftRecord, "SELECT * FROM shifts WHERE id = ?", (shift_id,))
+
+    # tasks ----------------------------------------------------------------------------------
+
+    def tasks(self) -> dict[int, TaskRecord]:
+        return {t.issue: t for t in self._all(TaskRecord, "SELECT * FROM tasks ORDER BY issue")}
+
+    def task(self, issue: int) -> TaskRecord | None:
+        return self._one(TaskRecord, "SELECT * FROM tasks WHERE issue = ?", (issue,))
+
+    def set_listed(self, issues: Iterable[int]) -> None:
+        """Mark which tasks the current config lists (the others stay, unlisted)."""
+        listed = sorted(set(issues))
+        with self._tx() as db:
+            db.execute("UPDATE tasks SET listed = 0")
+            db.executemany("UPDATE tasks SET listed = 1 WHERE issue = ?", [(i,) for i in listed])
+
+    def save_task(
+        self,
+        task: TaskRecord,
+        *,
+        shift: str,
+        worker: str,
+        adopted_from: str | None = None,
+    ) -> None:
+        """A task's new state (and its row in this shift's workers), in one transaction."""
+        self.save_tasks([(task, worker, adopted_from)], shift=shift)
+
+    def save_tasks(
+        self, items: Sequence[tuple[TaskRecord, str, str | None]], *, shift: str
+    ) -> None:
+        """Several tasks (task, worker, adopted_from) in one transaction: a shift's start."""
+        with self._tx() as db:
+            for task, worker, adopted_from in items:
+                _put_task(db, task, shift)
+                if worker != "-":
+                    _put_worker(db, task, shift, worker, adopted_from)
+
+    def workers(self, shift: str) -> list[WorkerRecord]:
+        return self._all(
+            WorkerRecord,
+            "SELECT * FROM workers WHERE shift = ? ORDER BY CAST(substr(worker, 2) AS INTEGER)",
+            (shift,),
+        )
+
+    # runs -----------------------------------------------------------------------------------
+
+    def run_intent(
+        self,
+        task: TaskRecord,
+        *,
+        shift: str,
+        worker: str,
+        machine: str,
+        workspace: str | None,
+        run_dir_of: Callable[[int], str],
+        lease_path: str | None,
+        prompt_kind: str,
+        milestones_before: Sequence[str],
+    ) -> RunRecord:
+        """Commit the intent of the task's next run, before anything is started.
+
+        The run's number is the task's counter plus one (runs are numbered per task across
+        shifts); ``run_dir_of(number)`` names its run directory.  The task's counter moves in
+        the same transaction: a crash leaves both or neither.
+        """
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT MAX(number) FROM runs WHERE issue = ?", (task.issue,)
+            ).fetchone()
+            number = max(task.runs, int(row[0] or 0)) + 1
+            run_dir = run_dir_of(number)
+            cur = db.execute(
+                "INSERT INTO runs(issue, number, shift, worker, machine, workspace, run_dir, "
+                "lease_path, prompt_kind, milestones_before, state, intent_at, supervised_by, "
+                "supervisors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?)",
+                (task.issue, number, shift, worker, machine, workspace, run_dir, lease_path,
+                 prompt_kind, json.dumps(sorted(milestones_before)), now, shift,
+                 json.dumps([shift])),
+            )
+            task.runs = number
+            _put_task(db, task, shift)
+            _put_worker(db, task, shift, worker, None)
+            run_id = int(cur.lastrowid or 0)
+        return RunRecord(
+            id=run_id, issue=task.issue, number=number, shift=shift, worker=worker,
+            machine=machine, workspace=workspace, run_dir=run_dir, lease_path=lease_path,
+            prompt_kind=prompt_kind, milestones_before=tuple(sorted(milestones_before)),
+            state="intent", pid=None, start_ticks=None, intent_at=now, started_at=None,
+            ended_at=None, exit_code=None, lost=False, outcome=None, reason="",
+            supervised_by=shift, supervisors=(shift,),
+        )
+
+    def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
+                "WHERE id = ?",
+                (pid, start_ticks, time.time(), run_id),
+            )
+
+    def run_ended(
+        self,
+        run_id: int,
+        *,
+        state: RunState = "ended",
+        exit_code: int | None = None,
+        lost: bool = False,
+        outcome: str | None = None,
+        reason: str = "",
+        task: TaskRecord | None = None,
+        shift: str | None = None,
+        worker: str | None = None,
+    ) -> None:
+        """A run's end (or abandonment) and, in the same transaction, its task's new state."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
+                "reason = ? WHERE id = ?",
+                (state, time.time(), exit_code, int(lost), outcome, reason, run_id),
+            )
+            if task is not None:
+                assert shift is not None and worker is not None
+                _put_task(db, task, shift)
+                _put_worker(db, task, shift, worker, None)
+
+    def run_supervised(self, run_id: int, shift: str) -> None:
+        """``shift`` watches the run from now on (it adopted it)."""
+        with self._tx() as db:
+            row = db.execute("SELECT supervisors FROM runs WHERE id = ?", (run_id,)).fetchone()
+            chain = list(json.loads(row[0])) if row else []
+            if shift not in chain:
+                chain.append(shift)
+            db.execute(
+                "UPDATE runs SET supervised_by = ?, supervisors = ? WHERE id = ?",
+                (shift, json.dumps(chain), run_id),
+            )
+
+    def record_usage(self, run_id: int, usage: Mapping[str, Any]) -> None:
+        """What an agent kind reported of a run (session, cost, tokens, turns)."""
+        unknown = set(usage) - set(USAGE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown usage fields: {sorted(unknown)}")
+        if not usage:
+            return
+        names = sorted(usage)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                (*(usage[n] for n in names), run_id),
+            )
+
+    def run(self, run_id: int) -> RunRecord | None:
+        return self._one(RunRecord, "SELECT * FROM runs WHERE id = ?", (run_id,))
+
+    def open_runs(self) -> list[RunRecord]:
+        """Runs in ``intent`` or ``running``, whichever shift made them, oldest first."""
+        return self._all(
+            RunRecord, "SELECT * FROM runs WHERE state IN ('intent', 'running') ORDER BY id"
+        )
+
+    def runs(self, *, issue: int | None = None, shift: str | None = None) -> list[RunRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        if issue is not None:
+            where.append("issue = ?")
+            args.append(issue)
+        if shift is not None:
+            where.append("(shift = ? OR supervisors LIKE ?)")
+            args += [shift, f'%"{shift}"%']
+        sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return self._all(RunRecord, sql + " ORDER BY id", args)
+
+    def run_by_dir(self, run_dir: str) -> RunRecord | None:
+        return self._one(RunRecord, "SELECT * FROM runs WHERE run_dir = ?", (run_dir,))
+
+    # machines ---------------------------------------------------------------------------------
+
+    def hold(
+        self, machine: str, reason: str, until: float, *, shift: str, line: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO holds(machine, reason, since, until, shift, line) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (machine, reason, time.time(), until, shift, line),
+            )
+
+    def holds(self, *, active_at: float | None = None) -> list[dict[str, Any]]:
+        if active_at is None:
+            return self._dicts("SELECT * FROM holds ORDER BY id")
+        return self._dicts("SELECT * FROM holds WHERE until > ? ORDER BY id", (active_at,))
+
+    def machine_event(self, machine: str, state: str, *, shift: str, detail: str = "") -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO machine_events(machine, state, at, shift, detail) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (machine, state, time.time(), shift, detail),
+            )
+
+    def machine_events(self, machine: str | None = None) -> list[dict[str, Any]]:
+        if machine is None:
+            return self._dicts("SELECT * FROM machine_events ORDER BY id")
+        return self._dicts(
+            "SELECT * FROM machine_events WHERE machine = ? ORDER BY id", (machine,)
+        )
+
+
+class _Tx:
+    """The connection inside one transaction (``executescript`` would commit it: not here)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, args)
+
+    def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self._db.executemany(sql, args)
+
+    def executescript_in_tx(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+
+_TASK_NAMES = (*TASK_COLUMNS, "updated_at")
+_PUT_TASK = (
+    f"INSERT INTO tasks({', '.join(_TASK_NAMES)}) VALUES ({', '.join('?' * len(_TASK_NAMES))}) "
+    "ON CONFLICT(issue) DO UPDATE SET "
+    + ", ".join(f"{n} = excluded.{n}" for n in _TASK_NAMES if n not in ("issue", "first_shift"))
+)
+
+
+def _put_task(db: _Tx, task: TaskRecord, shift: str) -> None:
+    task.first_shift, task.last_shift = task.first_shift or shift, shift
+    values = {name: getattr(task, name) for name in TASK_COLUMNS}
+    values["history"] = json.dumps(task.history)
+    values["listed"] = int(task.listed)
+    db.execute(_PUT_TASK, [*values.values(), time.time()])
+
+
+def _put_worker(
+    db: _Tx, task: TaskRecord, shift: str, worker: str, adopted_from: str | None
+) -> None:
+    db.execute(
+        "INSERT INTO workers(shift, worker, issue, state, reason, adopted_from, started_at, "
+        "ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(shift, worker) DO UPDATE SET "
+        "state = excluded.state, reason = excluded.reason, "
+        "adopted_from = COALESCE(excluded.adopted_from, workers.adopted_from), "
+        "started_at = COALESCE(workers.started_at, excluded.started_at), "
+        "ended_at = excluded.ended_at",
+        (shift, worker, task.issue, task.state, task.reason, adopted_from, task.started_at,
+         task.ended_at),
+    )
+
+
+
+
+def _uri_path(path: Path) -> str:
+    from urllib.parse import quote
+
+    return quote(str(path.resolve()))
+
+
+def _cannot(path: Path, exc: BaseException) -> str:
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (
+        f"cannot use the ledger {path}: {detail}; fix: make its state directory writable by "
+        f"you (and the disk not full), or point state_dir at another directory"
+    )

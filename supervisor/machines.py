@@ -1,0 +1,439 @@
+"""The machines of one shift: one :class:`MachineView` each, and what the fleet does to them.
+
+Everything that differs between machines -- the ``local`` one and the SSH ones -- is decided
+here once, when a view is built (its host, capacity, workdir, clone count, where its run
+directories live, whether its workdir needs a claim), so the rest of the fleet asks a view
+instead of testing ``name == "local"`` or scanning ``config.machines``.
+
+A view also carries the machine's state in this shift: its claim, its run root, the leases
+this shift renews there (its own, and those of dead shifts whose runs it adopted, for as long as
+it watches them), a usage-limit hold and its reachability.  Holds and reachability changes are
+written to the ledger as they happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import structlog
+
+from supervisor.claim import (
+    LEASE_RENEWAL_WITHOUT_WATCHDOG,
+    Claimant,
+    ClaimFailed,
+    WorkdirInUse,
+    claim_workdir,
+    release_workdir,
+    stale_after,
+)
+from supervisor.config import FleetConfig
+from supervisor.hosts.base import (
+    STOP_WATCHDOG,
+    Host,
+    HostAuthError,
+    HostError,
+    HostUnreachable,
+)
+from supervisor.hosts.local import LocalHost
+from supervisor.ledger import Ledger
+from supervisor.scheduling import SlotPool
+from supervisor.workspace import Clone, clone_name, ensure_clone
+
+LOCAL = "local"
+DEFAULT_UNREACHABLE_AFTER = 120.0
+PREFLIGHT_TIMEOUT = 60.0
+DISMISS_TIMEOUT = 10.0
+
+
+def build_hosts(config: FleetConfig) -> dict[str, Host]:
+    """One host per configured machine (``local`` when it may run agents)."""
+    hosts: dict[str, Host] = {}
+    if config.local.max_agents > 0:
+        hosts[LOCAL] = LocalHost(LOCAL)
+    if config.machines:
+        from supervisor.hosts.ssh import SSHHost, SSHTarget
+
+        for machine in config.machines:
+            hosts[machine.name] = SSHHost(
+                SSHTarget(
+                    name=machine.name,
+                    host=machine.host,
+                    port=machine.port,
+                    user=machine.user,
+                    identity_file=machine.identity_file,
+                    known_hosts=machine.known_hosts,
+                    ssh_config=machine.ssh_config,
+                    connect_timeout=machine.connect_timeout,
+                    keepalive_interval=machine.keepalive_interval,
+                    keepalive_count_max=machine.keepalive_count_max,
+                    unreachable_after=machine.unreachable_after,
+                )
+            )
+    return hosts
+
+
+@dataclass
+class MachineView:
+    """One machine as this shift sees it."""
+
+    name: str
+    host: Host
+    capacity: int
+    workdir: str
+    clones: int
+    unreachable_after: float
+    #: The run directories of the supervisor's own machine live in the state directory, and its
+    #: workspace root is held by ``up``'s own lock: no claim, no remote run root.
+    local: bool
+    claimed: str | None = None
+    root: str | None = None
+    #: Its time zone, in which an agent's "resets 5pm" is meant (None: the supervisor's).
+    timezone: tzinfo | None = None
+    reachable: bool = True
+    held_until: float | None = None
+    #: Leases of dead shifts renewed here while this shift watches a run of theirs: path ->
+    #: how many such runs.
+    adopted_leases: dict[str, int] = field(default_factory=dict)
+    clone_turns: int = 0
+    clones_ready: dict[int, Clone] = field(default_factory=dict)
+    clone_locks: dict[int, anyio.Lock] = field(default_factory=dict)
+    claim_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def needs_claim(self) -> bool:
+        return not self.local
+
+
+class Machines:
+    """The shift's machines, by name (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        *,
+        shift_id: str,
+        shift_dir: Path,
+        pool: SlotPool,
+        ledger: Ledger,
+        log: structlog.typing.FilteringBoundLogger,
+        hosts: Mapping[str, Host] | None = None,
+    ) -> None:
+        self.config = config
+        self.shift_id = shift_id
+        self.shift_dir = shift_dir
+        self.pool = pool
+        self.ledger = ledger
+        self.log = log
+        self.claimant = Claimant.for_state_dir(config.state_path, shift_id)
+        self.tg: anyio.abc.TaskGroup | None = None
+        built = dict(hosts) if hosts is not None else build_hosts(config)
+        remote = {m.name: m for m in config.machines}
+        self.views: dict[str, MachineView] = {}
+        for name, host in built.items():
+            spec = remote.get(name)
+            if spec is None:
+                view = MachineView(
+                    name, host, config.local.max_agents if name == LOCAL else 0,
+                    str(config.resolve(config.workspace_root)), config.clones_per_machine,
+                    DEFAULT_UNREACHABLE_AFTER, local=name == LOCAL,
+                )
+            else:
+                view = MachineView(
+                    name, host, spec.max_agents, spec.workdir,
+                    spec.clones if spec.clones is not None else config.clones_per_machine,
+                    spec.unreachable_after, local=False,
+                )
+            self.views[name] = view
+        for view in self.views.values():
+            pool.capacity[view.name] = view.capacity
+            pool.running.setdefault(view.name, 0)
+
+    # the views ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[MachineView]:
+        return iter(self.views.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.views
+
+    def __getitem__(self, name: str) -> MachineView:
+        return self.views[name]
+
+    def get(self, name: str) -> MachineView | None:
+        return self.views.get(name)
+
+    @property
+    def hosts(self) -> dict[str, Host]:
+        return {name: view.host for name, view in self.views.items()}
+
+    def host_for(self, name: str) -> Host | None:
+        """The host of ``name``; for ``local`` one is made even when it runs no agents here
+        (a run of an earlier shift may still live on it)."""
+        view = self.views.get(name)
+        if view is not None:
+            return view.host
+        if name == LOCAL:
+            host = LocalHost(LOCAL)
+            self.views[LOCAL] = MachineView(
+                LOCAL, host, 0, str(self.config.resolve(self.config.workspace_root)),
+                self.config.clones_per_machine, DEFAULT_UNREACHABLE_AFTER, local=True,
+            )
+            self.pool.capacity.setdefault(LOCAL, 0)
+            self.pool.running.setdefault(LOCAL, 0)
+            return host
+        return None
+
+    def summary(self) -> str:
+        return ", ".join(f"{v.name}({self.pool.capacity.get(v.name, 0)})" for v in self)
+
+    # run directories and leases ---------------------------------------------------------
+
+    async def run_root(self, name: str) -> str:
+        """Where ``name`` keeps this shift's run directories (resolved once, on first use)."""
+        view = self.views[name]
+        if view.root is None:
+            if view.local:
+                view.root = str(self.shift_dir / "agents")
+            else:
+                base = await view.host.resolve_path(view.workdir)
+                view.root = posixpath.join(base, ".agentize-fleet", "runs", self.shift_id)
+        return view.root
+
+    async def lease_path(self, name: str) -> str:
+        return posixpath.join(await self.run_root(name), "lease")
+
+    def adopt_lease(self, name: str, lease: str | None) -> None:
+        """Renew a dead shift's ``lease`` on ``name`` while a run of it is watched here."""
+        view = self.views.get(name)
+        if view is None or not lease:
+            return
+        view.adopted_leases[lease] = view.adopted_leases.get(lease, 0) + 1
+        if self.tg is not None:
+            self.tg.start_soon(self._touch, view.host, lease)
+
+    def drop_lease(self, name: str, lease: str | None) -> None:
+        """An adopted run of a dead shift ended: renew its lease no longer (once no other run
+        of that shift is watched here) and dismiss that shift's watchdogs on the machine."""
+        view = self.views.get(name)
+        if view is None or not lease or lease not in view.adopted_leases:
+            return
+        view.adopted_leases[lease] -= 1
+        if view.adopted_leases[lease] <= 0:
+            del view.adopted_leases[lease]
+        if self.tg is not None:
+            self.tg.start_soon(self.dismiss_watchdogs, view, [lease])
+
+    async def _touch(self, host: Host, lease: str) -> None:
+        with contextlib.suppress(Exception):
+            await host.touch_lease(lease)
+
+    async def keep_leases(self) -> None:
+        """Renew this shift's leases (and adopted ones) so the run wrappers let their agents
+        live; runs until cancelled."""
+        timeout = self.config.lease_timeout
+        interval = max(0.5, timeout / 4) if timeout else LEASE_RENEWAL_WITHOUT_WATCHDOG
+        while True:
+            for view in list(self):
+                paths = set(view.adopted_leases)
+                if view.root is not None:
+                    paths.add(posixpath.join(view.root, "lease"))
+                for path in paths:
+                    await self._touch(view.host, path)
+            await anyio.sleep(interval)
+
+    async def dismiss_watchdogs(self, view: MachineView, leases: list[str]) -> None:
+        """End the lease watchdogs of ``leases`` now (each checks first that no run it guards is
+        left) rather than at their next look, up to a third of the lease timeout later."""
+        if not self.config.lease_timeout:
+            return
+        for lease in leases:
+            with contextlib.suppress(Exception), anyio.move_on_after(DISMISS_TIMEOUT):
+                await view.host.run(
+                    ["sh", "-c", STOP_WATCHDOG, "sh", lease], check=False, timeout=DISMISS_TIMEOUT
+                )
+
+    async def dismiss_all(self, extra: Mapping[str, set[str]]) -> None:
+        """At the shift's end: this shift's watchdogs and those of every lease in ``extra``
+        (machine -> dead shifts' leases whose runs this shift watched)."""
+        for view in list(self):
+            leases = set(view.adopted_leases) | set(extra.get(view.name, ()))
+            if view.root is not None:
+                leases.add(posixpath.join(view.root, "lease"))
+            await self.dismiss_watchdogs(view, sorted(leases))
+
+    # claims and clones ----------------------------------------------------------------------
+
+    async def claim(self, name: str) -> None:
+        """Make sure this shift holds ``name``'s workdir (remote machines; once each); see
+        :mod:`supervisor.claim`.  The local workspace root is held by ``up``'s own lock."""
+        view = self.views[name]
+        if not view.needs_claim or view.claimed is not None:
+            return
+        async with view.claim_lock:
+            if view.claimed is not None:
+                return
+            workdir = await view.host.resolve_path(view.workdir)
+            await claim_workdir(
+                view.host, workdir, await self.lease_path(name), self.claimant,
+                stale_after(self.config.lease_timeout),
+            )
+            view.claimed = workdir
+
+    async def release_claims(self, keep: set[str]) -> None:
+        """Give the claimed workdirs back, except on machines in ``keep`` (a run of ours may
+        still live there: its claim lapses with its lease, as the watchdog stops the run)."""
+        for view in self:
+            if view.claimed is None or view.name in keep:
+                continue
+            with contextlib.suppress(Exception):
+                await release_workdir(view.host, view.claimed, self.claimant)
+
+    async def clone_on(self, name: str) -> Clone:
+        """A worker clone on ``name`` for a new task (made on first use).
+
+        With ``clones_per_machine`` > 1 (Agentize's "multiple clones" layout: ``NAME.git``,
+        ``NAME-2.git``, …) tasks are spread over the clones in turn; git's cost of adding a
+        worktree grows with the worktrees a clone already holds.
+        """
+        view = self.views[name]
+        index = view.clone_turns % max(1, view.clones)
+        view.clone_turns += 1
+        try:
+            await self.claim(name)
+        except (WorkdirInUse, ClaimFailed) as exc:
+            # It was unreachable at start-up (another fleet may have taken it meanwhile).
+            self.refuse(name, exc)
+            raise HostUnreachable(name, exc.message) from None
+        async with view.clone_locks.setdefault(index, anyio.Lock()):
+            if index not in view.clones_ready:
+                clone = await ensure_clone(
+                    view.host,
+                    self.config.repository_url,
+                    view.workdir,
+                    clone_name(self.config.clone_dir_name, index),
+                    self.config.default_branch,
+                )
+                view.clones_ready[index] = clone
+                self.log.info(
+                    "clone-ready",
+                    msg=f"worker clone {clone.path} on {name} "
+                    f"(default branch {clone.default_branch})",
+                    machine=name,
+                )
+            return view.clones_ready[index]
+
+    def default_branches(self) -> dict[str, str]:
+        return {
+            v.name: next(iter(v.clones_ready.values())).default_branch
+            for v in self
+            if v.clones_ready
+        }
+
+    # reachability and holds -------------------------------------------------------------------
+
+    async def preflight(self) -> None:
+        """Connect to every remote machine once, before any task is placed on it.
+
+        Each one's workdir is claimed for this shift here.  A machine that refuses us
+        (authentication, host key) or whose workdir another live fleet holds is left out of
+        the shift with one clear line naming it; an unreachable one is retried later.
+        """
+
+        async def probe(view: MachineView) -> None:
+            try:
+                with anyio.fail_after(PREFLIGHT_TIMEOUT):
+                    await view.host.run(["true"], timeout=30)
+                    await self.claim(view.name)
+            except (HostAuthError, WorkdirInUse, ClaimFailed) as exc:
+                self.refuse(view.name, exc)
+            except (HostError, TimeoutError) as exc:
+                self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=view.name)
+                self.lost(view.name)
+
+        async def zone(view: MachineView) -> None:
+            view.timezone = await timezone_of(view.host)
+
+        async with anyio.create_task_group() as tg:
+            for view in self:
+                if not view.local:
+                    tg.start_soon(probe, view)
+        async with anyio.create_task_group() as tg:
+            for view in self:
+                if view.reachable:
+                    tg.start_soon(zone, view)
+
+    def refuse(self, name: str, exc: HostError) -> None:
+        """Leave ``name`` out of this shift for good, with one line saying why."""
+        self.pool.capacity[name] = 0
+        self.views[name].reachable = False
+        self.ledger.machine_event(name, "refused", shift=self.shift_id, detail=str(exc))
+        self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
+                       machine=name, error=str(exc))
+
+    def lost(self, name: str) -> None:
+        """Take no new runs on an unreachable machine for a while, then try it again."""
+        if name in self.pool.closed:
+            return
+        view = self.views[name]
+        view.reachable = False
+        self.pool.close(name)
+        retry = time.time() + view.unreachable_after
+        self.ledger.machine_event(name, "unreachable", shift=self.shift_id)
+        self.log.warning("machine-lost", msg=f"machine {name} unreachable: no new runs there "
+                         f"until {clock(retry)}", machine=name)
+        if self.tg is not None:
+            self.tg.start_soon(self._reopen_at, [name], retry)
+
+    def hold(self, name: str, until: float, reason: str, line: str | None = None) -> None:
+        """No new runs on ``name`` (or everywhere) until ``until``: a usage limit was hit."""
+        names = [v.name for v in self] if self.config.usage_limit_scope == "fleet" else [name]
+        for each in names:
+            self.pool.close(each)
+            self.views[each].held_until = until
+            self.ledger.hold(each, reason, until, shift=self.shift_id, line=line)
+        self.log.info(
+            "machine-paused",
+            msg=f"⏸ new runs on {', '.join(names)} paused until {clock(until)} ({reason})",
+            machines=names,
+            until=until,
+        )
+        if self.tg is not None:
+            self.tg.start_soon(self._reopen_at, names, until)
+
+    async def _reopen_at(self, names: list[str], until: float) -> None:
+        await anyio.sleep(max(0.0, until - time.time()))
+        for name in names:
+            view = self.views[name]
+            view.held_until = None
+            if not view.reachable:
+                view.reachable = True
+                self.ledger.machine_event(name, "retrying", shift=self.shift_id)
+            self.pool.reopen(name)
+        self.log.info("machine-resumed", msg=f"▶ new runs on {', '.join(names)} allowed again")
+
+    async def aclose(self) -> None:
+        for view in self:
+            with contextlib.suppress(Exception):
+                await view.host.aclose()
+
+
+async def timezone_of(host: Host) -> tzinfo | None:
+    """The machine's time zone, as its host tells it; None -- the supervisor's own zone --
+    when it cannot tell (or does not answer in time)."""
+    try:
+        with anyio.fail_after(PREFLIGHT_TIMEOUT):
+            return await host.timezone()
+    except (HostError, TimeoutError):
+        return None
+
+
+def clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
