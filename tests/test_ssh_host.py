@@ -144,9 +144,19 @@ async def test_run_glob_resolve(host: SSHHost, work: Path) -> None:
         assert not (work / "pwned").exists()
         assert await host.glob(str(work / "missing"), ["*"]) == set()
 
-        lease = work / "deep" / "lease"
-        await host.touch_lease(str(lease))
-        assert lease.exists()
+        rd = work / "runs" / "r1"
+        rd.mkdir(parents=True)
+        (rd / "lease").write_text("")
+        claim = work / "claim"
+        claim.write_text("x\n")
+        old = time.time() - 600
+        for path in (rd / "lease", claim):
+            os.utime(path, (old, old))
+        # Without a watcher (no run followed): one command; a lease that is gone is not made.
+        await host.renew_leases([str(rd), str(work / "runs" / "gone")], claim=str(claim))
+        for path in (rd / "lease", claim):
+            assert time.time() - path.stat().st_mtime < 60, path
+        assert not (work / "runs" / "gone").exists()
 
 
 # ---- runs ---------------------------------------------------------------------------------------
@@ -428,6 +438,43 @@ async def test_unreachable_machine_makes_run_lost(
             assert status.lost and "unreachable" in status.reason
     finally:
         await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_each_run_lives_by_its_own_lease_renewed_through_the_watcher(
+    host: SSHHost, work: Path, session_reaper: list[int]
+) -> None:
+    """Two runs under one watchdog; the fleet renews only the first (it no longer supervises
+    the second): the second is stopped with the watchdog's note, the first lives.  With runs
+    followed, renewals go through the machine's watcher: no new login each time."""
+    with anyio.fail_after(60):
+        kept = await host.start(spec_for(work, ["sleep", "600"], name="kept", lease_timeout=3))
+        dropped = await host.start(
+            spec_for(work, ["sleep", "600"], name="dropped", lease_timeout=3)
+        )
+        session_reaper.extend([kept.identity.pid, dropped.identity.pid])
+        claim = work / "claim"
+        claim.write_text("x\n")
+        ended = anyio.Event()
+
+        async def wait_dropped() -> None:
+            await dropped.wait()
+            ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_dropped)
+            while not ended.is_set():
+                await host.renew_leases([kept.identity.run_dir], claim=str(claim))
+                with anyio.move_on_after(0.5):
+                    await ended.wait()
+        status = await dropped.wait()
+        assert status.code == 128 + signal.SIGTERM
+        assert "stopped by the watchdog: lease not renewed for 3s" in status.reason
+        assert await kept.alive()
+        assert host.follower.renewals >= 3
+        assert time.time() - claim.stat().st_mtime < 5
+        await kept.signal(signal.SIGKILL)
+        assert (await kept.wait()).code == 128 + signal.SIGKILL
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -116,11 +116,11 @@ await_start() {
     cat -- "$1/wrapper" 2>/dev/null || echo
 }
 
-# read_claim WORKDIR: set h (holder), l (its lease), d (its description) and age (seconds
-# since the lease was renewed) from WORKDIR's claim (supervisor/claim.py); false when WORKDIR
-# has no claim or its lease is gone.
-# shellcheck disable=SC2034 # h, l, d and age are for the caller
+# read_claim WORKDIR: set h (holder), d (its description) and age (seconds since the holder
+# last renewed it: the claim file's own mtime) from WORKDIR's claim (supervisor/claim.py);
+# false when WORKDIR has no claim.
+# shellcheck disable=SC2034 # h, d and age are for the caller
 read_claim() {
-    { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$1/.agentize-fleet/claim" \
-        2>/dev/null && [ -e "$l" ] && age=$(($(date +%s) - $(stat -c %Y -- "$l")))
+    { IFS= read -r h && IFS= read -r d; } 2>/dev/null <"$1/.agentize-fleet/claim" &&
+        age=$(($(date +%s) - $(stat -c %Y -- "$1/.agentize-fleet/claim")))
 }

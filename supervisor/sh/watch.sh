@@ -17,7 +17,8 @@
 #
 # Passes come every FAST seconds (a `sleep` fork and one `stat` over every file are all it costs)
 # while something changes, every SLOW seconds once QUIET passes in a row found nothing.  When
-# stdin reaches EOF (the host closed the channel, or the link died) the watcher ends.  Exit 5:
+# stdin reaches EOF (the host closed the channel, or the link died) the watcher ends.  The
+# host renews leases through its stdin too (below): no new login for it.  Exit 5:
 # a file vanished under the watch (the host starts a new watcher, which sees what is left).
 # shellcheck disable=SC2034,SC2154 # variables named by eval: sh has no arrays
 set -u
@@ -32,10 +33,24 @@ done
 me=$$
 nap=""
 trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
-# The rest of stdin is the host's: its EOF ends the watcher (and its nap).  A background job's
-# stdin is /dev/null unless given explicitly: hence fd 3.
+# The rest of stdin is the host's, read by a second process (a background job's stdin is
+# /dev/null unless given explicitly: hence fd 3): files to renew, a path a line, each batch
+# ended by an empty line, touched (never made) and acknowledged by `renewed` on stderr; its
+# EOF ends the watcher (and its nap).
 exec 3<&0
-(while IFS= read -r _; do :; done <&3; kill "$me") >/dev/null 2>&1 &
+(
+    set --
+    while IFS= read -r path; do
+        if [ -n "$path" ]; then
+            set -- "$@" "$path"
+            continue
+        fi
+        [ "$#" -eq 0 ] || touch -c -- "$@"
+        set --
+        echo renewed >&2
+    done <&3
+    kill "$me" 2>/dev/null
+) >/dev/null &
 exec 3<&-
 
 # The positional parameters become the files `stat` looks at, two per run directory that has

@@ -184,13 +184,19 @@ class _Link:
 
 class _WatchSession(asyncssh.SSHClientSession[bytes]):
     """The channel of a long-running framed command: its payload on stdout goes to ``on_data``
-    as it comes, its stderr to the log; ``ended`` is set when the channel closes."""
+    as it comes, each line on stderr to ``on_line``; ``ended`` is set when the channel closes."""
 
     def __init__(
-        self, name: str, on_data: Callable[[bytes], None], on_closed: Callable[[], None]
+        self,
+        name: str,
+        on_data: Callable[[bytes], None],
+        on_line: Callable[[bytes], None],
+        on_closed: Callable[[], None],
     ) -> None:
         self._on_data = on_data
+        self._on_line = on_line
         self._on_closed = on_closed
+        self._said = b""
         self._out = Deframer(name)
         self._err = Deframer(name)
         self.name = name
@@ -201,10 +207,10 @@ class _WatchSession(asyncssh.SSHClientSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         try:
             if datatype == asyncssh.EXTENDED_DATA_STDERR:
-                said = self._err.feed(data)
-                if said:
-                    text = one_line(decode(said))
-                    log.warning("ssh watcher said", machine=self.name, stderr=text)
+                self._said += self._err.feed(data)
+                *lines, self._said = self._said.split(b"\n")
+                for line in lines:
+                    self._on_line(line)
                 return
             payload = self._out.feed(data)
         except FramingError as err:
@@ -249,6 +255,16 @@ class Watch:
         if session.exit_status is not None:
             return f"the watcher exited with {session.exit_status}"
         return "the watcher's channel closed"
+
+    def write(self, data: bytes) -> bool:
+        """Write to the command's stdin; False when its channel is gone."""
+        if self.ended.is_set():
+            return False
+        try:
+            self._chan.write(data)
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            return False
+        return True
 
     def close(self) -> None:
         """End the command: EOF on its stdin (it stops), then the channel is closed.  Its
@@ -615,11 +631,17 @@ class Connections:
     # ---- the long-running watcher ----------------------------------------------------------------
 
     async def watch(
-        self, name: str, *args: str, input: bytes, on_data: Callable[[bytes], None]
+        self,
+        name: str,
+        *args: str,
+        input: bytes,
+        on_data: Callable[[bytes], None],
+        on_line: Callable[[bytes], None],
     ) -> Watch:
         """Start ``supervisor/sh/NAME.sh`` on a channel of its own, ``input`` written to its
-        stdin (which stays open: closing it ends the command), its payload handed to
-        ``on_data`` as it comes.  Raises :class:`HostUnreachable` when it cannot be started."""
+        stdin (which stays open: :meth:`Watch.write` adds to it, closing it ends the command),
+        its payload handed to ``on_data`` as it comes, each line of its stderr to ``on_line``.
+        Raises :class:`HostUnreachable` when it cannot be started."""
         line = command_line(sh.script(name), *args)
         link = await self._acquire(watcher=True)
         released = False
@@ -634,7 +656,7 @@ class Connections:
         try:
             with anyio.fail_after(self.target.connect_timeout + 5.0):
                 chan, session = await link.conn.create_session(
-                    lambda: _WatchSession(self.name, on_data, release), line, encoding=None
+                    lambda: _WatchSession(self.name, on_data, on_line, release), line, encoding=None
                 )
         except TimeoutError:
             release()

@@ -221,6 +221,9 @@ class _Watching:
         self.started = time.monotonic()
         self.heard = self.started
         self.watch: Watch | None = None
+        #: Lease renewals written to its stdin, and those it acknowledged.
+        self.renewals = 0
+        self.renewed = 0
 
 
 class Follower:
@@ -237,10 +240,28 @@ class Follower:
         self._turn = 0  # where the next fetch starts picking readers (fairness)
         self._down_since: float | None = None
         self._resync = False  # the watcher was down: read every reader once, as it comes back
+        self._watching: _Watching | None = None  # the watcher running now
         #: Watchers started so far (the first included): a restart or reconnect shows as 2, ...
         self.watchers = 0
+        #: Lease renewals done through a watcher (acknowledged).
+        self.renewals = 0
 
-    # ---- the interface of run handles ---------------------------------------------------------
+    # ---- the interface of run handles and of the host -----------------------------------------
+
+    def renew(self, paths: Sequence[str]) -> bool:
+        """Renew the leases ``paths`` through the running watcher's stdin (no new login: a
+        machine whose logins hang while its connections live keeps its runs); False when that
+        cannot be done now (no watcher, or it has not acknowledged the last renewal), and the
+        caller runs a command instead."""
+        watching = self._watching
+        if watching is None or watching.watch is None or watching.renewed < watching.renewals:
+            return False
+        if any("\n" in path or not path for path in paths):
+            return False
+        if not watching.watch.write(("\n".join(paths) + "\n\n").encode()):
+            return False
+        watching.renewals += 1
+        return True
 
     def follow(self, run_dir: str, status: ExitStatus | None = None) -> None:
         """A handle of the run exists: follow it (``status``: its end, when already known)."""
@@ -380,6 +401,8 @@ class Follower:
     def _stop(self, watching: _Watching | None) -> None:
         if watching is not None and watching.watch is not None:
             watching.watch.close()
+        if self._watching is watching:
+            self._watching = None
 
     def _trouble(self, err: HostError) -> None:
         """The machine could not be reached; after ``unreachable_after`` of it, the runs still
@@ -472,6 +495,7 @@ class Follower:
         if watching is None and wanted:
             watching = _Watching(wanted)
             watching.watch = await self._start_watch(watching)
+            self._watching = watching
         return watching, wait_for
 
     def _ended_long_ago(self, run_dirs: set[str]) -> bool:
@@ -489,10 +513,19 @@ class Follower:
             if self._wake is not None:
                 self._wake.set()
 
+        def on_line(line: bytes) -> None:
+            if line == b"renewed":
+                watching.renewed += 1
+                self.renewals += 1
+            elif line:
+                log.warning("ssh watcher said", machine=self.name, stderr=decode(line)[:300])
+
         listed = "".join(f"{d}\n" for d in watching.dirs) + "\n"
         args = [str(WATCH_FAST), str(WATCH_SLOW), str(QUIET_PASSES), str(BEAT_PASSES),
                 str(TICKS_EVERY)]  # fmt: skip
-        watch = await self.conns.watch("watch", *args, input=listed.encode(), on_data=on_data)
+        watch = await self.conns.watch(
+            "watch", *args, input=listed.encode(), on_data=on_data, on_line=on_line
+        )
         self.watchers += 1
         return watch
 

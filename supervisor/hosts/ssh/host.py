@@ -20,6 +20,7 @@ import structlog
 from supervisor import sh
 from supervisor.hosts import runfiles, tz
 from supervisor.hosts.base import (
+    RENEW_BATCH,
     CommandFailed,
     CommandResult,
     Host,
@@ -141,11 +142,17 @@ class SSHHost(Host):
             raise HostError(self.name, f"glob in {directory} failed: {decode(out.stderr).strip()}")
         return {decode(p) for p in out.stdout.split(b"\0") if p}
 
-    async def touch_lease(self, path: str) -> None:
-        path = await self._absolute(path)
-        out = await self.connections.script("touch", path, timeout=30.0)
-        if out.code != 0:
-            raise HostError(self.name, f"cannot touch lease {path}: {decode(out.stderr).strip()}")
+    async def renew_leases(self, run_dirs: Sequence[str], *, claim: str | None = None) -> None:
+        """Through the machine's watcher when it runs (its stdin: no new login, so a machine
+        whose logins hang while its connections live keeps its runs), else one command."""
+        paths = runfiles.lease_paths(run_dirs, claim)
+        if not paths or self.follower.renew(paths):
+            return
+        for first in range(0, len(paths), RENEW_BATCH):
+            out = await self.connections.script("renew", *paths[first : first + RENEW_BATCH])
+            if out.code != 0:
+                detail = decode(out.stderr).strip()
+                raise HostError(self.name, f"cannot renew leases: {detail}")
 
     async def timezone(self) -> tzinfo | None:
         if self._zone is None:
@@ -187,7 +194,7 @@ class SSHHost(Host):
             code, answer, err = out.code, out.stdout, out.stderr
         except HostUnreachable as lost:
             # The link died under the start: the run may be running all the same, and must not
-            # be left there unknown (the fleet's lease would keep it alive).  Look again.
+            # be left there unknown (its lease, fresh from the start, lets it live a while).
             code, answer, err = 0, await self._recover_start(run_dir, lost), b""
         if code != 0:
             last = decode(err).strip().splitlines()
