@@ -423,24 +423,6 @@ async def test_wrapper_killed_means_lost(
 
 
 @pytest.mark.anyio
-async def test_unreachable_machine_makes_run_lost(
-    sshd: SSHD, work: Path, session_reaper: list[int]
-) -> None:
-    h = SSHHost(sshd.target(unreachable_after=1.0))
-    try:
-        with anyio.fail_after(30):
-            handle = await h.start(spec_for(work, ["sleep", "600"]))
-            session_reaper.append(handle.identity.pid)
-            sshd.stop()
-            chunks = [c async for c in handle.output()]
-            assert chunks == []
-            status = await handle.wait()
-            assert status.lost and "unreachable" in status.reason
-    finally:
-        await h.aclose()
-
-
-@pytest.mark.anyio
 async def test_each_run_lives_by_its_own_lease_renewed_through_the_watcher(
     host: SSHHost, work: Path, session_reaper: list[int]
 ) -> None:

@@ -37,6 +37,7 @@ import anyio
 
 from supervisor import sh
 from supervisor.hosts import runfiles
+from supervisor.hosts.reach import Reach, Reachability, ReachChange
 from supervisor.hosts.runfiles import ExitStatus, RunState, RunStatus
 
 __all__ = [
@@ -49,7 +50,11 @@ __all__ = [
     "Host",
     "HostAuthError",
     "HostError",
+    "HostSlow",
     "HostUnreachable",
+    "Reach",
+    "ReachChange",
+    "Reachability",
     "RunHandle",
     "RunIdentity",
     "RunSpec",
@@ -57,6 +62,7 @@ __all__ = [
     "RunStatus",
     "Stream",
     "TreeStats",
+    "wait_while_reachable",
 ]
 
 Stream = Literal["stdout", "stderr"]
@@ -81,6 +87,14 @@ class HostError(Exception):
 
 class HostUnreachable(HostError):
     """The machine cannot be reached right now (refused, timed out, link lost)."""
+
+
+class HostSlow(HostUnreachable):
+    """The machine's connection lives, but a command (or a login) did not answer within its
+    timeout: an overloaded machine, a hung login shell.  A kind of :class:`HostUnreachable`
+    -- every caller that copes with an absent machine (retry later, never a crash) copes with
+    a slow one the same way -- distinct for those that tell them apart: it is never a run's
+    end, and never a reason to give a run up."""
 
 
 class HostAuthError(HostError):
@@ -173,6 +187,10 @@ class RunHandle(abc.ABC):
     """A started (or re-attached) run on some host."""
 
     identity: RunIdentity
+    #: Its machine's reachability (``hosts/reach.py``); None for a machine that never changes.
+    #: A handle never gives its run up while the machine is away: :meth:`wait` waits for the
+    #: machine to be back and the run's end to be read, and the caller decides whether to wait.
+    reachability: Reachability | None = None
 
     @abc.abstractmethod
     def output(self, offsets: Mapping[Stream, int] | None = None) -> AsyncIterator[Chunk]:
@@ -231,6 +249,12 @@ class Host(abc.ABC):
     """A machine that can hold worker clones and run agents."""
 
     name: str
+
+    def on_reachability(self, callback: Callable[[ReachChange], None]) -> None:
+        """Call ``callback`` at each change of the machine's reachability (connecting, up,
+        slow, unreachable, back: ``hosts/reach.py``).  This machine never changes: the
+        default never calls it."""
+        return None
 
     @abc.abstractmethod
     async def run(
@@ -305,3 +329,35 @@ class Host(abc.ABC):
     async def aclose(self) -> None:
         """Release connections; running agents are not touched."""
         return None
+
+
+async def wait_while_reachable(handle: RunHandle) -> ExitStatus:
+    """The run's end, or a lost status once its machine has been unreachable for its
+    ``unreachable_after`` (the run goes on there; the handle would follow it again).
+
+    The rule the fleet applied until it decides for itself what an absent machine means
+    (``RunHandle.wait`` no longer gives up): a slow machine is never a reason to stop waiting.
+    """
+    reach = handle.reachability
+    if reach is None:
+        return await handle.wait()
+    found: ExitStatus | None = None
+    async with anyio.create_task_group() as race:
+
+        async def end() -> None:
+            nonlocal found
+            found = await handle.wait()
+            race.cancel_scope.cancel()
+
+        async def away() -> None:
+            nonlocal found
+            while reach.state is not Reach.UNREACHABLE:
+                await reach.changed()
+            reason = f"{reach.machine} unreachable for more than {reach.unreachable_after:g}s"
+            found = ExitStatus(None, lost=True, reason=f"{reason}: {reach.detail}")
+            race.cancel_scope.cancel()
+
+        race.start_soon(end)
+        race.start_soon(away)
+    assert found is not None
+    return found

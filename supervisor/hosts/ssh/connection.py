@@ -39,7 +39,8 @@ import asyncssh
 import structlog
 
 from supervisor import sh
-from supervisor.hosts.base import HostAuthError, HostError, HostUnreachable
+from supervisor.hosts.base import HostAuthError, HostError, HostSlow, HostUnreachable
+from supervisor.hosts.reach import Reachability
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,8 @@ class SSHTarget:
     keepalive_count_max: int = 3
     max_channels: int = 8
     unreachable_after: float = 120.0
+    #: How long a helper command may take to answer before the machine counts as slow.
+    command_timeout: float = 60.0
     #: More connections are opened only when all channels of the open ones are busy.
     max_connections: int = 4
 
@@ -294,6 +297,8 @@ class Connections:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: HostError | None = None
+        #: What the connections see of the machine: connecting, up, slow, unreachable, back.
+        self.reach = Reachability(target.name, target.unreachable_after)
         self.closed = False
         #: Connections opened so far (first one included): a reconnect shows as 2, 3, ...
         self.connects = 0
@@ -413,6 +418,7 @@ class Connections:
         now = time.monotonic()
         if self._last_error is not None and now < self._retry_at:
             err = self._last_error
+            self._failing(err)
             raise type(err)(self.name, err.message)
         try:
             options = self._options()
@@ -424,13 +430,21 @@ class Connections:
             self._retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** (self._failures - 1))
             self._last_error = err
             log.warning("ssh connect failed", machine=self.name, error=err.message)
+            self._failing(err)
             raise err from None
         self._failures = 0
         self._last_error = None
         self.connects += 1
         if self.connects > 1 and not any(link.alive for link in self._links):
             log.info("ssh reconnected", machine=self.name, connection=self.connects)
+        self.reach.connected()
         return _Link(conn, self.target.max_channels)
+
+    def _failing(self, err: HostError) -> None:
+        """A connection could not be opened: with no connection left, the machine is away
+        (credentials refused or a bad key file are no absence: the machine answered)."""
+        if isinstance(err, HostUnreachable) and not any(link.alive for link in self._links):
+            self.reach.failed(err.message)
 
     def _free_link(self) -> _Link | None:
         """The first live connection with a helper channel free (the first ones are filled
@@ -507,6 +521,7 @@ class Connections:
 
     async def aclose(self) -> None:
         self.closed = True
+        self.reach.close()
         links, self._links = self._links, []
         for link in links:
             link.conn.close()
@@ -529,7 +544,8 @@ class Connections:
 
         A command whose channel could not even be opened (the connection had just died) is
         retried once on a fresh connection; an ``idempotent`` one also when the link died
-        while it ran.  Raises TimeoutError after ``timeout`` (the remote command may go on).
+        while it ran.  Raises :class:`HostSlow` when it did not answer within ``timeout`` (the
+        remote command may go on).
         """
         line = command_line(script, *args)
         try:
@@ -559,10 +575,16 @@ class Connections:
             except TimeoutError:
                 if process is not None:
                     process.close()  # the command may go on remotely; its channel is let go
-                raise
+                raise self._slow(
+                    f"no answer within {timeout:g}s to a command (its connection lives: the "
+                    "machine is overloaded, or its logins hang)"
+                ) from None
             except asyncssh.ChannelOpenError as exc:
                 if self._refused(link, exc):
                     continue
+                if link.alive:
+                    # Refused on a live connection: sessions that hang hold their slots.
+                    raise self._slow(f"the machine refuses new sessions: {exc.reason}") from None
                 err = self.link_error(exc)
                 raise LinkLost(self.name, err.message, started=False) from None
             except (asyncssh.Error, OSError) as exc:
@@ -570,6 +592,9 @@ class Connections:
                 raise LinkLost(self.name, err.message, started=process is not None) from None
             finally:
                 self._release(link)
+        if link.cap < self.target.max_channels:
+            link.cap += 1  # what the server refused may have been sessions of timed-out commands
+        self.reach.answered()
         if result.exit_signal is not None:
             name = result.exit_signal[0]
             try:
@@ -597,6 +622,12 @@ class Connections:
         self._noticed(noise)
         return Output(code, stdout, stderr, noise)
 
+    def _slow(self, message: str) -> HostSlow:
+        """The error of a machine that did not answer in time while its connection lived,
+        said to its reachability too."""
+        self.reach.slow(message)
+        return HostSlow(self.name, message)
+
     def _noticed(self, noise: bytes) -> None:
         if noise and self.login_noise is None:
             self.login_noise = noise
@@ -613,20 +644,20 @@ class Connections:
         self,
         name: str,
         *args: str,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         input: bytes | None = None,
         idempotent: bool = True,
     ) -> Output:
         """Run ``supervisor/sh/NAME.sh`` (they are idempotent unless told); a command that does
-        not answer within ``timeout`` is :class:`HostUnreachable`."""
-        try:
-            return await self.command(
-                sh.script(name), *args, timeout=timeout, input=input, idempotent=idempotent
-            )
-        except TimeoutError:
-            raise HostUnreachable(
-                self.name, f"no answer within {timeout:g}s to a helper command"
-            ) from None
+        not answer within ``timeout`` (default: the target's ``command_timeout``) raises
+        :class:`HostSlow`."""
+        return await self.command(
+            sh.script(name),
+            *args,
+            timeout=self.target.command_timeout if timeout is None else timeout,
+            input=input,
+            idempotent=idempotent,
+        )
 
     # ---- the long-running watcher ----------------------------------------------------------------
 
@@ -660,15 +691,15 @@ class Connections:
                 )
         except TimeoutError:
             release()
-            raise HostUnreachable(
-                self.name,
+            raise self._slow(
                 f"no answer within {self.target.connect_timeout + 5.0:g}s "
-                "to the start of the watcher",
+                "to the start of the watcher"
             ) from None
         except (asyncssh.Error, OSError) as exc:
             release()
-            if isinstance(exc, asyncssh.ChannelOpenError):
+            if isinstance(exc, asyncssh.ChannelOpenError) and link.alive:
                 self._refused(link, exc, watcher=True)
+                raise self._slow(f"the machine refuses new sessions: {exc.reason}") from None
             raise self.link_error(exc) from None
         chan.write(input)
         return Watch(chan, cast(_WatchSession, session))

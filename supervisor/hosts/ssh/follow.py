@@ -48,7 +48,15 @@ import anyio
 import structlog
 
 from supervisor.hosts import runfiles
-from supervisor.hosts.base import STREAMS, Chunk, ExitStatus, HostError, RunStatus, Stream
+from supervisor.hosts.base import (
+    STREAMS,
+    Chunk,
+    ExitStatus,
+    HostError,
+    HostSlow,
+    RunStatus,
+    Stream,
+)
 from supervisor.hosts.ssh.connection import Connections, Watch, decode
 
 log = structlog.get_logger(__name__)
@@ -76,7 +84,6 @@ SHRINK_AFTER = 10.0
 PIECE = 2 * 1024 * 1024
 FETCH_TOTAL = 16 * 1024 * 1024
 READER_BUFFER = 4 * 1024 * 1024
-FETCH_TIMEOUT = 60.0
 #: How long a start waits for the wrapper to write the ``pid`` file (seconds); a probe waits
 #: as long (and a little more) for a start in flight.
 START_TIMEOUT = 10.0
@@ -90,7 +97,8 @@ async def probe(conns: Connections, run_dirs: Sequence[str]) -> dict[str, RunSta
     lock_wait = int(START_TIMEOUT) + 2
     for first in range(0, len(run_dirs), PROBE_BATCH):
         batch = run_dirs[first : first + PROBE_BATCH]
-        out = await conns.script("status", str(lock_wait), *batch, timeout=60.0 + lock_wait)
+        timeout = conns.target.command_timeout + lock_wait
+        out = await conns.script("status", str(lock_wait), *batch, timeout=timeout)
         facts = runfiles.parse_probe(decode(out.stdout))
         missing = [d for d in batch if d not in facts]
         if out.code != 0 or missing:
@@ -125,7 +133,7 @@ class FetchError(HostError):
 async def fetch(conns: Connections, pieces: Sequence[Piece]) -> list[Fetched]:
     """Read many pieces of files in one command (``sh/fetch.sh``)."""
     args = [word for p in pieces for word in (p.path, str(p.start), str(p.limit))]
-    out = await conns.script("fetch", *args, timeout=FETCH_TIMEOUT)
+    out = await conns.script("fetch", *args)
     data = out.stdout
     found: list[Fetched] = []
     at = 0
@@ -245,6 +253,7 @@ class Follower:
         self.watchers = 0
         #: Lease renewals done through a watcher (acknowledged).
         self.renewals = 0
+        conns.reach.resync_needed = self._behind
 
     # ---- the interface of run handles and of the host -----------------------------------------
 
@@ -327,6 +336,10 @@ class Follower:
         for run in list(self._runs.values()):
             self._abandon(run, f"the SSH host {self.name} was closed")
 
+    def _behind(self) -> bool:
+        """Back after an absence, not every run is followed again yet."""
+        return self._resync or (bool(self._watch_list()) and self._watching is None)
+
     # ---- bookkeeping --------------------------------------------------------------------------
 
     def _take(self, run_dir: str) -> _Run:
@@ -386,9 +399,17 @@ class Follower:
                     if self._down_since is not None:
                         log.info("ssh watcher back", machine=self.name)
                     self._down_since, attempt = None, 0
+                    self.conns.reach.settled()
                 except FetchError as err:
                     log.warning("ssh fetch failed", machine=self.name, error=err.message)
                     await anyio.sleep(0.5)
+                except HostSlow as err:
+                    # New commands hang while the watcher's channel may well live on: keep
+                    # it, and try again later (nothing is given up for a slow machine).
+                    log.info("ssh command unanswered", machine=self.name, error=err.message)
+                    self._resync = True
+                    await anyio.sleep(min(0.5 * 2**attempt, 5.0))
+                    attempt += 1
                 except HostError as err:
                     self._stop(watching)
                     watching = None
@@ -405,20 +426,13 @@ class Follower:
             self._watching = None
 
     def _trouble(self, err: HostError) -> None:
-        """The machine could not be reached; after ``unreachable_after`` of it, the runs still
-        followed are given up on."""
-        now = time.monotonic()
+        """The machine could not be reached: nothing is given up (each run is found again by
+        its directory once it is back; the machine's reachability tells the fleet meanwhile),
+        and every reader is read at once when it is."""
         self._resync = True
         if self._down_since is None:
-            self._down_since = now
+            self._down_since = time.monotonic()
             log.info("ssh watcher interrupted", machine=self.name, error=err.message)
-        limit = self.conns.target.unreachable_after
-        if now - self._down_since > limit:
-            for run in list(self._runs.values()):
-                if run.status is None:
-                    self._abandon(
-                        run, f"{self.name} unreachable for more than {limit:g}s: {err.message}"
-                    )
 
     async def _tend(self, watching: _Watching | None) -> _Watching | None:
         """One round: the watcher right, its news read, runs judged, output fetched, then a

@@ -11,7 +11,7 @@ import posixpath
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import tzinfo
 
 import anyio
@@ -26,6 +26,8 @@ from supervisor.hosts.base import (
     Host,
     HostError,
     HostUnreachable,
+    Reachability,
+    ReachChange,
     RunIdentity,
     RunSpec,
     RunState,
@@ -63,6 +65,14 @@ class SSHHost(Host):
         return f"SSHHost({self.name!r}, {self.target.host}:{self.target.port})"
 
     @property
+    def reachability(self) -> Reachability:
+        """Whether the machine can be reached now (``hosts/reach.py``)."""
+        return self.connections.reach
+
+    def on_reachability(self, callback: Callable[[ReachChange], None]) -> None:
+        self.connections.reach.subscribe(callback)
+
+    @property
     def connects(self) -> int:
         """Connections opened so far (first one included): a reconnect shows as 2, 3, ..."""
         return self.connections.connects
@@ -90,13 +100,11 @@ class SSHHost(Host):
         if cwd is not None and cwd.startswith("~"):
             cwd = await self.resolve_path(cwd)
         began = time.monotonic()
-        try:
-            out = await self.connections.command(
-                sh.script("run"), cwd or "", *words, timeout=timeout + TIMEOUT_GRACE
-            )
-            code, stdout, stderr, noise = out.code, out.stdout, out.stderr, out.noise
-        except TimeoutError:
-            code, stdout, stderr, noise = 124, b"", b"", b""
+        # No answer at all by the local deadline: HostSlow (the machine, not the command).
+        out = await self.connections.command(
+            sh.script("run"), cwd or "", *words, timeout=timeout + TIMEOUT_GRACE
+        )
+        code, stdout, stderr, noise = out.code, out.stdout, out.stderr, out.noise
         if code in (124, 137) and time.monotonic() - began >= timeout * 0.99:
             raise HostError(self.name, f"`{shlex.join(argv)}` took longer than {timeout:g}s")
         result = CommandResult(code, decode(stdout), decode(stderr), login_noise=decode(noise))

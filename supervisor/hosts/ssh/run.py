@@ -45,7 +45,11 @@ class _TreeRow:
 
 
 class SSHRunHandle(RunHandle):
-    """A run on an SSH machine, followed by the machine's watcher while this handle lives."""
+    """A run on an SSH machine, followed by the machine's watcher while this handle lives.
+
+    It never gives its run up while the machine is away (:attr:`reachability` says so): its
+    run directory is its identity, and once the machine is back the watcher finds the run
+    again, its output is read on from the offsets held and its real end is read."""
 
     def __init__(
         self,
@@ -58,6 +62,7 @@ class SSHRunHandle(RunHandle):
         that has ended)."""
         self.conns = conns
         self.identity = identity
+        self.reachability = conns.reach
         self._follower = follower
         self._status: ExitStatus | None = None
         # The last look at the tree's CPU: (monotonic time, CPU ticks by pid).
