@@ -225,6 +225,11 @@ async def test_logins_that_hang_while_connections_live_are_slow_never_a_crash(
                         await host.glob(str(work), ["*"])
                     assert time.monotonic() - began < 10
                     assert host.reachability.state is Reach.SLOW
+                    # Leases are renewed all the same, through the watcher: no new login.
+                    renewed = host.follower.renewals
+                    with anyio.fail_after(1):
+                        await host.renew_leases([handle.identity.run_dir])
+                    await until(lambda: host.follower.renewals > renewed, 5, "a renewal")
                     await anyio.sleep(3.0)  # three times unreachable_after
                     assert host.reachability.state is Reach.SLOW
                     assert follow.status is None

@@ -1,9 +1,12 @@
-"""Machines reached over SSH (asyncssh): ``connection.py`` (target, errors, the pool, framed
-commands), ``follow.py`` (the one watcher per machine: output and ends of its runs),
-``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
+"""Machines reached over SSH (asyncssh): ``target.py`` (the target, errors, the frame),
+``connection.py`` (the pool, commands, the watcher's channel), ``follow.py`` (the one watcher
+per machine: output and ends of its runs), ``batch.py`` (one command for many runs: probe,
+fetch), ``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
 
-from supervisor.hosts.ssh.connection import (
-    Connections,
+from supervisor.hosts.ssh.connection import Connections
+from supervisor.hosts.ssh.host import SSHHost
+from supervisor.hosts.ssh.run import SSHRunHandle
+from supervisor.hosts.ssh.target import (
     FramingError,
     LinkLost,
     Output,
@@ -11,8 +14,6 @@ from supervisor.hosts.ssh.connection import (
     SSHLoginError,
     SSHTarget,
 )
-from supervisor.hosts.ssh.host import SSHHost
-from supervisor.hosts.ssh.run import SSHRunHandle
 
 __all__ = [
     "Connections",

@@ -1,4 +1,4 @@
-"""Connections to one SSH machine: its target, the error types, the pool, command execution.
+"""Connections to one SSH machine: the pool, command execution, the watcher's channel.
 
 One SSH connection per machine, opened lazily and shared by every helper command and by the
 machine's one watcher (``follow.py``); a second (third, ...) connection is opened only when all
@@ -11,12 +11,9 @@ attempts.
 
 Every command is one ``sh -c SCRIPT sh ARG...`` line with each word shlex-quoted: the login shell
 (bash, zsh, ...) only ever sees single-quoted words, and the script gets its data as positional
-parameters, never pasted into its text.  Every command is also **framed**: it first prints
-:data:`supervisor.sh.FRAME_MARK` on stdout and on stderr, and what comes before the mark on
-either stream is the login shell's own chatter (a banner, a ``.bashrc`` warning, ``pyenv:
-cannot rehash``): dropped, never taken for output or counted into a byte offset, remembered
-for ``check`` to warn of.  A command whose mark never comes was not run as sent: that is a
-:class:`FramingError`, not output.
+parameters, never pasted into its text.  Every command is also **framed** (``target.py``):
+what the login shell prints before the command's own output is dropped, never taken for
+output or counted into a byte offset, and remembered for ``check`` to warn of.
 
 asyncssh is asyncio-only: this needs anyio's asyncio backend.
 """
@@ -25,147 +22,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shlex
 import signal as signal_module
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import anyio
 import asyncssh
 import structlog
 
 from supervisor import sh
-from supervisor.hosts.base import HostAuthError, HostError, HostSlow, HostUnreachable
+from supervisor.hosts.base import HostError, HostSlow, HostUnreachable
 from supervisor.hosts.reach import Reachability
+from supervisor.hosts.ssh.target import (
+    Deframer,
+    FramingError,
+    LinkLost,
+    Output,
+    SSHTarget,
+    as_bytes,
+    command_line,
+    connect_error,
+    connect_options,
+    decode,
+    link_error,
+    one_line,
+)
 
 log = structlog.get_logger(__name__)
 
 #: Longest pause between two connection attempts.
 MAX_BACKOFF = 30.0
-#: How much login-shell chatter is looked through for the frame mark before giving up.
-NOISE_LIMIT = 1024 * 1024
 #: A connection beyond the first is closed once it has carried nothing for this long (seconds).
 LINK_IDLE = 3.0
-
-
-@dataclass(frozen=True)
-class SSHTarget:
-    """How to reach one SSH machine.
-
-    ``known_hosts``: a path, ``None`` for the default (``~/.ssh/known_hosts``), or the literal
-    ``"none"`` to disable host key checking (logged as a warning).  ``ssh_config``: an OpenSSH
-    client config file (``Host`` blocks, ``IdentityFile``, ...); when ``None`` asyncssh reads
-    ``~/.ssh/config`` if it exists.
-    """
-
-    name: str
-    host: str
-    port: int = 22
-    user: str | None = None
-    identity_file: str | None = None
-    known_hosts: str | None = None
-    ssh_config: str | None = None
-    connect_timeout: float = 10.0
-    keepalive_interval: float = 5.0
-    keepalive_count_max: int = 3
-    max_channels: int = 8
-    unreachable_after: float = 120.0
-    #: How long a helper command may take to answer before the machine counts as slow.
-    command_timeout: float = 60.0
-    #: More connections are opened only when all channels of the open ones are busy.
-    max_connections: int = 4
-
-
-class SSHHostKeyError(HostAuthError):
-    """The machine's host key is unknown or has changed."""
-
-    host_key = True
-
-
-class LinkLost(HostUnreachable):
-    """The link failed under a command; ``started`` tells whether the command had begun."""
-
-    def __init__(self, host: str, message: str, *, started: bool) -> None:
-        super().__init__(host, message)
-        self.started = started
-
-
-class SSHLoginError(HostAuthError):
-    """The machine refused our credentials, or our key / config files cannot be used."""
-
-    host_key = False
-
-
-class FramingError(HostError):
-    """A command's output never showed the frame mark: the machine's login shell did not run
-    the command as sent (a ``ForceCommand``, a shell that is not POSIX-like)."""
-
-
-@dataclass(frozen=True)
-class Output:
-    """A framed command's end: exit code, payloads, and what the login shell printed first."""
-
-    code: int
-    stdout: bytes
-    stderr: bytes
-    noise: bytes = b""
-
-
-class Deframer:
-    """One stream of a framed command: drops what precedes the frame mark."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.framed = False
-        self.noise = b""
-
-    def feed(self, data: bytes) -> bytes:
-        """The payload in ``data`` (empty until the mark has come)."""
-        if self.framed:
-            return data
-        seen = self.noise + data
-        at = seen.find(sh.FRAME_MARK)
-        if at < 0:
-            if len(seen) > NOISE_LIMIT:
-                raise FramingError(
-                    self.host,
-                    f"no frame mark in the first {NOISE_LIMIT} bytes of a command's "
-                    "output: the login shell did not run it as sent",
-                )
-            self.noise = seen
-            return b""
-        self.framed = True
-        self.noise = seen[:at]
-        return seen[at + len(sh.FRAME_MARK) :]
-
-
-def decode(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, str):
-        return data
-    return data.decode("utf-8", errors="replace")
-
-
-def as_bytes(data: bytes | str | None) -> bytes:
-    if data is None:
-        return b""
-    if isinstance(data, str):
-        return data.encode()
-    return data
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def command_line(script: str, *args: str) -> str:
-    """The framed command line running the text ``script`` with ``args`` as $1, $2, ..."""
-    return shlex.join(["sh", "-c", sh.framed(script), "sh", *args])
 
 
 class _Link:
@@ -315,104 +204,6 @@ class Connections:
 
     # ---- connections ----------------------------------------------------------------------------
 
-    def _where(self) -> str:
-        user = f"{self.target.user}@" if self.target.user else ""
-        return f"{user}{self.target.host}:{self.target.port}"
-
-    def _options(self) -> dict[str, Any]:
-        """Arguments for ``asyncssh.connect``; bad local files raise :class:`SSHLoginError`."""
-        t = self.target
-        kwargs: dict[str, Any] = {
-            "port": t.port,
-            "connect_timeout": t.connect_timeout,
-            "login_timeout": max(t.connect_timeout, 1.0),
-            "keepalive_interval": t.keepalive_interval,
-            "keepalive_count_max": t.keepalive_count_max,
-        }
-        if t.user:
-            kwargs["username"] = t.user
-        if t.identity_file:
-            path = os.path.expanduser(t.identity_file)
-            try:
-                asyncssh.read_private_key(path)
-            except (OSError, asyncssh.KeyImportError) as exc:
-                raise SSHLoginError(
-                    self.name, f"cannot use identity_file {t.identity_file}: {exc}"
-                ) from None
-            kwargs["client_keys"] = [path]
-        if t.known_hosts == "none":
-            kwargs["known_hosts"] = None
-        elif t.known_hosts:
-            path = os.path.expanduser(t.known_hosts)
-            if not os.path.isfile(path):
-                raise SSHHostKeyError(
-                    self.name,
-                    f"known_hosts file {t.known_hosts} does not exist: create it with "
-                    f"`ssh-keyscan -p {t.port} {t.host} >> {t.known_hosts}` "
-                    "after checking the key with the machine's owner",
-                )
-            kwargs["known_hosts"] = path
-        if t.ssh_config:
-            path = os.path.expanduser(t.ssh_config)
-            if not os.path.isfile(path):
-                raise SSHLoginError(self.name, f"ssh_config file {t.ssh_config} does not exist")
-            kwargs["config"] = [path]
-        return kwargs
-
-    def _connect_error(self, exc: BaseException) -> HostError:
-        """One clear line for a failed connection attempt."""
-        t = self.target
-        where = self._where()
-        if isinstance(exc, HostError):
-            return exc
-        if isinstance(exc, asyncssh.PermissionDenied):
-            user = t.user or "(default user)"
-            key = t.identity_file or "default keys / ssh-agent"
-            return SSHLoginError(
-                self.name,
-                f"authentication failed for user {user} (key {key}) at {where}: "
-                "check identity_file / ssh-agent and the machine's authorized_keys",
-            )
-        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-            known = t.known_hosts or "~/.ssh/known_hosts"
-            pattern = t.host if t.port == 22 else f"[{t.host}]:{t.port}"
-            return SSHHostKeyError(
-                self.name,
-                f"host key of {t.host}:{t.port} is not in known_hosts ({known}) or has changed: "
-                f"if the machine was reinstalled remove the old key with "
-                f"`ssh-keygen -R '{pattern}' -f {known}`, then add the new one with "
-                f"`ssh-keyscan -p {t.port} {t.host} >> {known}` after checking it",
-            )
-        if isinstance(exc, asyncssh.ConfigParseError):
-            return SSHLoginError(self.name, f"bad ssh_config {t.ssh_config}: {exc}")
-        if isinstance(exc, asyncssh.KeyImportError):
-            return SSHLoginError(self.name, f"cannot load a client key: {exc}")
-        if isinstance(exc, socket.gaierror):
-            return HostUnreachable(self.name, f"cannot resolve host name {t.host!r}: {exc}")
-        if isinstance(exc, ConnectionRefusedError):
-            return HostUnreachable(self.name, f"connection refused at {where} (is sshd running?)")
-        if isinstance(exc, TimeoutError):
-            return HostUnreachable(
-                self.name, f"timed out after {t.connect_timeout:g}s connecting to {where}"
-            )
-        if isinstance(exc, asyncssh.DisconnectError):
-            return HostUnreachable(self.name, f"disconnected by {where}: {exc.reason or exc}")
-        if isinstance(exc, OSError):
-            return HostUnreachable(self.name, f"cannot connect to {where}: {exc.strerror or exc}")
-        return HostUnreachable(self.name, f"cannot connect to {where}: {type(exc).__name__}: {exc}")
-
-    def link_error(self, exc: BaseException) -> HostError:
-        """One clear line for a channel that failed on an open connection."""
-        if isinstance(exc, HostError):
-            return exc
-        if isinstance(exc, asyncssh.ChannelOpenError):
-            return HostUnreachable(self.name, f"cannot open an SSH channel: {exc.reason or exc}")
-        if isinstance(exc, asyncssh.DisconnectError):
-            return HostUnreachable(self.name, f"SSH link lost: {exc.reason or exc}")
-        if isinstance(exc, OSError):
-            return HostUnreachable(self.name, f"SSH link lost: {exc.strerror or exc}")
-        return HostUnreachable(self.name, f"SSH link failed: {type(exc).__name__}: {exc}")
-
     async def _open(self) -> _Link:
         """Open one more connection, unless the last attempt failed too recently."""
         now = time.monotonic()
@@ -421,11 +212,11 @@ class Connections:
             self._failing(err)
             raise type(err)(self.name, err.message)
         try:
-            options = self._options()
+            options = connect_options(self.target)
             with anyio.fail_after(self.target.connect_timeout + 5.0):
                 conn = await asyncssh.connect(self.target.host, **options)
         except Exception as exc:  # every cause is mapped to one line
-            err = self._connect_error(exc)
+            err = connect_error(self.target, exc)
             self._failures += 1
             self._retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** (self._failures - 1))
             self._last_error = err
@@ -585,10 +376,10 @@ class Connections:
                 if link.alive:
                     # Refused on a live connection: sessions that hang hold their slots.
                     raise self._slow(f"the machine refuses new sessions: {exc.reason}") from None
-                err = self.link_error(exc)
+                err = link_error(self.name, exc)
                 raise LinkLost(self.name, err.message, started=False) from None
             except (asyncssh.Error, OSError) as exc:
-                err = self.link_error(exc)
+                err = link_error(self.name, exc)
                 raise LinkLost(self.name, err.message, started=process is not None) from None
             finally:
                 self._release(link)
@@ -700,6 +491,6 @@ class Connections:
             if isinstance(exc, asyncssh.ChannelOpenError) and link.alive:
                 self._refused(link, exc, watcher=True)
                 raise self._slow(f"the machine refuses new sessions: {exc.reason}") from None
-            raise self.link_error(exc) from None
+            raise link_error(self.name, exc) from None
         chan.write(input)
         return Watch(chan, cast(_WatchSession, session))

@@ -33,9 +33,11 @@ from supervisor.hosts.base import (
     RunState,
     RunStatus,
 )
-from supervisor.hosts.ssh.connection import Connections, SSHTarget, decode, one_line
-from supervisor.hosts.ssh.follow import START_TIMEOUT, Follower, Piece, fetch, probe
+from supervisor.hosts.ssh.batch import START_TIMEOUT, Piece, fetch, probe
+from supervisor.hosts.ssh.connection import Connections
+from supervisor.hosts.ssh.follow import Follower
 from supervisor.hosts.ssh.run import SSHRunHandle
+from supervisor.hosts.ssh.target import SSHTarget, decode, one_line
 
 log = structlog.get_logger(__name__)
 

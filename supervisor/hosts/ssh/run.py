@@ -27,8 +27,9 @@ from supervisor.hosts.base import (
     Stream,
     TreeStats,
 )
-from supervisor.hosts.ssh.connection import Connections, decode
+from supervisor.hosts.ssh.connection import Connections
 from supervisor.hosts.ssh.follow import Follower
+from supervisor.hosts.ssh.target import decode
 
 
 def _signal_name(signum: int) -> str:
