@@ -123,6 +123,35 @@ def test_a_file_vanishing_under_the_watcher_ends_it_with_5(tmp_path: Path, procs
     watcher.leave()
 
 
+def test_the_watcher_renews_and_fetches_on_its_stdin(tmp_path: Path, procs: Procs) -> None:
+    """Its second process touches leases (never making one) and answers fetches on stderr,
+    in order: no new login for either."""
+    rd = tmp_path / "r1"
+    live_run(rd, procs, out=b"0123456789" * 10)
+    lease = rd / "lease"
+    lease.write_text("")
+    old = time.time() - 600
+    os.utime(lease, (old, old))
+    watcher = Watcher(procs, rd)
+    assert watcher.next_pass() == ["1 100 0 - 1"]
+    assert watcher.proc.stdin is not None
+    watcher.proc.stdin.write(
+        f"lease {lease}\nlease {tmp_path / 'gone'}\nrenew\n"
+        f"piece 95 10 {rd / 'stdout'}\npiece 0 10 {tmp_path / 'no such'}\nfetch\n"
+        f"piece 0 3 {rd / 'stdout'}\nfetch\n".encode()
+    )
+    watcher.proc.stdin.flush()
+    watcher.leave()
+    assert watcher.proc.wait(timeout=TIMEOUT) == 0
+    assert watcher.proc.stderr is not None
+    said = watcher.proc.stderr.read()
+    assert said == sh.FRAME_MARK + (
+        b"renewed\npieces\n100 5\n56789-1 0\nend\npieces\n100 3\n012end\n"
+    )
+    assert time.time() - lease.stat().st_mtime < 30
+    assert not (tmp_path / "gone").exists()
+
+
 def test_fetch_reads_pieces_with_their_lengths(tmp_path: Path) -> None:
     out = tmp_path / "stdout"
     out.write_bytes(b"".join(b"line %d\n" % i for i in range(1000)))

@@ -201,9 +201,10 @@ async def test_a_machine_gone_for_good_is_waited_for_not_given_up(
 async def test_logins_that_hang_while_connections_live_are_slow_never_a_crash(
     tmp_path: Path, client_key: Path, work: Path, session_reaper: list[int]
 ) -> None:
-    """New commands time out (``HostSlow``) while the watcher's channel, open before, goes on;
-    the machine is ``slow`` -- never ``unreachable``, however long, and no run is given up --
-    and once logins answer again every line arrives once and the real exit code is read."""
+    """New commands time out (``HostSlow``) while the watcher's channel, open before, goes on
+    (output flows, leases are renewed); the machine is ``slow`` -- never ``unreachable``,
+    however long, and no run is given up -- and once logins answer again every line has
+    arrived once and the real exit code is read."""
     where = tmp_path / "hanging"
     where.mkdir()
     flag = where / "logins-hang"
@@ -220,6 +221,7 @@ async def test_logins_that_hang_while_connections_live_are_slow_never_a_crash(
                     follow.start_in(tg)
                     await until(lambda: follow.lines() >= 20, 30, "the first lines")
                     flag.touch()
+                    before = follow.lines()
                     began = time.monotonic()
                     with pytest.raises(HostSlow):
                         await host.glob(str(work), ["*"])
@@ -233,6 +235,8 @@ async def test_logins_that_hang_while_connections_live_are_slow_never_a_crash(
                     await anyio.sleep(3.0)  # three times unreachable_after
                     assert host.reachability.state is Reach.SLOW
                     assert follow.status is None
+                    # Output goes on flowing meanwhile: the watcher reads it, no login needed.
+                    assert follow.lines() > before + 50, (before, follow.lines())
                     flag.unlink()
                 assert follow.status == ExitStatus(code=5)
         finally:

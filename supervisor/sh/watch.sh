@@ -18,8 +18,9 @@
 # Passes come every FAST seconds (a `sleep` fork and one `stat` over every file are all it costs)
 # while something changes, every SLOW seconds once QUIET passes in a row found nothing.  When
 # stdin reaches EOF (the host closed the channel, or the link died) the watcher ends.  The
-# host renews leases through its stdin too (below): no new login for it.  Exit 5:
-# a file vanished under the watch (the host starts a new watcher, which sees what is left).
+# host renews leases and reads output through its stdin too (below): no new login for either.
+# Exit 5: a file vanished under the watch (the host starts a new watcher, which sees what is
+# left).
 # shellcheck disable=SC2034,SC2154 # variables named by eval: sh has no arrays
 set -u
 # shellcheck source=lib.sh
@@ -34,24 +35,42 @@ me=$$
 nap=""
 trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
 # The rest of stdin is the host's, read by a second process (a background job's stdin is
-# /dev/null unless given explicitly: hence fd 3): files to renew, a path a line, each batch
-# ended by an empty line, touched (never made) and acknowledged by `renewed` on stderr; its
-# EOF ends the watcher (and its nap).
+# /dev/null unless given explicitly: hence fd 3), which answers on stderr, in order (no new
+# login for either):
+#   lease PATH ... then renew       touch those files (never made): leases, the claim;
+#                                   answer `renewed`
+#   piece FROM LIMIT FILE ... then fetch
+#                                   answer `pieces`, then lib.sh's fetch_pieces, then `end`
+# Its EOF ends the watcher (and its nap).
 exec 3<&0
 (
     set --
-    while IFS= read -r path; do
-        if [ -n "$path" ]; then
-            set -- "$@" "$path"
-            continue
-        fi
-        [ "$#" -eq 0 ] || touch -c -- "$@"
-        set --
-        echo renewed >&2
+    _np=0
+    while read -r word rest; do
+        case $word in
+        lease) set -- "$@" "$rest" ;;
+        renew)
+            [ "$#" -eq 0 ] || touch -c -- "$@" 2>/dev/null
+            set --
+            echo renewed >&2
+            ;;
+        piece)
+            from=${rest%% *}
+            rest=${rest#* }
+            add_piece "${rest#* }" "$from" "${rest%% *}"
+            ;;
+        fetch)
+            echo pieces >&2
+            fetch_pieces >&2
+            echo end >&2
+            ;;
+        esac
     done <&3
     kill "$me" 2>/dev/null
 ) >/dev/null &
 exec 3<&-
+# Only that process speaks on stderr: its answers are the host's to parse.
+exec 2>/dev/null
 
 # The positional parameters become the files `stat` looks at, two per run directory that has
 # both (the others are reported missing once).

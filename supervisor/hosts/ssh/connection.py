@@ -76,19 +76,18 @@ class _Link:
 
 class _WatchSession(asyncssh.SSHClientSession[bytes]):
     """The channel of a long-running framed command: its payload on stdout goes to ``on_data``
-    as it comes, each line on stderr to ``on_line``; ``ended`` is set when the channel closes."""
+    as it comes, on stderr to ``on_stderr``; ``ended`` is set when the channel closes."""
 
     def __init__(
         self,
         name: str,
         on_data: Callable[[bytes], None],
-        on_line: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
         on_closed: Callable[[], None],
     ) -> None:
         self._on_data = on_data
-        self._on_line = on_line
+        self._on_stderr = on_stderr
         self._on_closed = on_closed
-        self._said = b""
         self._out = Deframer(name)
         self._err = Deframer(name)
         self.name = name
@@ -99,10 +98,9 @@ class _WatchSession(asyncssh.SSHClientSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         try:
             if datatype == asyncssh.EXTENDED_DATA_STDERR:
-                self._said += self._err.feed(data)
-                *lines, self._said = self._said.split(b"\n")
-                for line in lines:
-                    self._on_line(line)
+                said = self._err.feed(data)
+                if said:
+                    self._on_stderr(said)
                 return
             payload = self._out.feed(data)
         except FramingError as err:
@@ -458,11 +456,11 @@ class Connections:
         *args: str,
         input: bytes,
         on_data: Callable[[bytes], None],
-        on_line: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
     ) -> Watch:
         """Start ``supervisor/sh/NAME.sh`` on a channel of its own, ``input`` written to its
         stdin (which stays open: :meth:`Watch.write` adds to it, closing it ends the command),
-        its payload handed to ``on_data`` as it comes, each line of its stderr to ``on_line``.
+        its payload on stdout handed to ``on_data`` as it comes, on stderr to ``on_stderr``.
         Raises :class:`HostUnreachable` when it cannot be started."""
         line = command_line(sh.script(name), *args)
         link = await self._acquire(watcher=True)
@@ -478,7 +476,9 @@ class Connections:
         try:
             with anyio.fail_after(self.target.connect_timeout + 5.0):
                 chan, session = await link.conn.create_session(
-                    lambda: _WatchSession(self.name, on_data, on_line, release), line, encoding=None
+                    lambda: _WatchSession(self.name, on_data, on_stderr, release),
+                    line,
+                    encoding=None,
                 )
         except TimeoutError:
             release()

@@ -56,7 +56,15 @@ from supervisor.hosts.base import (
     HostSlow,
     Stream,
 )
-from supervisor.hosts.ssh.batch import FetchError, Piece, fetch, probe
+from supervisor.hosts.ssh.batch import (
+    Answers,
+    Fetched,
+    FetchError,
+    Piece,
+    fetch,
+    fetch_request,
+    probe,
+)
 from supervisor.hosts.ssh.connection import Connections, Watch
 from supervisor.hosts.ssh.target import decode
 
@@ -85,6 +93,18 @@ SHRINK_AFTER = 10.0
 PIECE = 2 * 1024 * 1024
 FETCH_TOTAL = 16 * 1024 * 1024
 READER_BUFFER = 4 * 1024 * 1024
+async def first_of(*events: anyio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    async with anyio.create_task_group() as race:
+
+        async def on(event: anyio.Event) -> None:
+            await event.wait()
+            race.cancel_scope.cancel()
+
+        for event in events:
+            race.start_soon(on, event)
+
+
 # ---- what the loop knows ------------------------------------------------------------------------
 
 
@@ -159,9 +179,15 @@ class _Watching:
         self.started = time.monotonic()
         self.heard = self.started
         self.watch: Watch | None = None
-        #: Lease renewals written to its stdin, and those it acknowledged.
+        #: What its second process answers on stderr (renewals, fetches).
+        self.answers = Answers()
+        #: Lease renewals written to its stdin (``answers.renewed``: those acknowledged).
         self.renewals = 0
-        self.renewed = 0
+
+    def usable(self) -> bool:
+        """It runs, and its answers can be trusted."""
+        watch = self.watch
+        return watch is not None and not watch.ended.is_set() and not self.answers.broken
 
 
 class Follower:
@@ -193,11 +219,14 @@ class Follower:
         cannot be done now (no watcher, or it has not acknowledged the last renewal), and the
         caller runs a command instead."""
         watching = self._watching
-        if watching is None or watching.watch is None or watching.renewed < watching.renewals:
+        if watching is None or not watching.usable() or watching.watch is None:
+            return False
+        if watching.answers.renewed < watching.renewals:
             return False
         if any("\n" in path or not path for path in paths):
             return False
-        if not watching.watch.write(("\n".join(paths) + "\n\n").encode()):
+        request = "".join(f"lease {path}\n" for path in paths) + "renew\n"
+        if not watching.watch.write(request.encode()):
             return False
         watching.renewals += 1
         return True
@@ -349,7 +378,31 @@ class Follower:
         finally:
             self._stop(watching)
 
+    async def _fetch_now(self, pieces: list[Piece]) -> list[Fetched]:
+        """The pieces, read by the running watcher (no new login: output goes on flowing from
+        a machine whose logins hang), else by one command."""
+        watching = self._watching
+        if watching is None or not watching.usable() or watching.watch is None:
+            return await fetch(self.conns, pieces)
+        asked = watching.answers.ask(pieces)
+        if not watching.watch.write(fetch_request(pieces)):
+            watching.answers.fail("the watcher's channel is gone")
+            return await fetch(self.conns, pieces)
+        timeout = self.conns.target.command_timeout
+        with anyio.move_on_after(timeout):
+            await first_of(asked.done, watching.watch.ended)
+        if not asked.done.is_set():
+            watching.answers.fail(
+                "the watcher ended" if watching.watch.ended.is_set()
+                else f"no answer from the watcher within {timeout:g}s"
+            )  # fmt: skip
+        if asked.error:
+            raise FetchError(self.name, asked.error)
+        return asked.found
+
     def _stop(self, watching: _Watching | None) -> None:
+        if watching is not None:
+            watching.answers.fail("the watcher was stopped")
         if watching is not None and watching.watch is not None:
             watching.watch.close()
         if self._watching is watching:
@@ -383,15 +436,7 @@ class Follower:
             wait_for = min(wait_for, watching.heard + WATCH_SILENCE - time.monotonic())
         with anyio.move_on_after(max(0.0, wait_for)):
             if watching is not None and watching.watch is not None:
-                ended = watching.watch.ended
-                async with anyio.create_task_group() as race:
-
-                    async def on(event: anyio.Event) -> None:
-                        await event.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(on, ended)
-                    race.start_soon(on, wake)
+                await first_of(wake, watching.watch.ended)
             else:
                 await wake.wait()
         return watching
@@ -413,6 +458,8 @@ class Follower:
                 restart = f"it ended: {watch.why()}"
             elif now - watching.heard > WATCH_SILENCE:
                 restart = f"it said nothing for {WATCH_SILENCE:g}s"
+            elif watching.answers.broken:
+                restart = watching.answers.broken
             elif not wanted:
                 restart = "nothing left to follow"
             else:
@@ -457,18 +504,19 @@ class Follower:
             if self._wake is not None:
                 self._wake.set()
 
-        def on_line(line: bytes) -> None:
-            if line == b"renewed":
-                watching.renewed += 1
-                self.renewals += 1
-            elif line:
-                log.warning("ssh watcher said", machine=self.name, stderr=decode(line)[:300])
+        def on_stderr(data: bytes) -> None:
+            answers = watching.answers
+            renewed = answers.renewed
+            answers.feed(data)
+            self.renewals += answers.renewed - renewed
+            if answers.broken:
+                log.warning("ssh watcher answers broke", machine=self.name, why=answers.broken)
 
         listed = "".join(f"{d}\n" for d in watching.dirs) + "\n"
         args = [str(WATCH_FAST), str(WATCH_SLOW), str(QUIET_PASSES), str(BEAT_PASSES),
                 str(TICKS_EVERY)]  # fmt: skip
         watch = await self.conns.watch(
-            "watch", *args, input=listed.encode(), on_data=on_data, on_line=on_line
+            "watch", *args, input=listed.encode(), on_data=on_data, on_stderr=on_stderr
         )
         self.watchers += 1
         return watch
@@ -551,7 +599,7 @@ class Follower:
             return False
         self._fetches += 1
         number = self._fetches
-        got = await fetch(self.conns, [piece for _, _, piece in asked])
+        got = await self._fetch_now([piece for _, _, piece in asked])
         more = False
         done: dict[_Reader, int] = {}
         for (reader, stream, piece), fetched in zip(asked, got, strict=True):
