@@ -22,20 +22,28 @@ class Watcher:
     3 quiet ones, a heartbeat every 4 quiet passes, start ticks every 2 passes), in a session of
     its own; its stdin stays open until :meth:`leave`."""
 
-    def __init__(self, procs: Procs, *run_dirs: Path) -> None:
+    def __init__(self, procs: Procs, *run_dirs: Path, tmp: Path | None = None) -> None:
+        env = {**os.environ, "TMPDIR": str(tmp)} if tmp is not None else None
         self.proc = subprocess.Popen(
             ["sh", "-c", sh.framed(sh.script("watch")), "sh", "0.05", "0.3", "3", "4", "2"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            env=env,
         )
         procs.watch_session(self.proc.pid)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("".join(f"{d}\n" for d in run_dirs).encode() + b"\n")
-        self.proc.stdin.flush()
+        self.add(*run_dirs)
         self.lines: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
+
+    def add(self, *run_dirs: Path) -> None:
+        self.ask("".join(f"watch {d}\n" for d in run_dirs))
+
+    def ask(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -103,6 +111,29 @@ def test_the_watcher_reports_changes_only_and_ends_with_its_stdin(
     assert watcher.proc.stderr.read() == sh.FRAME_MARK
 
 
+def test_runs_are_added_to_a_running_watcher_and_a_poke_looks_at_once(
+    tmp_path: Path, procs: Procs
+) -> None:
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    live_run(r1, procs)
+    live_run(r2, procs, out=b"hi\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    watcher = Watcher(procs, r1, tmp=tmp)
+    assert watcher.next_pass() == ["1 0 0 - 1"]
+    assert len(list(tmp.iterdir())) == 2  # its list of runs, and how many
+    time.sleep(1.0)  # slow passes by now (every 0.3 s)
+    watcher.add(r2)
+    assert watcher.next_pass(timeout=0.25) == ["2 3 0 - 1"]  # taken in at once
+    time.sleep(1.0)
+    (r1 / "exit").write_text("0\n")
+    watcher.ask("poke\n")
+    assert watcher.next_pass(timeout=0.25) == ["1 0 0 0 1"]
+    watcher.leave()
+    assert watcher.proc.wait(timeout=TIMEOUT) == 0
+    assert list(tmp.iterdir()) == [], "the watcher left its list behind"
+
+
 def test_the_watcher_checks_start_ticks_not_only_the_pid(tmp_path: Path, procs: Procs) -> None:
     rd = tmp_path / "r1"
     live_run(rd, procs)
@@ -134,13 +165,11 @@ def test_the_watcher_renews_and_fetches_on_its_stdin(tmp_path: Path, procs: Proc
     os.utime(lease, (old, old))
     watcher = Watcher(procs, rd)
     assert watcher.next_pass() == ["1 100 0 - 1"]
-    assert watcher.proc.stdin is not None
-    watcher.proc.stdin.write(
+    watcher.ask(
         f"lease {lease}\nlease {tmp_path / 'gone'}\nrenew\n"
         f"piece 95 10 {rd / 'stdout'}\npiece 0 10 {tmp_path / 'no such'}\nfetch\n"
-        f"piece 0 3 {rd / 'stdout'}\nfetch\n".encode()
+        f"piece 0 3 {rd / 'stdout'}\nfetch\n"
     )
-    watcher.proc.stdin.flush()
     watcher.leave()
     assert watcher.proc.wait(timeout=TIMEOUT) == 0
     assert watcher.proc.stderr is not None

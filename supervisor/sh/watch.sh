@@ -1,53 +1,63 @@
 # Follow many run directories at once (one watcher per machine, for all the runs followed there)
 # and print what changed, only when something did:
 #
-#   sh -c WATCH sh FAST SLOW QUIET BEAT TICKS    (the run directories on stdin, a line each,
-#                                                 then an empty line; stdin stays open)
+#   sh -c WATCH sh FAST SLOW QUIET BEAT TICKS      (requests on stdin, which stays open)
 #
 # For each run directory whose facts changed since the last pass, one line
 #
 #   I OUT ERR EXIT ALIVE
 #
-# I: its position in the list (1 = first); OUT, ERR: the sizes of its `stdout` and `stderr`
-# (`-`: missing, the run directory is gone); EXIT: `-` while `exit` holds no complete line, else
-# its first word; ALIVE: 0 once its wrapper is gone (`kill -0` every pass, the start ticks of
-# `wrapper` every TICKS passes), else 1.  Then `.` (the pass is complete).  A pass that found
-# no change prints nothing, except `.` every BEAT quiet passes: the host knows the watcher
+# I: its number (the first `watch` request is 1); OUT, ERR: the sizes of its `stdout` and
+# `stderr` (`-`: missing, the run directory is gone); EXIT: `-` while `exit` holds no complete
+# line, else its first word; ALIVE: 0 once its wrapper is gone (`kill -0` every pass, the start
+# ticks of `wrapper` at the first look and every TICKS passes), else 1.  Then `.` (the pass is complete).  A pass that
+# found no change prints nothing, except `.` every BEAT quiet passes: the host knows the watcher
 # lives.  `exit` is looked at before the sizes, so the sizes on a line with an EXIT are final.
 #
 # Passes come every FAST seconds (a `sleep` fork and one `stat` over every file are all it costs)
-# while something changes, every SLOW seconds once QUIET passes in a row found nothing.  When
-# stdin reaches EOF (the host closed the channel, or the link died) the watcher ends.  The
-# host renews leases and reads output through its stdin too (below): no new login for either.
+# while something changes, every SLOW seconds once QUIET passes in a row found nothing, and at
+# once when poked.  Requests, a line each, are read by a second process (no new login for any of
+# them), which answers on stderr, in order:
+#
+#   watch RUN_DIR              follow one more run directory (numbered in the order given)
+#   poke                       a pass now (the host expects news: it signalled a run)
+#   lease PATH ... renew       touch those files (never made): leases, the claim; `renewed`
+#   piece FROM LIMIT FILE ... fetch
+#                              `pieces`, then lib.sh's fetch_pieces, then `end`
+#
+# When stdin reaches EOF (the host closed the channel, or the link died) the watcher ends.
 # Exit 5: a file vanished under the watch (the host starts a new watcher, which sees what is
-# left).
+# left); exit 6: no temporary file for the list of runs.
 # shellcheck disable=SC2034,SC2154 # variables named by eval: sh has no arrays
 set -u
 # shellcheck source=lib.sh
 . "$(dirname -- "$0")/lib.sh"
 fast=$1 slow=$2 quiet_after=$3 beat=$4 ticks_every=$5
-n=0
-while IFS= read -r line && [ -n "$line" ]; do
-    n=$((n + 1))
-    eval "r$n=\$line"
-done
+# The run directories, a line each, appended by the second process; LIST.n says how many are
+# there (written after the line: a number counted is a line written whole).
+list=$(mktemp "${TMPDIR:-/tmp}/agentize-watch.XXXXXX") || exit 6
 me=$$
 nap=""
-trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
-# The rest of stdin is the host's, read by a second process (a background job's stdin is
-# /dev/null unless given explicitly: hence fd 3), which answers on stderr, in order (no new
-# login for either):
-#   lease PATH ... then renew       touch those files (never made): leases, the claim;
-#                                   answer `renewed`
-#   piece FROM LIMIT FILE ... then fetch
-#                                   answer `pieces`, then lib.sh's fetch_pieces, then `end`
-# Its EOF ends the watcher (and its nap).
+poked=""
+trap 'rm -f -- "$list" "$list.n"' EXIT
+trap 'exit 0' TERM
+trap 'poked=1; [ -n "$nap" ] && kill "$nap" 2>/dev/null' USR1
+# A background job's stdin is /dev/null unless given explicitly: hence fd 3.
 exec 3<&0
 (
+    trap - EXIT
     set --
     _np=0
+    count=0
     while read -r word rest; do
         case $word in
+        watch)
+            printf '%s\n' "$rest" >>"$list"
+            count=$((count + 1))
+            echo "$count" >"$list.n"
+            kill -s USR1 "$me" 2>/dev/null
+            ;;
+        poke) kill -s USR1 "$me" 2>/dev/null ;;
         lease) set -- "$@" "$rest" ;;
         renew)
             [ "$#" -eq 0 ] || touch -c -- "$@" 2>/dev/null
@@ -71,22 +81,6 @@ exec 3<&0
 exec 3<&-
 # Only that process speaks on stderr: its answers are the host's to parse.
 exec 2>/dev/null
-
-# The positional parameters become the files `stat` looks at, two per run directory that has
-# both (the others are reported missing once).
-set --
-i=1
-while [ "$i" -le "$n" ]; do
-    eval "rd=\$r$i"
-    if [ -e "$rd/stdout" ] && [ -e "$rd/stderr" ]; then
-        set -- "$@" "$rd/stdout" "$rd/stderr"
-        eval "m$i=0"
-    else
-        eval "m$i=1"
-    fi
-    eval "w$i= t$i= s$i="
-    i=$((i + 1))
-done
 
 # report SIZE...: print the line of each run whose facts changed (from the sizes `stat` gave
 # and the x$i/a$i the pass set); `changed` says whether any did.
@@ -116,16 +110,41 @@ report() {
     [ "$changed" = 0 ] || printf '%s.\n' "$out"
 }
 
+n=0
 pass=0
 quiet=0
 pause=$fast
 while :; do
+    # Runs given since the last pass: read them in, and make the positional parameters the
+    # files `stat` looks at again, two per run directory that has both (the others are
+    # reported missing once).
+    if read -r count 2>/dev/null <"$list.n" && [ "$count" -gt "$n" ]; then
+        i=0
+        while [ "$i" -lt "$count" ] && IFS= read -r line; do
+            i=$((i + 1))
+            [ "$i" -gt "$n" ] || continue
+            eval "r$i=\$line w$i= t$i= s$i="
+            if [ -e "$line/stdout" ] && [ -e "$line/stderr" ]; then
+                eval "m$i=0"
+            else
+                eval "m$i=1"
+            fi
+        done <"$list"
+        n=$i
+        set --
+        i=1
+        while [ "$i" -le "$n" ]; do
+            eval "rd=\$r$i m=\$m$i"
+            [ "$m" = 1 ] || set -- "$@" "$rd/stdout" "$rd/stderr"
+            i=$((i + 1))
+        done
+    fi
     pass=$((pass + 1))
     deep=0
     [ $(((pass - 1) % ticks_every)) -ne 0 ] || deep=1
     i=1
     while [ "$i" -le "$n" ]; do
-        eval "rd=\$r$i w=\$w$i t=\$t$i"
+        eval "rd=\$r$i w=\$w$i t=\$t$i seen=\$s$i"
         x=-
         if [ -e "$rd/exit" ] && IFS=' ' read -r x _rest 2>/dev/null <"$rd/exit"; then
             [ -n "$x" ] || x='?'
@@ -142,7 +161,7 @@ while :; do
         elif [ -n "$w" ]; then
             if ! kill -0 "$w" 2>/dev/null; then
                 a=0
-            elif [ "$deep" = 1 ] && ! same_process "$w" "$t"; then
+            elif { [ "$deep" = 1 ] || [ -z "$seen" ]; } && ! same_process "$w" "$t"; then
                 a=0
             fi
             # Gone for good (a zombie not reaped yet would pass kill -0 again).
@@ -159,7 +178,7 @@ while :; do
     # shellcheck disable=SC2086 # split on purpose: one size per word
     report $sizes
     set +f
-    if [ "$changed" = 1 ]; then
+    if [ "$changed" = 1 ] || [ -n "$poked" ]; then
         quiet=0
         pause=$fast
     else
@@ -167,8 +186,13 @@ while :; do
         [ "$quiet" -lt "$quiet_after" ] || pause=$slow
         [ $((quiet % beat)) -ne 0 ] || echo .
     fi
-    sleep "$pause" &
-    nap=$!
-    wait "$nap"
-    nap=""
+    # A poke (USR1) ends the nap at once; one that came during the pass skips it.
+    if [ -z "$poked" ]; then
+        sleep "$pause" &
+        nap=$!
+        [ -n "$poked" ] && kill "$nap" 2>/dev/null
+        wait "$nap"
+        nap=""
+    fi
+    poked=""
 done

@@ -1,7 +1,8 @@
 """Machines reached over SSH (asyncssh): ``target.py`` (the target, errors, the frame),
-``connection.py`` (the pool, commands, the watcher's channel), ``follow.py`` (the one watcher
-per machine: output and ends of its runs), ``batch.py`` (one command for many runs: probe,
-fetch), ``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
+``connection.py`` (the pool, commands, the watcher's channel), ``watcher.py`` (the one watcher
+per machine as the host sees it), ``follow.py`` (output and ends of the machine's runs, fed by
+the watcher), ``batch.py`` (many runs at once: probe, fetch), ``host.py`` (:class:`SSHHost`),
+``run.py`` (:class:`SSHRunHandle`)."""
 
 from supervisor.hosts.ssh.connection import Connections
 from supervisor.hosts.ssh.host import SSHHost

@@ -3,28 +3,29 @@
 A run on an SSH machine writes its output to files in its run directory; the host reads them
 back by byte offset.  Following each run with a channel of its own (two ``tail -F``, a status
 poll per run) cost the machine some 160 ms of CPU per agent-second and a connection per eight
-runs.  Instead, per machine:
+runs.  Instead, per machine, **one watcher** (``sh/watch.sh``) on one channel:
 
-* **one watcher** (``sh/watch.sh``, on one channel) is given the run directories followed and
-  prints, only when something changed, each run's stdout and stderr sizes, whether ``exit`` is
-  written and whether its wrapper lives: a pass every 0.1 s while files change, every second
-  once nothing has for a while;
-* **one fetch** (``sh/fetch.sh``) reads, for every reader behind its run's files, the new bytes
-  (each piece with a length header, at most :data:`PIECE` bytes, :data:`FETCH_TOTAL` in all,
-  fetched again at once while a piece came back full);
-* a run whose ``exit`` appeared, or whose wrapper is gone, or whose directory vanished, is judged
-  by one probe (``sh/status.sh`` and ``runfiles.decide``) for all of them, and ended there and
-  then when its wrapper is gone without an ``exit`` (``sh/end-lost.sh``).
+* prints, only when something changed, each followed run's stdout and stderr sizes, whether
+  ``exit`` is written and whether its wrapper lives: a pass every 0.1 s while files change,
+  every second once nothing has for a while, at once when poked (a run was signalled);
+* answers on its stdin, without a login each: ``watch RUN_DIR`` (one more run to follow),
+  ``fetch`` (for every reader behind its run's files, the new bytes, each piece with a length
+  header, at most :data:`PIECE` bytes, :data:`FETCH_TOTAL` in all, asked again at once while a
+  piece came back full), ``renew`` (leases and the claim: ``Host.renew_leases``).  A machine
+  whose logins hang while its connections live keeps its output flowing and its leases fresh.
 
-The set of runs the watcher follows is given as its stdin when it starts; when the set grows
-(a new run) the watcher is **restarted** with the new set, at most every :data:`RESTART_GAP`
-seconds (a burst of starts makes one restart), and when it only shrank, lazily.  A restart
-rather than a list file the watcher re-reads: nothing to write or clean up on the machine
-beforehand, no half-written list to guard against, and a new watcher's first pass reports every
-run, which is exactly what a reconnect needs too: after a lost link the watcher is started
-again, and each reader fetches from the offsets it holds (nothing lost, nothing repeated).  Once
-the link is back, every reader is fetched for at once, without waiting for the new watcher's
-first pass.
+A run whose ``exit`` appeared, or whose wrapper is gone, or whose directory vanished, is judged
+by one probe (``sh/status.sh`` and ``runfiles.decide``) for all of them, and ended there and then
+when its wrapper is gone without an ``exit`` (``sh/end-lost.sh``).
+
+Runs are added to the running watcher (``watch``), not by starting a new one: a new login per
+run start cost more than the watching itself, and delayed the new run's first output by it.
+The watcher is started anew only when it ended (a lost link), fell silent, answered nonsense,
+or holds mostly runs long ended; a new watcher is given every run followed, and its first pass
+reports each, which is exactly what a reconnect needs: each reader fetches from the offsets it
+holds (nothing lost, nothing repeated), every reader at once once the link is back, without
+waiting for that first pass.  Without a watcher (nothing left to watch: an ended run's output
+read again) a fetch is one command (``sh/fetch.sh``).
 
 The work is done by one background task per machine, started at the first run followed and
 ended by :meth:`Follower.aclose`.  It is a plain asyncio task (asyncssh is asyncio-only): the
@@ -57,7 +58,6 @@ from supervisor.hosts.base import (
     Stream,
 )
 from supervisor.hosts.ssh.batch import (
-    Answers,
     Fetched,
     FetchError,
     Piece,
@@ -65,46 +65,27 @@ from supervisor.hosts.ssh.batch import (
     fetch_request,
     probe,
 )
-from supervisor.hosts.ssh.connection import Connections, Watch
+from supervisor.hosts.ssh.connection import Connections
 from supervisor.hosts.ssh.target import decode
+from supervisor.hosts.ssh.watcher import WATCH_SILENCE, Watching, first_of
 
 log = structlog.get_logger(__name__)
 
-#: The watcher's pass interval while files change, and once QUIET_PASSES found nothing.
-WATCH_FAST = 0.1
-WATCH_SLOW = 1.0
-QUIET_PASSES = 5
-#: A quiet watcher says it lives every BEAT_PASSES passes; silent for WATCH_SILENCE seconds,
-#: it is taken for hung and started again.
-BEAT_PASSES = 15
-WATCH_SILENCE = 3 * BEAT_PASSES * WATCH_SLOW + 5.0
 #: A watcher that ended sooner than this after its start failed (it is not restarted at once).
 WATCH_MIN_LIFE = 1.0
 #: How long a restart waits for the old watcher's channel to close.
 WATCH_CLOSE_WAIT = 2.0
-#: The wrapper's start ticks are checked every TICKS_EVERY passes (``kill -0`` on the others).
-TICKS_EVERY = 10
-#: A run followed anew waits at most this long (seconds) for the watcher to take it in...
-RESTART_GAP = 0.5
-#: ...and ended runs leave the watcher's list at the latest this long after they ended.
-SHRINK_AFTER = 10.0
+#: A watcher following no run any more is let go after this long (seconds): a task's next run
+#: usually comes soon.
+WATCH_IDLE = 30.0
+#: A watcher is started anew (its list rid of ended runs) once it holds more ended runs than
+#: this, and twice as many as live ones.
+SHRINK_AFTER_RUNS = 50
 #: Largest piece of one file in one fetch; most bytes in one fetch; most bytes a reader may
 #: hold unconsumed before its run is fetched for again.
 PIECE = 2 * 1024 * 1024
 FETCH_TOTAL = 16 * 1024 * 1024
 READER_BUFFER = 4 * 1024 * 1024
-async def first_of(*events: anyio.Event) -> None:
-    """Wait until any of ``events`` is set."""
-    async with anyio.create_task_group() as race:
-
-        async def on(event: anyio.Event) -> None:
-            await event.wait()
-            race.cancel_scope.cancel()
-
-        for event in events:
-            race.start_soon(on, event)
-
-
 # ---- what the loop knows ------------------------------------------------------------------------
 
 
@@ -126,7 +107,6 @@ class _Run:
     abandoned: bool = False
     #: The watcher facts last judged RUNNING: not probed again until they change.
     judged: tuple[str, bool, bool] | None = None
-    ended_at: float = 0.0
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def facts(self) -> tuple[str, bool, bool]:
@@ -169,27 +149,6 @@ class _Reader:
         return [s for s in STREAMS if (size := run.sizes[s]) is not None and self.pos[s] < size]
 
 
-class _Watching:
-    """One watcher started: the run directories it was given (line ``I`` is ``dirs[I-1]``),
-    and what it printed that was not read yet."""
-
-    def __init__(self, dirs: list[str]) -> None:
-        self.dirs = dirs
-        self.buffer = bytearray()
-        self.started = time.monotonic()
-        self.heard = self.started
-        self.watch: Watch | None = None
-        #: What its second process answers on stderr (renewals, fetches).
-        self.answers = Answers()
-        #: Lease renewals written to its stdin (``answers.renewed``: those acknowledged).
-        self.renewals = 0
-
-    def usable(self) -> bool:
-        """It runs, and its answers can be trusted."""
-        watch = self.watch
-        return watch is not None and not watch.ended.is_set() and not self.answers.broken
-
-
 class Follower:
     """The watcher, the fetches and the judging of one SSH machine's followed runs."""
 
@@ -204,7 +163,7 @@ class Follower:
         self._turn = 0  # where the next fetch starts picking readers (fairness)
         self._down_since: float | None = None
         self._resync = False  # the watcher was down: read every reader once, as it comes back
-        self._watching: _Watching | None = None  # the watcher running now
+        self._watching: Watching | None = None  # the watcher running now
         #: Watchers started so far (the first included): a restart or reconnect shows as 2, ...
         self.watchers = 0
         #: Lease renewals done through a watcher (acknowledged).
@@ -219,17 +178,22 @@ class Follower:
         cannot be done now (no watcher, or it has not acknowledged the last renewal), and the
         caller runs a command instead."""
         watching = self._watching
-        if watching is None or not watching.usable() or watching.watch is None:
+        if watching is None or not watching.usable():
             return False
         if watching.answers.renewed < watching.renewals:
             return False
         if any("\n" in path or not path for path in paths):
             return False
         request = "".join(f"lease {path}\n" for path in paths) + "renew\n"
-        if not watching.watch.write(request.encode()):
+        if not watching.ask(request.encode()):
             return False
         watching.renewals += 1
         return True
+
+    def poke(self) -> None:
+        """The host expects news soon (it signalled a run): the watcher looks at once."""
+        if self._watching is not None:
+            self._watching.ask(b"poke\n")
 
     def follow(self, run_dir: str, status: ExitStatus | None = None) -> None:
         """A handle of the run exists: follow it (``status``: its end, when already known)."""
@@ -330,7 +294,6 @@ class Follower:
     def _end(self, run: _Run, status: ExitStatus) -> None:
         run.status = status
         run.ended_after = self._fetches
-        run.ended_at = time.monotonic()
         run.done.set()
         for reader in run.readers:
             reader.wake.set()
@@ -349,7 +312,7 @@ class Follower:
     async def _serve(self) -> None:
         """Keep a watcher on the runs that have not ended, fetch what grew, judge what ended;
         after a failure, back off and start again."""
-        watching: _Watching | None = None
+        watching: Watching | None = None
         attempt = 0
         try:
             while not self._closed:
@@ -385,7 +348,7 @@ class Follower:
         if watching is None or not watching.usable() or watching.watch is None:
             return await fetch(self.conns, pieces)
         asked = watching.answers.ask(pieces)
-        if not watching.watch.write(fetch_request(pieces)):
+        if not watching.ask(fetch_request(pieces)):
             watching.answers.fail("the watcher's channel is gone")
             return await fetch(self.conns, pieces)
         timeout = self.conns.target.command_timeout
@@ -400,7 +363,7 @@ class Follower:
             raise FetchError(self.name, asked.error)
         return asked.found
 
-    def _stop(self, watching: _Watching | None) -> None:
+    def _stop(self, watching: Watching | None) -> None:
         if watching is not None:
             watching.answers.fail("the watcher was stopped")
         if watching is not None and watching.watch is not None:
@@ -417,7 +380,7 @@ class Follower:
             self._down_since = time.monotonic()
             log.info("ssh watcher interrupted", machine=self.name, error=err.message)
 
-    async def _tend(self, watching: _Watching | None) -> _Watching | None:
+    async def _tend(self, watching: Watching | None) -> Watching | None:
         """One round: the watcher right, its news read, runs judged, output fetched, then a
         wait for news (unless a fetch left more to read)."""
         self._wake = wake = anyio.Event()
@@ -444,15 +407,20 @@ class Follower:
     def _watch_list(self) -> list[str]:
         return [d for d, run in self._runs.items() if run.status is None]
 
-    async def _keep_watching(self, watching: _Watching | None) -> tuple[_Watching | None, float]:
-        """Start, restart or stop the watcher as the followed runs require; how long the
-        loop may then wait before it must look again (a restart held back)."""
+    async def _keep_watching(self, watching: Watching | None) -> tuple[Watching | None, float]:
+        """Start the watcher, give it the runs followed anew, or start it again (it ended, fell
+        silent, answered nonsense, or holds mostly runs long ended); how long the loop may then
+        wait before it must look again (an idle watcher is let go after a while)."""
         wanted = self._watch_list()
         now = time.monotonic()
         wait_for = math.inf
         if watching is not None and watching.watch is not None:
             watch = watching.watch
             by_itself = watch.ended.is_set() and now - watching.started < WATCH_MIN_LIFE
+            if wanted:
+                watching.idle_since = None
+            elif watching.idle_since is None:
+                watching.idle_since = now
             restart = ""
             if watch.ended.is_set():
                 restart = f"it ended: {watch.why()}"
@@ -460,18 +428,12 @@ class Follower:
                 restart = f"it said nothing for {WATCH_SILENCE:g}s"
             elif watching.answers.broken:
                 restart = watching.answers.broken
-            elif not wanted:
+            elif watching.idle_since is not None and now - watching.idle_since > WATCH_IDLE:
                 restart = "nothing left to follow"
-            else:
-                since = now - watching.started
-                new = set(wanted) - set(watching.dirs)
-                gone = set(watching.dirs) - set(wanted)
-                if new and since >= RESTART_GAP:
-                    restart = "runs to add"
-                elif new:
-                    wait_for = RESTART_GAP - since
-                elif gone and self._ended_long_ago(gone):
-                    restart = "runs to drop"
+            elif len(watching.dirs) - len(wanted) > max(SHRINK_AFTER_RUNS, 2 * len(wanted)):
+                restart = "mostly runs that have ended"
+            elif watching.idle_since is not None:
+                wait_for = watching.idle_since + WATCH_IDLE - now
             if restart:
                 log.debug("ssh watcher restarted", machine=self.name, why=restart)
                 self._stop(watching)
@@ -484,72 +446,39 @@ class Follower:
                     # this is a failure like any other (backoff, then again).
                     raise HostError(self.name, f"the run watcher ended at once: {watch.why()}")
         if watching is None and wanted:
-            watching = _Watching(wanted)
-            watching.watch = await self._start_watch(watching)
+            watching = Watching()
+            await self._start_watch(watching)
             self._watching = watching
+        if watching is not None and watching.watch is not None:
+            new = [d for d in wanted if d not in watching.numbers]
+            if new and not watching.add(new):
+                raise HostError(self.name, "the run watcher's channel is gone")
         return watching, wait_for
 
-    def _ended_long_ago(self, run_dirs: set[str]) -> bool:
-        now = time.monotonic()
-        for run_dir in run_dirs:
-            run = self._runs.get(run_dir)
-            if run is None or now - run.ended_at > SHRINK_AFTER:
-                return True
-        return False
-
-    async def _start_watch(self, watching: _Watching) -> Watch:
-        def on_data(data: bytes) -> None:
-            watching.buffer += data
-            watching.heard = time.monotonic()
+    async def _start_watch(self, watching: Watching) -> None:
+        def on_news() -> None:
             if self._wake is not None:
                 self._wake.set()
 
-        def on_stderr(data: bytes) -> None:
-            answers = watching.answers
-            renewed = answers.renewed
-            answers.feed(data)
-            self.renewals += answers.renewed - renewed
-            if answers.broken:
-                log.warning("ssh watcher answers broke", machine=self.name, why=answers.broken)
+        def on_renewed(count: int) -> None:
+            self.renewals += count
 
-        listed = "".join(f"{d}\n" for d in watching.dirs) + "\n"
-        args = [str(WATCH_FAST), str(WATCH_SLOW), str(QUIET_PASSES), str(BEAT_PASSES),
-                str(TICKS_EVERY)]  # fmt: skip
-        watch = await self.conns.watch(
-            "watch", *args, input=listed.encode(), on_data=on_data, on_stderr=on_stderr
-        )
+        await watching.start(self.conns, on_news, on_renewed)
         self.watchers += 1
-        return watch
 
-    def _absorb(self, watching: _Watching) -> None:
-        """Take in the complete passes the watcher printed (``I OUT ERR EXIT ALIVE`` lines, each
-        pass ended by ``.``)."""
-        buffer = watching.buffer
-        if buffer.startswith(b".\n"):
-            end = 2
-        else:
-            end = buffer.rfind(b"\n.\n") + 3
-            if end < 3:
-                return
-        lines = bytes(buffer[:end]).split(b"\n")
-        del buffer[:end]
-        for line in lines:
-            fields = line.split()
-            if len(fields) != 5 or not fields[0].isdigit():
-                continue
-            index = int(fields[0]) - 1
-            if not 0 <= index < len(watching.dirs):
-                continue
-            run = self._runs.get(watching.dirs[index])
+    def _absorb(self, watching: Watching) -> None:
+        """Take in what the watcher's complete passes said of the runs still followed."""
+        for fact in watching.news():
+            run = self._runs.get(fact.run_dir)
             if run is None or run.status is not None:
                 continue
-            for stream, size in zip(STREAMS, fields[1:3], strict=True):
-                if size == b"-":
+            for stream, size in zip(STREAMS, fact.sizes, strict=True):
+                if size is None:
                     run.missing = True
-                elif size.isdigit():
-                    run.sizes[stream] = max(run.sizes[stream] or 0, int(size))
-            run.exit_token = fields[3].decode("ascii", "replace")
-            run.alive = fields[4] != b"0"
+                else:
+                    run.sizes[stream] = max(run.sizes[stream] or 0, size)
+            run.exit_token = fact.exit_token
+            run.alive = fact.alive
 
     async def _judge(self) -> None:
         """Probe, in one command, the runs whose end the watcher saw (or whose wrapper or

@@ -100,6 +100,7 @@ class SSHRunHandle(RunHandle):
         )
         if out.code != 0:
             raise HostError(self._name, f"cannot signal the run: {decode(out.stderr).strip()}")
+        self._follower.poke()  # its end may come at once: the watcher looks now
 
     async def _tree(self) -> tuple[list[_TreeRow], int]:
         """The live processes of the run's session, and the host's clock ticks per second."""
