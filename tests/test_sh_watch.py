@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from supervisor import sh
+from supervisor.hosts import runfiles
 from tests.sh_helpers import TIMEOUT, Procs, pair, procs_fixture, run_script, session_members
 
 __all__ = ["procs_fixture"]  # the `procs` fixture
@@ -129,9 +130,16 @@ def test_runs_are_added_to_a_running_watcher_and_a_poke_looks_at_once(
     (r1 / "exit").write_text("0\n")
     watcher.ask("poke\n")
     assert watcher.next_pass(timeout=0.25) == ["1 0 0 0 1"]
+    # A signal to a run's tree (guarded by its start ticks), answered, and a pass at once.
+    sleeper = procs.sleeper()
+    time.sleep(1.0)
+    watcher.ask(f"signal {sleeper.pid} {runfiles.read_start_ticks(sleeper.pid)} TERM\n")
+    assert sleeper.wait(timeout=5) == -signal.SIGTERM
     watcher.leave()
     assert watcher.proc.wait(timeout=TIMEOUT) == 0
     assert list(tmp.iterdir()) == [], "the watcher left its list behind"
+    assert watcher.proc.stderr is not None
+    assert watcher.proc.stderr.read() == sh.FRAME_MARK + b"signalled\n"
 
 
 def test_the_watcher_checks_start_ticks_not_only_the_pid(tmp_path: Path, procs: Procs) -> None:

@@ -21,6 +21,7 @@
 #
 #   watch RUN_DIR              follow one more run directory (numbered in the order given)
 #   poke                       a pass now (the host expects news: it signalled a run)
+#   signal PID TICKS SIG       lib.sh's kill_tree (a run's whole tree), then a pass; `signalled`
 #   lease PATH ... renew       touch those files (never made): leases, the claim; `renewed`
 #   piece FROM LIMIT FILE ... fetch
 #                              `pieces`, then lib.sh's fetch_pieces, then `end`
@@ -58,6 +59,13 @@ exec 3<&0
             kill -s USR1 "$me" 2>/dev/null
             ;;
         poke) kill -s USR1 "$me" 2>/dev/null ;;
+        signal)
+            pid=${rest%% *}
+            rest=${rest#* }
+            kill_tree "$pid" "${rest%% *}" "${rest#* }"
+            echo signalled >&2
+            kill -s USR1 "$me" 2>/dev/null # its end may come at once: a pass now
+            ;;
         lease) set -- "$@" "$rest" ;;
         renew)
             [ "$#" -eq 0 ] || touch -c -- "$@" 2>/dev/null

@@ -109,9 +109,10 @@ async def fetch(conns: Connections, pieces: Sequence[Piece]) -> list[Fetched]:
 
 @dataclass(eq=False)
 class Asked:
-    """A fetch asked of the watcher, and its answer as it comes."""
+    """A fetch (or, without pieces, a signal) asked of the watcher, and its answer as it
+    comes."""
 
-    pieces: Sequence[Piece]
+    pieces: Sequence[Piece] | None
     found: list[Fetched] = field(default_factory=list)
     at: int = 0  # how far into the answer buffer it was parsed
     started: bool = False  # its `pieces` line came
@@ -121,7 +122,8 @@ class Asked:
 
 class Answers:
     """What the watcher's second process says on stderr (``sh/watch.sh``), parsed as it
-    comes: ``renewed`` for each renewal, and the answers of the fetches, in the order asked.
+    comes: ``renewed`` for each renewal, and the answers of fetches and signals, in the order
+    asked.
     Anything else breaks it (:attr:`broken` says why): the watcher is then started anew."""
 
     def __init__(self) -> None:
@@ -130,7 +132,8 @@ class Answers:
         self.renewed = 0
         self.broken = ""
 
-    def ask(self, pieces: Sequence[Piece]) -> Asked:
+    def ask(self, pieces: Sequence[Piece] | None) -> Asked:
+        """Expect the answer of a fetch of ``pieces`` (None: of a signal) next."""
         asked = Asked(pieces)
         self.asked.append(asked)
         return asked
@@ -156,7 +159,7 @@ class Answers:
         """Take one whole message from the buffer; False when it needs more bytes."""
         buf = self.buffer
         asked = self.asked[0] if self.asked else None
-        if asked is not None and asked.started:
+        if asked is not None and asked.started and asked.pieces is not None:
             at, whole = read_pieces(buf, asked.at, len(asked.pieces), asked.found)
             asked.at = at
             if not whole or len(buf) < at + 4:
@@ -175,7 +178,11 @@ class Answers:
         if word == b"renewed":
             self.renewed += 1
             return True
-        if word == b"pieces" and asked is not None:
+        if word == b"pieces" and asked is not None and asked.pieces is not None:
             asked.started = True
+            return True
+        if word == b"signalled" and asked is not None and asked.pieces is None:
+            self.asked.popleft()
+            asked.done.set()
             return True
         raise ValueError(f"unexpected {word[:60]!r}")

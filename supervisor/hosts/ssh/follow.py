@@ -58,6 +58,7 @@ from supervisor.hosts.base import (
     Stream,
 )
 from supervisor.hosts.ssh.batch import (
+    Asked,
     Fetched,
     FetchError,
     Piece,
@@ -189,11 +190,6 @@ class Follower:
             return False
         watching.renewals += 1
         return True
-
-    def poke(self) -> None:
-        """The host expects news soon (it signalled a run): the watcher looks at once."""
-        if self._watching is not None:
-            self._watching.ask(b"poke\n")
 
     def follow(self, run_dir: str, status: ExitStatus | None = None) -> None:
         """A handle of the run exists: follow it (``status``: its end, when already known)."""
@@ -344,13 +340,36 @@ class Follower:
     async def _fetch_now(self, pieces: list[Piece]) -> list[Fetched]:
         """The pieces, read by the running watcher (no new login: output goes on flowing from
         a machine whose logins hang), else by one command."""
+        asked = await self._through_watcher(pieces, fetch_request(pieces))
+        if asked is None:
+            return await fetch(self.conns, pieces)
+        if asked.error:
+            raise FetchError(self.name, asked.error)
+        return asked.found
+
+    def poke(self) -> None:
+        """The host expects news soon (it signalled a run by a command): the watcher looks at
+        once."""
+        if self._watching is not None:
+            self._watching.ask(b"poke\n")
+
+    async def signal(self, pid: int, ticks: int, name: str) -> bool:
+        """Signal a run's tree through the running watcher (no new login: a run can be stopped
+        on a machine whose logins hang); False when that could not be done (the caller runs a
+        command instead)."""
+        asked = await self._through_watcher(None, f"signal {pid} {ticks} {name}\n".encode())
+        return asked is not None and not asked.error
+
+    async def _through_watcher(self, pieces: list[Piece] | None, request: bytes) -> Asked | None:
+        """Ask the running watcher ``request`` and wait (bounded) for its answer; None when no
+        watcher could take it.  A watcher that does not answer in time is not trusted again."""
         watching = self._watching
         if watching is None or not watching.usable() or watching.watch is None:
-            return await fetch(self.conns, pieces)
+            return None
         asked = watching.answers.ask(pieces)
-        if not watching.ask(fetch_request(pieces)):
+        if not watching.ask(request):
             watching.answers.fail("the watcher's channel is gone")
-            return await fetch(self.conns, pieces)
+            return None
         timeout = self.conns.target.command_timeout
         with anyio.move_on_after(timeout):
             await first_of(asked.done, watching.watch.ended)
@@ -359,9 +378,7 @@ class Follower:
                 "the watcher ended" if watching.watch.ended.is_set()
                 else f"no answer from the watcher within {timeout:g}s"
             )  # fmt: skip
-        if asked.error:
-            raise FetchError(self.name, asked.error)
-        return asked.found
+        return asked
 
     def _stop(self, watching: Watching | None) -> None:
         if watching is not None:
@@ -424,6 +441,7 @@ class Follower:
             restart = ""
             if watch.ended.is_set():
                 restart = f"it ended: {watch.why()}"
+                self._resync = True  # its link died, most likely: read on at once when back
             elif now - watching.heard > WATCH_SILENCE:
                 restart = f"it said nothing for {WATCH_SILENCE:g}s"
             elif watching.answers.broken:

@@ -92,12 +92,15 @@ class SSHRunHandle(RunHandle):
     # ---- the process tree -----------------------------------------------------------------------
 
     async def signal(self, signum: int) -> None:
+        """Through the machine's watcher when it runs (no new login: a run can be stopped on a
+        machine whose logins hang), else one command; guarded by the agent's start ticks."""
         if self.identity.pid <= 1:
             return
         ident = self.identity
-        out = await self.conns.script(
-            "signal", str(ident.pid), str(ident.start_ticks), _signal_name(signum)
-        )
+        name = _signal_name(signum)
+        if await self._follower.signal(ident.pid, ident.start_ticks, name):
+            return
+        out = await self.conns.script("signal", str(ident.pid), str(ident.start_ticks), name)
         if out.code != 0:
             raise HostError(self._name, f"cannot signal the run: {decode(out.stderr).strip()}")
         self._follower.poke()  # its end may come at once: the watcher looks now
