@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+from pydantic import ValidationError
 
 from supervisor.config import TaskConfig
 from supervisor.ledger import Ledger, TaskRecord
@@ -71,6 +72,34 @@ class Command:
     arguments: Sequence[tuple[tuple[str, ...], dict[str, Any]]] = field(default_factory=tuple)
     #: Printed by the CLI's own function (``status``), not as the answer's one line.
     custom_output: bool = False
+
+
+def issue_number(text: str) -> int:
+    """An issue number given on the command line (argparse ``type``): 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an issue number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: an issue number is 1 or more")
+    return value
+
+
+def checked_task(issue: int, title: str, prompt: str | None) -> TaskConfig:
+    """The task an ``add`` asks for, checked as a config's task would be (a NUL or 128 KiB in
+    its title would fail only at the run's start); a refusal says which option is at fault."""
+    try:
+        return TaskConfig(issue=issue, title=title, prompt=prompt)
+    except ValidationError as exc:
+        why = "; ".join(f"--{e['loc'][0]} {str(e['msg']).removeprefix('Value error, ')}"
+                        for e in exc.errors())
+        raise CommandError(f"task #{issue}: {why}") from None
+
+
+def _add_request(args: argparse.Namespace) -> Request:
+    checked_task(args.task, args.title, args.prompt)
+    return {"cmd": "add", "task": args.task, "title": args.title, "prompt": args.prompt,
+            "rerun": args.rerun}
 
 
 def _issue(request: Request, cmd: str) -> int:
@@ -146,7 +175,7 @@ async def _add(fleet: Steerable, request: Request) -> Answer:
         return {"ok": True, "message": _done_already(issue)}
     title = str(request.get("title") or (record.title if record else ""))
     prompt = request.get("prompt") or (record.prompt if record else None)
-    task = TaskConfig(issue=issue, title=title, prompt=str(prompt) if prompt else None)
+    task = checked_task(issue, title, str(prompt) if prompt else None)
     added = fleet.add_task(task, record=record, again=True, origin="add")
     fleet.log.info("task-added", msg=f"task #{issue} added as {added.name}", task=issue)
     return {"ok": True, "worker": added.name, "message": f"task #{issue} added as {added.name}"}
@@ -157,7 +186,7 @@ def _done_already(issue: int) -> str:
 
 
 def _task_argument(help_text: str) -> tuple[tuple[str, ...], dict[str, Any]]:
-    return ("task",), {"type": int, "metavar": "ISSUE", "help": help_text}
+    return ("task",), {"type": issue_number, "metavar": "ISSUE", "help": help_text}
 
 
 COMMANDS: dict[str, Command] = {
@@ -173,12 +202,11 @@ COMMANDS: dict[str, Command] = {
                 _restart, lambda a: {"cmd": "restart", "task": a.task},
                 (_task_argument("the task's issue number"),)),
         Command(
-            "add", "queue a task in the running fleet (idempotent)", _add,
-            lambda a: {"cmd": "add", "task": a.task, "title": a.title, "prompt": a.prompt,
-                       "rerun": a.rerun},
+            "add", "queue a task in the running fleet (idempotent)", _add, _add_request,
             (
                 _task_argument("the task's issue number"),
-                (("--title",), {"default": "", "help": "the task's title"}),
+                (("--title",), {"default": "", "help": "the issue's title ({title} in the "
+                                "command)"}),
                 (("--prompt",), {"help": "the first prompt (default: the config's)"}),
                 (("--rerun",), {"action": "store_true",
                                 "help": "run it again even if it is done"}),

@@ -13,11 +13,17 @@ field and the fix -- never a traceback.
 from __future__ import annotations
 
 import contextvars
+import difflib
+import inspect
+import json
 import os
 import re
+import sys
 import tomllib
+import types
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -30,9 +36,11 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from supervisor import agents
@@ -45,9 +53,34 @@ DEFAULT_MILESTONE_GLOBS = (
 )
 PLACEHOLDERS = frozenset({"issue", "title", "prompt", "workspace"})
 
+#: Set by the fleet in every run's environment (worker.py), so an agent that runs
+#: ``agentize-fleet`` itself has them: they are not config, and not misspelt config either.
+RUN_ENV = frozenset(
+    {"AGENTIZE_FLEET_ISSUE", "AGENTIZE_FLEET_RUN", "AGENTIZE_FLEET_WORKSPACE",
+     "AGENTIZE_FLEET_TITLE"}
+)
+
+#: The longest title a run can be given.  The title reaches the agent as one argument
+#: (``{title}``) and as ``AGENTIZE_FLEET_TITLE=...`` in its environment, and Linux refuses any
+#: single argument or environment string over MAX_ARG_STRLEN (32 pages: 131072 bytes with its
+#: NUL) with E2BIG, "Argument list too long", at the start of every run.
+MAX_TITLE_BYTES = 131072 - 1 - len("AGENTIZE_FLEET_TITLE=")
+
 
 class ConfigError(Exception):
     """The config cannot be used; the message says where, what and how to fix it."""
+
+
+class FieldsError(ValueError):
+    """A rule over several fields broke: ``fields`` names them (dotted paths), for the message.
+
+    A model validator's plain ValueError reaches the message as ``(top level)``; this one
+    carries the fields the user has to look at.
+    """
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 class _Strict(BaseModel):
@@ -132,13 +165,38 @@ class RestartConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """One unit of work: a GitHub issue number with an optional title and prompt."""
+    """One unit of work: a GitHub issue number with an optional title and prompt.
+
+    Strict types: ``issue = true`` or ``issue = "7"`` or ``issue = 1e9`` is a mistake in the
+    file, not issue 1, 7 or 1000000000.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     issue: Annotated[int, Field(gt=0)]
     title: str = ""
     prompt: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     machine: str | None = None
+
+    @field_validator("title", "prompt")
+    @classmethod
+    def _passable(cls, value: str | None) -> str | None:
+        # Refused here rather than at every start of a run: a NUL cannot be in an argument or
+        # an environment string at all, and an over-long one fails execve with E2BIG.
+        if value is None:
+            return value
+        if "\0" in value:
+            raise ValueError(
+                "contains a NUL character, which no program argument can carry; fix: remove it"
+            )
+        size = len(value.encode("utf-8", "surrogateescape"))
+        if size > MAX_TITLE_BYTES:
+            raise ValueError(
+                f"is {size} bytes long; a program argument or environment string may be at "
+                f"most {MAX_TITLE_BYTES} bytes here (Linux's MAX_ARG_STRLEN); fix: shorten it"
+            )
+        return value
 
 
 class TasksConfig(_Strict):
@@ -203,6 +261,16 @@ class SSHMachineConfig(_Strict):
     keepalive_interval: Annotated[float, Field(gt=0)] = 5.0
     keepalive_count_max: Annotated[int, Field(gt=0)] = 3
     unreachable_after: Annotated[float, Field(gt=0)] = 120.0
+
+
+def _first_repeat(values: list[Any]) -> tuple[int, int] | None:
+    """The indexes of the first value seen twice (its first place, its second), or None."""
+    seen: dict[Any, int] = {}
+    for at, value in enumerate(values):
+        if value in seen:
+            return seen[value], at
+        seen[value] = at
+    return None
 
 
 # The config file's parsed TOML while :func:`load_config` builds the config (parsed once: a
@@ -280,24 +348,40 @@ class FleetConfig(BaseSettings):
     def _consistent(self) -> FleetConfig:
         names = [m.name for m in self.machines]
         if "local" in names:
-            raise ValueError('machines: the name "local" is reserved for this machine')
-        if len(set(names)) != len(names):
-            raise ValueError("machines: two machines share a name; give each its own `name`")
+            at = names.index("local")
+            raise FieldsError(
+                'the name "local" is reserved for this machine; fix: rename that machine',
+                f"machines.{at}.name"
+            )
+        twice = _first_repeat(names)
+        if twice is not None:
+            first, at = twice
+            raise FieldsError(
+                f"two machines are named {names[at]!r}; fix: give each its own `name`",
+                f"machines.{first}.name", f"machines.{at}.name",
+            )
         if self.local.max_agents == 0 and not any(m.max_agents for m in self.machines):
-            raise ValueError(
-                "local.max_agents is 0 and no SSH machine has max_agents > 0: "
-                "no agent could ever run"
+            where = ("machines.*.max_agents",) if self.machines else ("machines",)
+            raise FieldsError(
+                "local.max_agents is 0 and no SSH machine has max_agents > 0: no agent could "
+                "ever run; fix: set local.max_agents to 1 or more, or add a machine",
+                "local.max_agents", *where,
             )
         issues = [t.issue for t in self.tasks.items]
-        if len(set(issues)) != len(issues):
-            dup = sorted({i for i in issues if issues.count(i) > 1})[0]
-            raise ValueError(f"tasks: issue {dup} is listed twice")
+        twice = _first_repeat(issues)
+        if twice is not None:
+            first, at = twice
+            raise FieldsError(
+                f"issue {issues[at]} is listed twice; fix: remove one of the two entries",
+                f"tasks.{first}.issue", f"tasks.{at}.issue",
+            )
         known = {"local", *names}
-        for task in self.tasks.items:
+        for at, task in enumerate(self.tasks.items):
             if task.machine is not None and task.machine not in known:
-                raise ValueError(
-                    f"tasks: issue {task.issue} names machine {task.machine!r}, "
-                    f"which is not configured (known: {', '.join(sorted(known))})"
+                raise FieldsError(
+                    f"issue {task.issue} names machine {task.machine!r}, which is not "
+                    f"configured; fix: name one of {', '.join(sorted(known))}",
+                    f"tasks.{at}.machine",
                 )
         return self
 
@@ -311,6 +395,14 @@ class FleetConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         data = _config_data.get()
+        if isinstance(env_settings, EnvSettingsSource):
+            # Unknown AGENTIZE_FLEET_* variables were warned about (load_config): they must not
+            # then fail a nested model's extra="forbid" either.
+            env_settings.env_vars = {
+                key: value
+                for key, value in env_settings.env_vars.items()
+                if env_field(key) is not None
+            }
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if data is not None:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
@@ -357,9 +449,152 @@ class FleetConfig(BaseSettings):
         return [program, *rest]
 
 
+# -- where a field is, what it is called in the environment ------------------------------------
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` → ``X``."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            rest = [a for a in get_args(annotation) if a is not type(None)]
+            if len(rest) != 1:
+                return annotation
+            annotation = rest[0]
+        else:
+            return annotation
+
+
+def _model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (``X``, or the ``X`` of ``list[X]``), if any."""
+    inner = _unwrap(annotation)
+    if get_origin(inner) is list:
+        inner = _unwrap(get_args(inner)[0])
+    return inner if inspect.isclass(inner) and issubclass(inner, BaseModel) else None
+
+
+def _settable(model: type[BaseModel]) -> Iterator[tuple[str, Any]]:
+    for name, info in model.model_fields.items():
+        if not info.exclude:
+            yield name, info.annotation
+
+
+def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the config accepts in the table that holds ``loc``'s last part."""
+    model: type[BaseModel] | None = FleetConfig
+    for part in loc[:-1]:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        fields = dict(_settable(model))
+        if part not in fields:
+            return []
+        model = _model(fields[part])
+    return [] if model is None else [name for name, _ in _settable(model)]
+
+
+def _env_names() -> tuple[dict[str, str], tuple[str, ...]]:
+    """Every ``AGENTIZE_FLEET_*`` name a field reads → its kind (``scalar``, ``list``, ``dict``,
+    ``table``), and the prefixes under which any name is a key of a dict field."""
+    names: dict[str, str] = {}
+    open_prefixes: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for field, annotation in _settable(model):
+            env = prefix + field.upper()
+            inner = _unwrap(annotation)
+            nested = _model(annotation)
+            if nested is not None and get_origin(inner) is not list:
+                names[env] = "table"
+                walk(nested, env + "__")
+            elif get_origin(inner) is dict:
+                names[env] = "dict"
+                open_prefixes.append(env + "__")
+            elif get_origin(inner) in (list, tuple, set) or nested is not None:
+                names[env] = "list"
+            else:
+                names[env] = "scalar"
+
+    walk(FleetConfig, ENV_PREFIX)
+    return names, tuple(open_prefixes)
+
+
+_ENV_NAMES, _ENV_OPEN = _env_names()
+
+
+def env_field(name: str) -> str | None:
+    """The kind of field ``name`` sets (``scalar``, ``list``, ``dict``, ``table``, ``key`` for
+    one key of a dict field), or None when it is no config field's name."""
+    upper = name.upper()
+    if upper in _ENV_NAMES:
+        return _ENV_NAMES[upper]
+    if upper.startswith(_ENV_OPEN) and not upper.endswith("__"):
+        return "key"
+    return None
+
+
+def _nearest(word: str, candidates: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+_EXAMPLES = {
+    "list": '\'["claude","-p","{prompt}"]\'',
+    "dict": '\'{"KEY":"value"}\'',
+    "table": '\'{"field":"value"}\'',
+}
+
+
+def check_environment(environ: Mapping[str, str], warn: Callable[[str], None]) -> None:
+    """Warn about ``AGENTIZE_FLEET_*`` variables no field reads; refuse malformed JSON ones.
+
+    pydantic-settings ignores a variable whose name is no field's (a typo would silently do
+    nothing) and reports JSON it cannot parse as its own internals; both are said here in the
+    user's words instead.
+    """
+    known = sorted(_ENV_NAMES)
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in RUN_ENV:
+            continue
+        kind = env_field(name)
+        if kind is None:
+            near = _nearest(name.upper(), known)
+            hint = f"; did you mean {near}?" if near else ""
+            warn(f"environment variable {name} is not a config field and is ignored{hint}")
+            continue
+        if kind in _EXAMPLES:
+            try:
+                json.loads(environ[name])
+            except ValueError:
+                what = {"list": "a list", "dict": "a table of keys", "table": "a table"}[kind]
+                more = (
+                    f" (or set one key as {name}__KEY=value)" if kind == "dict" else ""
+                )
+                raise ConfigError(
+                    f"environment variable {name}={environ[name]!r}: {what} is expected, "
+                    f"written as JSON; fix: e.g. {name}={_EXAMPLES[kind]}{more}."
+                ) from None
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in loc if part != "items" or loc[0] != "tasks")
+
+
+def _env_of(path: str) -> str | None:
+    """The variable that sets the field at dotted ``path`` (None inside a list)."""
+    if any(part.isdigit() for part in path.split(".")):
+        return None
+    name = ENV_PREFIX + path.upper().replace(".", "__")
+    return name if name in _ENV_NAMES else None
+
+
 def _fix_hint(field: str, error_type: str) -> str:
-    if error_type == "extra_forbidden":
-        return "remove it or check its spelling against configs/fleet.example.toml"
     if error_type == "missing":
         return "add it to the file (or set the environment variable)"
     if field.endswith("concurrency"):
@@ -369,24 +604,75 @@ def _fix_hint(field: str, error_type: str) -> str:
     return "see configs/fleet.example.toml for a valid value"
 
 
-def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    loc = loc.replace("tasks.items.", "tasks.")
+def _task_label(path: str, data: Mapping[str, Any]) -> str:
+    """`` (issue 42)`` for a field of the 3rd ``[[tasks]]`` entry whose issue is 42."""
+    parts = path.split(".")
+    if len(parts) < 2 or parts[0] != "tasks" or not parts[1].isdigit():
+        return ""
+    tasks = data.get("tasks")
+    items = tasks.get("items") if isinstance(tasks, dict) else tasks
+    try:
+        issue = items[int(parts[1])].get("issue")  # type: ignore[index]
+    except (TypeError, IndexError, AttributeError):
+        return ""
+    return f" (issue {issue})" if isinstance(issue, int) and not isinstance(issue, bool) else ""
+
+
+def _describe(
+    error: Any, file: Path, data: Mapping[str, Any], flags: Mapping[str, str],
+    environ: Mapping[str, str],
+) -> str:
+    """One problem: which field (from the file, a flag or a variable), what is wrong, the fix."""
+    loc: tuple[str | int, ...] = tuple(error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
-    env_name = ENV_PREFIX + loc.upper().replace(".", "__")
+    cause = (error.get("ctx") or {}).get("error")
+    if not loc and isinstance(cause, FieldsError):
+        fields = " and ".join(f"`{f}`" for f in cause.fields)
+        label = "".join(_task_label(f, data) for f in cause.fields[:1])
+        noun = "fields" if len(cause.fields) > 1 else "field"
+        return f"{file}: {noun} {fields}{label}: {message}"
+    path = _path(loc) or "(top level)"
     got = ""
-    if error["type"] not in ("missing",) and "input" in error and not isinstance(
-        error["input"], dict
-    ):
+    if error["type"] != "missing" and "input" in error and not isinstance(error["input"], dict):
         got = f" (got {error['input']!r})"
-    return (
-        f"field `{loc}`: {message}{got}; fix: {_fix_hint(loc, str(error['type']))} "
-        f"[env override: {env_name}]"
-    )
+    if error["type"] == "extra_forbidden":
+        near = _nearest(str(loc[-1]), _keys_at(loc))
+        fix = (f"did you mean `{near}`?" if near else
+               "remove it or check its spelling against configs/fleet.example.toml")
+        return f"{file}: field `{path}`{_task_label(path, data)}: unknown key{got}; fix: {fix}"
+    if "; fix: " not in message:
+        message += f"; fix: {_fix_hint(path, str(error['type']))}"
+    top = str(loc[0]) if loc else ""
+    if top in flags and len(loc) == 1:
+        return f"{flags[top]} {error.get('input')!r}: {message}"
+    env = _env_of(path)
+    if env is not None and env in environ:
+        return (f"environment variable {env}={environ[env]!r} (overrides field `{path}` of "
+                f"{file}): {message}")
+    hint = f" [env override: {env}]" if env is not None else ""
+    where = f"{file}: field `{path}`{_task_label(path, data)}"
+    if "; fix: " in message and got:
+        what, fix = message.split("; fix: ", 1)
+        return f"{where}: {what}{got}; fix: {fix}{hint}"
+    return f"{where}: {message}{hint}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> FleetConfig:
-    """Read, merge and validate the fleet config; raise :class:`ConfigError` on any problem."""
+def _stderr_warning(message: str) -> None:
+    print(f"agentize-fleet: warning: {message}", file=sys.stderr)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    warn: Callable[[str], None] = _stderr_warning,
+    **overrides: Any,
+) -> FleetConfig:
+    """Read, merge and validate the fleet config; raise :class:`ConfigError` on any problem.
+
+    ``overrides`` are the command-line flags' values by field name (None: not given); a bad
+    one is blamed on its flag (``--concurrency``), a bad variable on the variable, the rest on
+    the file.  ``warn`` receives the warnings (unknown ``AGENTIZE_FLEET_*`` variables).
+    """
     file = Path(path) if path is not None else DEFAULT_CONFIG
     file = Path(os.path.expanduser(file))
     if not file.is_file():
@@ -403,14 +689,21 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         raise ConfigError(f"{file}: not valid TOML: {exc}; fix the syntax at that line.") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot be read: {exc.strerror}.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text ({exc.reason}); fix: save it as UTF-8.") \
+            from None
+    environ = dict(os.environ)
+    check_environment(environ, warn)
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    flags = {k: "--" + k.replace("_", "-") for k in clean}
     token = _config_data.set(data)
     try:
-        clean = {k: v for k, v in overrides.items() if v is not None}
         config = FleetConfig(**clean)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ConfigError(f"{file}: invalid config: {problems}.") from None
-    except ValueError as exc:  # a malformed env override (e.g. bad JSON) lands here
+        problems = "; ".join(_describe(e, file, data, flags, environ) for e in exc.errors())
+        raise ConfigError(problems if problems.endswith((".", "?")) else problems + ".") \
+            from None
+    except (SettingsError, ValueError) as exc:  # a malformed env override lands here
         raise ConfigError(f"{file}: invalid config: {exc}.") from None
     finally:
         _config_data.reset(token)

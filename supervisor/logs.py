@@ -1,196 +1,119 @@
-"""Log records: every agent line and every supervisor event, tagged, numbered and multiplexed.
+"""The log's writer: every agent line and every supervisor event, numbered, as JSONL records.
 
-One record per line, always with the same fields (DESIGN.md)::
+What a record holds, and in what order, is :mod:`supervisor.records`' (the schema); this module
+writes records fast and keeps writing them when the disk does not cooperate.
 
-    {"ts", "fleet", "worker", "task", "machine", "run", "stream", "seq", "line"}
+**Fast.**  An agent can print hundreds of thousands of lines a second.  Output lines therefore
+take a fast path -- a block of lines becomes its records in a few C passes over its bytes
+(:meth:`LogMux.output`), writes are batched and flushed by a background task -- while supervisor
+events go through structlog and the schema's plain encoder (:func:`supervisor.records.encode`).
+The fast path is tested to produce exactly the plain encoder's bytes for any input.
 
-``stream`` is ``stdout``, ``stderr`` or ``fleet`` (a supervisor event, which also carries
-``event`` and its own fields).  ``seq`` counts per worker without gaps, so a reader can prove
-that nothing was lost or reordered.  The JSONL file is the source of truth (``logs -f`` reads
-it); the terminal view is a rendering of the same records.
+**Whole records only, whatever the disk does.**  A batch of records (one output block, or one
+event) reaches the file whole or not at all: a write cut short (``ENOSPC`` in the middle of a
+``writev``) is truncated back to where it began and the batch is kept to be written again.  A
+file opened with a torn tail -- a last line without its newline, or records of a batch without
+its last record, from a crash or power cut in the middle of a write -- is truncated back to its
+last whole batch (:func:`repair_torn_tail`; why truncate rather than terminate: see there).
 
-Throughput matters: an agent can print hundreds of thousands of lines a second.  Output lines
-therefore take a fast path -- a block of lines becomes its records in a few C passes over its
-bytes (:meth:`LogMux.output`), writes are batched and flushed by a background task -- while
-supervisor events go through structlog like any other structured log.
+**A disk that is full or unwritable is a state, not a crash.**  The records the writer cannot
+write wait in memory (up to :data:`HOLD_BYTES`; output beyond that is dropped and counted, its
+lines stay in the runs' own files) and are retried every :data:`RETRY_INTERVAL`; the log says
+once when writing started failing and once when it works again; ``on_fault`` tells the fleet
+(to hold new starts), and :meth:`LogMux.writable` lets readers of agent output pause meanwhile,
+so that output waits in the agents' own files rather than in the supervisor's memory
+(:func:`supervisor.lines.pump_output` does).
+
+**Private.**  The log and its rotated segments are created ``0600``: agent output holds code,
+prompts and whatever tokens a tool printed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final
 
 import anyio
 import structlog
 
-_encode: Callable[[str], str] = json.encoder.encode_basestring
+from supervisor.console import ConsoleRenderer, ConsoleSink, use_colour
+from supervisor.records import (
+    FIELDS,
+    LOG_NAME,
+    encode,
+    event_record,
+    last_batch_end,
+    lines_containing,
+    log_files,
+    rotated_segments,
+    utc_timestamp,
+)
 
-FLUSH_INTERVAL = 0.1
-FLUSH_BYTES = 1 << 20
-_SEARCH_BLOCK = 4 << 20
-_IOV_MAX = 1024
+__all__ = [
+    "LOG_NAME",
+    "ConsoleRenderer",
+    "LogMux",
+    "LogUnwritable",
+    "Tag",
+    "lines_containing",
+    "log_files",
+    "repair_torn_tail",
+    "rotated_segments",
+    "route_structlog",
+    "use_colour",
+    "utc_timestamp",
+]
 
-
-LOG_NAME = "fleet.jsonl"
-_SEGMENT = re.compile(r"^fleet\.jsonl\.(\d+)$")
-
-
-def rotated_segments(run_dir: Path) -> list[tuple[int, Path]]:
-    """The rotated segments ``fleet.jsonl.N`` of a run, oldest (smallest N) first."""
-    found: list[tuple[int, Path]] = []
-    try:
-        with os.scandir(run_dir) as entries:
-            for entry in entries:
-                match = _SEGMENT.match(entry.name)
-                if match:
-                    found.append((int(match.group(1)), Path(entry.path)))
-    except FileNotFoundError:
-        return []
-    found.sort()
-    return found
-
-
-def log_files(run_dir: Path) -> list[Path]:
-    """Every file of a run's log, in the order its records were written."""
-    return [path for _, path in rotated_segments(run_dir)] + [run_dir / LOG_NAME]
-
-
-def lines_containing(
-    paths: Iterable[Path], needles: Sequence[bytes]
-) -> Iterator[tuple[int, bytes]]:
-    """``(i, line)`` for every whole line of ``paths`` (in order) that contains ``needles[i]``.
-
-    A log can hold gigabytes of output records, of which a reader (the report, orphan
-    adoption) wants a handful: blocks are searched with ``bytes.find`` rather than read line by
-    line.  A line that contains several needles is yielded once per needle; within one needle
-    the lines come in file order.  A last line without its newline was never finished: skipped.
-    """
-    if not all(needles):
-        raise ValueError("lines_containing: an empty needle matches everywhere")
-    for path in paths:
-        try:
-            handle = open(path, "rb")  # noqa: SIM115
-        except OSError:
-            continue
-        with handle:
-            rest = b""
-            while block := handle.read(_SEARCH_BLOCK):
-                data = rest + block if rest else block
-                cut = data.rfind(b"\n") + 1
-                data, rest = data[:cut], data[cut:]
-                for index, needle in enumerate(needles):
-                    at = data.find(needle)
-                    while at >= 0:
-                        start = data.rfind(b"\n", 0, at) + 1
-                        end = data.find(b"\n", at) + 1
-                        yield index, data[start:end]
-                        at = data.find(needle, end)
+FLUSH_INTERVAL: Final = 0.1
+FLUSH_BYTES: Final = 1 << 20
+#: While the log cannot be written, at most this much of records waits in memory.
+HOLD_BYTES: Final = 64 << 20
+#: While the log cannot be written, a write is tried again this often.
+RETRY_INTERVAL: Final = 1.0
+LOG_MODE: Final = 0o600
+_IOV_MAX: Final = 1024
+_HEADS_KEPT: Final = 4096
 
 
-def utc_timestamp(now: float | None = None) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-28T07:05:12.345Z``."""
-    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+class LogUnwritable(Exception):
+    """The log file cannot be created or opened at all (at start: the state directory is not
+    writable, its file system is read-only or full).  The message names the file, the cause and
+    the fix."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.path = path
+        self.error = error
+        name = errno.errorcode.get(error.errno or 0, "error")
+        super().__init__(
+            f"cannot write the fleet's log {path}: {error.strerror or error} ({name}); fix: "
+            "make the state directory writable by this user and give its file system room "
+            "(or choose another state_dir)"
+        )
 
 
-# -- turning bytes into lines -------------------------------------------------------------
+# -- record encoding (the fast path) ---------------------------------------------------------
 
-
-def _utf8_cut(data: bytes, limit: int) -> int:
-    """The largest cut <= ``limit`` that does not split a UTF-8 character."""
-    cut = limit
-    while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
-        cut -= 1
-    return cut if cut > 0 else limit
-
-
-class LineSplitter:
-    """Splits one stream's bytes into lines, never holding more than ``max_bytes``.
-
-    Lines come back as one block of bytes (the lines joined by newlines, without the last
-    one): the record encoder turns a whole block into records with a handful of C passes, so
-    no line ever becomes a Python object of its own.  A line longer than ``max_bytes`` is
-    emitted in pieces cut on UTF-8 character boundaries.  ``offset`` is the byte offset just
-    after the last emitted line: the point from which a re-attached reader must resume to lose
-    and repeat nothing.  Bytes are passed on as they came; invalid UTF-8 is the encoder's
-    business.
-    """
-
-    def __init__(self, max_bytes: int = 65536, offset: int = 0) -> None:
-        self.max_bytes = max_bytes
-        self.offset = offset
-        self._pending = b""
-
-    def feed(self, data: bytes) -> bytes | None:
-        """The complete lines ``data`` finishes, as a block; ``None`` when it finishes none."""
-        buf = self._pending + data if self._pending else data
-        end = buf.rfind(b"\n")
-        block: bytes | None = None
-        if end < 0:
-            self._pending = buf
-        else:
-            block = buf[:end]
-            self._pending = buf[end + 1 :]
-            if len(block) > self.max_bytes and self._has_long_line(block):
-                block = b"\n".join(
-                    piece for line in block.split(b"\n") for piece in self._pieces(line)
-                )
-            self.offset += end + 1
-        if len(self._pending) > self.max_bytes:
-            # A line still without its newline: emit all but a short tail now (bounded memory).
-            pieces = self._pieces(self._pending)
-            self._pending = pieces.pop()
-            self.offset += sum(map(len, pieces))
-            cut = b"\n".join(pieces)
-            block = cut if block is None else block + b"\n" + cut
-        return block
-
-    def _has_long_line(self, block: bytes) -> bool:
-        """Whether a line of ``block`` is longer than ``max_bytes`` (a few ``rfind`` calls,
-        each skipping up to ``max_bytes`` ahead, rather than one step per line)."""
-        limit = self.max_bytes
-        start = 0
-        while len(block) - start > limit:
-            newline = block.rfind(b"\n", start, start + limit + 1)
-            if newline < 0:
-                return True  # no newline among the line's first limit + 1 bytes
-            start = newline + 1
-        return False
-
-    def _pieces(self, line: bytes) -> list[bytes]:
-        """``line`` cut into pieces of at most ``max_bytes``, the last one possibly shorter."""
-        out: list[bytes] = []
-        while len(line) > self.max_bytes:
-            cut = _utf8_cut(line, self.max_bytes)
-            out.append(line[:cut])
-            line = line[cut:]
-        out.append(line)
-        return out
-
-    def finish(self) -> bytes | None:
-        """Whatever is left when the stream ends, as a last line (it had no newline)."""
-        if not self._pending:
-            return None
-        rest, self._pending = self._pending, b""
-        self.offset += len(rest)
-        return rest
-
-
-# -- record encoding ------------------------------------------------------------------------
-
+_encode: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps's, ensure_ascii=False
+# The fast path fills in the two last fields of the schema itself, in this order.
+assert FIELDS[-2:] == ("seq", "line"), "LogMux.output writes seq (and off), then line"
 _RECORD_END = b'"}\n'
 _LINE_KEY = b',"line":"'
 _SEQ_SLOTS = b"%s%s"  # a record's seq, in two parts: see _seq_args
-#: Deleting these from a block leaves the bytes JSON escapes (control characters, the quote
-#: and the backslash), and the newlines between lines.
+#: The bytes JSON escapes (control characters, the quote, the backslash) but the newline:
+#: ``byte in block`` with an int is one ``memchr`` (vectorised), and looking for each of them
+#: in turn takes less time than one ``translate`` (a byte at a time): 34 against 41 ns for a
+#: line of 100 bytes.  (With one-byte ``bytes`` instead of ints, ``in`` first fails to read
+#: the argument as an int -- an exception raised and cleared per byte -- and takes 70.)
+_SPECIALS = tuple(b for b in (0x22, 0x5C, *range(0x20)) if b != 0x0A)
+#: Deleting these from a block leaves the bytes JSON escapes, and the newlines.
 _ORDINARY = bytes(b for b in range(0x20, 0x100) if b not in b'"\\')
 #: How JSON writes each byte it escapes (as the C encoder does); the backslash goes first.
 _JSON_ESCAPES = {
@@ -203,28 +126,28 @@ _SEQ_PLAIN = [b"%d" % n for n in range(_SEQ_GROUP)]
 _SEQ_PADDED = [b"%03d" % n for n in range(_SEQ_GROUP)]
 
 
-def _json_contents(block: bytes) -> tuple[bytes, bytes, int]:
-    """``block`` made valid UTF-8 (U+FFFD for what is not), the same JSON-escaped with its
-    newlines kept as they are, and its number of lines.
+def _json_contents(block: bytes) -> tuple[bytes, bytes]:
+    """``block`` made valid UTF-8 (U+FFFD for what is not), and the same JSON-escaped with its
+    newlines kept as they are.
 
-    Most output needs no escaping at all; one ``translate`` shows which bytes do (all of them
-    are ASCII, and UTF-8 never uses ASCII bytes inside a multi-byte character), and one
-    ``replace`` per such byte escapes the whole block.
+    Most output needs no escaping at all; a ``memchr`` for each byte JSON escapes tells (all of
+    them are ASCII, and UTF-8 never uses ASCII bytes inside a multi-byte character); when some
+    are there, the deleting ``translate`` shows which, and one ``replace`` per such byte escapes
+    the block.
     """
     if not block.isascii():
         try:
             block.decode("utf-8")
         except UnicodeDecodeError:
             block = block.decode("utf-8", "replace").encode("utf-8")
-    special = block.translate(None, _ORDINARY)
-    count = special.count(b"\n") + 1
+    if not any(map(block.__contains__, _SPECIALS)):
+        return block, block
     escaped = block
-    if len(special) >= count:  # more than the newlines between lines
-        present = set(special)
-        for byte, replacement in _JSON_ESCAPES.items():  # the backslash first
-            if byte in present:
-                escaped = escaped.replace(bytes((byte,)), replacement)
-    return block, escaped, count
+    present = set(block.translate(None, _ORDINARY))
+    for byte, replacement in _JSON_ESCAPES.items():  # the backslash first
+        if byte in present:
+            escaped = escaped.replace(bytes((byte,)), replacement)
+    return block, escaped
 
 
 def _seq_args(first: int, count: int, last: bytes) -> tuple[bytes, ...]:
@@ -247,20 +170,28 @@ def _seq_args(first: int, count: int, last: bytes) -> tuple[bytes, ...]:
     return tuple(args)
 
 
-# -- sinks ----------------------------------------------------------------------------------
+# -- the file ----------------------------------------------------------------------------------
 
 
-_COLOURS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91")
+def repair_torn_tail(fd: int) -> int:
+    """Cut a log file back to its last whole batch; the number of bytes removed.
+
+    A crash or power cut in the middle of a write can leave a last line without its newline,
+    and before it records of a batch whose last record (the one with ``off``) never made it.
+    Truncated away, rather than terminated with a newline: the torn line is not JSON, and a
+    log whose every line is a record is what readers (``jq``, ``logs --json``, scripts) can
+    rely on; and nothing is lost by it, because the lines of a batch that did not end come
+    after the last ``off`` of their run, which is exactly where an adopting supervisor resumes
+    reading the run's own files.  Cheap on a sound file: one read of its last block.
+    """
+    size = os.fstat(fd).st_size
+    keep = last_batch_end(fd, size)
+    if keep < size:
+        os.ftruncate(fd, keep)
+    return size - keep
 
 
-def use_colour(stream: TextIO) -> bool:
-    """Colour only on a terminal, and never when ``NO_COLOR`` is set (no-color.org)."""
-    if os.environ.get("NO_COLOR"):
-        return False
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
+# -- the writer ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -273,40 +204,32 @@ class Tag:
     run: int
 
 
-class ConsoleRenderer:
-    """Renders records as ``w2 #42 │ line`` with a colour per worker, aligned."""
+def _open_log(path: Path) -> int:
+    """Open (or create, ``0600``) a log file for appending, its torn tail repaired (read and
+    write: the repair reads the file's end)."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
+    try:
+        if os.fstat(fd).st_size:
+            os.fchmod(fd, LOG_MODE)  # a file an older version made 0644
+            repair_torn_tail(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
-    def __init__(self, out: TextIO, *, colour: bool | None = None, width: int = 10) -> None:
-        self.out = out
-        self.colour = use_colour(out) if colour is None else colour
-        self.width = width
-        self._colour_of: dict[str, str] = {}
 
-    def prefix(self, worker: str, task: int | None, stream: str) -> str:
-        label = f"{worker} #{task}" if task is not None else worker
-        bar = {"stdout": "│", "stderr": "┃", "fleet": "┆"}.get(stream, "│")
-        text = f"{label:<{self.width}} {bar} "
-        if not self.colour:
-            return text
-        code = self._colour_of.setdefault(worker, _COLOURS[len(self._colour_of) % len(_COLOURS)])
-        if worker == "fleet":
-            code = "1"
-        return f"\x1b[{code}m{text}\x1b[0m"
-
-    def render(self, worker: str, task: int | None, stream: str, lines: Iterable[str]) -> str:
-        return self.render_text(worker, task, stream, "\n".join(lines))
-
-    def render_text(self, worker: str, task: int | None, stream: str, text: str) -> str:
-        """``text``'s lines (joined by newlines), each behind the worker's prefix."""
-        prefix = self.prefix(worker, task, stream)
-        if stream == "fleet" and self.colour:
-            prefix += "\x1b[2m"
-            return prefix + text.replace("\n", "\x1b[0m\n" + prefix) + "\x1b[0m\n"
-        return prefix + text.replace("\n", "\n" + prefix) + "\n"
+def _describe(error: OSError) -> str:
+    name = errno.errorcode.get(error.errno or 0, "error")
+    return f"{error.strerror or error} ({name})"
 
 
 class LogMux:
-    """The one place records are made: numbers them, writes JSONL, renders the terminal view."""
+    """The one place records are made: numbers them, writes JSONL, feeds the terminal view.
+
+    ``on_fault`` is called with the error when writing the log starts failing and with None
+    when it works again (the fleet holds new starts meanwhile).  ``clock`` gives ``ts`` (tests
+    fix it).
+    """
 
     def __init__(
         self,
@@ -315,47 +238,68 @@ class LogMux:
         console: ConsoleRenderer | None,
         *,
         rotate_bytes: int = 0,
+        on_fault: Callable[[OSError | None], None] | None = None,
+        hold_bytes: int = HOLD_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.fleet = fleet
         self.jsonl_path = jsonl_path
         self.rotate_bytes = rotate_bytes
-        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.hold_bytes = hold_bytes
+        self.on_fault = on_fault
+        self._clock = clock
+        try:
+            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = _open_log(jsonl_path)
+        except OSError as exc:
+            raise LogUnwritable(jsonl_path, exc) from None
         self._size = os.fstat(self._fd).st_size
-        self._segments = len(list(jsonl_path.parent.glob(jsonl_path.name + ".*")))
-        self._console = console
+        self._segments = max([n for n, _ in rotated_segments(jsonl_path.parent)], default=0)
+        self._renamed = False  # rotated away, the new file not yet opened (see _rotate)
+        self._rotation_error: OSError | None = None
+        self._torn = False  # a cut record could not be truncated away (see _write)
+        self._writing = False
+        self._renderer = console
+        self._sink = ConsoleSink(console.out) if console is not None else None
+        self._console_pending: list[str] = []
         self._seq: dict[str, int] = {}
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._console_pending: list[str] = []
         self._fleet_json = _encode(fleet)
-        self.records = 0
+        self._heads: dict[tuple[Tag, str], bytes] = {}
         self.last_output: dict[str, float] = {}
         self._wanted: anyio.Event | None = None  # made by the flusher, inside the event loop
+        # faults
+        self.fault: OSError | None = None
+        self._fault_since = 0.0
+        self._next_try = 0.0
+        self._dropped = 0
+        self._waiters: list[anyio.Event] = []
 
     # records ---------------------------------------------------------------------------
 
-    def seq(self, worker: str) -> int:
-        """The last ``seq`` given to ``worker`` (0 when none)."""
-        return self._seq.get(worker, 0)
-
-    def resume_seq(self, worker: str, seq: int) -> None:
-        """Continue ``worker``'s numbering after ``seq`` (used when a run is re-adopted)."""
-        self._seq[worker] = max(self._seq.get(worker, 0), seq)
-
     def _head(self, tag: Tag, stream: str, ts: str) -> bytes:
-        """Every field of an output record up to ``"seq":``, as a ``%`` format (``%%``)."""
-        task = "null" if tag.task is None else str(tag.task)
-        head = (
-            f'{{"ts":"{ts}","fleet":{self._fleet_json},"worker":{_encode(tag.worker)},'
-            f'"task":{task},"machine":{_encode(tag.machine)},"run":{tag.run},'
-            f'"stream":"{stream}","seq":'
-        )
-        return head.encode("utf-8", "replace").replace(b"%", b"%%")
+        """Every field of an output record up to ``"seq":``, as a ``%`` format (``%%``).
+
+        The fields after ``ts`` are the same for every block of one worker's run and stream:
+        made once (by ``json``, in the schema's order), kept.
+        """
+        rest = self._heads.get((tag, stream))
+        if rest is None:
+            fields = dict(zip(FIELDS[1:-2], (self.fleet, tag.worker, tag.task, tag.machine,
+                                             tag.run, stream), strict=True))
+            text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+            rest = (
+                ("," + text[1:-1] + ',"seq":').encode("utf-8", "replace").replace(b"%", b"%%")
+            )
+            if len(self._heads) > _HEADS_KEPT:
+                self._heads.clear()  # runs that ended long ago
+            self._heads[(tag, stream)] = rest
+        return b'{"ts":"' + ts.encode() + b'"' + rest
 
     def output(self, tag: Tag, stream: str, block: bytes, end_offset: int) -> None:
         """Record a block of agent output lines (fast path): ``block`` is the lines joined by
-        newlines, as :class:`LineSplitter` gives them.
+        newlines, as :class:`supervisor.lines.LineSplitter` gives them.
 
         The last record of the batch also carries ``off``, the byte offset in the run's
         ``stream`` file just after these lines.  Batches reach the file whole (one ``write``),
@@ -365,87 +309,158 @@ class LogMux:
         An agent can print a million lines a second, so no line becomes a Python object: the
         records of a block differ only in ``seq`` and ``line``, so the block (escaped by
         :func:`_json_contents`) becomes one ``%`` format by turning each newline into the end
-        of one record and the start of the next, and the seqs come from tables
+        of one record and the start of the next (which also counts the lines: each newline
+        grows the block by the same number of bytes), and the seqs come from tables
         (:func:`_seq_args`).  That is a few C passes over the block, whatever its line count.
         """
-        now = time.time()
-        text, escaped, count = _json_contents(block)
+        now = self._clock()
+        text, escaped = _json_contents(block)
         if b"%" in escaped:
             escaped = escaped.replace(b"%", b"%%")
-        head = self._head(tag, stream, utc_timestamp(now))
-        starts = head + _SEQ_SLOTS + _LINE_KEY
-        form = starts + escaped.replace(b"\n", _RECORD_END + starts) + _RECORD_END
+        starts = self._head(tag, stream, utc_timestamp(now)) + _SEQ_SLOTS + _LINE_KEY
+        between = _RECORD_END + starts
+        body = escaped.replace(b"\n", between)
+        count = (len(body) - len(escaped)) // (len(between) - 1) + 1
         seq = self._seq.get(tag.worker, 0)
-        last = b'%d,"off":%d' % (seq + count, end_offset)
         self._seq[tag.worker] = seq + count
         self.last_output[tag.worker] = now
-        self._append(form % _seq_args(seq + 1, count, last), count)
-        if self._console is not None:
+        last = b'%d,"off":%d' % (seq + count, end_offset)
+        form = b"".join((starts, body, _RECORD_END))
+        self._append(form % _seq_args(seq + 1, count, last), output=True)
+        if self._renderer is not None:
             self._console_pending.append(
-                self._console.render_text(tag.worker, tag.task, stream, text.decode("utf-8"))
+                self._renderer.render_text(tag.worker, tag.task, stream, text.decode("utf-8"))
             )
 
     def event(self, tag: Tag, event: str, message: str, fields: Mapping[str, Any]) -> None:
-        """Record a supervisor event (stream ``fleet``)."""
+        """Record a supervisor event (stream ``fleet``), and show it at once."""
         seq = self._seq.get(tag.worker, 0) + 1
         self._seq[tag.worker] = seq
-        record: dict[str, Any] = {
-            "ts": utc_timestamp(),
-            "fleet": self.fleet,
-            "worker": tag.worker,
-            "task": tag.task,
-            "machine": tag.machine,
-            "run": tag.run,
-            "stream": "fleet",
-            "seq": seq,
-            "line": message,
-            "event": event,
-        }
-        for key, value in fields.items():
-            record.setdefault(key, value)
-        line = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
-        self._append((line + "\n").encode("utf-8", "replace"), 1)
-        if self._console is not None:
+        record = event_record(
+            ts=utc_timestamp(self._clock()), fleet=self.fleet, worker=tag.worker, task=tag.task,
+            machine=tag.machine, run=tag.run, seq=seq, event=event, message=message,
+            details=fields,
+        )
+        self._append(encode(record), output=False)
+        if self._renderer is not None:
             self._console_pending.append(
-                self._console.render(tag.worker, tag.task, "fleet", [message])
+                self._renderer.render_text(tag.worker, tag.task, "fleet", message)
             )
-            self.flush()
+        self.flush()
 
-    def _append(self, batch: bytes, records: int) -> None:
-        """Queue whole records (a batch stays whole: one segment, one write)."""
+    def _append(self, batch: bytes, *, output: bool) -> None:
+        """Queue whole records (a batch stays whole: one segment, one write).
+
+        While the log cannot be written, output beyond :attr:`hold_bytes` is dropped (counted;
+        its lines stay in the run's own files); events are always kept (they are few).
+        """
+        if self.fault is not None and output and self._pending_bytes >= self.hold_bytes:
+            self._dropped += 1
+            return
         self._pending.append(batch)
-        self.records += records
         self._pending_bytes += len(batch)
         if self._wanted is not None and not self._wanted.is_set():
             self._wanted.set()
-        if self._pending_bytes >= FLUSH_BYTES:
+        if self._pending_bytes >= FLUSH_BYTES and self.fault is None:
             self.flush()
+
+    # faults ----------------------------------------------------------------------------
+
+    async def writable(self) -> None:
+        """Return once the log can be written (at once when it can): a reader of agent output
+        waits here while the disk is full, so the output waits in the run's own files."""
+        while self.fault is not None:
+            waiter = anyio.Event()
+            self._waiters.append(waiter)
+            await waiter.wait()
+
+    def _failing(self, error: OSError) -> None:
+        """A write failed: try again in a while; the first time, tell the fleet and log it."""
+        now = time.time()
+        self._next_try = time.monotonic() + RETRY_INTERVAL
+        if self.fault is not None:
+            self.fault = error
+            return
+        self.fault, self._fault_since = error, now
+        self._dropped = 0
+        if self.on_fault is not None:
+            self.on_fault(error)
+        self.event(
+            Tag("fleet", None, "-", 0),
+            "log-unwritable",
+            f"✗ cannot write the log {self.jsonl_path}: {_describe(error)}; records wait in "
+            f"memory (up to {self.hold_bytes >> 20} MiB) and are written again every "
+            f"{RETRY_INTERVAL:g}s; no new runs meanwhile, running agents go on (their output "
+            "waits in their own files)",
+            {"error": _describe(error), "errno": error.errno},
+        )
+
+    def _recovered(self, held: int) -> None:
+        """Writing works again: wake the readers that wait, tell the fleet, log it once."""
+        error, since = self.fault, self._fault_since
+        assert error is not None
+        self.fault = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.set()
+        if self.on_fault is not None:
+            self.on_fault(None)
+        lost = (
+            f"; {self._dropped:,} output batches beyond the memory bound were not logged "
+            "(their lines are in the runs' stdout/stderr files)" if self._dropped else ""
+        )
+        self.event(
+            Tag("fleet", None, "-", 0),
+            "log-writable",
+            f"✓ the log {self.jsonl_path} can be written again after "
+            f"{time.time() - since:.0f}s ({_describe(error)}); {held:,} bytes of records that "
+            f"waited were written{lost}",
+            {"error": _describe(error), "waited_bytes": held, "dropped_batches": self._dropped},
+        )
 
     # writing ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        if self._pending:
-            batches = self._pending
-            self._pending = []
-            self._pending_bytes = 0
-            group: list[bytes] = []
+        """Write what waits: records to the log (unless it is failing and the next try is not
+        due), rendered lines to the terminal view (never waiting for it)."""
+        if self._pending and (self.fault is None or time.monotonic() >= self._next_try):
+            self._write_pending()
+        if self._console_pending:
+            if self._sink is not None:
+                self._sink.write("".join(self._console_pending))
+            self._console_pending.clear()
+
+    def _write_pending(self) -> None:
+        """Write every waiting batch, rotating between batches; on an error keep the batches
+        not written (in order) and enter the failing state."""
+        if self._writing:
+            return  # an event logged while rotating: written by the next flush
+        self._writing = True
+        batches, self._pending = self._pending, []
+        held, self._pending_bytes = self._pending_bytes, 0
+        group: list[bytes] = []
+        done = 0  # batches written
+        try:
             size = self._size
             for batch in batches:
                 if self.rotate_bytes and size and size + len(batch) > self.rotate_bytes:
                     self._write(group)
+                    done += len(group)
                     group = []
                     self._rotate()
-                    size = 0
+                    size = self._size
                 group.append(batch)
                 size += len(batch)
             self._write(group)
-        if self._console_pending and self._console is not None:
-            try:
-                self._console.out.write("".join(self._console_pending))
-                self._console.out.flush()
-            except (BrokenPipeError, ValueError):
-                self._console = None  # the terminal went away; the JSONL still has everything
-            self._console_pending.clear()
+        except OSError as exc:
+            self._pending = batches[done:] + self._pending
+            self._pending_bytes = sum(map(len, self._pending))
+            self._writing = False
+            self._failing(exc)
+            return
+        self._writing = False
+        if self.fault is not None:
+            self._recovered(held)
 
     async def flush_periodically(self, interval: float = FLUSH_INTERVAL) -> None:
         """Flush batched writes at most ``interval`` seconds after they were made, until
@@ -458,31 +473,92 @@ class LogMux:
             self.flush()
 
     def _write(self, batches: list[bytes]) -> None:
-        """Append whole batches with one ``writev`` (no copy into one buffer first)."""
+        """Append whole batches with one ``writev`` (no copy into one buffer first), or none.
+
+        A write cut short (a full disk) is truncated back to where it began, and the error
+        raised: the caller keeps the batches and writes them again later.  Should even the
+        truncation fail, the cut record is ended with a newline before the next write (a line
+        readers skip: it is not a record), never glued to the next record.
+        """
         if not batches:
             return
+        if self._torn:
+            self._mend()
+        before = self._size
         total = sum(map(len, batches))
-        written = os.writev(self._fd, batches) if len(batches) <= _IOV_MAX else 0
-        if written < total:  # a full disk or a signal; a regular file takes it all otherwise
-            view = memoryview(b"".join(batches))[written:]
-            while view:
-                view = view[os.write(self._fd, view) :]
-        self._size += total
+        try:
+            written = os.writev(self._fd, batches) if len(batches) <= _IOV_MAX else 0
+            if written < total:  # a full disk or a signal; a regular file takes it all otherwise
+                view = memoryview(b"".join(batches))[written:]
+                while view:
+                    view = view[os.write(self._fd, view) :]
+        except OSError:
+            try:
+                if os.fstat(self._fd).st_size != before:
+                    os.ftruncate(self._fd, before)
+            except OSError:
+                self._torn = True
+            raise
+        self._size = before + total
+
+    def _mend(self) -> None:
+        """After a cut record could not be truncated: try again, else end it with a newline."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            os.write(self._fd, b"\n")  # raises while the disk is still full: tried again later
+            self._size = os.fstat(self._fd).st_size
+        self._torn = False
 
     def _rotate(self) -> None:
         """``fleet.jsonl`` → ``fleet.jsonl.N`` (N = 1, 2, … oldest first), then a new file.
 
         Only ever between whole batches, so a reader that finishes the renamed file and then
-        opens the new one sees every record once.
+        opens the new one sees every record once.  If the directory refuses (read-only,
+        permissions, no inodes), the log goes on in the file it has -- a renamed one included:
+        readers that follow by inode finish it before they take the next -- and rotation is
+        tried again at the next batch; the log says so once.
         """
-        self._segments += 1
-        os.rename(self.jsonl_path, f"{self.jsonl_path}.{self._segments}")
+        try:
+            if not self._renamed:
+                os.rename(self.jsonl_path, f"{self.jsonl_path}.{self._segments + 1}")
+                self._segments += 1
+                self._renamed = True
+            fd = _open_log(self.jsonl_path)
+        except OSError as exc:
+            if self._rotation_error is None:
+                self._rotation_error = exc
+                self.event(
+                    Tag("fleet", None, "-", 0),
+                    "log-rotation-failed",
+                    f"⚠ cannot rotate the log {self.jsonl_path}: {_describe(exc)}; it grows "
+                    "past log_rotate_bytes until rotation works again",
+                    {"error": _describe(exc)},
+                )
+            return
         os.close(self._fd)
-        self._fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._size = 0
+        self._fd, self._size = fd, 0
+        self._renamed = False
+        self._rotation_error = None
 
     def close(self) -> None:
+        """Write what waits (one last try if the log is failing), end the terminal view."""
+        if self.fault is not None:
+            self._next_try = 0.0
         self.flush()
+        if self._pending:
+            note = (
+                f"✗ {len(self._pending):,} batches of records could not be written to "
+                f"{self.jsonl_path} ({_describe(self.fault or OSError())}); their lines are in "
+                "the runs' own stdout/stderr files\n"
+            )
+            if self._sink is not None:
+                self._sink.write(note)
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(note)
+        if self._sink is not None:
+            self._sink.close()
         os.close(self._fd)
 
     # structlog ---------------------------------------------------------------------------
@@ -533,8 +609,3 @@ def route_structlog(mux: LogMux) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(20),
         cache_logger_on_first_use=False,
     )
-
-
-def terminal_console() -> ConsoleRenderer:
-    """The terminal view on standard output."""
-    return ConsoleRenderer(sys.stdout)

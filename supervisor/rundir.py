@@ -235,10 +235,26 @@ def list_shifts(state_dir: Path, ledger: Ledger | None) -> list[ShiftInfo]:
     ]
 
 
-def find_shift(state_dir: Path, ledger: Ledger | None, prefix: str | None) -> ShiftInfo | None:
-    """The shift named by ``prefix`` (a unique prefix of its id will do), or the latest one."""
+class UnknownShift(Exception):
+    """A shift name (``--shift NAME``) that matches no shift, or several."""
+
+
+def find_shift(state_dir: Path, ledger: Ledger | None, name: str | None) -> ShiftInfo | None:
+    """The shift ``name`` names (its id, or a unique prefix of one), else the latest; None when
+    there is no shift at all.  A name that matches none or several raises :class:`UnknownShift`
+    with a message that says what there is."""
     shifts = list_shifts(state_dir, ledger)
-    if prefix is None:
-        return shifts[-1] if shifts else None
-    matches = [s for s in shifts if s.shift_id.startswith(prefix)]
-    return matches[0] if len(matches) == 1 else None
+    if not shifts:
+        return None
+    if name is None:
+        return shifts[-1]
+    exact = [s for s in shifts if s.shift_id == name]
+    matches = exact or [s for s in shifts if s.shift_id.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UnknownShift(f"no shift {name!r} in {state_dir} (latest: {shifts[-1].shift_id}); "
+                           "`agentize-fleet shifts` lists them")
+    shown = ", ".join(s.shift_id for s in matches[:5]) + (", ..." if len(matches) > 5 else "")
+    raise UnknownShift(f"--shift {name!r} is ambiguous: it matches {len(matches)} shifts "
+                       f"({shown})")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import structlog
 
 __all__ = [
     "PR_LIST_LIMIT",
@@ -58,6 +59,8 @@ PR_FIELDS_OLD_GH = "number,headRefName,body"
 #: Open PRs read to find taken issues.  Not the issue limit: missing a PR means running an
 #: issue twice, so read generously (gh pages through them).
 PR_LIST_LIMIT = 1000
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,11 @@ def select_tasks(issues_json: str, prs_json: str, q: GitHubQuery) -> list[Source
                 f"`gh issue list` returned an issue without a number: {issue!r}. "
                 f"Fix: upgrade gh, or report the gh version in use."
             )
+        if number <= 0:
+            # No GitHub issue has such a number; one bad entry must not stop the others.
+            log.warning(f"`gh issue list` returned issue number {number}, which no issue has; "
+                        "skipped")
+            continue
         state = issue.get("state")
         if isinstance(state, str) and state.upper() != "OPEN":
             continue

@@ -1,10 +1,10 @@
-"""``agentize-fleet logs``: print, filter and follow a fleet run's JSONL log.
+"""``agentize-fleet logs``: print, filter and follow a shift's JSONL log.
 
-Like ``docker compose logs [-f]``: the records of one fleet run (the latest, or ``--run ID``),
+Like ``docker compose logs [-f]``: the records of one shift (the latest, or ``--shift ID``),
 rendered with the same coloured ``w2 #42 │ line`` prefixes as the live view
 (:class:`supervisor.logs.ConsoleRenderer`), or as the raw JSONL lines with ``--json``.
 
-Where the log lives: ``<state_dir>/runs/<run-id>/fleet.jsonl``.  The writer may rotate it by
+Where the log lives: ``<state_dir>/runs/<shift-id>/fleet.jsonl``.  The writer may rotate it by
 renaming it to ``fleet.jsonl.N`` (N = 1, 2, ...; the oldest segment has the smallest N) and
 opening a new ``fleet.jsonl``; renames happen only between whole records.  The reader:
 
@@ -21,15 +21,22 @@ opening a new ``fleet.jsonl``; renames happen only between whole records.  The r
 ``-f`` ends by itself when the fleet has ended: a ``fleet-ended`` record was read; or
 ``summary.json`` exists, nothing more arrived for a short grace period and the supervisor is
 not known to be alive (the summary is written before the report and ``fleet-ended``); or the
-supervisor named in ``state.json`` is gone (pid dead, or reused by a process started later)
-and the log is drained.  Ctrl-C ends it
+supervisor named in ``shift.json`` (``state.json`` in shift directories of older versions) is
+gone (pid dead, or reused by a process started later) and the log is drained.  Ctrl-C ends it
 quietly with exit 130.
+
+Like ``docker compose logs nosuch``, a ``--task``, ``--machine`` or ``--worker`` that the shift
+never had is an error naming it (exit 2), not an empty output: the names known are the
+config's, the shift's own (``shift.json``, ``state.json``, ``summary.json``) and, failing
+those, any record of the log that carries the name.
 
 ``-n N`` starts from the last N matching records: the files are scanned backwards from the end,
 so ``logs -n 100`` is immediate on any size of log.
 
-Exit codes: 0 done, 2 bad usage (unknown ``--run``, bad ``--since``, bad ``--grep``, bad
-config), 3 no fleet run found, 130 interrupted, 141 output closed (``logs | head``).
+Exit codes: 0 done, 2 bad usage (an unknown ``--shift``, ``--task``, ``--machine`` or
+``--worker``, a bad ``--since`` or ``--grep``, a bad config), 3 no shift recorded yet, 130
+interrupted, 141 output closed (``logs | head``: :func:`supervisor.cli.main` ends every command
+that way).
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -51,21 +59,17 @@ import psutil
 from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, load_config
 from supervisor.durations import parse_duration
-from supervisor.exitcodes import (
-    EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
-    EXIT_NOTHING,
-    EXIT_OK,
-    EXIT_USAGE,
-)
+from supervisor.exitcodes import EXIT_NOTHING, EXIT_OK, EXIT_USAGE
 from supervisor.logs import ConsoleRenderer, rotated_segments, use_colour, utc_timestamp
+from supervisor.rundir import UnknownShift, find_shift
 
 PROG = "agentize-fleet"
 
 
 LOG_NAME = "fleet.jsonl"
 SUMMARY_NAME = "summary.json"
-STATE_NAME = "state.json"
+SHIFT_NAME = "shift.json"  # written once at a shift's start: id, pid, pid_ticks, host, ...
+STATE_NAME = "state.json"  # what shifts of older versions wrote instead (and kept rewriting)
 BLOCK = 1 << 20
 POLL_INTERVAL = 0.1
 SUMMARY_GRACE = 2.0
@@ -85,38 +89,23 @@ class LogsError(Exception):
         self.code = code
 
 
-# -- which run ------------------------------------------------------------------------------
+# -- which shift ----------------------------------------------------------------------------
 
 
-def find_run(runs_dir: Path, run: str | None) -> Path:
-    """The run directory: ``run`` (an id, a unique prefix of one, or a path), else the latest."""
+def find_run(state_dir: Path, run: str | None) -> Path:
+    """The shift's directory: ``run`` (an id, a unique prefix of one, or a path), else the
+    latest (the rule is :func:`supervisor.rundir.find_shift`'s)."""
     if run is not None and os.sep in run and (Path(run) / LOG_NAME).exists():
         return Path(run)
     try:
-        names = sorted(
-            entry.name
-            for entry in os.scandir(runs_dir)
-            if entry.is_dir() and not entry.name.startswith(".")
-        )
-    except (FileNotFoundError, NotADirectoryError):
-        names = []
+        info = find_shift(state_dir, None, run)
+    except UnknownShift as exc:
+        raise LogsError(str(exc)) from None
     except OSError as exc:
-        raise LogsError(f"cannot list {runs_dir}: {exc.strerror}") from None
-    if run is None:
-        if not names:
-            raise LogsError(f"no fleet run found in {runs_dir}", EXIT_NOTHING)
-        return runs_dir / names[-1]
-    if run in names:
-        return runs_dir / run
-    matches = [name for name in names if name.startswith(run)]
-    if len(matches) == 1:
-        return runs_dir / matches[0]
-    if not matches:
-        if not names:
-            raise LogsError(f"no fleet run found in {runs_dir}", EXIT_NOTHING)
-        raise LogsError(f"no fleet run {run!r} in {runs_dir} (latest: {names[-1]})")
-    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-    raise LogsError(f"--run {run!r} is ambiguous: it matches {len(matches)} runs ({shown})")
+        raise LogsError(f"cannot list {state_dir / 'runs'}: {exc.strerror}") from None
+    if info is None:
+        raise LogsError(f"no shift found in {state_dir / 'runs'}", EXIT_NOTHING)
+    return info.path
 
 
 def segments(run_dir: Path) -> list[tuple[int, Path]]:
@@ -542,29 +531,86 @@ class Printer:
             self.out.flush()
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    for name in (SUMMARY_NAME, STATE_NAME):
-        try:
-            data = json.loads((run_dir / name).read_bytes())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            return data
-    return {}
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class ShiftInfo:
+    """What a shift's directory says about it: who supervised it, its workers and machines.
+
+    Read from ``shift.json`` (written once when the shift starts), else from ``state.json``
+    (what older versions wrote and rewrote at every change); ``summary.json``, when the shift
+    has ended, adds the workers added while it ran.
+    """
+
+    pid: int | None = None
+    pid_ticks: int | None = None  # the supervisor's start time, /proc/PID/stat field 22
+    started_at: float | None = None
+    host: str | None = None
+    workers: tuple[tuple[str, int | None, str | None], ...] = ()  # (worker, task, machine)
+    machines: frozenset[str] = frozenset()
+
+    @classmethod
+    def read(cls, run_dir: Path) -> ShiftInfo:
+        shift = _read_json(run_dir / SHIFT_NAME)
+        state = {} if shift else _read_json(run_dir / STATE_NAME)
+        summary = _read_json(run_dir / SUMMARY_NAME)
+        head = shift or state
+        started = head.get("started_at")
+        ticks = head.get("pid_ticks", head.get("pid_start_ticks", head.get("start_ticks")))
+        config = head.get("config")
+        workers: list[tuple[str, int | None, str | None]] = []
+        for source in (summary.get("workers"), state.get("workers")):
+            if isinstance(source, list) and not workers:
+                for w in source:
+                    if isinstance(w, dict) and isinstance(w.get("worker"), str):
+                        machine = w.get("machine")
+                        workers.append((w["worker"], _int(w.get("task")),
+                                        machine if isinstance(machine, str) else None))
+        machines: set[str] = {m for _, _, m in workers if m}
+        if isinstance(config, dict):
+            if not workers:
+                workers = [(f"w{i}", issue, None)
+                           for i, issue in enumerate(_config_issues(config), 1)]
+            for m in config.get("machines") or []:
+                if isinstance(m, dict) and isinstance(m.get("name"), str):
+                    machines.add(m["name"])
+        host = head.get("host")
+        return cls(
+            pid=_int(head.get("pid")),
+            pid_ticks=_int(ticks),
+            started_at=float(started) if isinstance(started, int | float) else None,
+            host=host if isinstance(host, str) else None,
+            workers=tuple(workers),
+            machines=frozenset(machines),
+        )
+
+
+def _config_issues(config: dict[str, Any]) -> list[int | None]:
+    """The issue numbers of a config as a shift recorded it (``tasks`` a list, or a table
+    with ``items``)."""
+    tasks = config.get("tasks")
+    items = tasks.get("items") if isinstance(tasks, dict) else tasks
+    if not isinstance(items, list):
+        return []
+    return [_int(t.get("issue")) for t in items if isinstance(t, dict)]
 
 
 def make_renderer(
     out: Any, colour: bool, run_dir: Path, config: FleetConfig | None
 ) -> ConsoleRenderer:
     """A renderer laid out like the live view's: the same label width and worker colours."""
-    workers: list[tuple[str, int | None]] = []
-    info_workers = _run_info(run_dir).get("workers")
-    if isinstance(info_workers, list):
-        for w in info_workers:
-            if isinstance(w, dict) and isinstance(w.get("worker"), str):
-                task = w.get("task")
-                workers.append((w["worker"], task if isinstance(task, int) else None))
-    elif config is not None:
+    workers = [(w, task) for w, task, _ in ShiftInfo.read(run_dir).workers]
+    if not workers and config is not None:
         workers = [(f"w{i}", t.issue) for i, t in enumerate(config.tasks.items, 1)]
     # The width formula of Fleet.__init__: the widest "wN #ISSUE" label, at least 5.
     width = max([len(f"w{len(workers)} #{task}") for _, task in workers] + [5])
@@ -580,41 +626,53 @@ def make_renderer(
 # -- the end of a fleet -----------------------------------------------------------------------
 
 
-def supervisor_alive(run_dir: Path) -> bool:
-    """Whether the run's supervisor is known to be running still (its pid, not a reuse)."""
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat`` (the process's start time in clock ticks), or None."""
     try:
-        state = json.loads((run_dir / STATE_NAME).read_bytes())
-        pid, started = state["pid"], float(state["started_at"])
-        proc = psutil.Process(int(pid))
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= started + 1.0
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
-        return False
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] == b"Z":
+            return None  # a zombie has ended
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _supervisor_state(run_dir: Path) -> tuple[int | None, bool | None]:
+    """``(pid, alive)`` of the shift's supervisor; ``alive`` None when it cannot be told
+    (nothing recorded, or it ran on another host)."""
+    info = ShiftInfo.read(run_dir)
+    pid = info.pid
+    if pid is None or pid <= 0:
+        return None, None
+    if info.host is not None and info.host != socket.gethostname():
+        return pid, None
+    if info.pid_ticks is not None:
+        return pid, _start_ticks(pid) == info.pid_ticks
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return pid, False
+        created = proc.create_time()
+    except psutil.NoSuchProcess:
+        return pid, False
+    except psutil.Error:
+        return pid, None
+    if info.started_at is not None and created > info.started_at + 1.0:
+        return pid, False  # the pid now names a process started after the shift
+    return pid, True
+
+
+def supervisor_alive(run_dir: Path) -> bool:
+    """Whether the shift's supervisor is known to be running still (its pid, not a reuse)."""
+    return _supervisor_state(run_dir)[1] is True
 
 
 def supervisor_gone(run_dir: Path) -> int | None:
-    """The pid of the run's supervisor if it is known to be dead (or its pid reused), else None."""
-    try:
-        state = json.loads((run_dir / STATE_NAME).read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict):
-        return None
-    pid = state.get("pid")
-    started = state.get("started_at")
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        proc = psutil.Process(pid)
-        created = proc.create_time()
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return pid
-    except psutil.NoSuchProcess:
-        return pid
-    except psutil.Error:
-        return None
-    if isinstance(started, int | float) and created > started + 1.0:
-        return pid  # the pid now names a process started after the fleet
-    return None
+    """The pid of the shift's supervisor if it is known to be dead (or its pid reused)."""
+    pid, alive = _supervisor_state(run_dir)
+    return pid if alive is False else None
 
 
 def follow(reader: LogReader, emit: Callable[[bytes], None], *, forever: bool) -> int:
@@ -650,60 +708,74 @@ def follow(reader: LogReader, emit: Callable[[bytes], None], *, forever: bool) -
         time.sleep(POLL_INTERVAL)
 
 
+# -- unknown names ------------------------------------------------------------------------------
+
+
+def _log_files(run_dir: Path) -> list[Path]:
+    return [path for _, path in segments(run_dir)] + [run_dir / LOG_NAME]
+
+
+def _in_log(run_dir: Path, pattern: re.Pattern[bytes]) -> bool:
+    """Whether any record of the shift's log matches ``pattern`` (read block by block)."""
+    overlap = 256
+    for path in _log_files(run_dir):
+        try:
+            with open(path, "rb") as handle:
+                tail = b""
+                while block := handle.read(BLOCK):
+                    if pattern.search(tail + block):
+                        return True
+                    tail = block[-overlap:]
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise LogsError(f"cannot read {path}: {exc.strerror}") from None
+    return False
+
+
+def _unknown(
+    wanted: Iterable[str], known: set[str], run_dir: Path, field: str, quoted: bool
+) -> list[str]:
+    """The ``wanted`` values of ``field`` that the shift never had."""
+    missing = []
+    for value in wanted:
+        if value in known:
+            continue
+        needle = json.dumps(value).encode() if quoted else value.encode()
+        end = b"" if quoted else rb"(?![0-9.eE])"
+        pattern = re.compile(rb'"' + field.encode() + rb'"\s*:\s*' + re.escape(needle) + end)
+        if not _in_log(run_dir, pattern):
+            missing.append(value)
+    return missing
+
+
+def check_names(args: argparse.Namespace, run_dir: Path, config: FleetConfig | None) -> None:
+    """Refuse a ``--task``, ``--machine`` or ``--worker`` the shift never had (exit 2), as
+    ``docker compose logs`` refuses an unknown service, rather than print nothing."""
+    info = ShiftInfo.read(run_dir)
+    tasks = {str(t) for _, t, _ in info.workers if t is not None}
+    machines = {"local", *info.machines}
+    workers = {w for w, _, _ in info.workers}
+    if config is not None:
+        tasks |= {str(t.issue) for t in config.tasks.items}
+        machines |= {m.name for m in config.machines}
+    shift = run_dir.name
+    for flag, field, wanted, known, quoted in (
+        ("--task", "task", [str(t) for t in args.task or []], tasks, False),
+        ("--machine", "machine", list(args.machine or []), machines, True),
+        ("--worker", "worker", list(args.worker or []), workers, True),
+    ):
+        missing = _unknown(dict.fromkeys(wanted), known, run_dir, field, quoted)
+        if missing:
+            names = ", ".join(missing)
+            listed = ", ".join(sorted(known, key=lambda v: (len(v), v))[:20]) or "none"
+            raise LogsError(
+                f"no such {field}: {names} (shift {shift} has {field}s: {listed}); "
+                f"fix: name one of those with {flag}, or pick another shift with --shift"
+            )
+
+
 # -- the command ----------------------------------------------------------------------------
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
-
-
-def add_logs_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``logs`` sub-command to ``commands``."""
-    logs = commands.add_parser(
-        "logs",
-        help="print a fleet run's log (-f: follow it)",
-        description="Print the records of a fleet run (the latest, or --run ID) with the live "
-        "view's prefixes, or raw with --json; -f keeps following until the fleet ends.",
-    )
-    logs.add_argument(
-        "-c", "--config", metavar="FILE", help="fleet config (default: configs/fleet.toml)"
-    )
-    logs.add_argument(
-        "--state-dir", metavar="DIR", help="state directory (default: the config's)"
-    )
-    logs.add_argument(
-        "--run", metavar="ID", help="fleet run id or a unique prefix (default: the latest)"
-    )
-    logs.add_argument(
-        "-f", "--follow", action="store_true", help="keep printing new records until the fleet ends"
-    )
-    logs.add_argument(
-        "-n", "--tail", dest="lines", type=_count, metavar="N",
-        help="start from the last N matching records (default: all)",
-    )
-    logs.add_argument(
-        "--task", type=int, action="append", metavar="N", help="only task N (repeatable)"
-    )
-    logs.add_argument("--machine", action="append", metavar="NAME", help="only machine NAME")
-    logs.add_argument("--worker", action="append", metavar="NAME", help="only worker NAME (w2)")
-    logs.add_argument(
-        "--stream", action="append", choices=STREAMS, help="only this stream (repeatable)"
-    )
-    logs.add_argument(
-        "--since", metavar="WHEN", help="only records since 10m, 2h, 30s, or an ISO-8601 time"
-    )
-    logs.add_argument("--grep", metavar="REGEX", help="only records whose line matches REGEX")
-    logs.add_argument("--json", action="store_true", help="print the raw JSONL records")
-    logs.add_argument(
-        "--no-colour", "--no-color", action="store_true", help="plain prefixes, no colours"
-    )
-    logs.set_defaults(func=cmd_logs)
 
 
 def _filter_from(args: argparse.Namespace) -> RecordFilter:
@@ -735,10 +807,11 @@ def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
         except ConfigError as exc:
             raise LogsError(" ".join(str(exc).split())) from None
         state_dir = config.state_path
-    run_dir = find_run(state_dir / "runs", args.run)
+    run_dir = find_run(state_dir, args.shift)
+    check_names(args, run_dir, config)
     renderer = None
     if not args.json:
-        colour = False if args.no_colour else use_colour(sys.stdout)
+        colour = {"always": True, "never": False}.get(args.color, use_colour(sys.stdout))
         renderer = make_renderer(sys.stdout, colour, run_dir, config)
     printer = Printer(out, record_filter, renderer)
     reader = LogReader(run_dir)
@@ -751,35 +824,24 @@ def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """``agentize-fleet logs``: print (and with ``-f`` follow) a fleet run's records."""
+    """``agentize-fleet logs``: print (and with ``-f`` follow) a shift's records.
+
+    Ctrl-C and a closed output (``logs | head``) are ended by :func:`supervisor.cli.main`, as
+    for every command.
+    """
     keep_buffers()
     try:
         return _logs(args, sys.stdout.buffer)
     except LogsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.code
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of our output went away (``logs | head``): end quietly, and keep Python
-        # from complaining again when it flushes stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return EXIT_BROKEN_PIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m supervisor.tail [logs options]``: the same as ``agentize-fleet logs``."""
-    parser = argparse.ArgumentParser(prog=PROG)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_logs_parser(commands)
-    args = parser.parse_args(["logs", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    return code
+    from supervisor import cli
+
+    return cli.main(["logs", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

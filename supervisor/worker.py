@@ -30,6 +30,7 @@ import structlog
 from supervisor import policy
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import (
+    STREAMS,
     ExitStatus,
     Host,
     HostError,
@@ -42,11 +43,12 @@ from supervisor.hosts.base import (
 )
 from supervisor.ledger import Ledger, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
-from supervisor.limits import LimitDetector, LimitHit
+from supervisor.limits import LimitDetector, LimitHit, OutputTail
+from supervisor.lines import pump_output
 from supervisor.logs import LogMux, Tag
 from supervisor.outcome import Decision, MachineLost, WorkerStatus, judge
 from supervisor.recovery import Adoption
-from supervisor.runio import limit_in, pump_output, render
+from supervisor.runio import limit_in, render
 from supervisor.scheduling import Slot, SlotPool, StartGate, StartsGate, StopControl
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
 
@@ -559,10 +561,16 @@ class Worker:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
 
         async def pump() -> None:
-            tails = await pump_output(handle, offsets, self.fleet.mux, self.tag,
-                                      self.fleet.config.max_line_bytes)
+            tails = {s: OutputTail() for s in STREAMS}
+            mux = self.fleet.mux
+            await pump_output(
+                mux, self.tag, handle.output(offsets), offsets, self.fleet.config.max_line_bytes,
+                on_block=lambda stream, block: tails[stream].add(block),
+                # While the log cannot be written, the output waits in the run's own files.
+                pause=lambda: self._unless_stopped(mux.writable),
+            )
             self._limit_hit = limit_in(
-                tails, self.fleet.limit_detector(self.status.machine or "local")
+                tails.values(), self.fleet.limit_detector(self.status.machine or "local")
             )
 
         async with anyio.create_task_group() as tg:

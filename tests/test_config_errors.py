@@ -15,15 +15,19 @@ from conftest import Harness, task, to_toml
 CONFIG_TIMEOUT = 20.0
 
 
-def _assert_usage_error(result: Any, path: Path, *needles: str) -> None:
+def _assert_usage_error(result: Any, path: Path | str, *needles: str) -> None:
+    """Exit 2, one paragraph naming ``path`` (the file, or the flag or variable at fault), the
+    needles and a fix; no traceback; no shift started."""
     err = result.stderr
     assert result.returncode == 2, result.explain()
     assert "Traceback" not in err and "Traceback" not in result.stdout, err
     assert str(path) in err, err
     assert "fix" in err, err
+    assert "(top level)" not in err and "(TOP LEVEL)" not in err, err
     for needle in needles:
         assert needle in err, f"{needle!r} not in {err!r}"
-    assert not list(path.parent.glob("state/runs/*")), "a run was started from a bad config"
+    if isinstance(path, Path):
+        assert not list(path.parent.glob("state/runs/*")), "a run was started from a bad config"
 
 
 def _without(config: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -45,6 +49,46 @@ INVALID: dict[str, tuple[Any, tuple[str, ...]]] = {
         ("agent.command", "{promt}"),
     ),
     "task-without-issue": (lambda c: {**c, "tasks": [{"title": "no number"}]}, ("issue",)),
+    # Rules over several fields name the fields, not "(top level)".
+    "duplicate-issue": (
+        lambda c: {**c, "tasks": [{"issue": 1}, {"issue": 2}, {"issue": 1}]},
+        ("`tasks.0.issue` and `tasks.2.issue`", "issue 1 is listed twice"),
+    ),
+    "no-machine-can-run": (
+        lambda c: {**c, "local": {"max_agents": 0}},
+        ("`local.max_agents`", "`machines`"),
+    ),
+    "task-on-unknown-machine": (
+        lambda c: {**c, "tasks": [{"issue": 1, "machine": "gpu"}]},
+        ("`tasks.0.machine`", "'gpu'"),
+    ),
+    "two-machines-one-name": (
+        lambda c: {**c, "machines": [{"name": "m", "host": "a"}, {"name": "m", "host": "b"}]},
+        ("`machines.0.name` and `machines.1.name`",),
+    ),
+    # An unknown key: the nearest known key, not an environment variable with the same typo.
+    "misspelt-key": (lambda c: {**c, "concurency": 2}, ("did you mean `concurrency`?",)),
+    "misspelt-nested-key": (
+        lambda c: {**c, "restart": {**c["restart"], "max_crash": 2}},
+        ("did you mean `max_crashes`?",),
+    ),
+    "misspelt-task-key": (
+        lambda c: {**c, "tasks": [{"issue": 5, "titel": "x"}]},
+        ("tasks.0.titel", "(issue 5)", "did you mean `title`?"),
+    ),
+    # Strict types for task fields: no bool, string or float taken for an issue number.
+    "issue-true": (lambda c: {**c, "tasks": [{"issue": True}]}, ("tasks.0.issue", "True")),
+    "issue-string": (lambda c: {**c, "tasks": [{"issue": "7"}]}, ("tasks.0.issue", "'7'")),
+    "issue-float": (lambda c: {**c, "tasks": [{"issue": 1e9}]}, ("tasks.0.issue",)),
+    # A title no run could be started with is refused up front, naming the task.
+    "nul-in-title": (
+        lambda c: {**c, "tasks": [{"issue": 42, "title": "a\0b"}]},
+        ("tasks.0.title", "issue 42", "NUL"),
+    ),
+    "huge-title": (
+        lambda c: {**c, "tasks": [{"issue": 43, "title": "x" * (128 * 1024)}]},
+        ("tasks.0.title", "issue 43", "MAX_ARG_STRLEN"),
+    ),
 }
 
 
@@ -54,6 +98,7 @@ def test_invalid_config_exits_2_with_file_field_and_fix(fleet: Harness, case: st
     path = fleet.write(change(fleet.config([task(1)])))
     result = fleet.run(path, timeout=CONFIG_TIMEOUT)
     _assert_usage_error(result, path, *needles)
+    assert "[env override: AGENTIZE_FLEET_CONCURENCY]" not in result.stderr
 
 
 def test_bad_toml_syntax(fleet: Harness) -> None:
@@ -74,13 +119,57 @@ def test_missing_config_file(fleet: Harness) -> None:
 def test_bad_value_from_the_environment(fleet: Harness) -> None:
     path = fleet.write(fleet.config([task(1)]))
     result = fleet.run(path, env={"AGENTIZE_FLEET_CONCURRENCY": "0"}, timeout=CONFIG_TIMEOUT)
-    _assert_usage_error(result, path, "concurrency")
+    _assert_usage_error(result, path, "environment variable AGENTIZE_FLEET_CONCURRENCY='0'",
+                        "`concurrency`")
 
 
-def test_bad_flag_value(fleet: Harness) -> None:
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_bad_flag_value_names_the_flag(fleet: Harness, value: str) -> None:
     path = fleet.write(fleet.config([task(1)]))
-    result = fleet.run(path, "--concurrency", "0", timeout=CONFIG_TIMEOUT)
-    _assert_usage_error(result, path, "concurrency")
+    result = fleet.run(path, "--concurrency", value, timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, f"--concurrency {value}:", "1 or more")
+    assert str(path) not in result.stderr, "a bad flag is blamed on the config file"
+
+
+def test_list_from_the_environment_says_how_to_write_it(fleet: Harness) -> None:
+    path = fleet.write(fleet.config([task(1)]))
+    result = fleet.run(path, env={"AGENTIZE_FLEET_AGENT__COMMAND": "claude"},
+                       timeout=CONFIG_TIMEOUT)
+    _assert_usage_error(result, "AGENTIZE_FLEET_AGENT__COMMAND='claude'", "a list is expected",
+                        """'["claude","-p","{prompt}"]'""")
+    assert "EnvSettingsSource" not in result.stderr and "error parsing" not in result.stderr
+
+
+def test_misspelt_environment_variable_is_warned_about(fleet: Harness) -> None:
+    """A typo in a variable's name would do nothing at all: one warning line names it and the
+    nearest real one; the run goes on (exit 0)."""
+    path = fleet.write(fleet.config([task(1)]))
+    result = fleet.run(path, env={"AGENTIZE_FLEET_CONCURENCY": "1",
+                                  "AGENTIZE_FLEET_RESTART__MAX_CRASH": "4",
+                                  "AGENTIZE_FLEET_ISSUE": "9"})  # a run's own: no warning
+    assert result.returncode == 0, result.explain()
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        "agentize-fleet: warning: environment variable AGENTIZE_FLEET_CONCURENCY is not a "
+        "config field and is ignored; did you mean AGENTIZE_FLEET_CONCURRENCY?",
+        "agentize-fleet: warning: environment variable AGENTIZE_FLEET_RESTART__MAX_CRASH is not "
+        "a config field and is ignored; did you mean AGENTIZE_FLEET_RESTART__MAX_CRASHES?",
+    ], result.stderr
+
+
+def test_repository_that_is_not_a_git_repository(fleet: Harness) -> None:
+    """Exists, but git cannot clone it: refused before any task, not failed once per task."""
+    plain = fleet.tmp / "plain-dir"
+    plain.mkdir()
+    inside = fleet.origin / "sub"  # inside a work tree, but not a repository of its own
+    inside.mkdir()
+    for repo in (plain, inside):
+        config = fleet.config([task(1), task(2)])
+        config["repository"] = str(repo)
+        path = fleet.write(config)
+        result = fleet.run(path, timeout=CONFIG_TIMEOUT)
+        _assert_usage_error(result, path, "`repository`", "not a git repository", str(repo))
+        assert not fleet.agent_records(), "an agent was started"
 
 
 # -- overrides ----------------------------------------------------------------------------------

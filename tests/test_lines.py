@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from supervisor.logs import LineSplitter
+from supervisor.lines import LineSplitter
 
 
 def test_lines_and_offsets() -> None:

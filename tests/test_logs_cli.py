@@ -64,6 +64,13 @@ def logs_argv() -> list[str]:
     return [sys.executable, "-m", "supervisor.tail"]
 
 
+def default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default, so that the Ctrl-C tests hold
+    when the suite itself runs with SIGINT ignored (a background job: ``nohup ... &``), which
+    a child would otherwise inherit and Python then leaves ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Proc:
     popen: subprocess.Popen[bytes]
@@ -104,6 +111,7 @@ class Procs:
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
+                preexec_fn=default_sigint,
             )
         proc = Proc(popen, out, err)
         self.started.append(proc)
@@ -702,17 +710,24 @@ def test_follow_ends_when_the_supervisor_is_gone(tmp_path: Path, procs: Procs) -
     }
     for name, state in states.items():
         (log.run_dir / "state.json").write_text(json.dumps(state))
-        follower = procs.logs("--state-dir", str(tmp_path / "state"), "-f", "--json", name=name)
-        if name == "alive":
-            time.sleep(tail.LIVENESS_INTERVAL * 2 + 0.5)
-            assert follower.popen.poll() is None
-            os.kill(follower.popen.pid, signal.SIGINT)
-            assert follower.wait(10) == 130
-        else:
-            assert follower.wait(tail.LIVENESS_INTERVAL + 10) == 0
-            assert f"supervisor (pid {state['pid']}) is gone" in follower.stderr()
-            assert follower.stderr().count("\n") == 1
-        assert lines_of(follower.stdout()) == log.written
+        follow_until_gone(procs, log, name, state["pid"] if name != "alive" else None)
+
+
+def follow_until_gone(procs: Procs, log: HandLog, name: str, gone: int | None) -> None:
+    """``logs -f`` of ``log``'s shift: it goes on while the supervisor lives (``gone`` None),
+    and ends saying so once it is gone (``gone``: its pid)."""
+    follower = procs.logs("--state-dir", str(log.run_dir.parent.parent), "-f", "--json",
+                          name=name)
+    if gone is None:
+        time.sleep(tail.LIVENESS_INTERVAL * 2 + 0.5)
+        assert follower.popen.poll() is None
+        os.kill(follower.popen.pid, signal.SIGINT)
+        assert follower.wait(10) == 130
+    else:
+        assert follower.wait(tail.LIVENESS_INTERVAL + 10) == 0
+        assert f"supervisor (pid {gone}) is gone" in follower.stderr()
+        assert follower.stderr().count("\n") == 1
+    assert lines_of(follower.stdout()) == log.written
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -724,8 +739,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     config = tmp_path / "fleet.toml"
     config.write_text(f'repository = "/nowhere"\nstate_dir = "{state}"\n')
     cases: list[tuple[list[str], int, str]] = [
-        (["--state-dir", str(state)], 3, "no fleet run found"),
-        (["-c", str(config), "-f"], 3, "no fleet run found"),
+        (["--state-dir", str(state)], 3, "no shift found"),
+        (["-c", str(config), "-f"], 3, "no shift found"),
         (["-c", str(tmp_path / "missing.toml")], 2, "does not exist"),
     ]
     for args, code, message in cases:
@@ -737,7 +752,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     HandLog(state, "20260101-000000-aaaa").end()
     HandLog(state, "20260101-000000-aaab").end()
     cases = [
-        (["--run", "20270101"], 2, "no fleet run '20270101'"),
+        (["--run", "20270101"], 2, "no shift '20270101'"),
+        (["--shift", "20270101"], 2, "no shift '20270101'"),
         (["--run", "20260101-000000-aa"], 2, "ambiguous"),
         (["--since", "yesterday"], 2, "--since 'yesterday'"),
         (["--grep", "(unclosed"], 2, "not a valid regular expression"),
@@ -763,3 +779,66 @@ def test_parse_since() -> None:
     assert tail.parse_since("2026-11-28T09:05:00+02:00") == "2026-11-28T07:05:00.000Z"
     with pytest.raises(tail.LogsError):
         tail.parse_since("10 minutes")
+
+
+# -- shift.json (written once at a shift's start) before state.json ---------------------------
+
+
+def start_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def test_follow_ends_when_the_supervisor_named_in_shift_json_is_gone(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """The supervisor is named by pid and start ticks (a reused pid has other ticks); a
+    ``state.json`` that says otherwise is what older shifts wrote, and shift.json wins."""
+    import socket
+
+    log = HandLog(tmp_path / "state")
+    log.write(5)
+    me = os.getpid()
+    host = socket.gethostname()
+    base = {"id": RUN_ID, "host": host, "started_at": time.time(), "config": {}}
+    shifts = {
+        "alive": {**base, "pid": me, "pid_ticks": start_ticks(me)},
+        "dead": {**base, "pid": dead_pid(), "pid_ticks": 1},
+        "reused": {**base, "pid": me, "pid_ticks": start_ticks(me) + 1},
+    }
+    # What an old writer left: a live supervisor where shift.json says dead, and vice versa.
+    (log.run_dir / "state.json").write_text(json.dumps({"pid": dead_pid(), "started_at": 0}))
+    for name, shift in shifts.items():
+        if name != "alive":
+            (log.run_dir / "state.json").write_text(
+                json.dumps({"pid": me, "started_at": time.time()}))
+        (log.run_dir / "shift.json").write_text(json.dumps(shift))
+        gone = shift["pid"] if name != "alive" else None
+        follow_until_gone(procs, log, f"shift-{name}", gone)  # type: ignore[arg-type]
+
+
+def test_shift_info_from_shift_json_or_state_json(tmp_path: Path) -> None:
+    run_dir = tmp_path / "shift"
+    run_dir.mkdir()
+    assert tail.ShiftInfo.read(run_dir) == tail.ShiftInfo()
+    (run_dir / "state.json").write_text(json.dumps({
+        "pid": 12, "started_at": 5.0,
+        "workers": [{"worker": "w1", "task": 3, "machine": "box"}],
+    }))
+    old = tail.ShiftInfo.read(run_dir)
+    assert (old.pid, old.pid_ticks, old.workers, old.machines) == (
+        12, None, (("w1", 3, "box"),), frozenset({"box"}))
+    (run_dir / "shift.json").write_text(json.dumps({
+        "id": "x", "pid": 34, "pid_ticks": 777, "host": "h", "started_at": 6.0,
+        "config": {"tasks": {"items": [{"issue": 1}, {"issue": 30}]},
+                   "machines": [{"name": "gpu"}]},
+    }))
+    new = tail.ShiftInfo.read(run_dir)
+    assert (new.pid, new.pid_ticks, new.host, new.started_at) == (34, 777, "h", 6.0)
+    assert new.workers == (("w1", 1, None), ("w2", 30, None))
+    assert new.machines == frozenset({"gpu"})
+    # The summary of an ended shift lists every worker, the added ones too.
+    (run_dir / "summary.json").write_text(json.dumps({
+        "workers": [{"worker": "w1", "task": 1}, {"worker": "w2", "task": 30},
+                    {"worker": "w3", "task": 57, "machine": "gpu"}]}))
+    assert [w for w, _, _ in tail.ShiftInfo.read(run_dir).workers] == ["w1", "w2", "w3"]

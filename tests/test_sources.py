@@ -11,6 +11,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import Harness
+from structlog.testing import capture_logs
 
 from supervisor.sources import (
     GitHubQuery,
@@ -304,3 +306,32 @@ async def test_gh_too_slow(fake_gh: FakeGh) -> None:
     fake_gh.configure(sleep=30)
     with pytest.raises(TaskSourceError, match=r"did not finish within 0\.5 s"):
         await fetch(GitHubQuery(), fake_gh, timeout=0.5)
+
+
+# -- numbers and titles no run could take --------------------------------------------------
+
+
+def test_select_skips_issue_numbers_no_issue_has() -> None:
+    issues = json.dumps([issue(0), issue(-3), issue(5)])
+    with capture_logs() as logs:
+        assert select_tasks(issues, "[]", GitHubQuery()) == [SourcedTask(5, "Issue 5")]
+    warned = [entry["event"] for entry in logs if entry["log_level"] == "warning"]
+    assert len(warned) == 2 and "number 0" in warned[0] and "number -3" in warned[1]
+
+
+def test_up_skips_bad_github_issues_with_a_warning(fleet: Harness, fake_gh: FakeGh) -> None:
+    """Issue 0, a NUL in a title, a title too long for a run's environment: each is left out
+    with one warning line naming it; the good issue runs; no traceback, exit 0."""
+    fake_gh.configure(issues=[issue(0), issue(6, "nul \0 here"), issue(7, "x" * 140_000),
+                              issue(8, "fine")])
+    config = fleet.config([])
+    config["tasks"] = {"source": "github", "gh": str(fake_gh.path)}
+    result = fleet.run(fleet.write(config))
+    assert result.returncode == 0, result.explain()
+    assert "Traceback" not in result.stderr
+    assert [r["issue"] for r in fleet.agent_records("start")] == [8]
+    warnings = [line for line in result.stderr.splitlines() if ": warning: " in line]
+    assert len(warnings) == 3, result.stderr
+    assert "number 0" in warnings[0]
+    assert "#6" in warnings[1] and "NUL" in warnings[1]
+    assert "#7" in warnings[2] and "MAX_ARG_STRLEN" in warnings[2]

@@ -183,7 +183,7 @@ def test_restart_gives_a_task_a_new_run(fleet: Harness) -> None:
 
     # A task the fleet does not have: an error, and the fleet goes on.
     missing = cli(fleet, config, "restart", "99")
-    assert missing.returncode == 1, explain(missing)
+    assert missing.returncode == 2, explain(missing)  # an unknown name: exitcodes.py
     assert "#99" in missing.stderr and "not in this fleet" in missing.stderr
 
     assert cli(fleet, config, "down").returncode == 0

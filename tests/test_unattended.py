@@ -268,19 +268,6 @@ def _alive(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_cron_prints_crontab_line_and_systemd_timer(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(CLI), "cron", "--at", "22:30", "--until", "06:45", "-c", str(tmp_path / "f.toml")],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "30 22 * * * " in done.stdout
-    assert "--until 06:45" in done.stdout and "OnCalendar=*-*-* 22:30:00" in done.stdout
-    bad = subprocess.run([str(CLI), "cron", "--at", "25:00"], capture_output=True, text=True,
-                         timeout=30)
-    assert bad.returncode == 2 and "HH:MM" in bad.stderr
-
-
 def test_watch_polls_the_github_source_for_new_issues(fleet: Harness, tmp_path: Path) -> None:
     """``--watch`` re-reads the source every poll interval; the deadline ends the watch."""
     bin_dir = tmp_path / "bin"

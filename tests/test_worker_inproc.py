@@ -120,9 +120,14 @@ async def slots_held_in(services: Services, worker: Worker, state: str) -> int:
     return count
 
 
-async def test_a_crash_backs_off_in_its_slot_then_runs_again(tmp_path: Path) -> None:
+async def test_a_crash_backs_off_in_its_slot_then_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The whole jitter range (rand 1.0: 0.3 s), so that the backoff lasts long enough to be
+    # seen on a loaded machine (full jitter may otherwise make it a millisecond).
+    monkeypatch.setattr("supervisor.worker.random.random", lambda: 1.0)
     services, worker = setup(tmp_path, [Script(exit=2), Script()],
-                             restart={"backoff_base": 0.05, "backoff_max": 0.05})
+                             restart={"backoff_base": 0.3, "backoff_max": 0.3})
     assert await slots_held_in(services, worker, "backoff") == 1  # kept through the backoff
     assert (worker.status.state, worker.status.run, worker.status.crashes) == ("done", 2, 1)
     history = services.ledger.task(7).history  # type: ignore[union-attr]

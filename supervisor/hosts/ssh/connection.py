@@ -218,7 +218,7 @@ class Connections:
             self._failures += 1
             self._retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** (self._failures - 1))
             self._last_error = err
-            log.warning("ssh connect failed", machine=self.name, error=err.message)
+            log.debug("ssh connect failed", machine=self.name, error=err.message)  # raised below
             self._failing(err)
             raise err from None
         self._failures = 0
