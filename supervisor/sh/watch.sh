@@ -28,34 +28,36 @@
 #
 # When stdin reaches EOF (the host closed the channel, or the link died) the watcher ends.
 # Exit 5: a file vanished under the watch (the host starts a new watcher, which sees what is
-# left); exit 6: no temporary file for the list of runs.
+# left); exit 6: no temporary file for the list of runs (none is left behind: it is unlinked
+# as soon as it is open).
 # shellcheck disable=SC2034,SC2154 # variables named by eval: sh has no arrays
 set -u
 # shellcheck source=lib.sh
 . "$(dirname -- "$0")/lib.sh"
 fast=$1 slow=$2 quiet_after=$3 beat=$4 ticks_every=$5
-# The run directories, a line each, appended by the second process; LIST.n says how many are
-# there (written after the line: a number counted is a line written whole).
+umask 077
+# The run directories, a line each, appended by the second process (one write a line: a reader
+# never sees half of one) on fd 4 and read by this one as they come on fd 5; the file itself is
+# unlinked at once, so nothing is left behind however the watcher ends.
 list=$(mktemp "${TMPDIR:-/tmp}/agentize-watch.XXXXXX") || exit 6
+# shellcheck disable=SC2094 # one writer, one reader, on purpose
+exec 4>>"$list" 5<"$list"
+rm -f -- "$list"
 me=$$
 nap=""
 poked=""
-trap 'rm -f -- "$list" "$list.n"' EXIT
-trap 'exit 0' TERM
+trap 'exit 0' TERM HUP PIPE
 trap 'poked=1; [ -n "$nap" ] && kill "$nap" 2>/dev/null' USR1
 # A background job's stdin is /dev/null unless given explicitly: hence fd 3.
 exec 3<&0
 (
-    trap - EXIT
+    exec 5<&-
     set --
     _np=0
-    count=0
     while read -r word rest; do
         case $word in
         watch)
-            printf '%s\n' "$rest" >>"$list"
-            count=$((count + 1))
-            echo "$count" >"$list.n"
+            printf '%s\n' "$rest" >&4
             kill -s USR1 "$me" 2>/dev/null
             ;;
         poke) kill -s USR1 "$me" 2>/dev/null ;;
@@ -86,7 +88,7 @@ exec 3<&0
     done <&3
     kill "$me" 2>/dev/null
 ) >/dev/null &
-exec 3<&-
+exec 3<&- 4>&-
 # Only that process speaks on stderr: its answers are the host's to parse.
 exec 2>/dev/null
 
@@ -126,19 +128,18 @@ while :; do
     # Runs given since the last pass: read them in, and make the positional parameters the
     # files `stat` looks at again, two per run directory that has both (the others are
     # reported missing once).
-    if read -r count 2>/dev/null <"$list.n" && [ "$count" -gt "$n" ]; then
-        i=0
-        while [ "$i" -lt "$count" ] && IFS= read -r line; do
-            i=$((i + 1))
-            [ "$i" -gt "$n" ] || continue
-            eval "r$i=\$line w$i= t$i= s$i="
-            if [ -e "$line/stdout" ] && [ -e "$line/stderr" ]; then
-                eval "m$i=0"
-            else
-                eval "m$i=1"
-            fi
-        done <"$list"
-        n=$i
+    added=""
+    while IFS= read -r line <&5; do
+        n=$((n + 1))
+        added=1
+        eval "r$n=\$line w$n= t$n= s$n="
+        if [ -e "$line/stdout" ] && [ -e "$line/stderr" ]; then
+            eval "m$n=0"
+        else
+            eval "m$n=1"
+        fi
+    done
+    if [ -n "$added" ]; then
         set --
         i=1
         while [ "$i" -le "$n" ]; do
