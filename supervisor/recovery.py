@@ -263,7 +263,7 @@ async def _settle(fleet: RecoveringFleet, run: RunRecord, look: Look, adopted: s
     adopted.add(run.issue)
     ledger.run_supervised(run.id, fleet.shift_id)
     if live:
-        fleet.machines.adopt_lease(run.machine, run.lease_path)
+        fleet.machines.adopt_lease(run.machine, run.lease_path, run.run_dir)
     adopter.adopt(Adoption(run, handle, offsets_of(fleet.config.state_path, run), live))
     return f"{'adopted' if live else 'took over the end of'} {label}"
 

@@ -32,9 +32,11 @@ from supervisor.hosts.base import (
     Host,
     HostError,
     HostUnreachable,
+    Reach,
     RunHandle,
     RunSpec,
     Stream,
+    wait_while_reachable,
 )
 from supervisor.ledger import Ledger, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
@@ -377,7 +379,13 @@ class RunDriver:
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump)
             with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
-                status = await handle.wait()
+                # The host no longer gives a run up while its machine is away; until the fleet
+                # decides that for itself (issue 16's fleet side), it stops waiting once the
+                # machine is unreachable, as before -- never for a slow one.
+                status = await wait_while_reachable(handle)
+                reach = handle.reachability
+                if reach is not None and reach.state is Reach.UNREACHABLE:
+                    tg.cancel_scope.cancel()  # its output cannot be read on from here now
         return status
 
     async def _stop_run(self, handle: RunHandle) -> None:
