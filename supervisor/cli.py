@@ -51,6 +51,7 @@ from supervisor.exitcodes import (
 )
 from supervisor.fleet import Deadline, Fleet
 from supervisor.ledger import Ledger, LedgerError
+from supervisor.logs import LogUnwritable
 from supervisor.rundir import (
     FleetLocked,
     StateDirUnusable,
@@ -462,7 +463,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                 await host.aclose()
 
     data = anyio.run(build)
-    md, js = report.write_report(info.path, data)
+    try:
+        md, js = report.write_report(info.path, data)
+    except OSError as exc:
+        return _error(f"cannot write the report in {info.path}: {exc.strerror or exc}; fix: "
+                      "give its disk room and make it writable by you", EXIT_FAILED)
     if args.print:
         print(md.read_text(encoding="utf-8"), end="")
     print(f"{PROG}: wrote {md} and {js}")
@@ -906,7 +911,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except UsageError as exc:
         command_parser.print_usage(sys.stderr)
         return _error(str(exc))
-    except (ConfigError, StateDirUnusable, LedgerError) as exc:
+    except (ConfigError, StateDirUnusable, LedgerError, LogUnwritable) as exc:
         return _error(str(exc))
     return code
 

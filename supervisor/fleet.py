@@ -38,19 +38,26 @@ from supervisor.exitcodes import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING,
     EXIT_OK,
+    EXIT_USAGE,
     MEANINGS,
 )
 from supervisor.hosts.base import Host, RunHandle
 from supervisor.hosts.local import use_pidfd_child_watcher
 from supervisor.hosts.runfiles import read_start_ticks
-from supervisor.ledger import Ledger, ShiftRecord, TaskRecord
+from supervisor.ledger import RETRY_INTERVAL as LEDGER_RETRY
+from supervisor.ledger import Ledger, LedgerUnwritable, ShiftRecord, TaskRecord
 from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
-from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
+from supervisor.logs import ConsoleRenderer, LogMux, LogUnwritable, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
 from supervisor.outcome import WorkerStatus
 from supervisor.recovery import Recovery, recover
-from supervisor.rundir import prepare_socket_dir, prepare_state_dir, write_json_atomic
+from supervisor.rundir import (
+    StateDirUnusable,
+    prepare_socket_dir,
+    prepare_state_dir,
+    write_json_atomic,
+)
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.worker import Worker
 from supervisor.workspace import Clone
@@ -103,29 +110,33 @@ class Fleet:
         self.config = config
         self.watch = watch
         self.deadline = deadline or Deadline()
-        # First: a state directory or ledger that cannot be used ends `up` before anything.
+        # First: a state directory, ledger or log that cannot be used ends `up` before
+        # anything (exit 2 with a message: StateDirUnusable, LedgerError, LogUnwritable).
         prepare_state_dir(config.state_path)
         self.ledger = Ledger.open(config.state_path)
         self.shift_id = new_shift_id()
         self.run_dir = config.state_path / "runs" / self.shift_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.gate = StartGate(config.start_interval)
         self.stop = StopControl()
         self.starts = StartsGate()
         width = max([len(f"w{len(config.tasks.items)} #{t.issue}") for t in config.tasks.items]
                     + [5])
         renderer = ConsoleRenderer(console, colour=colour, width=width) if console else None
-        self.mux = LogMux(self.shift_id, self.run_dir / "fleet.jsonl", renderer,
-                          rotate_bytes=config.log_rotate_bytes)
+        self.started_at = time.time()
+        try:
+            self.died = self.ledger.begin_shift(self._shift_record())
+            self.mux = self._open_log(renderer)
+        except BaseException:
+            self.ledger.close()
+            raise
         self.log = self.mux.logger(Tag("fleet", None, "-", 0))
+        self.ledger.on_fault = self._ledger_fault
         route_structlog(self.mux)
         self.pool = SlotPool(config.concurrency, {})
         self.machines = Machines(
             config, shift_id=self.shift_id, shift_dir=self.run_dir, pool=self.pool,
             ledger=self.ledger, log=self.log, hosts=hosts,
         )
-        self.started_at = time.time()
-        self.died = self.ledger.begin_shift(self._shift_record())
         self.workers: list[Worker] = []
         self.unlisted: list[TaskRecord] = []
         self.deadline_hit = False
@@ -136,9 +147,30 @@ class Fleet:
             rate=tuple(config.agent.rate_limit_patterns or LimitPatterns().rate),
         )
         self._plan(config.tasks.items, set(rerun), fresh)
-        write_json_atomic(self.run_dir / "shift.json", self._shift_info())
+        self._write_state("shift.json", self.run_dir, self._shift_info())
 
     # construction ----------------------------------------------------------------------
+
+    def _open_log(self, renderer: ConsoleRenderer | None) -> LogMux:
+        """The shift's directory and its log.  When either cannot be made, the shift ends
+        there (exit 2, recorded in the ledger) and leaves no directory behind."""
+        try:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateDirUnusable(
+                    self.run_dir, f"cannot be made ({exc.strerror})",
+                    "make the state directory writable by you and give its disk room, or "
+                    "point state_dir at another directory",
+                    "the shift's directory",
+                ) from None
+            return LogMux(self.shift_id, self.run_dir / "fleet.jsonl", renderer,
+                          rotate_bytes=self.config.log_rotate_bytes, on_fault=self._log_fault)
+        except (StateDirUnusable, LogUnwritable) as exc:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
+            self.ledger.end_shift(self.shift_id, EXIT_USAGE, str(exc))
+            raise
 
     def _shift_record(self) -> ShiftRecord:
         return ShiftRecord(
@@ -278,6 +310,7 @@ class Fleet:
             async with anyio.create_task_group() as services:
                 self._services = self.machines.tg = services
                 services.start_soon(self.mux.flush_periodically)
+                services.start_soon(self.ledger.keep_writing)
                 services.start_soon(self._handle_signals)
                 await self.machines.preflight()
                 self._fail_without_machines()
@@ -341,7 +374,7 @@ class Fleet:
             if not shift_dir.is_dir():
                 continue
             record = self.ledger.shift(shift_id)
-            write_json_atomic(shift_dir / "summary.json", {
+            self._write_state("summary.json", shift_dir, {
                 "fleet": shift_id,
                 "name": self.config.name,
                 "pid": record.pid if record else None,
@@ -428,6 +461,7 @@ class Fleet:
             "concurrency": self.config.concurrency,
             "stopping": self.stop.requested.is_set(),
             "paused": self.starts.paused,
+            "held": dict(self.starts.holds),
             "deadline": {"soft": self.deadline.soft, "hard": self.deadline.hard},
             "peak_running": self.pool.peak,
             "workers": [w.status.as_dict() for w in self.workers],
@@ -449,6 +483,53 @@ class Fleet:
             row["last_output_age"] = None if last is None else round(now - last, 1)
             rows.append(row)
         return rows
+
+    # faults: the log or the ledger cannot be written ---------------------------------------
+
+    def _log_fault(self, error: OSError | None) -> None:
+        """The log cannot be written (the writer's own line says so): no new runs meanwhile --
+        a run started now could not be recorded -- while running ones go on."""
+        self._hold_starts("log", None if error is None else "the log cannot be written")
+
+    def _ledger_fault(self, error: LedgerUnwritable | None) -> None:
+        """The ledger cannot be written: no new runs meanwhile (a run's intent must be written
+        before its start); what running ones do waits in memory and is written when it can."""
+        if error is not None:
+            self.log.error(
+                "ledger-unwritable",
+                msg=f"✗ cannot write the ledger {error.path}: {error.detail}; no new runs "
+                "meanwhile, running agents go on (how their runs end is written to the ledger "
+                f"when it can be: tried again every {LEDGER_RETRY:g}s)",
+                error=error.detail,
+            )
+        else:
+            self.log.info(
+                "ledger-writable",
+                msg=f"✓ the ledger {self.ledger.path} can be written again after "
+                f"{time.time() - self.ledger.fault_since:.0f}s",
+            )
+        self._hold_starts("ledger", None if error is None else "the ledger cannot be written")
+
+    def _hold_starts(self, key: str, why: str | None) -> None:
+        """Hold new runs for ``key`` (``why``), or end that hold (None); say when they may
+        start again."""
+        if why is not None:
+            self.starts.hold(key, why)
+        elif self.starts.release(key) and not self.starts.holds:
+            self.log.info("starts-resumed", msg="▶ new runs allowed again")
+
+    def _write_state(self, name: str, shift_dir: Path, data: dict[str, Any]) -> None:
+        """Write a shift's ``shift.json`` or ``summary.json``; a disk that refuses it costs a
+        line in the log, never the shift (the ledger has what they say)."""
+        try:
+            write_json_atomic(shift_dir / name, data)
+        except OSError as exc:
+            self.log.warning(
+                "state-file-unwritable",
+                msg=f"✗ cannot write {shift_dir / name}: {exc.strerror or exc}; the ledger has "
+                f"what it says (`agentize-fleet report --shift {shift_dir.name}`)",
+                error=str(exc),
+            )
 
     # the end ----------------------------------------------------------------------------------
 
@@ -476,7 +557,7 @@ class Fleet:
                 for r in self.unlisted
             ],
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        self._write_state("summary.json", self.run_dir, summary)
         self.ledger.end_shift(self.shift_id, code, MEANINGS.get(code, ""))
         return summary
 
@@ -509,6 +590,13 @@ class Fleet:
 
     def _finish(self, summary: dict[str, Any]) -> FleetResult:
         code = int(summary["exit_code"])
+        if not self.ledger.retry():
+            self.log.error(
+                "ledger-unwritten",
+                msg=f"✗ {self.ledger.waiting} transitions could not be written to the ledger "
+                f"{self.ledger.path} ({self.ledger.fault.detail if self.ledger.fault else ''});"
+                " the next `up` reads how the runs ended from their run directories",
+            )
         self.log.info("fleet-ended", msg=f"fleet ended: exit {code} ({MEANINGS.get(code)})",
                       exit_code=code)
         self.mux.close()

@@ -32,6 +32,18 @@ transition; the scan already covers it.
 Readers open the file read-only and never create it.  The ledger records transitions, never
 output lines: the line path does not touch it.
 
+**A ledger that cannot be written** (a full disk, a file system gone read-only, an I/O error)
+is a state, not a crash.  What a failed write means depends on where it stands: a transition
+committed *before* an act (a run's intent, an adoption) is the act's licence, so when it cannot
+be committed the act does not happen -- :class:`LedgerUnwritable` is raised and the caller
+waits (:meth:`Ledger.writable`) and tries again; a transition that records an act *already
+done* (a pid, an exit, a task's new state) cannot be undone, so it is kept in memory, in order,
+and written again by :meth:`Ledger.retry` (the fleet calls it every :data:`RETRY_INTERVAL`
+through :meth:`Ledger.keep_writing`).  ``on_fault`` tells the fleet when writing starts failing
+(it holds new starts) and when it works again.  Reads meanwhile see the ledger without what
+waits; a supervisor killed meanwhile loses what waits, which the next ``up`` reads back from the
+run directories (as after a power cut).
+
 See :mod:`supervisor.ledger_schema` for the tables (a ledger written by a newer version is
 refused with :class:`LedgerTooNew`).
 """
@@ -39,13 +51,16 @@ refused with :class:`LedgerTooNew`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
+
+import anyio
 
 from supervisor.ledger_schema import (
     SCHEMA,
@@ -65,6 +80,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerTooNew",
+    "LedgerUnwritable",
     "RunRecord",
     "ShiftRecord",
     "TaskRecord",
@@ -74,7 +90,10 @@ __all__ = [
 
 LEDGER_NAME = "ledger.sqlite3"
 BUSY_TIMEOUT = 10.0
+#: While the ledger cannot be written, a write is tried again this often.
+RETRY_INTERVAL: Final = 1.0
 _R = TypeVar("_R")
+Transition = Callable[["_Tx"], object]
 
 
 class LedgerError(Exception):
@@ -83,6 +102,17 @@ class LedgerError(Exception):
 
 class LedgerTooNew(LedgerError):
     """The ledger was written by a newer agentize-fleet: reading it could misread it."""
+
+
+class LedgerUnwritable(LedgerError):
+    """A transaction could not be committed: the disk is full, the file system read-only, an
+    I/O error (SQLite's ``OperationalError``).  A state that passes: the write is tried again."""
+
+    def __init__(self, path: Path, error: sqlite3.Error) -> None:
+        self.path = path
+        self.error = error
+        self.detail = f"{error} ({getattr(error, 'sqlite_errorname', None) or 'SQLITE_ERROR'})"
+        super().__init__(_cannot(path, error))
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -95,7 +125,16 @@ class Ledger:
     def __init__(self, path: Path, connection: sqlite3.Connection, *, writable: bool) -> None:
         self.path = path
         self._db = connection
-        self.writable = writable
+        self.read_only = not writable
+        #: Called with the error when writing starts failing, with None when it works again.
+        self.on_fault: Callable[[LedgerUnwritable | None], None] | None = None
+        self.fault: LedgerUnwritable | None = None
+        self.fault_since = 0.0
+        #: Transitions that record acts already done, not yet committed (oldest first).
+        self._waiting: list[Transition] = []
+        self._next_try = 0.0
+        self._waiters: list[anyio.Event] = []
+        self._wanted: anyio.Event | None = None
 
     # opening ------------------------------------------------------------------------------
 
@@ -189,25 +228,121 @@ class Ledger:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[_Tx]:
-        """One transaction: all of it is committed, or none of it."""
-        if not self.writable:
+        """One transaction: all of it is committed, or none of it.  A write the disk or the
+        file system refuses raises :class:`LedgerUnwritable`."""
+        if self.read_only:
             raise LedgerError(f"{self.path} is open read-only")
         try:
             self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise LedgerUnwritable(self.path, exc) from None
         except sqlite3.Error as exc:
             raise LedgerError(_cannot(self.path, exc)) from None
         try:
             yield _Tx(self._db)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise
-        try:
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise LedgerError(_cannot(self.path, exc)) from None
+            if isinstance(exc, sqlite3.OperationalError):
+                raise LedgerUnwritable(self.path, exc) from None
+            raise
+
+    # writing, and what a failed write means ----------------------------------------------
+
+    def _commit(self, transition: Callable[[_Tx], _R], *, done: bool) -> _R | None:
+        """Commit one transition.
+
+        ``done``: it records an act already done; when it cannot be committed it waits, in
+        order after any that wait already, and None is returned.  Otherwise the act it
+        announces must not happen unless it is committed: :class:`LedgerUnwritable` is raised
+        (after what waits, in order: a transition never overtakes an earlier one).
+        """
+        if self._waiting:
+            if done:
+                self._waiting.append(transition)
+                if time.monotonic() >= self._next_try:
+                    self.retry()
+                return None
+            if not self.retry():
+                assert self.fault is not None
+                raise self.fault
+        try:
+            with self._tx() as db:
+                result = transition(db)
+        except LedgerUnwritable as exc:
+            self._failing(exc)
+            if not done:
+                raise
+            self._waiting.append(transition)
+            return None
+        if self.fault is not None:
+            self._recovered()  # nothing waited: this write was the probe
+        return result
+
+    def _failing(self, error: LedgerUnwritable) -> None:
+        self._next_try = time.monotonic() + RETRY_INTERVAL
+        first = self.fault is None
+        self.fault = error
+        if not first:
+            return
+        self.fault_since = time.time()
+        if self._wanted is not None:
+            self._wanted.set()
+        if self.on_fault is not None:
+            self.on_fault(error)
+
+    @property
+    def waiting(self) -> int:
+        """How many transitions wait to be written."""
+        return len(self._waiting)
+
+    def retry(self) -> bool:
+        """Write the transitions that wait, oldest first, one transaction each (or, when none
+        waits, a probe); True once the ledger can be written again."""
+        if self.fault is None:
+            return True
+        self._next_try = time.monotonic() + RETRY_INTERVAL
+        try:
+            if not self._waiting:
+                with self._tx() as db:
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)",
+                               (str(time.time()),))
+            while self._waiting:
+                with self._tx() as db:
+                    self._waiting[0](db)
+                del self._waiting[0]
+        except LedgerUnwritable as exc:
+            self.fault = exc
+            return False
+        self._recovered()
+        return True
+
+    def _recovered(self) -> None:
+        self.fault = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.set()
+        if self.on_fault is not None:
+            self.on_fault(None)
+
+    async def writable(self) -> None:
+        """Return once the ledger can be written (at once when it can)."""
+        while self.fault is not None:
+            waiter = anyio.Event()
+            self._waiters.append(waiter)
+            await waiter.wait()
+
+    async def keep_writing(self) -> None:
+        """While the ledger cannot be written, try again every :data:`RETRY_INTERVAL`; an
+        idle ledger costs no wake-ups.  Runs until cancelled."""
+        while True:
+            self._wanted = anyio.Event()
+            if self.fault is None:
+                await self._wanted.wait()
+            await anyio.sleep(RETRY_INTERVAL)
+            if self.fault is not None and time.monotonic() >= self._next_try - 0.01:
+                self.retry()
 
     def _all(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> list[_R]:
         cur = self._db.execute(sql, args)
@@ -226,7 +361,8 @@ class Ledger:
 
     def begin_shift(self, shift: ShiftRecord) -> list[str]:
         """Record a new shift; shifts left ``running`` (their ``up`` died: we hold the lock)
-        become ``died``.  Returns the ids of those."""
+        become ``died``.  Returns the ids of those.  (Before anything: raises when it cannot
+        be written.)"""
         with self._tx() as db:
             died = [r[0] for r in db.execute("SELECT id FROM shifts WHERE state = 'running'")]
             db.execute(
@@ -242,12 +378,11 @@ class Ledger:
         return died
 
     def end_shift(self, shift_id: str, exit_code: int, meaning: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
-                "exit_meaning = ? WHERE id = ?",
-                (time.time(), exit_code, meaning, shift_id),
-            )
+        values = (time.time(), exit_code, meaning, shift_id)
+        self._commit(lambda db: db.execute(
+            "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
+            "exit_meaning = ? WHERE id = ?", values,
+        ), done=True)
 
     def shifts(self) -> list[ShiftRecord]:
         """Every shift, oldest first."""
@@ -266,10 +401,13 @@ class Ledger:
 
     def set_listed(self, issues: Iterable[int]) -> None:
         """Mark which tasks the current config lists (the others stay, unlisted)."""
-        listed = sorted(set(issues))
-        with self._tx() as db:
+        listed = [(i,) for i in sorted(set(issues))]
+
+        def mark(db: _Tx) -> None:
             db.execute("UPDATE tasks SET listed = 0")
-            db.executemany("UPDATE tasks SET listed = 1 WHERE issue = ?", [(i,) for i in listed])
+            db.executemany("UPDATE tasks SET listed = 1 WHERE issue = ?", listed)
+
+        self._commit(mark, done=True)
 
     def save_task(
         self,
@@ -285,12 +423,24 @@ class Ledger:
     def save_tasks(
         self, items: Sequence[tuple[TaskRecord, str, str | None]], *, shift: str
     ) -> None:
-        """Several tasks (task, worker, adopted_from) in one transaction: a shift's start."""
-        with self._tx() as db:
-            for task, worker, adopted_from in items:
-                _put_task(db, task, shift)
+        """Several tasks (task, worker, adopted_from) in one transaction: a shift's start.
+        A task's state follows what happened: it waits when it cannot be written."""
+        now = time.time()
+        rows = [(dataclasses.replace(task), worker, adopted_from)
+                for task, worker, adopted_from in items]
+
+        def put(db: _Tx) -> None:
+            for task, worker, adopted_from in rows:
+                _put_task(db, task, shift, now)
                 if worker != "-":
                     _put_worker(db, task, shift, worker, adopted_from)
+
+        self._commit(put, done=True)
+
+    def worker_names(self, issue: int) -> dict[str, str]:
+        """Shift -> the name of ``issue``'s worker in it (names differ between shifts)."""
+        rows = self._db.execute("SELECT shift, worker FROM workers WHERE issue = ?", (issue,))
+        return {str(shift): str(worker) for shift, worker in rows}
 
     def workers(self, shift: str) -> list[WorkerRecord]:
         return self._all(
@@ -318,10 +468,12 @@ class Ledger:
 
         The run's number is the task's counter plus one (runs are numbered per task across
         shifts); ``run_dir_of(number)`` names its run directory.  The task's counter moves in
-        the same transaction: a crash leaves both or neither.
+        the same transaction: a crash leaves both or neither.  The start waits for it: raises
+        :class:`LedgerUnwritable` when it cannot be written.
         """
         now = time.time()
-        with self._tx() as db:
+
+        def intent(db: _Tx) -> tuple[int, int, str]:
             row = db.execute(
                 "SELECT MAX(number) FROM runs WHERE issue = ?", (task.issue,)
             ).fetchone()
@@ -335,10 +487,15 @@ class Ledger:
                  prompt_kind, json.dumps(sorted(milestones_before)), now, shift,
                  json.dumps([shift])),
             )
-            task.runs = number
-            _put_task(db, task, shift)
+            _put_task(db, dataclasses.replace(task, runs=number), shift, now)
             _put_worker(db, task, shift, worker, None)
-            run_id = int(cur.lastrowid or 0)
+            return int(cur.lastrowid or 0), number, run_dir
+
+        committed = self._commit(intent, done=False)
+        assert committed is not None
+        run_id, number, run_dir = committed
+        task.runs = number
+        task.first_shift, task.last_shift = task.first_shift or shift, shift
         return RunRecord(
             id=run_id, issue=task.issue, number=number, shift=shift, worker=worker,
             machine=machine, workspace=workspace, run_dir=run_dir, lease_path=lease_path,
@@ -349,12 +506,11 @@ class Ledger:
         )
 
     def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
-                "WHERE id = ?",
-                (pid, start_ticks, time.time(), run_id),
-            )
+        values = (pid, start_ticks, time.time(), run_id)
+        self._commit(lambda db: db.execute(
+            "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
+            "WHERE id = ?", values,
+        ), done=True)
 
     def run_ended(
         self,
@@ -370,20 +526,28 @@ class Ledger:
         worker: str | None = None,
     ) -> None:
         """A run's end (or abandonment) and, in the same transaction, its task's new state."""
-        with self._tx() as db:
+        now = time.time()
+        values = (state, now, exit_code, int(lost), outcome, reason, run_id)
+        task = dataclasses.replace(task) if task is not None else None
+
+        def end(db: _Tx) -> None:
             db.execute(
                 "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
-                "reason = ? WHERE id = ?",
-                (state, time.time(), exit_code, int(lost), outcome, reason, run_id),
+                "reason = ? WHERE id = ?", values,
             )
             if task is not None:
                 assert shift is not None and worker is not None
-                _put_task(db, task, shift)
+                _put_task(db, task, shift, now)
                 _put_worker(db, task, shift, worker, None)
 
+        self._commit(end, done=True)
+
     def run_supervised(self, run_id: int, shift: str) -> None:
-        """``shift`` watches the run from now on (it adopted it)."""
-        with self._tx() as db:
+        """``shift`` watches the run from now on (it adopted it).  Its output is logged only
+        once this is written (a later adopter reads the logs of the shifts named here, to know
+        where to resume): raises :class:`LedgerUnwritable` when it cannot be."""
+
+        def supervise(db: _Tx) -> None:
             row = db.execute("SELECT supervisors FROM runs WHERE id = ?", (run_id,)).fetchone()
             chain = list(json.loads(row[0])) if row else []
             if shift not in chain:
@@ -393,6 +557,8 @@ class Ledger:
                 (shift, json.dumps(chain), run_id),
             )
 
+        self._commit(supervise, done=False)
+
     def record_usage(self, run_id: int, usage: Mapping[str, Any]) -> None:
         """What an agent kind reported of a run (session, cost, tokens, turns)."""
         unknown = set(usage) - set(USAGE_FIELDS)
@@ -401,11 +567,9 @@ class Ledger:
         if not usage:
             return
         names = sorted(usage)
-        with self._tx() as db:
-            db.execute(
-                f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
-                (*(usage[n] for n in names), run_id),
-            )
+        sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
+        values = (*(usage[n] for n in names), run_id)
+        self._commit(lambda db: db.execute(sql, values), done=True)
 
     def run(self, run_id: int) -> RunRecord | None:
         return self._one(RunRecord, "SELECT * FROM runs WHERE id = ?", (run_id,))
@@ -436,12 +600,11 @@ class Ledger:
     def hold(
         self, machine: str, reason: str, until: float, *, shift: str, line: str | None = None
     ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO holds(machine, reason, since, until, shift, line) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (machine, reason, time.time(), until, shift, line),
-            )
+        values = (machine, reason, time.time(), until, shift, line)
+        self._commit(lambda db: db.execute(
+            "INSERT INTO holds(machine, reason, since, until, shift, line) "
+            "VALUES (?, ?, ?, ?, ?, ?)", values,
+        ), done=True)
 
     def holds(self, *, active_at: float | None = None) -> list[dict[str, Any]]:
         if active_at is None:
@@ -449,12 +612,11 @@ class Ledger:
         return self._dicts("SELECT * FROM holds WHERE until > ? ORDER BY id", (active_at,))
 
     def machine_event(self, machine: str, state: str, *, shift: str, detail: str = "") -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO machine_events(machine, state, at, shift, detail) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (machine, state, time.time(), shift, detail),
-            )
+        values = (machine, state, time.time(), shift, detail)
+        self._commit(lambda db: db.execute(
+            "INSERT INTO machine_events(machine, state, at, shift, detail) "
+            "VALUES (?, ?, ?, ?, ?)", values,
+        ), done=True)
 
     def machine_events(self, machine: str | None = None) -> list[dict[str, Any]]:
         if machine is None:
@@ -490,12 +652,12 @@ _PUT_TASK = (
 )
 
 
-def _put_task(db: _Tx, task: TaskRecord, shift: str) -> None:
+def _put_task(db: _Tx, task: TaskRecord, shift: str, now: float) -> None:
     task.first_shift, task.last_shift = task.first_shift or shift, shift
     values = {name: getattr(task, name) for name in TASK_COLUMNS}
     values["history"] = json.dumps(task.history)
     values["listed"] = int(task.listed)
-    db.execute(_PUT_TASK, [*values.values(), time.time()])
+    db.execute(_PUT_TASK, [*values.values(), now])
 
 
 def _put_worker(

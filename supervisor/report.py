@@ -15,7 +15,6 @@ import contextlib
 import json
 import posixpath
 import re
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,28 +26,11 @@ from supervisor import sh
 from supervisor.config import FleetConfig
 from supervisor.hosts.base import Host
 from supervisor.ledger import Ledger
-from supervisor.logs import lines_containing, log_files
+from supervisor.records import last_lines, log_files
+from supervisor.rundir import write_text_atomic
 
 TAIL_LINES = 20
 COLLECT_CONCURRENCY = 8
-
-
-def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]:
-    """The last lines of output of run ``runs[worker]`` of each worker, from the JSONL."""
-    workers = list(runs)
-    tails: dict[str, deque[str]] = {w: deque(maxlen=TAIL_LINES) for w in workers}
-    needles = [f'"worker":{json.dumps(w)},'.encode() for w in workers]
-    for index, raw in lines_containing(log_files(run_dir), needles):
-        if b'"stream":"fleet"' in raw:
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        worker = workers[index]
-        if record.get("worker") == worker and record.get("run") == runs[worker]:
-            tails[worker].append(str(record.get("line", "")))
-    return {w: list(lines) for w, lines in tails.items()}
 
 
 def work_remaining(markdown: str) -> str:
@@ -126,7 +108,7 @@ async def collect(
     crashed = {
         str(w["worker"]): int(w["last_crash_run"]) for w in workers if w.get("last_crash_run")
     }
-    tails = output_tails(run_dir, crashed) if crashed else {}
+    tails = last_lines(log_files(run_dir), crashed, TAIL_LINES) if crashed else {}
     limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
     tasks = [dict(w) for w in workers]
     for row in tasks:
@@ -247,10 +229,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.json`` into the run directory."""
+    """Write ``report.md`` and ``report.json`` into the run directory (each whole or not at
+    all: a full disk raises, and leaves no half report)."""
     md, js = run_dir / "report.md", run_dir / "report.json"
-    md.write_text(render_markdown(report), encoding="utf-8")
-    js.write_text(_json_text(report), encoding="utf-8")
+    write_text_atomic(md, render_markdown(report))
+    write_text_atomic(js, _json_text(report))
     return md, js
 
 
@@ -315,6 +298,11 @@ async def write_and_notify(
         data = await collect(summary, shift_dir, hosts, milestone_globs=config.milestone_globs,
                              default_branch=default_branch)
         _, report_json = write_report(shift_dir, data)
+    except OSError as exc:  # a full disk, a directory that refuses
+        log.warning("report-failed", msg=f"✗ cannot write the report in {shift_dir}: "
+                    f"{exc.strerror or exc}; `agentize-fleet report --shift {shift_dir.name}` "
+                    "writes it later", error=str(exc))
+        return
     except Exception as exc:  # the report must never cost the summary or the exit code
         log.warning("report-failed", msg=f"could not write the report: {exc!r}")
         return

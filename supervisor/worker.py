@@ -22,7 +22,7 @@ import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import structlog
@@ -39,7 +39,7 @@ from supervisor.hosts.base import (
     RunSpec,
     Stream,
 )
-from supervisor.ledger import Ledger, RunRecord, TaskRecord
+from supervisor.ledger import Ledger, LedgerUnwritable, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
 from supervisor.limits import LimitDetector, LimitHit, OutputTail
 from supervisor.lines import pump_output
@@ -49,6 +49,8 @@ from supervisor.recovery import Adoption
 from supervisor.runio import limit_in, render
 from supervisor.scheduling import Slot, SlotPool, StartGate, StartsGate, StopControl
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
+
+_T = TypeVar("_T")
 
 
 class FleetServices(Protocol):
@@ -382,6 +384,17 @@ class Worker:
                  machine=self.slot.machine)
         return "first"
 
+    async def _committed(self, write: Callable[[], _T]) -> _T | None:
+        """``write`` a transition that an act waits for (the act happens only once it is
+        committed): while the ledger cannot be written, wait and try again.  None if the fleet
+        stops first."""
+        while True:
+            try:
+                return write()
+            except LedgerUnwritable:
+                if not await self._unless_stopped(self.fleet.ledger.writable):
+                    return None
+
     async def _wait_until(self, at: float) -> bool:
         """Sleep until ``at`` (or a restart request); False if the fleet stops meanwhile."""
         self.status.next_run_at = at
@@ -446,17 +459,23 @@ class Worker:
         staggered = fleet.gate.interval > 0  # else no wait, and no watcher task for it
         if staggered and not await self._unless_stopped(fleet.gate.wait_turn):
             return policy.Finish()  # stopped before it started: `_follow` sees the stop
-        if fleet.stop.requested.is_set():
+        # New runs may be held (``pause``; the log or the ledger cannot be written).
+        if not await self._unless_stopped(fleet.starts.wait) or fleet.stop.requested.is_set():
+            return policy.Finish()  # stopped before it started: `_follow` sees the stop
+        if fleet.starts.closed:
+            self._set(WorkerState.STOPPED, self._stop_reason())
             return policy.Finish()
         root = await fleet.run_root(machine)
         lease = await fleet.lease_path(machine)
         # Written before the host is asked: a supervisor killed during the start leaves the
-        # next one an intent to look for, never a run nobody knows of.
-        run = fleet.ledger.run_intent(
+        # next one an intent to look for, never a run nobody knows of.  No intent, no start.
+        run = await self._committed(lambda: fleet.ledger.run_intent(
             self.record(), shift=fleet.shift_id, worker=self.name, machine=machine,
             workspace=workspace, run_dir_of=lambda n: posixpath.join(root, self.name, f"run-{n}"),
             lease_path=lease, prompt_kind=kind, milestones_before=sorted(before),
-        )
+        ))
+        if run is None:
+            return policy.Finish()  # stopped while the ledger could not be written
         self._run = run
         self.status.run = run.number
         argv = [render(part, self._values(prompt)) for part in config.agent_command]
@@ -515,6 +534,9 @@ class Worker:
         self._run = run
         self._prepared = run.workspace is not None  # its agent works in it
         self._set(WorkerState.PREPARING)
+        # Its output is logged here only once the ledger names this shift among the run's
+        # supervisors: a later adopter resumes from the logs of the shifts named there.
+        await self._committed(lambda: self.fleet.ledger.run_supervised(run.id, self.fleet.shift_id))
         self._running(handle)
         where = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
         what = "adopted" if adoption.live else "took over the end of"
