@@ -229,9 +229,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         for held in locks:
             held.release()
     if not args.quiet:  # through a sink: a closed or stalled stdout is no error, no hang
+        summary = result.run_dir / "summary.json"
         write_final(f"\n{report.summary_table([w.as_dict() for w in result.workers])}\n\n"
                     f"logs: {result.run_dir / 'fleet.jsonl'}\n"
-                    f"summary: {result.run_dir / 'summary.json'}\n")
+                    f"summary: {summary if summary.exists() else 'not written (see the log)'}\n")
     return result.exit_code
 
 

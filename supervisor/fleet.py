@@ -318,9 +318,7 @@ class Fleet:
                 self._close_dead_shifts(recovery)
                 services.start_soon(self.machines.keep_leases)
                 services.start_soon(self._keep_deadlines)
-                await services.start(
-                    control.serve, prepare_socket_dir(self.config.state_path), self.handle_request
-                )
+                await self._serve_control(services)
                 self.log.info(
                     "fleet-started",
                     msg=f"fleet {self.shift_id}: {len(self.workers)} task(s), cap "
@@ -355,6 +353,21 @@ class Fleet:
                     await self.machines.release_claims(lost)
                 await self.machines.aclose()
         return self._finish(summary)
+
+    async def _serve_control(self, services: anyio.abc.TaskGroup) -> None:
+        """The control socket.  One that cannot be made (no room, a directory that refuses)
+        costs the commands that steer the fleet, not the shift: a line says so."""
+        path = prepare_socket_dir(self.config.state_path)
+        try:
+            await services.start(control.serve, path, self.handle_request)
+        except OSError as exc:
+            self.log.error(
+                "control-unavailable",
+                msg=f"✗ cannot make the control socket {path}: {exc.strerror or exc}; "
+                "`status`, `down`, `pause` and `add` cannot reach this fleet (Ctrl-C or SIGTERM "
+                "stop it)",
+                error=str(exc),
+            )
 
     def _fail_without_machines(self) -> None:
         if any(self.pool.capacity.values()):
