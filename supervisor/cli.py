@@ -340,7 +340,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2, default=str))
         return 0
     paused = " (new runs paused)" if answer.get("paused") else ""
+    held = answer.get("held") or {}
+    if held:
+        paused += f" (new runs held: {'; '.join(map(str, held.values()))})"
     print(f"fleet {answer.get('fleet')} (pid {answer.get('pid')}){paused}")
+    for machine in answer.get("machines", []):
+        if machine.get("away") or machine.get("reach") not in ("up", "connecting"):
+            print(f"machine {machine.get('away') or machine.get('name')} "
+                  f"({machine.get('reach')})")
     print(status_table(answer.get("workers", []), time.time()))
     return 0
 

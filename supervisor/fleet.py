@@ -294,7 +294,7 @@ class Fleet:
         self.machines.hold(machine, until, reason, line)
 
     def machine_lost(self, machine: str) -> None:
-        self.machines.lost(machine)
+        self.machines.lost(machine, "a command could not reach it")
 
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.machines.drop_lease(machine, lease)
@@ -475,6 +475,8 @@ class Fleet:
             "stopping": self.stop.requested.is_set(),
             "paused": self.starts.paused,
             "held": dict(self.starts.holds),
+            "machines": [{"name": v.name, "reach": v.reach, "away": v.away}
+                         for v in self.machines],
             "deadline": {"soft": self.deadline.soft, "hard": self.deadline.hard},
             "peak_running": self.pool.peak,
             "workers": [w.status.as_dict() for w in self.workers],
@@ -569,6 +571,7 @@ class Fleet:
                 {"task": r.issue, "title": r.title, "state": r.state, "reason": r.reason}
                 for r in self.unlisted
             ],
+            "machine_events": self.ledger.machine_events(shift=self.shift_id),
         }
         self._write_state("summary.json", self.run_dir, summary)
         self.ledger.end_shift(self.shift_id, code, MEANINGS.get(code, ""))

@@ -618,12 +618,15 @@ class Ledger:
             "VALUES (?, ?, ?, ?, ?)", values,
         ), done=True)
 
-    def machine_events(self, machine: str | None = None) -> list[dict[str, Any]]:
-        if machine is None:
-            return self._dicts("SELECT * FROM machine_events ORDER BY id")
-        return self._dicts(
-            "SELECT * FROM machine_events WHERE machine = ? ORDER BY id", (machine,)
-        )
+    def machine_events(
+        self, machine: str | None = None, *, shift: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Reachability changes, oldest first (of one machine, of one shift)."""
+        where = [(c, v) for c, v in (("machine", machine), ("shift", shift)) if v is not None]
+        sql = "SELECT * FROM machine_events"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
+        return self._dicts(sql + " ORDER BY id", [v for _, v in where])
 
 
 class _Tx:

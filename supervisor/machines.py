@@ -9,6 +9,15 @@ A view also carries the machine's state in this shift: its claim, its run root, 
 this shift renews there (its own, and those of dead shifts whose runs it adopted, for as long as
 it watches them), a usage-limit hold and its reachability.  Holds and reachability changes are
 written to the ledger as they happen.
+
+**Reachability** is what the machine's host reports (``hosts/reach.py``): ``connecting``,
+``up``, ``slow``, ``unreachable``, ``back``.  The view records each change (ledger
+``machine_events``, a line in the log) and takes new runs only while the machine is ``up``:
+not while it is slow (a start would not answer either), unreachable, or ``back`` -- back means
+its host is still finding the runs it followed there, and nothing new goes there before every
+run of the fleet on it is found again or its end read.  A run on a machine that is away stays
+its worker's (its slot counts against the machine's ``max_agents``); an unreachable machine is
+tried again every little while, so that it comes back even when no run of ours is there.
 """
 
 from __future__ import annotations
@@ -44,13 +53,18 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.local import LocalHost
 from supervisor.ledger import Ledger
-from supervisor.scheduling import SlotPool
+from supervisor.scheduling import SlotPool, StopControl
 from supervisor.workspace import Clone, clone_name, ensure_clone
 
 LOCAL = "local"
 DEFAULT_UNREACHABLE_AFTER = 120.0
 PREFLIGHT_TIMEOUT = 60.0
 DISMISS_TIMEOUT = 10.0
+#: An unreachable machine is tried again at least this often (its ``unreachable_after`` if
+#: that is shorter), so that it is seen back even when nothing of ours is followed there.
+RETRY_UNREACHABLE = 15.0
+UP, SLOW, UNREACHABLE, BACK, CONNECTING = "up", "slow", "unreachable", "back", "connecting"
+REFUSED = "refused"
 
 
 def build_hosts(config: FleetConfig) -> dict[str, Host]:
@@ -97,7 +111,14 @@ class MachineView:
     root: str | None = None
     #: Its time zone, in which an agent's "resets 5pm" is meant (None: the supervisor's).
     timezone: tzinfo | None = None
-    reachable: bool = True
+    #: Its reachability (see the module docstring), or ``refused``: left out of the shift.
+    reach: str = UP
+    reach_detail: str = ""
+    #: Since when it has been away (``unreachable``, then ``back``); None while it answers.
+    away_since: float | None = None
+    #: Requested when the fleet stops waiting for it: the workers whose runs (or whose next
+    #: runs) are bound to it give their tasks up for this shift.
+    abandon: StopControl = field(default_factory=StopControl)
     held_until: float | None = None
     #: Leases of dead shifts renewed here while this shift watches a run of theirs: path ->
     #: how many such runs.
@@ -110,6 +131,18 @@ class MachineView:
     @property
     def needs_claim(self) -> bool:
         return not self.local
+
+    @property
+    def reachable(self) -> bool:
+        """Whether it answers (slow or not): neither unreachable nor left out."""
+        return self.reach not in (UNREACHABLE, REFUSED)
+
+    @property
+    def away(self) -> str:
+        """"m1 unreachable since 02:14:05" while it is away, else ""."""
+        if self.away_since is None:
+            return ""
+        return f"{self.name} {self.reach} since {clock(self.away_since)}"
 
 
 class Machines:
@@ -356,7 +389,7 @@ class Machines:
                 self.refuse(view.name, exc)
             except (HostError, TimeoutError) as exc:
                 self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=view.name)
-                self.lost(view.name)
+                self.reach_changed(view.name, UNREACHABLE, time.time(), str(exc))
 
         async def zone(view: MachineView) -> None:
             view.timezone = await timezone_of(view.host)
@@ -372,32 +405,90 @@ class Machines:
 
     def refuse(self, name: str, exc: HostError) -> None:
         """Leave ``name`` out of this shift for good, with one line saying why."""
+        view = self.views[name]
         self.pool.capacity[name] = 0
-        self.views[name].reachable = False
-        self.ledger.machine_event(name, "refused", shift=self.shift_id, detail=str(exc))
+        view.reach = REFUSED
+        self.ledger.machine_event(name, REFUSED, shift=self.shift_id, detail=str(exc))
         self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
                        machine=name, error=str(exc))
 
-    def lost(self, name: str) -> None:
-        """Take no new runs on an unreachable machine for a while, then try it again."""
-        if name in self.pool.closed:
+    def reach_changed(self, name: str, state: str, at: float, detail: str = "") -> None:
+        """``name``'s host reports a change of its reachability: record it, say it, and open
+        or close the machine to new runs (see the module docstring)."""
+        view = self.views.get(name)
+        if view is None or view.reach in (state, REFUSED):
             return
+        previous, view.reach, view.reach_detail = view.reach, state, detail
+        self.ledger.machine_event(name, state, shift=self.shift_id, detail=detail)
+        why = f" ({detail})" if detail else ""
+        if state == UNREACHABLE:
+            view.away_since = view.away_since or at
+            runs = self.pool.running.get(name, 0)
+            self.log.warning(
+                "machine-unreachable", machine=name,
+                msg=f"✗ machine {name} unreachable since {clock(at)}{why}: no new runs there; "
+                f"its {runs} run(s) stay theirs (counted against its max_agents) until it is "
+                "back and each is found again",
+            )
+            if self.tg is not None:
+                self.tg.start_soon(self._try_again, view)
+        elif state == BACK:
+            since = clock(view.away_since or at)
+            self.log.info("machine-back", machine=name,
+                          msg=f"↺ machine {name} back (unreachable since {since}): finding its "
+                          "runs again before anything new starts there")
+        elif state == SLOW:
+            self.log.warning("machine-slow", machine=name,
+                             msg=f"⚠ machine {name} slow{why}: no new runs there until it "
+                             "answers again")
+        elif state == UP and previous != CONNECTING:
+            back = f" (away since {clock(view.away_since)})" if view.away_since else ""
+            self.log.info("machine-up", machine=name,
+                          msg=f"✓ machine {name} answers again{back}: new runs allowed there")
+        elif state == CONNECTING and previous in (UP, SLOW):
+            self.log.info("machine-reconnecting", machine=name,
+                          msg=f"⋯ machine {name}: reconnecting{why}")
+        if state == UP:
+            view.away_since = None
+        self._gate(view)
+
+    def _gate(self, view: MachineView) -> None:
+        """New runs on the machine only while it is up (or not yet connected) and not held."""
+        if view.reach in (UP, CONNECTING) and view.held_until is None:
+            self.pool.reopen(view.name)
+        else:
+            self.pool.close(view.name)
+
+    async def _try_again(self, view: MachineView) -> None:
+        """While the machine is unreachable, try a command on it now and then: its host sees it
+        back (and says so) even when nothing of ours is followed there."""
+        interval = min(view.unreachable_after, RETRY_UNREACHABLE)
+        while view.reach == UNREACHABLE and not view.abandon.requested.is_set():
+            await anyio.sleep(interval)
+            with contextlib.suppress(HostError, TimeoutError), anyio.fail_after(interval * 2):
+                await view.host.run(["true"], timeout=interval * 2)
+                if view.reach == UNREACHABLE:  # it answered; its host reports nothing itself
+                    self.reach_changed(view.name, UP, time.time(), "it answers again")
+
+    def lost(self, name: str, detail: str) -> None:
+        """A command could not reach ``name``, whose host reports no reachability of its own:
+        the fleet takes it for unreachable itself (and tries it again now and then)."""
+        self.reach_changed(name, UNREACHABLE, time.time(), detail)
+
+    def give_up(self, name: str, why: str) -> None:
+        """Stop waiting for ``name``: the workers bound to it end their tasks for this shift
+        (their runs there, if any, stay open in the ledger for the next ``up`` to find)."""
         view = self.views[name]
-        view.reachable = False
-        self.pool.close(name)
-        retry = time.time() + view.unreachable_after
-        self.ledger.machine_event(name, "unreachable", shift=self.shift_id)
-        self.log.warning("machine-lost", msg=f"machine {name} unreachable: no new runs there "
-                         f"until {clock(retry)}", machine=name)
-        if self.tg is not None:
-            self.tg.start_soon(self._reopen_at, [name], retry)
+        if not view.abandon.requested.is_set():
+            self.log.warning("machine-given-up", machine=name, msg=f"✗ {why}")
+            view.abandon.request(why)
 
     def hold(self, name: str, until: float, reason: str, line: str | None = None) -> None:
         """No new runs on ``name`` (or everywhere) until ``until``: a usage limit was hit."""
         names = [v.name for v in self] if self.config.usage_limit_scope == "fleet" else [name]
         for each in names:
-            self.pool.close(each)
             self.views[each].held_until = until
+            self._gate(self.views[each])
             self.ledger.hold(each, reason, until, shift=self.shift_id, line=line)
         self.log.info(
             "machine-paused",
@@ -413,10 +504,7 @@ class Machines:
         for name in names:
             view = self.views[name]
             view.held_until = None
-            if not view.reachable:
-                view.reachable = True
-                self.ledger.machine_event(name, "retrying", shift=self.shift_id)
-            self.pool.reopen(name)
+            self._gate(view)
         self.log.info("machine-resumed", msg=f"▶ new runs on {', '.join(names)} allowed again")
 
     async def aclose(self) -> None:

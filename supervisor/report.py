@@ -33,6 +33,38 @@ TAIL_LINES = 20
 COLLECT_CONCURRENCY = 8
 
 
+def machine_lines(events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What happened to the machines, from their reachability changes (the ledger's
+    ``machine_events`` of one shift, oldest first): "m1 unreachable since 02:14:05, back at
+    02:31:40", "m1 slow from … to …", "m1 left out: …".  Reconnections that came back before
+    ``unreachable_after`` are not worth a line."""
+    lines: list[str] = []
+    away: dict[str, tuple[str, float]] = {}  # machine -> (unreachable|slow, since)
+    for event in events:
+        name, state, at = str(event["machine"]), str(event["state"]), float(event["at"])
+        if state in ("unreachable", "slow") and name not in away:
+            away[name] = (state, at)
+        elif state == "refused":
+            lines.append(f"{name} left out of the shift: {event.get('detail') or 'refused'}")
+        elif state in ("back", "up", "retrying") and name in away:
+            kind, since = away.pop(name)
+            if kind == "unreachable":
+                lines.append(f"{name} unreachable since {_clock(since)}, back at {_clock(at)}")
+            else:
+                lines.append(f"{name} slow from {_clock(since)} to {_clock(at)}")
+        elif state == "unreachable" and away.get(name, ("", 0.0))[0] == "slow":
+            away[name] = (state, away[name][1])
+    for name, (kind, since) in away.items():
+        lines.append(f"{name} {kind} since {_clock(since)}, not back by the shift's end")
+    return lines
+
+
+def _clock(epoch: float) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
+
+
 def work_remaining(markdown: str) -> str:
     """The "Work Remaining" section of an Agentize milestone file (empty if none)."""
     match = re.search(r"^#+\s*Work Remaining\s*$(.*?)(?=^#+\s|\Z)", markdown, re.M | re.S)
@@ -155,6 +187,7 @@ async def collect(
     }
     return {
         "not_in_config": summary.get("not_in_config", []),
+        "machines": machine_lines(summary.get("machine_events", [])),
         "fleet": summary.get("fleet"),
         "name": summary.get("name"),
         "started_at": summary.get("started_at"),
@@ -192,6 +225,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("left"):
         left = ", ".join(f"#{n}" for n in report["left"])
         lines.append(f"- left unfinished: {left}")
+    lines += [f"- machine {line}" for line in report.get("machines", [])]
     totals = report["totals"]
     lines.append("- totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     lines += [
@@ -354,6 +388,7 @@ def summary_from_ledger(
         "exit_code": record.exit_code,
         "exit_meaning": record.exit_meaning or ("still running" if running else "supervisor died"),
         "workers": workers_of(ledger, shift),
+        "machine_events": ledger.machine_events(shift=shift),
     }
 
 
