@@ -8,7 +8,7 @@ The rule that decides between the first three, for every command:
 
 * **2** -- nothing was done because of what was asked: a bad flag, a bad config, or a name that
   does not exist (an unknown shift, task or machine), or a request the running fleet refuses
-  (``add`` of a task it already has).  The message names what to fix; running the same command
+  (``restart`` of a task it does not have).  The message names what to fix; running the same command
   again cannot help.
 * **1** -- the command ran and what it was for failed: some tasks failed (``up``), a machine
   cannot run agents (``check``), the running fleet did not answer (``status``, ``down``, ...).
@@ -32,7 +32,7 @@ MEANINGS: dict[int, str] = {
     EXIT_FAILED: "some tasks failed",
     EXIT_USAGE: "bad usage or config",
     EXIT_NOTHING: "nothing to do",
-    EXIT_LOCKED: "another run holds the lock",
+    EXIT_LOCKED: "another up holds the lock",
     EXIT_DEADLINE: "deadline reached with work left",
     EXIT_INTERRUPTED: "interrupted",
     EXIT_BROKEN_PIPE: "output closed",
@@ -45,7 +45,7 @@ DETAILS: dict[int, str] = {
     "cap); a machine cannot run agents (check); the running fleet did not answer",
     EXIT_USAGE: "bad usage: a bad flag or config (the message names the file, the field and the "
     "fix), an unknown shift, task or machine (logs, report, restart), or a request the running "
-    "fleet refuses (add of a task it already has)",
+    "fleet refuses (restart of a task it does not have)",
     EXIT_NOTHING: "nothing to do: no tasks (up); no fleet running (status, down, pause, "
     "resume, restart, add); no shift recorded yet (logs, shifts, report)",
     EXIT_LOCKED: "locked: another up holds the state directory's lock, or the local workspace "

