@@ -63,6 +63,7 @@ from supervisor.worker import Worker
 from supervisor.workspace import Clone
 
 REPORT_TIMEOUT = 120.0
+STUCK_CHECK = 1.0
 CLEANUP_TIMEOUT = 15.0
 _AGAIN = frozenset({"failed", "stopped", "lost"})
 
@@ -293,8 +294,16 @@ class Fleet:
     def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None:
         self.machines.hold(machine, until, reason, line)
 
-    def machine_lost(self, machine: str) -> None:
-        self.machines.lost(machine, "a command could not reach it")
+    @property
+    def given_up(self) -> StopControl:
+        return self.machines.abandon
+
+    async def machine_up(self, machine: str) -> bool:
+        return await self.machines.wait_up(machine)
+
+    def machine_away(self, machine: str) -> str:
+        view = self.machines.get(machine)
+        return view.away if view is not None else ""
 
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.machines.drop_lease(machine, lease)
@@ -318,6 +327,7 @@ class Fleet:
                 self._close_dead_shifts(recovery)
                 services.start_soon(self.machines.keep_leases)
                 services.start_soon(self._keep_deadlines)
+                services.start_soon(self._give_up_when_stuck)
                 await self._serve_control(services)
                 self.log.info(
                     "fleet-started",
@@ -399,6 +409,29 @@ class Fleet:
                 "exit_meaning": f"supervisor died; found by fleet {self.shift_id}",
                 "orphans": [note for shift, note in recovery.notes if shift == shift_id],
             })
+
+    async def _give_up_when_stuck(self) -> None:
+        """When every task left waits for a machine that cannot be reached (its run there, or
+        a slot there), nothing more happens until the machine is back: rather than wait for
+        ever, the shift gives those tasks up (``lost``; their runs there stay open in the
+        ledger, for the next ``up`` to look at).  Checked twice, a second apart, so that a
+        worker between two steps is not taken for a blocked one."""
+        stuck_before: set[str] = set()
+        while True:
+            await anyio.sleep(STUCK_CHECK)
+            left = [w for w in self.workers if not w.status.state.final]
+            waits = {w.waiting_for for w in left}
+            stuck = (
+                bool(left) and None not in waits
+                and all(self.machines.unreachable(str(m)) for m in waits)
+            )
+            names = {str(m) for m in waits} if stuck else set()
+            if "*" in names:
+                names = {v.name for v in self.machines if self.machines.unreachable(v.name)}
+            if names and names == stuck_before:
+                self.machines.give_up(sorted(names))
+                return
+            stuck_before = names
 
     async def _keep_deadlines(self) -> None:
         soft, hard = self.deadline.soft, self.deadline.hard
@@ -489,7 +522,11 @@ class Fleet:
             row = worker.status.as_dict()
             handle = worker.current
             row.update(cpu_percent=None, rss_bytes=None, processes=None)
-            if handle is not None:
+            # A run whose machine is away is out of sight: "lost" until it is found again.
+            away = self.machine_away(worker.status.machine or "") if handle else ""
+            if away:
+                row.update(state="lost", away=away)
+            elif handle is not None:
                 with contextlib.suppress(Exception):
                     stats = await handle.stats()
                     row.update(cpu_percent=stats.cpu_percent, rss_bytes=stats.rss_bytes,

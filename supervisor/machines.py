@@ -116,9 +116,8 @@ class MachineView:
     reach_detail: str = ""
     #: Since when it has been away (``unreachable``, then ``back``); None while it answers.
     away_since: float | None = None
-    #: Requested when the fleet stops waiting for it: the workers whose runs (or whose next
-    #: runs) are bound to it give their tasks up for this shift.
-    abandon: StopControl = field(default_factory=StopControl)
+    #: Set (and replaced) at each change of ``reach``.
+    changed: anyio.Event | None = None
     held_until: float | None = None
     #: Leases of dead shifts renewed here while this shift watches a run of theirs: path ->
     #: how many such runs.
@@ -167,6 +166,10 @@ class Machines:
         self.log = log
         self.claimant = Claimant.for_state_dir(config.state_path, shift_id)
         self.tg: anyio.abc.TaskGroup | None = None
+        #: Requested when the fleet stops waiting for the machines that cannot be reached
+        #: (nothing else is left to do): the workers bound to them give their tasks up for
+        #: this shift, and their runs there are left to the next ``up``.
+        self.abandon = StopControl()
         built = dict(hosts) if hosts is not None else build_hosts(config)
         remote = {m.name: m for m in config.machines}
         self.views: dict[str, MachineView] = {}
@@ -188,6 +191,14 @@ class Machines:
         for view in self.views.values():
             pool.capacity[view.name] = view.capacity
             pool.running.setdefault(view.name, 0)
+            self._subscribe(view)
+
+    def _subscribe(self, view: MachineView) -> None:
+        """Hear the machine's reachability from its host (``Host.on_reachability``)."""
+        subscribe = getattr(view.host, "on_reachability", None)
+        if subscribe is not None:
+            subscribe(lambda change: self.reach_changed(
+                view.name, str(change.state.value), change.at, change.detail))
 
     # the views ------------------------------------------------------------------------------
 
@@ -451,6 +462,20 @@ class Machines:
         if state == UP:
             view.away_since = None
         self._gate(view)
+        if view.changed is not None:
+            view.changed.set()
+            view.changed = None
+
+    async def wait_up(self, name: str) -> bool:
+        """Wait until ``name`` takes commands again (``up``: every run there found again);
+        False at once if the fleet has stopped waiting for it."""
+        view = self.views[name]
+        while view.reach != UP and not self.abandon.requested.is_set():
+            if view.changed is None:
+                view.changed = anyio.Event()
+            with self.abandon.on_request(view.changed.set):
+                await view.changed.wait()
+        return view.reach == UP
 
     def _gate(self, view: MachineView) -> None:
         """New runs on the machine only while it is up (or not yet connected) and not held."""
@@ -463,25 +488,35 @@ class Machines:
         """While the machine is unreachable, try a command on it now and then: its host sees it
         back (and says so) even when nothing of ours is followed there."""
         interval = min(view.unreachable_after, RETRY_UNREACHABLE)
-        while view.reach == UNREACHABLE and not view.abandon.requested.is_set():
+        while view.reach == UNREACHABLE and not self.abandon.requested.is_set():
             await anyio.sleep(interval)
             with contextlib.suppress(HostError, TimeoutError), anyio.fail_after(interval * 2):
                 await view.host.run(["true"], timeout=interval * 2)
                 if view.reach == UNREACHABLE:  # it answered; its host reports nothing itself
                     self.reach_changed(view.name, UP, time.time(), "it answers again")
 
-    def lost(self, name: str, detail: str) -> None:
-        """A command could not reach ``name``, whose host reports no reachability of its own:
-        the fleet takes it for unreachable itself (and tries it again now and then)."""
-        self.reach_changed(name, UNREACHABLE, time.time(), detail)
+    def unreachable(self, name: str) -> bool:
+        """Whether ``name`` cannot be reached now (``*``: whether no machine that can run
+        agents can)."""
+        if name == "*":
+            return all(not v.reachable for v in self if self.pool.capacity.get(v.name))
+        view = self.views.get(name)
+        return view is not None and not view.reachable
 
-    def give_up(self, name: str, why: str) -> None:
-        """Stop waiting for ``name``: the workers bound to it end their tasks for this shift
-        (their runs there, if any, stay open in the ledger for the next ``up`` to find)."""
-        view = self.views[name]
-        if not view.abandon.requested.is_set():
-            self.log.warning("machine-given-up", machine=name, msg=f"✗ {why}")
-            view.abandon.request(why)
+    def give_up(self, names: list[str]) -> None:
+        """Stop waiting for the machines ``names``, which cannot be reached: the workers bound
+        to them end their tasks for this shift (their runs there, if any, stay open in the
+        ledger: the next ``up`` finds them by their run directories)."""
+        if self.abandon.requested.is_set():
+            return
+        for name in names:
+            view = self.views[name]
+            self.log.warning(
+                "machine-given-up", machine=name,
+                msg=f"✗ nothing left to do but wait for machine {name} ({view.away or view.reach}"
+                "): its tasks are left for the next `up`, which looks at their runs again",
+            )
+        self.abandon.request(f"{', '.join(names)} cannot be reached")
 
     def hold(self, name: str, until: float, reason: str, line: str | None = None) -> None:
         """No new runs on ``name`` (or everywhere) until ``until``: a usage limit was hit."""

@@ -96,9 +96,21 @@ class WorkerStatus:
 
 @dataclass(frozen=True)
 class MachineLost:
-    """The run's machine stayed unreachable: the run's end is unknown (not a crash)."""
+    """The task's machine cannot be reached (never a crash): no run of it lives there, and it
+    waits for the machine or moves; or its run there is out of reach for this shift."""
 
     reason: str
+
+
+#: How a run's ``note`` starts when its machine's lease watchdog stopped it (``sh/runner.sh``):
+#: its supervisor stopped renewing its lease -- a machine away, a supervisor killed.
+WATCHDOG_NOTE = "stopped by the watchdog"
+
+
+def stopped_by_watchdog(ended: ExitStatus) -> bool:
+    """Whether the run's own watchdog stopped it (its note says so), rather than the agent
+    ending or crashing: not the task's failure, so never counted as a crash."""
+    return any(line.startswith(WATCHDOG_NOTE) for line in ended.reason.splitlines())
 
 
 Decision = policy.Decision | MachineLost
@@ -150,9 +162,15 @@ def judge(
             "run-ended", f"■ run {run} ended with {ended.code} (stopped)",
             {"exit_code": ended.code},
         )])
-    if restart_requested:
+    watchdog = stopped_by_watchdog(ended)
+    if restart_requested or watchdog:
         decision: Decision = policy.Resume() if new_milestones else policy.Restart(0.0)
         state = WorkerState.RESUMING if new_milestones else WorkerState.BACKOFF
+        if watchdog:
+            return Verdict("watchdog", decision, state, "stopped by its watchdog", [(
+                "restarting", f"↻ run {run} was stopped by its watchdog ({ended.reason}): the "
+                "next run starts at once, not counted as a crash", {"exit_code": ended.code},
+            )])
         return Verdict("restarted", decision, state, "restart requested", [(
             "restarting", f"↻ run {run} restarted on request: the next run starts at once in "
             "its slot", {},

@@ -148,7 +148,7 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
             return
         view = fleet.machines.get(machine)
         try:
-            looks.update(await _look_settled(host, group, view is not None and view.local))
+            looks.update(await look_settled(host, group, view is not None and view.local))
         except HostError as exc:
             for run in group:
                 unreachable[run.id] = f"machine {machine} could not be checked: {exc.message}"
@@ -177,7 +177,7 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
     return Recovery(notes, dict(leases))
 
 
-async def _look_settled(host: Host, runs: list[RunRecord], local: bool) -> dict[int, Look]:
+async def look_settled(host: Host, runs: list[RunRecord], local: bool) -> dict[int, Look]:
     """The runs' looks, once those still starting have had the time to get on.  ``local``:
     the supervisor made their run directories itself, just before it started the wrapper, so
     a run without one never started; elsewhere a start command may still be on its way."""

@@ -36,6 +36,7 @@ from supervisor.hosts.base import (
     HostError,
     HostUnreachable,
     RunHandle,
+    RunIdentity,
     RunSpec,
     Stream,
 )
@@ -45,7 +46,7 @@ from supervisor.limits import LimitDetector, LimitHit, OutputTail
 from supervisor.lines import pump_output
 from supervisor.logs import LogMux, Tag
 from supervisor.outcome import Decision, MachineLost, WorkerStatus, judge
-from supervisor.recovery import Adoption
+from supervisor.recovery import Adoption, Seen, look_settled
 from supervisor.runio import limit_in, render
 from supervisor.scheduling import Slot, SlotPool, StartGate, StartsGate, StopControl
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
@@ -78,7 +79,13 @@ class FleetServices(Protocol):
 
     def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None: ...
 
-    def machine_lost(self, machine: str) -> None: ...
+    #: Requested when the fleet stops waiting for the machines that cannot be reached.
+    @property
+    def given_up(self) -> StopControl: ...
+
+    async def machine_up(self, machine: str) -> bool: ...
+
+    def machine_away(self, machine: str) -> str: ...
 
     def adopted_run_ended(self, machine: str, lease: str | None) -> None: ...
 
@@ -119,6 +126,10 @@ class Worker:
         self._active = False
         self._again = False
         self._prepared = False
+        #: The machine this worker waits for (``*``: any), for the fleet to tell when nothing
+        #: is left but waiting for machines that cannot be reached.
+        self.waiting_for: str | None = None
+        self._run_wait: anyio.CancelScope | None = None
         if record is not None:
             self._first_kind = self.status.restore(record, again)
 
@@ -162,17 +173,37 @@ class Worker:
         if save:
             self.persist()
 
-    async def _unless_stopped(self, wait: Callable[[], Awaitable[object]]) -> bool:
-        """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first."""
+    async def _unless_stopped(
+        self, wait: Callable[[], Awaitable[object]], waiting_for: str | None = None
+    ) -> bool:
+        """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first --
+        or, when it waits for a machine (``waiting_for``), gives up on unreachable ones."""
         with anyio.CancelScope() as scope, self.fleet.stop.on_request(scope.cancel):
-            await wait()
-            return True
+            if waiting_for is None:
+                await wait()
+                return True
+            self.waiting_for = waiting_for
+            try:
+                with self.fleet.given_up.on_request(scope.cancel):
+                    await wait()
+                    return True
+            finally:
+                self.waiting_for = None
         return False
 
     def _stop_reason(self) -> str:
         if self.fleet.stop.requested.is_set():
             return self.fleet.stop.reason
+        if self.fleet.given_up.requested.is_set():
+            return f"gave up waiting: {self.fleet.given_up.reason}"
         return self.fleet.starts.closed_reason or "stopped"
+
+    def _not_started(self) -> None:
+        """No run could start: stopped (or the soft deadline), or its machine given up."""
+        if self.fleet.given_up.requested.is_set() and not self.fleet.stop.requested.is_set():
+            self._set(WorkerState.LOST, self._stop_reason())
+        else:
+            self._set(WorkerState.STOPPED, self._stop_reason())
 
     # steering from outside ----------------------------------------------------------------
 
@@ -216,7 +247,11 @@ class Worker:
 
     async def stop_run(self, handle: RunHandle) -> None:
         """Stop one run (``restart``): the same stop as the fleet's, on this run alone."""
-        await handle.stop(self.fleet.config.stop_timeout)
+        try:
+            await handle.stop(self.fleet.config.stop_timeout)
+        except HostUnreachable as exc:
+            self._restart_requested = False
+            self.log("restart-unreachable", f"✗ cannot restart run {self.status.run} now: {exc}")
 
     # the life ----------------------------------------------------------------------------
 
@@ -275,7 +310,7 @@ class Worker:
         while kind is not None:
             if decision is None:
                 if not self.slot.held and not await self._get_slot():
-                    self._set(WorkerState.STOPPED, self._stop_reason())
+                    self._not_started()
                     return
                 decision = await self._attempt(kind)
             kind, decision = await self._follow(decision), None
@@ -298,15 +333,17 @@ class Worker:
             where = f" on {pin}" if pin else ""
             self.log("waiting", f"⋯ waiting for a slot{where} ({pool.total} of "
                      f"{pool.total_cap} running)")
-        if not await self._unless_stopped(lambda: self.slot.acquire(pin)) or not self.slot.held:
+        waiting = lambda: self.slot.acquire(pin)  # noqa: E731
+        if not await self._unless_stopped(waiting, pin or "*") or not self.slot.held:
             return False
         self.status.machine = self.slot.machine
         return True
 
     async def _attempt(self, kind: str) -> Decision:
-        """Prepare the worktree if needed and make one run; a lost link is the machine's
-        trouble, not the task's: a crash with backoff (within the intensity limit), never an
-        instant failure, and the machine takes no new runs for a while."""
+        """Prepare the worktree if needed and make one run.  A machine that cannot be reached
+        (or does not answer in time) before the run starts, or after its end was read, is the
+        machine's trouble, not the task's: never a crash; the task waits for the machine or
+        moves (``_elsewhere``)."""
         machine = self.slot.machine
         assert machine is not None
         self.status.machine = machine
@@ -316,9 +353,8 @@ class Worker:
                 await self._prepare(machine)  # once a shift: a worktree removed by hand returns
             return await self._one_run(host, kind)
         except HostUnreachable as exc:
-            self.fleet.machine_lost(machine)
             self._limit_hit = None
-            return self._ended(ExitStatus(None, lost=True, reason=str(exc)), [])
+            return MachineLost(str(exc))
 
     async def _follow(self, decision: Decision) -> str | None:
         """Do what the decision says until the next run may start; return its prompt kind, or
@@ -365,24 +401,25 @@ class Worker:
         return "resume"
 
     async def _elsewhere(self, lost: MachineLost) -> str | None:
-        """The machine stayed unreachable: the task is lost, or (``requeue_lost``) starts over
-        on another machine, in a fresh worktree with the first prompt."""
-        lost_on = self.slot.machine or self.status.machine or "?"
-        self.fleet.machine_lost(lost_on)
-        if not self.fleet.config.requeue_lost or self.fleet.stop.requested.is_set():
+        """Its machine cannot be reached, and no run of the task lives there (none started,
+        or the last one's end was read): the task waits for the machine (its slot goes to
+        others meanwhile) or, with ``requeue_lost`` and no pin, starts over on another
+        machine in a fresh worktree.  A task whose run is out of reach is lost already."""
+        if self.status.state.final or self.fleet.stop.requested.is_set():
             return None
-        self._set(WorkerState.PENDING, save=False)
-        self.status.ended_at = None
+        away_on = self.slot.machine or self.status.machine or "?"
         self.slot.release()
-        self.status.workspace = self.status.machine = None
-        self._prepared = False
-        if not await self._get_slot():
-            self._set(WorkerState.STOPPED, self._stop_reason())
-            return None
-        self.persist()
-        self.log("requeued", f"↪ requeued from {lost_on} to {self.slot.machine}",
-                 machine=self.slot.machine)
-        return "first"
+        pool = self.fleet.pool
+        elsewhere = [m for m, cap in pool.capacity.items() if cap and m != away_on]
+        if self.fleet.config.requeue_lost and self.task.machine is None and elsewhere:
+            self.status.workspace = None
+            self._prepared = False
+            self.log("requeued", f"↪ {away_on} cannot be reached ({lost.reason}): the task "
+                     "starts over on another machine", machine=away_on)
+            return "first"
+        self.log("waiting-machine", f"⋯ {away_on} cannot be reached ({lost.reason}): waiting "
+                 "for it", machine=away_on)
+        return "auto"
 
     async def _committed(self, write: Callable[[], _T]) -> _T | None:
         """``write`` a transition that an act waits for (the act happens only once it is
@@ -495,12 +532,16 @@ class Worker:
         self._limit_hit = None
         try:
             handle = await host.start(spec)
+        except HostUnreachable as exc:
+            # Its answer was lost with the machine: the run may live there.  It stays this
+            # worker's (its slot counts) until its run directory says whether it started.
+            found = await self._unconfirmed(host, run, exc)
+            if not isinstance(found, RunHandle):
+                return found
+            handle = found
         except HostError as exc:
-            unsure = isinstance(exc, HostUnreachable)
-            fleet.ledger.run_ended(
-                run.id, state="ended" if unsure else "abandoned", lost=unsure,
-                reason=f"start {'not confirmed' if unsure else 'failed'}: {exc.message}",
-            )
+            fleet.ledger.run_ended(run.id, state="abandoned",
+                                   reason=f"start failed: {exc.message}")
             self._run = None
             raise
         fleet.ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
@@ -513,6 +554,40 @@ class Worker:
             pid=handle.identity.pid, prompt=prompt, prompt_kind=kind, run_dir=run.run_dir,
         )
         return await self._finish_run(host, handle, before, {})
+
+    async def _unconfirmed(
+        self, host: Host, run: RunRecord, error: HostUnreachable
+    ) -> RunHandle | Decision:
+        """A start whose answer was lost with its machine: once the machine answers again,
+        its run directory says whether the run started (its handle, to follow as if the start
+        had answered) or not (abandoned: a new run starts, no crash).  While the machine is
+        away the run may live: nothing else starts in its slot, and if the fleet gives up on
+        the machine the intent stays open for the next ``up`` to look at."""
+        machine = run.machine
+        self.log("start-unconfirmed", f"⋯ run {run.number}: its start could not be confirmed "
+                 f"({error.message}); looking at its run directory once {machine} answers")
+        while await self._unless_stopped(lambda: self.fleet.machine_up(machine), machine):
+            if not await self.fleet.machine_up(machine):
+                break
+            try:
+                look = (await look_settled(host, [run], local=False))[run.id]
+                if look.seen is Seen.STARTED:
+                    assert look.pid is not None and look.ticks is not None
+                    handle = await host.attach(RunIdentity(machine, run.run_dir, look.pid,
+                                                           look.ticks))
+                    if handle is not None:
+                        return handle
+            except HostUnreachable:
+                continue  # away again: wait for it again
+            if look.seen is Seen.NO_AGENT:
+                return self._ended(ExitStatus(look.code, reason="the run did not start"), [])
+            self.fleet.ledger.run_ended(run.id, state="abandoned",
+                                        reason="never started (its start was not confirmed)")
+            self._run = None
+            return policy.Restart(0.0)
+        self._run = None  # left open in the ledger: the next `up` looks at its run directory
+        why = f"{self.fleet.machine_away(machine) or machine}: run {run.number} may have started"
+        return self._ended(ExitStatus(None, lost=True, reason=why), [], lost=why)
 
     def _running(self, handle: RunHandle) -> None:
         self._current = handle
@@ -558,26 +633,33 @@ class Worker:
     async def _finish_run(
         self, host: Host, handle: RunHandle, before: set[str], offsets: Mapping[Stream, int]
     ) -> Decision:
-        assert self.status.workspace is not None
+        workspace = self.status.workspace
+        assert workspace is not None
         status = await self._follow_output(handle, offsets)
         self._current = None
         self.status.pid = None
+        if status is None:  # its machine is away and the fleet stopped waiting for it
+            self._run = None  # left open in the ledger: the next `up` finds it by its run dir
+            why = f"{self.fleet.machine_away(host.name) or host.name}: run {self.status.run} " \
+                  "is out of reach"
+            stopping = self.fleet.stop.requested.is_set()
+            return self._ended(ExitStatus(None, lost=True, reason=why), [],
+                               lost="" if stopping else why)
         self.status.last_exit = status.code
-        if status.lost and await self._machine_unreachable(host):
-            return self._ended(status, [], lost=status.reason or f"{host.name} unreachable")
-        after = await host.glob(self.status.workspace, self._globs())
+        after = set(before)  # its milestones, once the machine answers (if it goes away now)
+        while True:
+            try:
+                after = await host.glob(workspace, self._globs())
+                break
+            except HostUnreachable:
+                if not await self._unless_stopped(lambda: self.fleet.machine_up(host.name),
+                                                  host.name):
+                    break
         return self._ended(status, sorted(after - before))
 
-    async def _machine_unreachable(self, host: Host) -> bool:
-        try:
-            await host.run(["true"], timeout=30.0)
-        except HostUnreachable:
-            return True
-        except HostError:
-            return False
-        return False
-
-    async def _follow_output(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
+    async def _follow_output(
+        self, handle: RunHandle, offsets: Mapping[Stream, int]
+    ) -> ExitStatus | None:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
 
         async def pump() -> None:
@@ -593,25 +675,54 @@ class Worker:
                 tails.values(), self.fleet.limit_detector(self.status.machine or "local")
             )
 
+        status: ExitStatus | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump)
             with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
-                status = await handle.wait()
+                status = await self._run_end(handle)
+                if status is None:
+                    tg.cancel_scope.cancel()  # its output waits in its files, for the next up
         return status
 
+    async def _run_end(self, handle: RunHandle) -> ExitStatus | None:
+        """The run's end, however long its machine is away (its host finds the run again by
+        its run directory once the machine is back); None when the fleet gives up on the
+        machine, or stops while the run cannot be reached."""
+        with (
+            anyio.CancelScope() as self._run_wait,
+            self.fleet.given_up.on_request(self._run_wait.cancel),
+        ):
+            self.waiting_for = handle.identity.host
+            try:
+                return await handle.wait()
+            finally:
+                self.waiting_for = None
+        return None
+
+    def _give_up_run(self) -> None:
+        if self._run_wait is not None:
+            self._run_wait.cancel()
+
     async def _stop_run(self, handle: RunHandle) -> None:
-        """The fleet stops: this run too, SIGTERM first (its task starts on the request)."""
+        """The fleet stops: this run too, SIGTERM first (its task starts on the request).  A
+        run whose machine cannot be reached is left to its watchdog (its lease is not renewed
+        any more) and to the next ``up``."""
         stop = self.fleet.stop
         self._set(WorkerState.STOPPING)
         timeout = self.fleet.config.stop_timeout
         self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
-        await handle.stop(
-            timeout,
-            sooner=stop.forced,
-            before_kill=lambda: self.log(
-                "killing", "■ SIGKILL to what is left of the run's process tree"
-            ),
-        )
+        try:
+            await handle.stop(
+                timeout,
+                sooner=stop.forced,
+                before_kill=lambda: self.log(
+                    "killing", "■ SIGKILL to what is left of the run's process tree"
+                ),
+            )
+        except HostUnreachable as exc:
+            self.log("stop-unreachable", f"■ cannot stop run {self.status.run} now ({exc}): "
+                     "its watchdog stops it once its lease runs out")
+            self._give_up_run()
 
     # the end of a run ---------------------------------------------------------------------
 

@@ -112,17 +112,6 @@ async def test_a_usage_limit_holds_the_machine_and_gives_the_slot_back(tmp_path:
     assert host.runs_of(2)[0].at >= hold["until"] - 0.05  # nothing new before the reset
 
 
-async def test_a_lost_link_loses_the_task_or_requeues_it(tmp_path: Path) -> None:
-    host = FakeHost(scripts={1: [Script(lost_for=0.3)]})
-    config = fake_config(tmp_path, [task(1)])
-    _, result = await run_fleet(config, host)
-    assert states(result) == {1: "lost"} and result.exit_code == 1
-    with Ledger.reader(config.state_path) as ledger:  # type: ignore[union-attr]
-        assert [e["state"] for e in ledger.machine_events("local")] == ["unreachable"]
-        (run,) = ledger.runs(issue=1)
-        assert (run.state, run.lost, run.outcome) == ("ended", True, "lost")
-
-
 async def test_a_reset_time_is_read_in_the_machines_time_zone(tmp_path: Path) -> None:
     """"resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there."""
     zone = "Pacific/Kiritimati"  # UTC+14: 5pm there is not 5pm here, wherever here is
