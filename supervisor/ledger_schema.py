@@ -31,7 +31,9 @@ version is refused with :class:`LedgerTooNew`)::
     holds(id PK, machine, reason, since, until, shift, line)
         usage-limit holds: no new run on ``machine`` until ``until``
     machine_events(id PK, machine, state, at, shift, detail)
-        reachability: ``unreachable``, ``retrying``, ``refused``
+        each change of a machine's reachability in a shift (``connecting``, ``up``, ``slow``,
+        ``unreachable``, ``back``), ``refused`` (left out of the shift), ``noisy-login`` (its
+        login shell prints before every command); ``retrying`` in older ledgers
 
 A run's states: ``intent`` (committed before the start; the run may not exist), ``running``
 (pid known), ``ended`` (exit recorded), ``abandoned`` (it never started: the intent's supervisor

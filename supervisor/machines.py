@@ -65,6 +65,8 @@ DISMISS_TIMEOUT = 10.0
 RETRY_UNREACHABLE = 15.0
 UP, SLOW, UNREACHABLE, BACK, CONNECTING = "up", "slow", "unreachable", "back", "connecting"
 REFUSED = "refused"
+#: Not a reachability state: a machine whose login shell prints (recorded, for the report).
+NOISY_LOGIN = "noisy-login"
 
 
 def build_hosts(config: FleetConfig) -> dict[str, Host]:
@@ -394,8 +396,14 @@ class Machines:
         async def probe(view: MachineView) -> None:
             try:
                 with anyio.fail_after(PREFLIGHT_TIMEOUT):
-                    await view.host.run(["true"], timeout=30)
+                    said = (await view.host.run(["true"], timeout=30)).login_noise
                     await self.claim(view.name)
+                if said:  # harmless (commands are framed), but worth a line in the report
+                    self.ledger.machine_event(
+                        view.name, NOISY_LOGIN, shift=self.shift_id,
+                        detail=f"its login shell prints {len(said.encode())} bytes before every "
+                        f"command (dropped from their output): {said.strip()[:80]!r}",
+                    )
             except (HostAuthError, WorkdirInUse, ClaimFailed) as exc:
                 self.refuse(view.name, exc)
             except (HostError, TimeoutError) as exc:

@@ -46,6 +46,8 @@ def machine_lines(events: Sequence[Mapping[str, Any]]) -> list[str]:
             away[name] = (state, at)
         elif state == "refused":
             lines.append(f"{name} left out of the shift: {event.get('detail') or 'refused'}")
+        elif state == "noisy-login":
+            lines.append(f"{name}: {event.get('detail')}")
         elif state in ("back", "up", "retrying") and name in away:
             kind, since = away.pop(name)
             if kind == "unreachable":
