@@ -184,18 +184,26 @@ def test_up_killed_within_10ms_of_a_remote_start_is_adopted_by_the_next(
         machines=[machine(sshd, "m1", workdir, max_agents=1)],
     ))
     for _ in range(3):
-        seen = len(remote_runs(workdir))
-        up = fleet.start(config)
-        wait_for(lambda: len(remote_runs(workdir)) > seen or up.popen.poll() is not None, 60,
-                 "a remote start", interval=0.001)
-        if up.popen.poll() is not None:
+        if not _kill_at_a_remote_start(fleet, config, workdir):
             break
-        kill_up(up)
     result = fleet.start(config).wait(90)
     check_story(fleet, result, tasks=[1, 2, 3], caps={"m1": 1}, roots={"m1": workdir},
                 report=[])
     adopted = [r for d in shift_dirs(fleet.state_dir) for r in _events(d, "adopted")]
     assert adopted, "no run was adopted"
+
+
+def _kill_at_a_remote_start(fleet: Harness, config: Path, workdir: Path) -> bool:
+    """Start ``up``; SIGKILL it as soon as a new run directory appears on the machine (a
+    millisecond's poll); False if it ended first."""
+    seen = len(remote_runs(workdir))
+    up = fleet.start(config)
+    wait_for(lambda: len(remote_runs(workdir)) > seen or up.popen.poll() is not None, 60,
+             "a remote start", interval=0.001)
+    if up.popen.poll() is not None:
+        return False
+    kill_up(up)
+    return True
 
 
 def _events(shift_dir: Path, name: str) -> list[dict[str, Any]]:
