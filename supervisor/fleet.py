@@ -347,6 +347,7 @@ class Fleet:
             self.mux.flush()  # every record on disk before the report, however that ends
             await self._report_unless_interrupted(summary)
         finally:
+            self._services = self.machines.tg = None  # that task group has ended
             # However the shift ends (a second Ctrl-C included): each watchdog checks that no
             # run it guards is left before it goes.  Signals only queue up meanwhile: the
             # clean-up is short and bounded, and a Ctrl-C landing in it must not cut it off

@@ -172,6 +172,7 @@ class Machines:
         #: (nothing else is left to do): the workers bound to them give their tasks up for
         #: this shift, and their runs there are left to the next ``up``.
         self.abandon = StopControl()
+        self.closed = False  # the shift has ended: what hosts report now is of no one's use
         built = dict(hosts) if hosts is not None else build_hosts(config)
         remote = {m.name: m for m in config.machines}
         self.views: dict[str, MachineView] = {}
@@ -435,7 +436,7 @@ class Machines:
         """``name``'s host reports a change of its reachability: record it, say it, and open
         or close the machine to new runs (see the module docstring)."""
         view = self.views.get(name)
-        if view is None or view.reach in (state, REFUSED):
+        if view is None or view.reach in (state, REFUSED) or self.closed:
             return
         previous, view.reach, view.reach_detail = view.reach, state, detail
         self.ledger.machine_event(name, state, shift=self.shift_id, detail=detail)
@@ -551,6 +552,8 @@ class Machines:
         self.log.info("machine-resumed", msg=f"▶ new runs on {', '.join(names)} allowed again")
 
     async def aclose(self) -> None:
+        self.closed = True
+        self.tg = None
         for view in self:
             with contextlib.suppress(Exception):
                 await view.host.aclose()

@@ -567,8 +567,6 @@ class Worker:
         self.log("start-unconfirmed", f"⋯ run {run.number}: its start could not be confirmed "
                  f"({error.message}); looking at its run directory once {machine} answers")
         while await self._unless_stopped(lambda: self.fleet.machine_up(machine), machine):
-            if not await self.fleet.machine_up(machine):
-                break
             try:
                 look = (await look_settled(host, [run], local=False))[run.id]
                 if look.seen is Seen.STARTED:
@@ -585,9 +583,16 @@ class Worker:
                                         reason="never started (its start was not confirmed)")
             self._run = None
             return policy.Restart(0.0)
-        self._run = None  # left open in the ledger: the next `up` looks at its run directory
-        why = f"{self.fleet.machine_away(machine) or machine}: run {run.number} may have started"
-        return self._ended(ExitStatus(None, lost=True, reason=why), [], lost=why)
+        away = self.fleet.machine_away(machine) or machine
+        return self._out_of_reach(f"{away}: run {run.number} may have started there")
+
+    def _out_of_reach(self, why: str) -> Decision:
+        """The run cannot be followed in this shift: it stays open in the ledger for the next
+        ``up`` to find by its run directory; the task is lost (stopped, if the fleet stops)."""
+        self._run = None
+        stopping = self.fleet.stop.requested.is_set()
+        return self._ended(ExitStatus(None, lost=True, reason=why), [],
+                           lost="" if stopping else why)
 
     def _running(self, handle: RunHandle) -> None:
         self._current = handle
@@ -639,12 +644,8 @@ class Worker:
         self._current = None
         self.status.pid = None
         if status is None:  # its machine is away and the fleet stopped waiting for it
-            self._run = None  # left open in the ledger: the next `up` finds it by its run dir
-            why = f"{self.fleet.machine_away(host.name) or host.name}: run {self.status.run} " \
-                  "is out of reach"
-            stopping = self.fleet.stop.requested.is_set()
-            return self._ended(ExitStatus(None, lost=True, reason=why), [],
-                               lost="" if stopping else why)
+            away = self.fleet.machine_away(host.name) or host.name
+            return self._out_of_reach(f"{away}: run {self.status.run} is out of reach")
         self.status.last_exit = status.code
         after = set(before)  # its milestones, once the machine answers (if it goes away now)
         while True:

@@ -26,7 +26,7 @@ import pytest
 
 from supervisor.fleet import Fleet, FleetResult
 from supervisor.ledger import Ledger
-from tests.fakehost import FakeHost, Script, fake_config
+from tests.fakehost import FakeHost, Script, fake_config, until
 from tests.test_fleet_inproc import _structlog_restored, states  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.anyio
@@ -93,16 +93,26 @@ async def test_a_run_stopped_by_its_watchdog_while_away_is_restarted_not_counted
 
 @pytest.mark.parametrize("requeue", [False, True])
 async def test_a_task_between_runs_waits_for_its_machine_or_moves(
-    tmp_path: Path, requeue: bool
+    tmp_path: Path, requeue: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """#1's first run on m1 crashes; m1 goes away during its backoff.  The next attempt
     cannot reach m1: no crash for that; #1 waits for m1 and runs there again -- or, with
     ``requeue_lost``, starts over on local (no run of it lives on m1)."""
-    m1 = FakeHost("m1", {1: [Script(exit=1, duration=0.05, away=(0.1, 0.7)), Script()]})
+    monkeypatch.setattr("supervisor.worker.random.random", lambda: 0.9)  # backoff: 0.27 s
+    m1 = FakeHost("m1", {1: [Script(exit=1, duration=0.05), Script()]})
     local = FakeHost("local", {1: [Script()]})
     config = two_machines(tmp_path, [1], requeue_lost=requeue,
                           restart={"backoff_base": 0.3, "backoff_max": 0.3})
-    _, result = await run_two(config, m1, local)
+    fleet = Fleet(config, hosts={"m1": m1, "local": local})
+
+    async def away_after_the_crash() -> None:
+        await until(lambda: m1.starts and m1.starts[0].ended_at is not None, LIMIT)
+        m1.go_away(0.7)
+
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(away_after_the_crash)
+            result = await fleet.run()
     assert result.exit_code == 0
     (worker,) = result.workers
     assert (worker.state, worker.crashes) == ("done", 1)
@@ -111,6 +121,7 @@ async def test_a_task_between_runs_waits_for_its_machine_or_moves(
         assert local.starts[0].argv[-1] == "/issue-to-impl 1"  # starts over: first prompt
     else:
         assert [s.run for s in m1.starts] == [1, 2] and not local.starts
+        assert m1.starts[1].at >= m1.starts[0].ended_at + 0.6  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("started", [True, False])
