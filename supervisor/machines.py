@@ -407,9 +407,9 @@ class Machines:
                     )
             except (HostAuthError, WorkdirInUse, ClaimFailed) as exc:
                 self.refuse(view.name, exc)
-            except (HostError, TimeoutError) as exc:
-                self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=view.name)
-                self.reach_changed(view.name, UNREACHABLE, time.time(), str(exc))
+            except (HostError, TimeoutError) as exc:  # the line is reach_changed's
+                self.reach_changed(view.name, UNREACHABLE, time.time(),
+                                   str(exc) or f"no answer within {PREFLIGHT_TIMEOUT:g}s")
 
         async def zone(view: MachineView) -> None:
             view.timezone = await timezone_of(view.host)

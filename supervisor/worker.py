@@ -656,6 +656,7 @@ class Worker:
                 if not await self._unless_stopped(lambda: self.fleet.machine_up(host.name),
                                                   host.name):
                     break
+                await anyio.sleep(1.0)  # (a host that does not say it is away: not too often)
         return self._ended(status, sorted(after - before))
 
     async def _follow_output(
