@@ -62,7 +62,6 @@ from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.worker import Worker
 from supervisor.workspace import Clone
 
-REPORT_TIMEOUT = 120.0
 STUCK_CHECK = 1.0
 CLEANUP_TIMEOUT = 15.0
 _AGAIN = frozenset({"failed", "stopped", "lost"})
@@ -345,7 +344,10 @@ class Fleet:
                 services.cancel_scope.cancel()
             summary = self._summary()
             self.mux.flush()  # every record on disk before the report, however that ends
-            await self._report_unless_interrupted(summary)
+            await report.write_and_notify(
+                summary, self.run_dir, self.hosts, self.config, self.log,
+                default_branch=self.machines.default_branches(),
+            )
         finally:
             self._services = self.machines.tg = None  # that task group has ended
             # However the shift ends (a second Ctrl-C included): each watchdog checks that no
@@ -395,21 +397,10 @@ class Fleet:
         did with the runs it left (the ledger has marked it ``died``)."""
         for shift_id in self.died:
             shift_dir = self.config.state_path / "runs" / shift_id
-            if not shift_dir.is_dir():
-                continue
-            record = self.ledger.shift(shift_id)
-            self._write_state("summary.json", shift_dir, {
-                "fleet": shift_id,
-                "name": self.config.name,
-                "pid": record.pid if record else None,
-                "started_at": record.started_at if record else None,
-                "run_dir": str(shift_dir),
-                "workers": report.workers_of(self.ledger, shift_id),
-                "ended_at": None,
-                "exit_code": None,
-                "exit_meaning": f"supervisor died; found by fleet {self.shift_id}",
-                "orphans": [note for shift, note in recovery.notes if shift == shift_id],
-            })
+            if shift_dir.is_dir():
+                notes = [note for shift, note in recovery.notes if shift == shift_id]
+                self._write_state("summary.json", shift_dir, report.dead_shift_summary(
+                    self.ledger, shift_id, shift_dir, found_by=self.shift_id, notes=notes))
 
     async def _give_up_when_stuck(self) -> None:
         """When every task left waits for a machine that cannot be reached (its run there, or
@@ -614,33 +605,6 @@ class Fleet:
         self._write_state("summary.json", self.run_dir, summary)
         self.ledger.end_shift(self.shift_id, code, MEANINGS.get(code, ""))
         return summary
-
-    async def _report_unless_interrupted(self, summary: dict[str, Any]) -> None:
-        """The report and its notifications, within ``REPORT_TIMEOUT``.  A Ctrl-C or SIGTERM
-        meanwhile skips what is left of them, and only that: the fleet still ends in order
-        (``agentize-fleet report`` writes the report later)."""
-        with (
-            anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
-            anyio.move_on_after(REPORT_TIMEOUT, shield=True) as scope,
-        ):
-
-            async def skip_on_signal() -> None:
-                async for signum in signals:
-                    self.log.info(
-                        "report-skipped",
-                        msg=f"{signal.Signals(signum).name}: report and notifications skipped "
-                        f"(`agentize-fleet report --run {self.shift_id}` writes the report)",
-                    )
-                    scope.cancel()
-                    return
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(skip_on_signal)
-                await report.write_and_notify(
-                    summary, self.run_dir, self.hosts, self.config, self.log,
-                    default_branch=self.machines.default_branches(),
-                )
-                tg.cancel_scope.cancel()
 
     def _finish(self, summary: dict[str, Any]) -> FleetResult:
         code = int(summary["exit_code"])

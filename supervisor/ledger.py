@@ -33,16 +33,9 @@ Readers open the file read-only and never create it.  The ledger records transit
 output lines: the line path does not touch it.
 
 **A ledger that cannot be written** (a full disk, a file system gone read-only, an I/O error)
-is a state, not a crash.  What a failed write means depends on where it stands: a transition
-committed *before* an act (a run's intent, an adoption) is the act's licence, so when it cannot
-be committed the act does not happen -- :class:`LedgerUnwritable` is raised and the caller
-waits (:meth:`Ledger.writable`) and tries again; a transition that records an act *already
-done* (a pid, an exit, a task's new state) cannot be undone, so it is kept in memory, in order,
-and written again by :meth:`Ledger.retry` (the fleet calls it every :data:`RETRY_INTERVAL`
-through :meth:`Ledger.keep_writing`).  ``on_fault`` tells the fleet when writing starts failing
-(it holds new starts) and when it works again.  Reads meanwhile see the ledger without what
-waits; a supervisor killed meanwhile loses what waits, which the next ``up`` reads back from the
-run directories (as after a power cut).
+is a state, not a crash: a transition that announces an act raises :class:`LedgerUnwritable`
+(the act waits), one that records an act already done waits in memory and is written later
+(:mod:`supervisor.ledger_tx`, the discipline of every write).
 
 See :mod:`supervisor.ledger_schema` for the tables (a ledger written by a newer version is
 refused with :class:`LedgerTooNew`).
@@ -56,11 +49,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
-
-import anyio
+from typing import Any, TypeVar
 
 from supervisor.ledger_schema import (
     SCHEMA,
@@ -74,8 +65,17 @@ from supervisor.ledger_schema import (
     WorkerRecord,
     record_of,
 )
+from supervisor.ledger_tx import (
+    RETRY_INTERVAL,
+    Committer,
+    LedgerError,
+    LedgerUnwritable,
+    Tx,
+    cannot_use,
+)
 
 __all__ = [
+    "RETRY_INTERVAL",
     "SCHEMA_VERSION",
     "Ledger",
     "LedgerError",
@@ -90,51 +90,19 @@ __all__ = [
 
 LEDGER_NAME = "ledger.sqlite3"
 BUSY_TIMEOUT = 10.0
-#: While the ledger cannot be written, a write is tried again this often.
-RETRY_INTERVAL: Final = 1.0
 _R = TypeVar("_R")
-Transition = Callable[["_Tx"], object]
-
-
-class LedgerError(Exception):
-    """The ledger cannot be used; the message names the file and the fix."""
 
 
 class LedgerTooNew(LedgerError):
     """The ledger was written by a newer agentize-fleet: reading it could misread it."""
 
 
-class LedgerUnwritable(LedgerError):
-    """A transaction could not be committed: the disk is full, the file system read-only, an
-    I/O error (SQLite's ``OperationalError``).  A state that passes: the write is tried again."""
-
-    def __init__(self, path: Path, error: sqlite3.Error) -> None:
-        self.path = path
-        self.error = error
-        self.detail = f"{error} ({getattr(error, 'sqlite_errorname', None) or 'SQLITE_ERROR'})"
-        super().__init__(_cannot(path, error))
-
-
 def ledger_path(state_dir: Path) -> Path:
     return state_dir / LEDGER_NAME
 
 
-class Ledger:
+class Ledger(Committer):
     """The open ledger: the writer (:meth:`open`) or a reader (:meth:`reader`)."""
-
-    def __init__(self, path: Path, connection: sqlite3.Connection, *, writable: bool) -> None:
-        self.path = path
-        self._db = connection
-        self.read_only = not writable
-        #: Called with the error when writing starts failing, with None when it works again.
-        self.on_fault: Callable[[LedgerUnwritable | None], None] | None = None
-        self.fault: LedgerUnwritable | None = None
-        self.fault_since = 0.0
-        #: Transitions that record acts already done, not yet committed (oldest first).
-        self._waiting: list[Transition] = []
-        self._next_try = 0.0
-        self._waiters: list[anyio.Event] = []
-        self._wanted: anyio.Event | None = None
 
     # opening ------------------------------------------------------------------------------
 
@@ -147,7 +115,7 @@ class Ledger:
             os.fchmod(fd, 0o600)
             os.close(fd)
         except OSError as exc:
-            raise LedgerError(_cannot(path, exc)) from None
+            raise LedgerError(cannot_use(path, exc)) from None
         return cls._connect(path, str(path), writable=True)
 
     @classmethod
@@ -175,7 +143,7 @@ class Ledger:
                 db.close()
             if isinstance(exc, LedgerError):
                 raise
-            raise LedgerError(_cannot(path, exc)) from None
+            raise LedgerError(cannot_use(path, exc)) from None
         return ledger
 
     def close(self) -> None:
@@ -225,124 +193,6 @@ class Ledger:
             return int(row[0])
         except ValueError:
             return None
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[_Tx]:
-        """One transaction: all of it is committed, or none of it.  A write the disk or the
-        file system refuses raises :class:`LedgerUnwritable`."""
-        if self.read_only:
-            raise LedgerError(f"{self.path} is open read-only")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise LedgerUnwritable(self.path, exc) from None
-        except sqlite3.Error as exc:
-            raise LedgerError(_cannot(self.path, exc)) from None
-        try:
-            yield _Tx(self._db)
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
-                raise LedgerUnwritable(self.path, exc) from None
-            raise
-
-    # writing, and what a failed write means ----------------------------------------------
-
-    def _commit(self, transition: Callable[[_Tx], _R], *, done: bool) -> _R | None:
-        """Commit one transition.
-
-        ``done``: it records an act already done; when it cannot be committed it waits, in
-        order after any that wait already, and None is returned.  Otherwise the act it
-        announces must not happen unless it is committed: :class:`LedgerUnwritable` is raised
-        (after what waits, in order: a transition never overtakes an earlier one).
-        """
-        if self._waiting:
-            if done:
-                self._waiting.append(transition)
-                if time.monotonic() >= self._next_try:
-                    self.retry()
-                return None
-            if not self.retry():
-                assert self.fault is not None
-                raise self.fault
-        try:
-            with self._tx() as db:
-                result = transition(db)
-        except LedgerUnwritable as exc:
-            self._failing(exc)
-            if not done:
-                raise
-            self._waiting.append(transition)
-            return None
-        if self.fault is not None:
-            self._recovered()  # nothing waited: this write was the probe
-        return result
-
-    def _failing(self, error: LedgerUnwritable) -> None:
-        self._next_try = time.monotonic() + RETRY_INTERVAL
-        first = self.fault is None
-        self.fault = error
-        if not first:
-            return
-        self.fault_since = time.time()
-        if self._wanted is not None:
-            self._wanted.set()
-        if self.on_fault is not None:
-            self.on_fault(error)
-
-    @property
-    def waiting(self) -> int:
-        """How many transitions wait to be written."""
-        return len(self._waiting)
-
-    def retry(self) -> bool:
-        """Write the transitions that wait, oldest first, one transaction each (or, when none
-        waits, a probe); True once the ledger can be written again."""
-        if self.fault is None:
-            return True
-        self._next_try = time.monotonic() + RETRY_INTERVAL
-        try:
-            if not self._waiting:
-                with self._tx() as db:
-                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)",
-                               (str(time.time()),))
-            while self._waiting:
-                with self._tx() as db:
-                    self._waiting[0](db)
-                del self._waiting[0]
-        except LedgerUnwritable as exc:
-            self.fault = exc
-            return False
-        self._recovered()
-        return True
-
-    def _recovered(self) -> None:
-        self.fault = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.set()
-        if self.on_fault is not None:
-            self.on_fault(None)
-
-    async def writable(self) -> None:
-        """Return once the ledger can be written (at once when it can)."""
-        while self.fault is not None:
-            waiter = anyio.Event()
-            self._waiters.append(waiter)
-            await waiter.wait()
-
-    async def keep_writing(self) -> None:
-        """While the ledger cannot be written, try again every :data:`RETRY_INTERVAL`; an
-        idle ledger costs no wake-ups.  Runs until cancelled."""
-        while True:
-            self._wanted = anyio.Event()
-            if self.fault is None:
-                await self._wanted.wait()
-            await anyio.sleep(RETRY_INTERVAL)
-            if self.fault is not None and time.monotonic() >= self._next_try - 0.01:
-                self.retry()
 
     def _all(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> list[_R]:
         cur = self._db.execute(sql, args)
@@ -403,7 +253,7 @@ class Ledger:
         """Mark which tasks the current config lists (the others stay, unlisted)."""
         listed = [(i,) for i in sorted(set(issues))]
 
-        def mark(db: _Tx) -> None:
+        def mark(db: Tx) -> None:
             db.execute("UPDATE tasks SET listed = 0")
             db.executemany("UPDATE tasks SET listed = 1 WHERE issue = ?", listed)
 
@@ -429,7 +279,7 @@ class Ledger:
         rows = [(dataclasses.replace(task), worker, adopted_from)
                 for task, worker, adopted_from in items]
 
-        def put(db: _Tx) -> None:
+        def put(db: Tx) -> None:
             for task, worker, adopted_from in rows:
                 _put_task(db, task, shift, now)
                 if worker != "-":
@@ -473,7 +323,7 @@ class Ledger:
         """
         now = time.time()
 
-        def intent(db: _Tx) -> tuple[int, int, str]:
+        def intent(db: Tx) -> tuple[int, int, str]:
             row = db.execute(
                 "SELECT MAX(number) FROM runs WHERE issue = ?", (task.issue,)
             ).fetchone()
@@ -530,7 +380,7 @@ class Ledger:
         values = (state, now, exit_code, int(lost), outcome, reason, run_id)
         task = dataclasses.replace(task) if task is not None else None
 
-        def end(db: _Tx) -> None:
+        def end(db: Tx) -> None:
             db.execute(
                 "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
                 "reason = ? WHERE id = ?", values,
@@ -547,7 +397,7 @@ class Ledger:
         once this is written (a later adopter reads the logs of the shifts named here, to know
         where to resume): raises :class:`LedgerUnwritable` when it cannot be."""
 
-        def supervise(db: _Tx) -> None:
+        def supervise(db: Tx) -> None:
             row = db.execute("SELECT supervisors FROM runs WHERE id = ?", (run_id,)).fetchone()
             chain = list(json.loads(row[0])) if row else []
             if shift not in chain:
@@ -629,24 +479,6 @@ class Ledger:
         return self._dicts(sql + " ORDER BY id", [v for _, v in where])
 
 
-class _Tx:
-    """The connection inside one transaction (``executescript`` would commit it: not here)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._db.execute(sql, args)
-
-    def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
-        return self._db.executemany(sql, args)
-
-    def executescript_in_tx(self, script: str) -> None:
-        for statement in script.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
-
-
 _TASK_NAMES = (*TASK_COLUMNS, "updated_at")
 _PUT_TASK = (
     f"INSERT INTO tasks({', '.join(_TASK_NAMES)}) VALUES ({', '.join('?' * len(_TASK_NAMES))}) "
@@ -655,7 +487,7 @@ _PUT_TASK = (
 )
 
 
-def _put_task(db: _Tx, task: TaskRecord, shift: str, now: float) -> None:
+def _put_task(db: Tx, task: TaskRecord, shift: str, now: float) -> None:
     task.first_shift, task.last_shift = task.first_shift or shift, shift
     values = {name: getattr(task, name) for name in TASK_COLUMNS}
     values["history"] = json.dumps(task.history)
@@ -664,7 +496,7 @@ def _put_task(db: _Tx, task: TaskRecord, shift: str, now: float) -> None:
 
 
 def _put_worker(
-    db: _Tx, task: TaskRecord, shift: str, worker: str, adopted_from: str | None
+    db: Tx, task: TaskRecord, shift: str, worker: str, adopted_from: str | None
 ) -> None:
     db.execute(
         "INSERT INTO workers(shift, worker, issue, state, reason, adopted_from, started_at, "
@@ -684,11 +516,3 @@ def _uri_path(path: Path) -> str:
     from urllib.parse import quote
 
     return quote(str(path.resolve()))
-
-
-def _cannot(path: Path, exc: BaseException) -> str:
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return (
-        f"cannot use the ledger {path}: {detail}; fix: make its state directory writable by "
-        f"you (and the disk not full), or point state_dir at another directory"
-    )

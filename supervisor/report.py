@@ -15,6 +15,7 @@ import contextlib
 import json
 import posixpath
 import re
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from supervisor.records import last_lines, log_files
 from supervisor.rundir import write_text_atomic
 
 TAIL_LINES = 20
+#: The report and its notifications get this long at the end of a shift.
+REPORT_TIMEOUT = 120.0
 COLLECT_CONCURRENCY = 8
 
 
@@ -328,8 +331,39 @@ async def write_and_notify(
     *,
     default_branch: Mapping[str, str],
 ) -> None:
-    """Write a shift's morning report and run the notification hooks; every failure is a
-    line in the log, never the shift's exit code."""
+    """Write a shift's morning report and run the notification hooks, within
+    :data:`REPORT_TIMEOUT`; every failure is a line in the log, never the shift's exit code.
+    A Ctrl-C or SIGTERM meanwhile skips what is left of them, and only that: the fleet still
+    ends in order (``agentize-fleet report`` writes the report later)."""
+    with (
+        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        anyio.move_on_after(REPORT_TIMEOUT, shield=True) as scope,
+    ):
+
+        async def skip_on_signal() -> None:
+            async for signum in signals:
+                log.info(
+                    "report-skipped",
+                    msg=f"{signal.Signals(signum).name}: report and notifications skipped "
+                    f"(`agentize-fleet report --shift {shift_dir.name}` writes the report)",
+                )
+                scope.cancel()
+                return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(skip_on_signal)
+            await _write_and_notify(summary, shift_dir, hosts, config, log, default_branch)
+            tg.cancel_scope.cancel()
+
+
+async def _write_and_notify(
+    summary: dict[str, Any],
+    shift_dir: Path,
+    hosts: Mapping[str, Host],
+    config: FleetConfig,
+    log: structlog.typing.FilteringBoundLogger,
+    default_branch: Mapping[str, str],
+) -> None:
     try:
         data = await collect(summary, shift_dir, hosts, milestone_globs=config.milestone_globs,
                              default_branch=default_branch)
@@ -349,6 +383,22 @@ async def write_and_notify(
             log.warning("notify-failed", msg=f"notification failed: {problem}")
         if not problems:
             log.info("notified", msg="notifications sent")
+
+
+def dead_shift_summary(
+    ledger: Ledger, shift_id: str, shift_dir: Path, *, found_by: str, notes: list[str]
+) -> dict[str, Any]:
+    """The ``summary.json`` of a shift whose ``up`` died, written by the shift that found it:
+    its tasks as the ledger has them, and what the finder did with the runs it left."""
+    record = ledger.shift(shift_id)
+    return {
+        "fleet": shift_id, "name": record.name if record else "",
+        "pid": record.pid if record else None,
+        "started_at": record.started_at if record else None, "run_dir": str(shift_dir),
+        "workers": workers_of(ledger, shift_id), "ended_at": None, "exit_code": None,
+        "exit_meaning": f"supervisor died; found by fleet {found_by}", "orphans": notes,
+        "machine_events": ledger.machine_events(shift=shift_id),
+    }
 
 
 def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:

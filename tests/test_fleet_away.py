@@ -106,7 +106,9 @@ async def test_a_task_between_runs_waits_for_its_machine_or_moves(
     fleet = Fleet(config, hosts={"m1": m1, "local": local})
 
     async def away_after_the_crash() -> None:
-        await until(lambda: m1.starts and m1.starts[0].ended_at is not None, LIMIT)
+        worker = fleet.worker_for(1)
+        assert worker is not None
+        await until(lambda: worker.status.state == "backoff", LIMIT)
         m1.go_away(0.7)
 
     with anyio.fail_after(LIMIT):
