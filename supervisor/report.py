@@ -389,16 +389,10 @@ def dead_shift_summary(
     ledger: Ledger, shift_id: str, shift_dir: Path, *, found_by: str, notes: list[str]
 ) -> dict[str, Any]:
     """The ``summary.json`` of a shift whose ``up`` died, written by the shift that found it:
-    its tasks as the ledger has them, and what the finder did with the runs it left."""
-    record = ledger.shift(shift_id)
-    return {
-        "fleet": shift_id, "name": record.name if record else "",
-        "pid": record.pid if record else None,
-        "started_at": record.started_at if record else None, "run_dir": str(shift_dir),
-        "workers": workers_of(ledger, shift_id), "ended_at": None, "exit_code": None,
-        "exit_meaning": f"supervisor died; found by fleet {found_by}", "orphans": notes,
-        "machine_events": ledger.machine_events(shift=shift_id),
-    }
+    what the ledger says of it, and what the finder did with the runs it left."""
+    summary = summary_from_ledger(ledger, shift_id, None) or {"fleet": shift_id}
+    return {**summary, "run_dir": str(shift_dir), "ended_at": None, "exit_code": None,
+            "exit_meaning": f"supervisor died; found by fleet {found_by}", "orphans": notes}
 
 
 def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
