@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from supervisor import commands as control_commands
 from supervisor import control, durations, report, tail
+from supervisor.agents.render import usd
 from supervisor.allocator import keep_buffers
 from supervisor.config import (
     ConfigError,
@@ -305,9 +306,23 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _state(worker: dict[str, Any]) -> str:
+    """A task's state, and which outcome of its last run put it there (``backoff
+    (rate-limited)``, ``paused (usage-limited)``, ``failed (turn limit ...)``)."""
+    state, outcome = str(worker["state"]), worker.get("outcome")
+    if state == "failed" and worker.get("reason"):
+        reason = str(worker["reason"])
+        return f"failed ({reason if len(reason) <= 40 else reason[:39] + '…'})"
+    if outcome and outcome not in (state, "done", "stopped", "restarted") and state not in (
+        "running", "preparing", "pending", "stopping"
+    ):
+        return f"{state} ({outcome})"
+    return state
+
+
 def status_table(workers: list[dict[str, Any]], now: float) -> str:
     header = ("task", "worker", "machine", "state", "pid", "run", "milestones", "crashes",
-              "uptime", "last out", "cpu%", "rss")
+              "uptime", "last out", "cpu%", "rss", "cost")
     rows = [header]
     for w in workers:
         started = w.get("run_started_at") if w.get("pid") else None
@@ -316,7 +331,7 @@ def status_table(workers: list[dict[str, Any]], now: float) -> str:
             f"#{w['task']}",
             str(w["worker"]),
             str(w.get("machine") or "-"),
-            str(w["state"]),
+            _state(w),
             str(w.get("pid") or "-"),
             str(w.get("runs") or 0),
             str(w.get("milestones") or 0),
@@ -325,6 +340,7 @@ def status_table(workers: list[dict[str, Any]], now: float) -> str:
             _age(w.get("last_output_age")),
             "-" if cpu is None else f"{cpu:.0f}",
             _human_bytes(w.get("rss_bytes")),
+            usd(w.get("cost_usd")),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip()
@@ -340,14 +356,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2, default=str))
         return 0
     paused = " (new runs paused)" if answer.get("paused") else ""
-    held = answer.get("held") or {}
-    if held:
-        paused += f" (new runs held: {'; '.join(map(str, held.values()))})"
+    start_holds = answer.get("held") or {}
+    if start_holds:
+        paused += f" (new runs held: {'; '.join(map(str, start_holds.values()))})"
     print(f"fleet {answer.get('fleet')} (pid {answer.get('pid')}){paused}")
     for machine in answer.get("machines", []):
         if machine.get("away") or machine.get("reach") not in ("up", "connecting"):
             print(f"machine {machine.get('away') or machine.get('name')} "
                   f"({machine.get('reach')})")
+    held: dict[str, dict[str, Any]] = {}
+    for hold in answer.get("holds") or []:  # the latest reset per machine
+        if float(hold["until"]) > float(held.get(hold["machine"], {}).get("until", 0)):
+            held[hold["machine"]] = hold
+    for machine, hold in sorted(held.items()):
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(hold["until"])))
+        print(f"machine {machine} held until {until}: {hold['reason']}")
     print(status_table(answer.get("workers", []), time.time()))
     return 0
 
@@ -758,6 +781,11 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
         "--since", metavar="WHEN", help="only records since 10m, 2h, 30s, or an ISO-8601 time"
     )
     logs.add_argument("--grep", metavar="REGEX", help="only records whose line matches REGEX")
+    logs.add_argument(
+        "--session", metavar="ID",
+        help="only the runs in agent session ID (or a unique start of it), and the runs that "
+        "resumed it; default shift: that of its last run",
+    )
     logs.add_argument("--json", action="store_true", help="print the raw JSONL records")
     colour_options(logs)
 

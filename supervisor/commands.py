@@ -12,6 +12,7 @@ unless ``--rerun`` asks for it again.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -110,7 +111,10 @@ def _issue(request: Request, cmd: str) -> int:
 
 
 async def _status(fleet: Steerable, request: Request) -> Answer:
-    return {"ok": True, **fleet.snapshot(), "workers": await fleet.live_status()}
+    # The holds in force (usage limits): ``status`` shows each held machine and its reset.
+    holds = fleet.ledger.holds(active_at=time.time())
+    return {"ok": True, **fleet.snapshot(), "workers": await fleet.live_status(),
+            "holds": holds}
 
 
 async def _down(fleet: Steerable, request: Request) -> Answer:

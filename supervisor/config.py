@@ -440,10 +440,12 @@ class FleetConfig(BaseSettings):
 
     @property
     def agent_command(self) -> list[str]:
-        """The command template with a relative program path resolved like other paths."""
+        """The command template with a relative program path made absolute against the
+        config's directory -- without following symbolic links: a program may tell what it is
+        by the name it is called by (``scripts/fake-claude`` is a link to ``fake-agent``)."""
         program, *rest = self.agent.command
         if "/" in program and not program.startswith(("/", "~", "{")):
-            program = str(self.resolve(program))
+            program = os.path.abspath(self.base_dir.absolute() / program)
         elif program.startswith("~"):
             program = os.path.expanduser(program)
         return [program, *rest]

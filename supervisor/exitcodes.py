@@ -50,7 +50,8 @@ DETAILS: dict[int, str] = {
     "resume, restart, add); no shift recorded yet (logs, shifts, report)",
     EXIT_LOCKED: "locked: another up holds the state directory's lock, or the local workspace "
     "root's (the message names its pid)",
-    EXIT_DEADLINE: "deadline reached with work left (up --until / --max-duration)",
+    EXIT_DEADLINE: "deadline reached with work left (up --until / --max-duration), or new runs "
+    "stopped early: a usage hold longer than max_usage_wait, a max_cost_usd.fleet limit",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGTERM, down)",
     EXIT_BROKEN_PIPE: "output closed: the reader of the output went away (status --json | head)",
 }

@@ -30,7 +30,8 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from supervisor import commands, control, report
+from supervisor import commands, control, report, spend, stall
+from supervisor.agents.render import render_line
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.exitcodes import (
     EXIT_DEADLINE,
@@ -50,7 +51,7 @@ from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
 from supervisor.logs import ConsoleRenderer, LogMux, LogUnwritable, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
-from supervisor.outcome import WorkerStatus
+from supervisor.outcome import WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Recovery, recover
 from supervisor.rundir import (
     StateDirUnusable,
@@ -121,7 +122,10 @@ class Fleet:
         self.starts = StartsGate()
         width = max([len(f"w{len(config.tasks.items)} #{t.issue}") for t in config.tasks.items]
                     + [5])
-        renderer = ConsoleRenderer(console, colour=colour, width=width) if console else None
+        # Stream-JSON agents are shown as people read them; plain text agents as they print.
+        lines = render_line if config.agent.kind != "command" else None
+        renderer = (ConsoleRenderer(console, colour=colour, width=width, line_renderer=lines)
+                    if console else None)
         self.started_at = time.time()
         try:
             self.died = self.ledger.begin_shift(self._shift_record())
@@ -200,8 +204,9 @@ class Fleet:
         self.ledger.set_listed(listed)
         for task in tasks:
             record = records.get(task.issue)
-            again = fresh or task.issue in rerun or (record is not None and record.state in _AGAIN)
-            self._new_worker(task, record, again, "config")
+            anew = fresh or task.issue in rerun
+            again = anew or (record is not None and record.state in _AGAIN)
+            self._new_worker(task, record, again, "config", anew=anew)
             if record is None:
                 continue
             if record.state == WorkerState.DONE:
@@ -237,10 +242,11 @@ class Fleet:
         )
 
     def _new_worker(
-        self, task: TaskConfig, record: TaskRecord | None, again: bool, origin: str
+        self, task: TaskConfig, record: TaskRecord | None, again: bool, origin: str,
+        *, anew: bool = False,
     ) -> Worker:
         worker = Worker(f"w{len(self.workers) + 1}", task, self, record=record, again=again,
-                        origin=origin)
+                        anew=anew, origin=origin)
         self.workers.append(worker)
         return worker
 
@@ -307,6 +313,23 @@ class Fleet:
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.machines.drop_lease(machine, lease)
 
+    def close_starts(self, reason: str) -> None:
+        """No new run starts any more (a usage hold longer than ``max_usage_wait``, a cost
+        limit): running runs end, waiting tasks stop waiting, ``up`` exits 5."""
+        if not self.starts.closed:
+            self.log.warning("starts-closed", msg=f"■ no new runs: {reason}", reason=reason)
+        self.starts.close(reason)
+        for worker in self.workers:
+            worker.wake()
+
+    @property
+    def stallable(self) -> list[Worker]:
+        return self.workers
+
+    def stop_stalled(self, handle: RunHandle) -> None:
+        if self._services is not None:
+            self._services.start_soon(handle.stop, self.config.stop_timeout)
+
 
     # the shift ---------------------------------------------------------------------------
 
@@ -327,6 +350,8 @@ class Fleet:
                 services.start_soon(self.machines.keep_leases)
                 services.start_soon(self._keep_deadlines)
                 services.start_soon(self._give_up_when_stuck)
+                services.start_soon(stall.watch, self)
+                self._restore_holds()
                 await self._serve_control(services)
                 self.log.info(
                     "fleet-started",
@@ -381,6 +406,15 @@ class Fleet:
                 "stop it)",
                 error=str(exc),
             )
+
+    def _restore_holds(self) -> None:
+        """Usage holds of earlier shifts still in force hold this one too; one longer than
+        ``max_usage_wait`` ends it at once (exit 5), as it would have ended the shift that met
+        it."""
+        limit = self.config.max_usage_wait
+        for machine, until in self.machines.restore_holds().items():
+            if until - time.time() > limit:
+                self.close_starts(usage_wait_too_long(machine, until, limit))
 
     def _fail_without_machines(self) -> None:
         if any(self.pool.capacity.values()):
@@ -581,7 +615,7 @@ class Fleet:
         states = [w.status.state for w in self.workers]
         if states and all(s is WorkerState.DONE for s in states):
             return EXIT_OK
-        if self.deadline_hit:
+        if self.deadline_hit or self.starts.closed:  # a deadline, a usage hold, a cost limit
             return EXIT_DEADLINE
         if self.stop.requested.is_set():
             return EXIT_INTERRUPTED
@@ -601,6 +635,9 @@ class Fleet:
                 for r in self.unlisted
             ],
             "machine_events": self.ledger.machine_events(shift=self.shift_id),
+            "starts_closed": self.starts.closed_reason or None,
+            "holds": self.ledger.holds(shift=self.shift_id),
+            "runs": spend.run_rows(self.ledger, self.shift_id),
         }
         self._write_state("summary.json", self.run_dir, summary)
         self.ledger.end_shift(self.shift_id, code, MEANINGS.get(code, ""))

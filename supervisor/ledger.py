@@ -54,14 +54,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from supervisor.ledger_schema import (
+    MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
+    SUMMED_FIELDS,
     TASK_COLUMNS,
     USAGE_FIELDS,
     RunRecord,
     RunState,
     ShiftRecord,
     TaskRecord,
+    TaskUsage,
     WorkerRecord,
     record_of,
 )
@@ -84,6 +87,7 @@ __all__ = [
     "RunRecord",
     "ShiftRecord",
     "TaskRecord",
+    "TaskUsage",
     "WorkerRecord",
     "ledger_path",
 ]
@@ -177,6 +181,15 @@ class Ledger(Committer):
                 f"this one reads up to {SCHEMA_VERSION}); fix: upgrade agentize-fleet, or point "
                 f"state_dir at another directory"
             )
+        if found < SCHEMA_VERSION and create:
+            with self._tx() as db:
+                for version in range(found, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[version]:
+                        db.execute(statement)
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                    (str(SCHEMA_VERSION),),
+                )
 
     def _version(self) -> int | None:
         try:
@@ -313,13 +326,18 @@ class Ledger(Committer):
         lease_path: str | None,
         prompt_kind: str,
         milestones_before: Sequence[str],
+        agent_kind: str | None = None,
+        session_id: str | None = None,
+        resumed_from: str | None = None,
     ) -> RunRecord:
         """Commit the intent of the task's next run, before anything is started.
 
         The run's number is the task's counter plus one (runs are numbered per task across
         shifts); ``run_dir_of(number)`` names its run directory.  The task's counter moves in
-        the same transaction: a crash leaves both or neither.  The start waits for it: raises
-        :class:`LedgerUnwritable` when it cannot be written.
+        the same transaction: a crash leaves both or neither.  ``session_id`` is the agent
+        session the run will be in when it is known before the start (pinned, or resumed
+        from ``resumed_from``): a run killed before its first line can still be resumed.  The
+        start waits for it: raises :class:`LedgerUnwritable` when it cannot be written.
         """
         now = time.time()
 
@@ -332,10 +350,11 @@ class Ledger(Committer):
             cur = db.execute(
                 "INSERT INTO runs(issue, number, shift, worker, machine, workspace, run_dir, "
                 "lease_path, prompt_kind, milestones_before, state, intent_at, supervised_by, "
-                "supervisors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?)",
+                "supervisors, agent_kind, session_id, resumed_from) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?, ?, ?, ?)",
                 (task.issue, number, shift, worker, machine, workspace, run_dir, lease_path,
                  prompt_kind, json.dumps(sorted(milestones_before)), now, shift,
-                 json.dumps([shift])),
+                 json.dumps([shift]), agent_kind, session_id, resumed_from),
             )
             _put_task(db, dataclasses.replace(task, runs=number), shift, now)
             _put_worker(db, task, shift, worker, None)
@@ -352,7 +371,8 @@ class Ledger(Committer):
             prompt_kind=prompt_kind, milestones_before=tuple(sorted(milestones_before)),
             state="intent", pid=None, start_ticks=None, intent_at=now, started_at=None,
             ended_at=None, exit_code=None, lost=False, outcome=None, reason="",
-            supervised_by=shift, supervisors=(shift,),
+            supervised_by=shift, supervisors=(shift,), agent_kind=agent_kind,
+            session_id=session_id, resumed_from=resumed_from,
         )
 
     def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
@@ -374,17 +394,22 @@ class Ledger(Committer):
         task: TaskRecord | None = None,
         shift: str | None = None,
         worker: str | None = None,
+        usage: Mapping[str, Any] | None = None,
     ) -> None:
-        """A run's end (or abandonment) and, in the same transaction, its task's new state."""
+        """A run's end (or abandonment) and, in the same transaction, what its agent reported
+        (``usage``: see :meth:`record_usage`) and its task's new state."""
         now = time.time()
         values = (state, now, exit_code, int(lost), outcome, reason, run_id)
         task = dataclasses.replace(task) if task is not None else None
+        usage = _checked_usage(usage)
 
         def end(db: Tx) -> None:
             db.execute(
                 "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
                 "reason = ? WHERE id = ?", values,
             )
+            if usage:
+                _put_usage(db, run_id, usage)
             if task is not None:
                 assert shift is not None and worker is not None
                 _put_task(db, task, shift, now)
@@ -410,16 +435,41 @@ class Ledger(Committer):
         self._commit(supervise, done=False)
 
     def record_usage(self, run_id: int, usage: Mapping[str, Any]) -> None:
-        """What an agent kind reported of a run (session, cost, tokens, turns)."""
-        unknown = set(usage) - set(USAGE_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown usage fields: {sorted(unknown)}")
-        if not usage:
-            return
-        names = sorted(usage)
-        sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
-        values = (*(usage[n] for n in names), run_id)
-        self._commit(lambda db: db.execute(sql, values), done=True)
+        """What an agent kind reported of a run (:data:`USAGE_FIELDS`: session, cost, tokens,
+        turns, its own duration, last result text, limit line); the task's sums follow."""
+        usage = _checked_usage(usage)
+        if usage:
+            self._commit(lambda db: _put_usage(db, run_id, usage), done=True)
+
+    def task_usage(self, issue: int) -> TaskUsage:
+        """What the task's runs cost so far (the sums :meth:`record_usage` keeps)."""
+        return self._one(TaskUsage, "SELECT * FROM tasks WHERE issue = ?", (issue,)) or (
+            TaskUsage()
+        )
+
+    def cost_of(
+        self, *, issue: int | None = None, after_run: int = 0, shift: str | None = None
+    ) -> float:
+        """The USD cost of a task's runs numbered above ``after_run``, or of the runs a shift
+        started (what ``max_cost_usd`` counts)."""
+        where, args = (
+            ("issue = ? AND number > ?", (issue, after_run)) if issue is not None
+            else ("shift = ?", (shift,))
+        )
+        row = self._db.execute(
+            f"SELECT COALESCE(SUM(cost_usd), 0) FROM runs WHERE {where}", args
+        ).fetchone()
+        return float(row[0])
+
+    def runs_of_session(self, session: str) -> list[RunRecord]:
+        """The runs in agent session ``session`` (or an id starting with it), and the runs that
+        resumed it (a resumed Claude session may go on under a new id)."""
+        return self._all(
+            RunRecord,
+            "SELECT * FROM runs WHERE substr(session_id, 1, ?) = ? "
+            "OR substr(resumed_from, 1, ?) = ? ORDER BY id",
+            (len(session), session, len(session), session),
+        )
 
     def run(self, run_id: int) -> RunRecord | None:
         return self._one(RunRecord, "SELECT * FROM runs WHERE id = ?", (run_id,))
@@ -456,7 +506,12 @@ class Ledger(Committer):
             "VALUES (?, ?, ?, ?, ?, ?)", values,
         ), done=True)
 
-    def holds(self, *, active_at: float | None = None) -> list[dict[str, Any]]:
+    def holds(
+        self, *, active_at: float | None = None, shift: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage holds: all, those still in force at ``active_at``, or those of a shift."""
+        if shift is not None:
+            return self._dicts("SELECT * FROM holds WHERE shift = ? ORDER BY id", (shift,))
         if active_at is None:
             return self._dicts("SELECT * FROM holds ORDER BY id")
         return self._dicts("SELECT * FROM holds WHERE until > ? ORDER BY id", (active_at,))
@@ -493,6 +548,36 @@ def _put_task(db: Tx, task: TaskRecord, shift: str, now: float) -> None:
     values["history"] = json.dumps(task.history)
     values["listed"] = int(task.listed)
     db.execute(_PUT_TASK, [*values.values(), now])
+
+
+_SUM_USAGE = (
+    "UPDATE tasks SET "
+    + ", ".join(f"{n} = (SELECT SUM({n}) FROM runs WHERE issue = tasks.issue)"
+                for n in SUMMED_FIELDS)
+    + ", session_id = COALESCE((SELECT session_id FROM runs WHERE issue = tasks.issue AND "
+    "session_id IS NOT NULL ORDER BY number DESC LIMIT 1), session_id) "
+    "WHERE issue = (SELECT issue FROM runs WHERE id = ?)"
+)
+
+
+def _checked_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``usage`` (copied: a transition that waits must write what was said when it was said),
+    its fields checked when it is given, not when it is written."""
+    unknown = set(usage or ()) - set(USAGE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown usage fields: {sorted(unknown)}")
+    return dict(usage or {})
+
+
+def _put_usage(db: Tx, run_id: int, usage: Mapping[str, Any]) -> None:
+    """A run's agent facts, and its task's sums over its runs (one SQL ``sum`` each, so a
+    task's cost is exactly the sum of its runs' costs as SQLite adds them)."""
+    names = sorted(usage)
+    db.execute(
+        f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+        (*(usage[n] for n in names), run_id),
+    )
+    db.execute(_SUM_USAGE, (run_id,))
 
 
 def _put_worker(

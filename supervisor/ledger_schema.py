@@ -11,29 +11,41 @@ version is refused with :class:`LedgerTooNew`)::
     tasks(issue PK, title, prompt, pin, origin config|add|github, state, reason, machine,
           workspace, runs, milestones, crashes, last_crash_run, usage_pauses, last_exit,
           history JSON, listed, first_shift, last_shift, started_at, ended_at, updated_at,
-          session_id, cost_usd, input_tokens, output_tokens, cache_read_tokens,
-          cache_write_tokens, turns)
+          outcome, result_text, next_resume, next_prompt, session_id, cost_usd, input_tokens,
+          output_tokens, cache_read_tokens, cache_write_tokens, turns)
         a task across ``up``s: ``runs`` is its run counter (runs are numbered per task across
         shifts), ``history`` the restart policy's memory, ``listed`` whether the current
-        config (or task source) lists it
+        config (or task source) lists it; ``outcome``/``result_text`` what its last run ended
+        with (``supervisor.agents.Outcome``, or milestone), ``next_resume``/``next_prompt`` how
+        its next run starts (the agent session to resume, the prompt kind), so that the next
+        ``up`` goes on the same way; the usage columns are the sums over its runs (SQL ``sum``,
+        written with each run's end: a report's total is exactly the sum of the runs)
     workers(shift, worker, issue, state, reason, adopted_from, started_at, ended_at,
             PK(shift, worker))
         a task's life within one shift: what ``shifts`` and a dead shift's report show
     runs(id PK, issue, number, shift, worker, machine, workspace, run_dir, lease_path,
          prompt_kind, milestones_before JSON, state intent|running|ended|abandoned, pid,
          start_ticks, intent_at, started_at, ended_at, exit_code, lost, outcome, reason,
-         supervised_by, supervisors JSON, session_id, cost_usd, input_tokens, output_tokens,
+         supervised_by, supervisors JSON, agent_kind, resumed_from, agent_duration_ms,
+         result_text, limit_line, session_id, cost_usd, input_tokens, output_tokens,
          cache_read_tokens, cache_write_tokens, turns, UNIQUE(issue, number))
         one row per agent run; ``supervised_by`` is the shift watching it now (an adopter
         takes it over), ``supervisors`` every shift that did, in order: the logs in which its
-        output lies.  The agent-protocol columns (session, cost, tokens, turns) stay NULL
-        until an agent kind reports them
+        output lies.  The agent columns (issue 13): ``agent_kind`` (which reader reads its
+        output, also after an adoption), ``session_id`` (pinned or resumed before the start,
+        updated as soon as the agent tells another), ``resumed_from`` (the session it
+        continued), and what the agent reported at its end (cost, tokens, turns, its own
+        ``duration_ms``, its last result text, the line of a usage limit); NULL where the kind
+        reports nothing (kind ``command``)
     holds(id PK, machine, reason, since, until, shift, line)
         usage-limit holds: no new run on ``machine`` until ``until``
     machine_events(id PK, machine, state, at, shift, detail)
         each change of a machine's reachability in a shift (``connecting``, ``up``, ``slow``,
         ``unreachable``, ``back``), ``refused`` (left out of the shift), ``noisy-login`` (its
         login shell prints before every command); ``retrying`` in older ledgers
+
+Version 2 added the agent columns (``runs.agent_kind`` ... ``limit_line``, ``tasks.outcome`` ...
+``next_prompt``); a version-1 ledger gets them when the writer opens it (:data:`MIGRATIONS`).
 
 A run's states: ``intent`` (committed before the start; the run may not exist), ``running``
 (pid known), ``ended`` (exit recorded), ``abandoned`` (it never started: the intent's supervisor
@@ -47,12 +59,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RunState = Literal["intent", "running", "ended", "abandoned"]
 _R = TypeVar("_R")
 
 _USAGE_COLUMNS = """session_id TEXT, cost_usd REAL, input_tokens INTEGER, output_tokens INTEGER,
     cache_read_tokens INTEGER, cache_write_tokens INTEGER, turns INTEGER"""
+_TASK_AGENT_COLUMNS = "outcome TEXT, result_text TEXT, next_resume TEXT, next_prompt TEXT"
+_RUN_AGENT_COLUMNS = """agent_kind TEXT, resumed_from TEXT, agent_duration_ms INTEGER,
+    result_text TEXT, limit_line TEXT"""
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS shifts(
@@ -68,7 +83,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     last_crash_run INTEGER, usage_pauses INTEGER NOT NULL DEFAULT 0, last_exit INTEGER,
     history TEXT NOT NULL DEFAULT '{{}}', listed INTEGER NOT NULL DEFAULT 1, first_shift TEXT,
     last_shift TEXT, started_at REAL, ended_at REAL, updated_at REAL NOT NULL,
-    {_USAGE_COLUMNS});
+    {_USAGE_COLUMNS}, {_TASK_AGENT_COLUMNS});
 CREATE TABLE IF NOT EXISTS workers(
     shift TEXT NOT NULL, worker TEXT NOT NULL, issue INTEGER NOT NULL, state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '', adopted_from TEXT, started_at REAL, ended_at REAL,
@@ -82,7 +97,7 @@ CREATE TABLE IF NOT EXISTS runs(
     pid INTEGER, start_ticks INTEGER, intent_at REAL NOT NULL, started_at REAL, ended_at REAL,
     exit_code INTEGER, lost INTEGER NOT NULL DEFAULT 0, outcome TEXT,
     reason TEXT NOT NULL DEFAULT '', supervised_by TEXT, supervisors TEXT NOT NULL DEFAULT '[]',
-    {_USAGE_COLUMNS}, UNIQUE (issue, number));
+    {_USAGE_COLUMNS}, {_RUN_AGENT_COLUMNS}, UNIQUE (issue, number));
 CREATE INDEX IF NOT EXISTS runs_open ON runs(state) WHERE state IN ('intent', 'running');
 CREATE INDEX IF NOT EXISTS runs_shift ON runs(shift);
 CREATE INDEX IF NOT EXISTS runs_dir ON runs(run_dir);
@@ -94,6 +109,15 @@ CREATE TABLE IF NOT EXISTS machine_events(
     shift TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
 """
 
+def _add_columns(table: str, columns: str) -> list[str]:
+    return [f"ALTER TABLE {table} ADD COLUMN {c.strip()}" for c in columns.split(",")]
+
+
+#: What brings a ledger of version N up to N + 1 (the writer applies them in one transaction).
+MIGRATIONS: dict[int, list[str]] = {
+    1: _add_columns("tasks", _TASK_AGENT_COLUMNS) + _add_columns("runs", _RUN_AGENT_COLUMNS),
+}
+
 #: The usage an agent kind may report for a run (issue 13); NULL until one does.
 USAGE_FIELDS = (
     "session_id",
@@ -103,7 +127,12 @@ USAGE_FIELDS = (
     "cache_read_tokens",
     "cache_write_tokens",
     "turns",
+    "agent_duration_ms",
+    "result_text",
+    "limit_line",
 )
+#: The usage columns a task sums over its runs.
+SUMMED_FIELDS = USAGE_FIELDS[1:7]
 
 
 
@@ -132,6 +161,23 @@ class TaskRecord:
     last_shift: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    outcome: str | None = None
+    result_text: str | None = None
+    next_resume: str | None = None
+    next_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskUsage:
+    """What a task's runs cost so far, as its agents reported it (sums; None: none said)."""
+
+    session_id: str | None = None
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    turns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +207,18 @@ class RunRecord:
     reason: str
     supervised_by: str | None
     supervisors: tuple[str, ...]
+    agent_kind: str | None = None
+    session_id: str | None = None
+    resumed_from: str | None = None
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    turns: int | None = None
+    agent_duration_ms: int | None = None
+    result_text: str | None = None
+    limit_line: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,10 +262,13 @@ _BOOL_FIELDS = frozenset({"listed", "lost"})
 
 
 def record_of(cls: type[_R], row: Sequence[Any], description: Any) -> _R:
-    """A row as its record type: JSON columns decoded, 0/1 columns as bools."""
+    """A row as its record type: JSON columns decoded, 0/1 columns as bools; a column an older
+    ledger lacks (a reader does not migrate) keeps the field's default."""
     data = dict(zip((d[0] for d in description), row, strict=True))
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
         value = data[f.name]
         if f.name in _JSON_FIELDS:
             value = _JSON_FIELDS[f.name](json.loads(value or "null") or ())

@@ -272,6 +272,11 @@ class LimitDetector:
                     "|".join(f"(?:{pattern})" for pattern in everything), re.IGNORECASE
                 ).search
 
+    @property
+    def tz(self) -> tzinfo | None:
+        """The zone its reset times are read in (``None``: this machine's)."""
+        return self._tz
+
     def feed(self, line: str, now: float) -> LimitHit | None:
         """Classify one output line; ``now`` (epoch seconds) anchors relative reset times."""
         if line.startswith('{"'):

@@ -527,26 +527,48 @@ class Machines:
             )
         self.abandon.request(f"{', '.join(names)} cannot be reached")
 
-    def hold(self, name: str, until: float, reason: str, line: str | None = None) -> None:
-        """No new runs on ``name`` (or everywhere) until ``until``: a usage limit was hit."""
+    def hold(
+        self, name: str, until: float, reason: str, line: str | None = None, *,
+        record: bool = True,
+    ) -> None:
+        """No new runs on ``name`` (or everywhere: ``usage_limit_scope``) until ``until``: a
+        usage limit was hit.  Each machine gets a row in the ledger's ``holds`` (with the agent
+        line that announced it); a machine held already stays held until the later reset."""
         names = [v.name for v in self] if self.config.usage_limit_scope == "fleet" else [name]
         for each in names:
-            self.views[each].held_until = until
-            self._gate(self.views[each])
-            self.ledger.hold(each, reason, until, shift=self.shift_id, line=line)
+            view = self.views[each]
+            view.held_until = max(until, view.held_until or 0.0)
+            self._gate(view)
+            if record:
+                self.ledger.hold(each, reason, until, shift=self.shift_id, line=line)
         self.log.info(
             "machine-paused",
             msg=f"⏸ new runs on {', '.join(names)} paused until {clock(until)} ({reason})",
             machines=names,
             until=until,
+            reason=reason,
         )
         if self.tg is not None:
             self.tg.start_soon(self._reopen_at, names, until)
+
+    def restore_holds(self) -> dict[str, float]:
+        """Holds an earlier shift recorded that are still in force hold this shift too (an
+        ``up`` that ended on a long usage hold, started again before the reset).  Returns
+        machine -> until of each."""
+        found: dict[str, float] = {}
+        for held in self.ledger.holds(active_at=time.time()):
+            name, until = str(held["machine"]), float(held["until"])
+            if name in self.views:
+                self.hold(name, until, str(held["reason"]), held["line"], record=False)
+                found[name] = max(until, found.get(name, 0.0))
+        return found
 
     async def _reopen_at(self, names: list[str], until: float) -> None:
         await anyio.sleep(max(0.0, until - time.time()))
         for name in names:
             view = self.views[name]
+            if view.held_until is not None and view.held_until > until:
+                continue  # held again meanwhile, until later: that hold reopens it
             view.held_until = None
             self._gate(view)
         self.log.info("machine-resumed", msg=f"▶ new runs on {', '.join(names)} allowed again")

@@ -17,13 +17,14 @@ import posixpath
 import re
 import signal
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
-from supervisor import sh
+from supervisor import sh, spend
 from supervisor.config import FleetConfig
 from supervisor.hosts.base import Host
 from supervisor.ledger import Ledger
@@ -190,7 +191,7 @@ async def collect(
         "crashes": sum(int(t.get("crashes") or 0) for t in tasks),
         "commits": sum(len(t["commits"]) for t in tasks),
     }
-    return {
+    report = {
         "not_in_config": summary.get("not_in_config", []),
         "machines": machine_lines(summary.get("machine_events", [])),
         "fleet": summary.get("fleet"),
@@ -203,6 +204,8 @@ async def collect(
         "totals": totals,
         "tasks": tasks,
     }
+    spend.add_costs(report, summary)
+    return report
 
 
 def _json_text(report: dict[str, Any]) -> str:
@@ -232,18 +235,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- left unfinished: {left}")
     lines += [f"- machine {line}" for line in report.get("machines", [])]
     totals = report["totals"]
-    lines.append("- totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    lines.append("- totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()
+                                          if not k.endswith(("_usd", "_tokens", "turns"))))
+    lines += spend.markdown(report)
     lines += [
         "",
-        "| task | title | machine | state | runs | milestones | crashes | commits | wall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | title | machine | state | runs | milestones | crashes | commits | cost | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in report["tasks"]:
         title = str(t.get("title") or "").replace("|", "\\|")
         lines.append(
             f"| #{t['task']} | {title} | {t.get('machine') or '-'} | {t.get('state')} | "
             f"{t.get('runs')} | {t.get('milestones')} | {t.get('crashes')} | "
-            f"{len(t['commits'])} | {float(t.get('wall_time') or 0):.0f}s |"
+            f"{len(t['commits'])} | {spend.usd(t.get('cost_usd'))} | "
+            f"{float(t.get('wall_time') or 0):.0f}s |"
         )
     if report.get("not_in_config"):
         lines += ["", "In the ledger but no longer in the config (left as they were):", ""]
@@ -253,6 +259,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## #{t['task']} {t.get('title') or ''}".rstrip(), ""]
         reason = f": {t['reason']}" if t.get("reason") else ""
         lines.append(f"State **{t.get('state')}**{reason}")
+        lines += spend.task_markdown(t)
         if t.get("workspace"):
             lines.append(f"Worktree `{t['workspace']}` on {t.get('machine')}.")
         if t["commits"]:
@@ -403,7 +410,9 @@ def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
     for w in ledger.workers(shift):
         task = tasks.get(w.issue)
         ended = w.ended_at
-        rows.append({
+        usage = asdict(ledger.task_usage(w.issue))
+        rows.append({**usage, "outcome": task.outcome if task else None,
+                     "result_text": task.result_text if task else None,
             "worker": w.worker, "task": w.issue, "title": task.title if task else "",
             "state": w.state, "reason": w.reason, "adopted_from": w.adopted_from,
             "machine": task.machine if task else None,
@@ -435,13 +444,16 @@ def summary_from_ledger(
         "exit_meaning": record.exit_meaning or ("still running" if running else "supervisor died"),
         "workers": workers_of(ledger, shift),
         "machine_events": ledger.machine_events(shift=shift),
+        "runs": spend.run_rows(ledger, shift),
+        "holds": ledger.holds(shift=shift),
     }
 
 
 def summary_table(statuses: Sequence[Mapping[str, Any]]) -> str:
-    """The end-of-shift table: per task its state, runs, milestones, crashes and wall time."""
+    """The end-of-shift table: per task its state, runs, milestones, crashes and wall time (and
+    its cost, when an agent reported one)."""
     header = ("worker", "task", "machine", "state", "runs", "milestones", "crashes", "wall", "note")
-    rows = [header] + [
+    rows: list[tuple[str, ...]] = [header] + [
         (
             str(s["worker"]),
             f"#{s['task']}",
@@ -455,7 +467,12 @@ def summary_table(statuses: Sequence[Mapping[str, Any]]) -> str:
         )
         for s in statuses
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    if any(s.get("cost_usd") is not None for s in statuses):
+        rows = [(*rows[0][:-1], "cost", rows[0][-1])] + [
+            (*row[:-1], spend.usd(s.get("cost_usd")), row[-1])
+            for row, s in zip(rows[1:], statuses, strict=True)
+        ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

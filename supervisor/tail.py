@@ -49,17 +49,19 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import psutil
 
+from supervisor.agents.render import render_line
 from supervisor.allocator import keep_buffers
 from supervisor.config import ConfigError, FleetConfig, load_config
 from supervisor.durations import parse_duration
 from supervisor.exitcodes import EXIT_NOTHING, EXIT_OK, EXIT_USAGE
+from supervisor.ledger import Ledger
 from supervisor.logs import ConsoleRenderer, rotated_segments, use_colour, utc_timestamp
 from supervisor.records import event_needle, lines_containing, needle, parse
 from supervisor.rundir import UnknownShift, find_shift
@@ -152,9 +154,12 @@ class RecordFilter:
     workers: frozenset[str] | None = None
     since: str | None = None
     grep: re.Pattern[str] | None = None
+    runs: frozenset[tuple[int, int]] | None = None  # (task, run): an agent session's runs
 
     def __call__(self, record: dict[str, Any]) -> bool:
         if self.tasks is not None and record.get("task") not in self.tasks:
+            return False
+        if self.runs is not None and (record.get("task"), record.get("run")) not in self.runs:
             return False
         if self.machines is not None and record.get("machine") not in self.machines:
             return False
@@ -181,6 +186,7 @@ class RecordFilter:
             and self.workers is None
             and self.since is None
             and self.grep is None
+            and self.runs is None
         )
 
 
@@ -590,7 +596,11 @@ def make_renderer(
         workers = [(f"w{i}", t.issue) for i, t in enumerate(config.tasks.items, 1)]
     # The width formula of Fleet.__init__: the widest "wN #ISSUE" label, at least 5.
     width = max([len(f"w{len(workers)} #{task}") for _, task in workers] + [5])
-    renderer = ConsoleRenderer(out, colour=colour, width=width)
+    # Stream-JSON lines as people read them (plain lines come back as they are); a config of
+    # kind "command" shows its agents' lines untouched, as the live view does.
+    plain = config is not None and config.agent.kind == "command"
+    renderer = ConsoleRenderer(out, colour=colour, width=width,
+                               line_renderer=None if plain else render_line)
     # Colours are handed out in order of first appearance; the live view sees the fleet's own
     # records first, then the workers in order.  Seeding that order keeps a worker's colour the
     # same whatever the filters or -n hide.
@@ -761,6 +771,34 @@ def _filter_from(args: argparse.Namespace) -> RecordFilter:
     )
 
 
+def session_filter(
+    state_dir: Path, session: str, record_filter: RecordFilter, shift: str | None
+) -> tuple[RecordFilter, str | None]:
+    """``--session ID``: the runs in that agent session (or resuming it), from the ledger, as a
+    filter on (task, run); and the shift to read when none is named: that of its last run."""
+    ledger = Ledger.reader(state_dir)
+    if ledger is None:
+        raise LogsError(f"no ledger in {state_dir}: no agent session is known", EXIT_NOTHING)
+    with ledger:
+        runs = ledger.runs_of_session(session)
+    if not runs:
+        raise LogsError(f"no run has agent session {session!r} (ids are in `agentize-fleet "
+                        "status --json`, the report, and run-ended records); fix: give one of "
+                        "those, or a unique start of one")
+    ids = {i for r in runs for i in (r.session_id, r.resumed_from)
+           if i is not None and i.startswith(session)}
+    if len(ids) > 1:
+        raise LogsError(f"{session!r} starts more than one agent session "
+                        f"({', '.join(sorted(ids))}); fix: give more of the id")
+    (full,) = ids
+    runs = [r for r in runs if full in (r.session_id, r.resumed_from)]
+    pairs = frozenset((r.issue, r.number) for r in runs)
+    tasks = frozenset(r.issue for r in runs)
+    if record_filter.tasks is not None:
+        tasks &= record_filter.tasks
+    return replace(record_filter, tasks=tasks, runs=pairs), shift or runs[-1].supervised_by
+
+
 def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
     record_filter = _filter_from(args)
     config: FleetConfig | None = None
@@ -772,7 +810,10 @@ def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
         except ConfigError as exc:
             raise LogsError(" ".join(str(exc).split())) from None
         state_dir = config.state_path
-    run_dir = find_run(state_dir, args.shift)
+    shift = args.shift
+    if args.session is not None:
+        record_filter, shift = session_filter(state_dir, args.session, record_filter, shift)
+    run_dir = find_run(state_dir, shift)
     check_names(args, run_dir, config)
     renderer = None
     if not args.json:

@@ -272,6 +272,7 @@ class FakeHost(Host):
         cwd: str | None = None,
         check: bool = True,
         timeout: float = 300.0,
+        input: bytes | None = None,
     ) -> CommandResult:
         self._reachable()
         self.commands.append(list(argv))

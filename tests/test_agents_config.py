@@ -87,3 +87,13 @@ def test_env_override_of_the_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AGENTIZE_FLEET_AGENT__KIND", "codex")
     config = _load(tmp_path, "")
     assert config.agent.kind == "codex" and config.agent.command == ["codex"]
+
+
+def test_a_relative_command_keeps_its_name_through_a_symbolic_link(tmp_path: Path) -> None:
+    """``scripts/fake-claude`` is a link to ``fake-agent``, which speaks Claude's protocol only
+    when called by that name: the path is made absolute, never resolved."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "real").write_text("")
+    (tmp_path / "bin" / "alias").symlink_to("real")
+    config = _load(tmp_path, '[agent]\nkind = "claude"\ncommand = ["bin/alias"]\n')
+    assert config.agent_command[0] == str(tmp_path.absolute() / "bin" / "alias")

@@ -140,7 +140,7 @@ def test_an_unknown_kind_names_the_known_ones() -> None:
     [
         (["working", "All tests passed (3/3)!"], 0, Outcome.DONE, "exit 0"),
         (["working"], 3, Outcome.CRASHED, "exit 3"),
-        ([], None, Outcome.CRASHED, "lost"),
+        ([], None, Outcome.CRASHED, "exit lost"),
         (["API Error: 529 Overloaded."], 1, Outcome.CRASHED, "exit 1"),  # rate: a crash
         (["Claude AI usage limit reached|1750000000"], 1, Outcome.USAGE_LIMITED, None),
         (["Claude AI usage limit reached|1750000000"], 0, Outcome.USAGE_LIMITED, None),

@@ -11,7 +11,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def test_example_config_is_claude_code_headless() -> None:
     config = load_config(CONFIGS / "fleet.example.toml")
-    assert config.agent.command == ["claude", "-p", "{prompt}", "--dangerously-skip-permissions"]
+    assert config.agent.kind == "claude"
+    assert config.agent.command == ["claude", "--dangerously-skip-permissions"]
     assert config.agent.first_prompt == "/issue-to-impl {issue}"
     assert config.agent.resume_prompt == "Continue from the latest milestone"
     assert config.concurrency == 3

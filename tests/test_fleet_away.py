@@ -98,7 +98,7 @@ async def test_a_task_between_runs_waits_for_its_machine_or_moves(
     """#1's first run on m1 crashes; m1 goes away during its backoff.  The next attempt
     cannot reach m1: no crash for that; #1 waits for m1 and runs there again -- or, with
     ``requeue_lost``, starts over on local (no run of it lives on m1)."""
-    monkeypatch.setattr("supervisor.worker.random.random", lambda: 0.9)  # backoff: 0.27 s
+    monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.9)  # backoff: 0.27 s
     m1 = FakeHost("m1", {1: [Script(exit=1, duration=0.05), Script()]})
     local = FakeHost("local", {1: [Script()]})
     config = two_machines(tmp_path, [1], requeue_lost=requeue,

@@ -112,8 +112,11 @@ async def test_a_usage_limit_holds_the_machine_and_gives_the_slot_back(tmp_path:
     assert host.runs_of(2)[0].at >= hold["until"] - 0.05  # nothing new before the reset
 
 
-async def test_a_reset_time_is_read_in_the_machines_time_zone(tmp_path: Path) -> None:
+async def test_a_reset_time_is_read_in_the_machines_time_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """"resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there."""
+    monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.0)  # no reset jitter
     zone = "Pacific/Kiritimati"  # UTC+14: 5pm there is not 5pm here, wherever here is
     if datetime.now(ZoneInfo(zone)).utcoffset() == datetime.now().astimezone().utcoffset():
         pytest.skip("the supervisor runs in the machine's zone")
@@ -158,7 +161,7 @@ async def test_a_crashed_task_keeps_its_slot_through_a_short_backoff(tmp_path: P
 async def test_a_long_backoff_gives_the_slot_back_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("supervisor.worker.random.random", lambda: 0.9)  # the jitter: 54 s
+    monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.9)  # the jitter: 54 s
     host = FakeHost(scripts={1: [Script(exit=1), Script()], 2: [Script(duration=0.1)]})
     config = fake_config(tmp_path, [task(1), task(2)], concurrency=1,
                          restart={"backoff_base": 60, "backoff_max": 60})

@@ -79,6 +79,9 @@ class Services:
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.adopted_ended.append(machine)
 
+    def close_starts(self, reason: str) -> None:
+        self.starts.close(reason)
+
 
 def setup(tmp_path: Path, scripts: list[Script], **config: Any) -> tuple[Services, Worker]:
     host = FakeHost(scripts={7: scripts})
@@ -133,14 +136,14 @@ async def test_a_crash_backs_off_in_its_slot_then_runs_again(
 ) -> None:
     # The whole jitter range (rand 1.0: 0.3 s), so that the backoff lasts long enough to be
     # seen on a loaded machine (full jitter may otherwise make it a millisecond).
-    monkeypatch.setattr("supervisor.worker.random.random", lambda: 1.0)
+    monkeypatch.setattr("supervisor.workrun.random.random", lambda: 1.0)
     services, worker = setup(tmp_path, [Script(exit=2), Script()],
                              restart={"backoff_base": 0.3, "backoff_max": 0.3})
     assert await slots_held_in(services, worker, "backoff") == 1  # kept through the backoff
     assert (worker.status.state, worker.status.run, worker.status.crashes) == ("done", 2, 1)
     history = services.ledger.task(7).history  # type: ignore[union-attr]
     assert history["consecutive_crashes"] == 0 and len(history["crash_times"]) == 1
-    assert [r.outcome for r in services.ledger.runs(issue=7)] == ["crash", "done"]
+    assert [r.outcome for r in services.ledger.runs(issue=7)] == ["crashed", "done"]
 
 
 async def test_a_usage_limit_gives_the_slot_back_and_holds_the_machine(tmp_path: Path) -> None:

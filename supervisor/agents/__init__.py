@@ -38,12 +38,14 @@ from supervisor.agents.gemini import GeminiKind
 
 __all__ = [
     "KINDS",
+    "NEW_SESSION",
     "AgentKind",
     "AgentKindError",
     "Launch",
     "ManagedFlagError",
     "NextStep",
     "Outcome",
+    "PromptKind",
     "RunFacts",
     "RunReader",
     "Session",
@@ -51,6 +53,7 @@ __all__ = [
     "Verdict",
     "get_kind",
     "plan_next",
+    "prompt_kind",
 ]
 
 KINDS: Mapping[str, AgentKind] = {
@@ -67,6 +70,13 @@ def get_kind(name: str) -> AgentKind:
 
 
 PromptKind = Literal["first", "resume", "continue", "auto"]
+_PROMPT_KINDS: tuple[PromptKind, ...] = ("first", "resume", "continue", "auto")
+
+
+def prompt_kind(text: str | None) -> PromptKind:
+    """A prompt kind as stored (the ledger); anything else -- nothing stored, an older
+    ledger -- is ``auto``: the resume prompt if the worktree has a milestone, else the first."""
+    return next((kind for kind in _PROMPT_KINDS if kind == text), "auto")
 
 
 @dataclass(frozen=True)
@@ -126,4 +136,8 @@ def plan_next(
     )
     if resume is not None:
         return NextStep(policy_outcome, resume, "continue", verdict.reset_at)
-    return NextStep(policy_outcome, fresh, "auto", verdict.reset_at)
+    # No session to go on with (kind ``command``, or a run that died before telling its id):
+    # the fleet's rules before sessions -- after a crash the resume prompt if the worktree
+    # has a milestone, else the first; after a usage pause the resume prompt.
+    usage = policy_outcome is policy.Outcome.USAGE_LIMIT and not kind.resumes
+    return NextStep(policy_outcome, fresh, "resume" if usage else "auto", verdict.reset_at)

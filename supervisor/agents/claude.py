@@ -54,9 +54,11 @@ from supervisor.agents.base import (
     ResultInfo,
     RunFacts,
     Session,
+    Tokens,
+)
+from supervisor.agents.stream import (
     StreamKind,
     StreamRules,
-    Tokens,
     int_of,
     number_of,
     text_of,

@@ -44,6 +44,8 @@ from supervisor.agents.base import (
     ResultInfo,
     RunFacts,
     Session,
+)
+from supervisor.agents.stream import (
     StreamKind,
     StreamRules,
     text_of,

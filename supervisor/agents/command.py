@@ -53,7 +53,7 @@ class TailReader(RunReader):
             return Verdict(Outcome.USAGE_LIMITED, hit.line, reset_at=hit.reset_at, line=hit.line)
         if exit_code == 0:
             return Verdict(Outcome.DONE, "exit 0")
-        return Verdict(Outcome.CRASHED, "lost" if exit_code is None else f"exit {exit_code}")
+        return Verdict(Outcome.CRASHED, f"exit {'lost' if exit_code is None else exit_code}")
 
 
 class CommandKind(AgentKind):

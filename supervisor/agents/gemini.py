@@ -41,9 +41,11 @@ from supervisor.agents.base import (
     ResultInfo,
     RunFacts,
     Session,
+    Tokens,
+)
+from supervisor.agents.stream import (
     StreamKind,
     StreamRules,
-    Tokens,
     int_of,
     text_of,
 )

@@ -35,7 +35,7 @@ from typing import Any
 
 from supervisor.agents.claude import message_texts
 
-__all__ = ["render_line", "tool_line"]
+__all__ = ["render_line", "tool_line", "usd"]
 
 Event = dict[str, Any]
 
@@ -408,6 +408,11 @@ def _cost(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return f"${value:.4f}" if value < 1 else f"${value:.2f}"
+
+
+def usd(value: object) -> str:
+    """A cost as people read it (``$0.0469``, ``$12.30``); ``-`` when none was reported."""
+    return _cost(value) or "-"
 
 
 def _duration(ms: object) -> str | None:

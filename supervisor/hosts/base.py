@@ -234,8 +234,10 @@ class Host(abc.ABC):
         cwd: str | None = None,
         check: bool = True,
         timeout: float = 300.0,
+        input: bytes | None = None,
     ) -> CommandResult:
-        """Run a short helper command to completion (git, mkdir, ...).
+        """Run a short helper command to completion (git, mkdir, ...); ``input`` is its
+        standard input (default: none) -- content too large for an argument (a file to write).
 
         Raises :class:`CommandFailed` when ``check`` and the command exits non-zero.
         """

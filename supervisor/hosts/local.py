@@ -393,11 +393,13 @@ class LocalHost(Host):
         cwd: str | None = None,
         check: bool = True,
         timeout: float = 300.0,
+        input: bytes | None = None,
     ) -> CommandResult:
         try:
             with anyio.fail_after(timeout):
                 done = await anyio.run_process(
-                    list(argv), cwd=cwd, check=False, stdin=subprocess.DEVNULL
+                    list(argv), cwd=cwd, check=False, input=input,
+                    stdin=subprocess.DEVNULL if input is None else None,
                 )
         except TimeoutError:
             command = " ".join(argv)

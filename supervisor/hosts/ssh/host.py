@@ -76,6 +76,7 @@ class SSHHost(Host):
         cwd: str | None = None,
         check: bool = True,
         timeout: float = 300.0,
+        input: bytes | None = None,
     ) -> CommandResult:
         argv = list(argv)
         if not argv:
@@ -88,7 +89,8 @@ class SSHHost(Host):
         began = time.monotonic()
         try:
             out = await self.connections.command(
-                sh.script("run"), cwd or "", *words, timeout=timeout + TIMEOUT_GRACE
+                sh.script("run"), cwd or "", *words, timeout=timeout + TIMEOUT_GRACE,
+                input=input,
             )
             code, stdout, stderr, noise = out.code, out.stdout, out.stderr, out.noise
         except TimeoutError:
