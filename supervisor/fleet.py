@@ -541,27 +541,6 @@ class Fleet:
             "workers": [w.status.as_dict() for w in self.workers],
         }
 
-    async def live_status(self) -> list[dict[str, Any]]:
-        rows = []
-        now = time.time()
-        for worker in self.workers:
-            row = worker.status.as_dict()
-            handle = worker.current
-            row.update(cpu_percent=None, rss_bytes=None, processes=None)
-            # A run whose machine is away is out of sight: "lost" until it is found again.
-            away = self.machine_away(worker.status.machine or "") if handle else ""
-            if away:
-                row.update(state="lost", away=away)
-            elif handle is not None:
-                with contextlib.suppress(Exception):
-                    stats = await handle.stats()
-                    row.update(cpu_percent=stats.cpu_percent, rss_bytes=stats.rss_bytes,
-                               processes=stats.processes)
-            last = self.mux.last_output.get(worker.name)
-            row["last_output_age"] = None if last is None else round(now - last, 1)
-            rows.append(row)
-        return rows
-
     # faults: the log or the ledger cannot be written ---------------------------------------
 
     def _log_fault(self, error: OSError | None) -> None:
