@@ -74,7 +74,8 @@ async def check_machine(
     """Check one machine; never raises for a machine's problems (they go to ``error``).
 
     A workdir claimed by another fleet (not ``holder``, this controller's claim name) whose
-    lease is younger than ``stale_after`` is a problem too: ``up`` would leave the machine out.
+    claim was renewed less than ``stale_after`` ago is a problem too: ``up`` would leave the
+    machine out.
     """
     name = host.name
     try:
@@ -127,7 +128,7 @@ async def check_machine(
     if values.get("claim_holder", holder) != holder and age.isdigit() and int(age) < stale_after:
         problems.append(
             f"workdir in use by {values.get('claim_by') or 'another fleet'} "
-            f"(lease renewed {age}s ago)"
+            f"(claim renewed {age}s ago)"
         )
     warning = ""
     if result.login_noise:

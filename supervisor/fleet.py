@@ -310,6 +310,16 @@ class Fleet:
         view = self.machines.get(machine)
         return view.away if view is not None else ""
 
+    def supervised_runs(self) -> dict[str, list[str]]:
+        """Machine -> the run directories this shift supervises now (each worker's current
+        run): exactly the runs whose leases it renews."""
+        found: dict[str, list[str]] = {}
+        for worker in self.workers:
+            handle = worker.current
+            if handle is not None:
+                found.setdefault(handle.identity.host, []).append(handle.identity.run_dir)
+        return found
+
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.machines.drop_lease(machine, lease)
 
@@ -347,7 +357,7 @@ class Fleet:
                 self._fail_without_machines()
                 recovery = await recover(self, self.died)
                 self._close_dead_shifts(recovery)
-                services.start_soon(self.machines.keep_leases)
+                services.start_soon(self.machines.keep_leases, self.supervised_runs)
                 services.start_soon(self._keep_deadlines)
                 services.start_soon(self._give_up_when_stuck)
                 services.start_soon(stall.watch, self)

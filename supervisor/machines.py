@@ -5,10 +5,12 @@ here once, when a view is built (its host, capacity, workdir, clone count, where
 directories live, whether its workdir needs a claim), so the rest of the fleet asks a view
 instead of testing ``name == "local"`` or scanning ``config.machines``.
 
-A view also carries the machine's state in this shift: its claim, its run root, the leases
-this shift renews there (its own, and those of dead shifts whose runs it adopted, for as long as
-it watches them), a usage-limit hold and its reachability.  Holds and reachability changes are
-written to the ledger as they happen.
+A view also carries the machine's state in this shift: its claim, its run root, the dead
+shifts whose runs it adopted there (their watchdogs are dismissed once it no longer watches
+them), a usage-limit hold and its reachability.  The leases renewed are exactly those of the
+runs the shift supervises while their machine is up (and the claims):
+:meth:`Machines.keep_leases`.  Holds and reachability changes are written to the ledger as
+they happen.
 
 **Reachability** is what the machine's host reports (``hosts/reach.py``): ``connecting``,
 ``up``, ``slow``, ``unreachable``, ``back``.  The view records each change (ledger
@@ -25,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
@@ -39,6 +41,7 @@ from supervisor.claim import (
     Claimant,
     ClaimFailed,
     WorkdirInUse,
+    claim_file,
     claim_workdir,
     release_workdir,
     stale_after,
@@ -91,6 +94,7 @@ def build_hosts(config: FleetConfig) -> dict[str, Host]:
                     keepalive_interval=machine.keepalive_interval,
                     keepalive_count_max=machine.keepalive_count_max,
                     unreachable_after=machine.unreachable_after,
+                    command_timeout=machine.command_timeout,
                 )
             )
     return hosts
@@ -121,8 +125,8 @@ class MachineView:
     #: Set (and replaced) at each change of ``reach``.
     changed: anyio.Event | None = None
     held_until: float | None = None
-    #: Leases of dead shifts renewed here while this shift watches a run of theirs: path ->
-    #: how many such runs.
+    #: Watchdogs (lease paths) of dead shifts whose runs this shift watches here: path -> how
+    #: many such runs.
     adopted_leases: dict[str, int] = field(default_factory=dict)
     clone_turns: int = 0
     clones_ready: dict[int, Clone] = field(default_factory=dict)
@@ -198,10 +202,8 @@ class Machines:
 
     def _subscribe(self, view: MachineView) -> None:
         """Hear the machine's reachability from its host (``Host.on_reachability``)."""
-        subscribe = getattr(view.host, "on_reachability", None)
-        if subscribe is not None:
-            subscribe(lambda change: self.reach_changed(
-                view.name, str(change.state.value), change.at, change.detail))
+        view.host.on_reachability(lambda change: self.reach_changed(
+            view.name, change.state.value, change.at, change.detail))
 
     # the views ------------------------------------------------------------------------------
 
@@ -257,18 +259,21 @@ class Machines:
     async def lease_path(self, name: str) -> str:
         return posixpath.join(await self.run_root(name), "lease")
 
-    def adopt_lease(self, name: str, lease: str | None) -> None:
-        """Renew a dead shift's ``lease`` on ``name`` while a run of it is watched here."""
+    def adopt_lease(self, name: str, lease: str | None, run_dir: str) -> None:
+        """A run of a dead shift is adopted on ``name``: its own lease is renewed at once (the
+        next round may come too late), and that shift's watchdog (``lease``) is dismissed once
+        none of its runs is watched here any more."""
         view = self.views.get(name)
-        if view is None or not lease:
+        if view is None:
             return
-        view.adopted_leases[lease] = view.adopted_leases.get(lease, 0) + 1
+        if lease:
+            view.adopted_leases[lease] = view.adopted_leases.get(lease, 0) + 1
         if self.tg is not None:
-            self.tg.start_soon(self._touch, view.host, lease)
+            self.tg.start_soon(self._renew, view, [run_dir])
 
     def drop_lease(self, name: str, lease: str | None) -> None:
-        """An adopted run of a dead shift ended: renew its lease no longer (once no other run
-        of that shift is watched here) and dismiss that shift's watchdogs on the machine."""
+        """An adopted run of a dead shift ended: dismiss that shift's watchdogs on the machine
+        once no other run of it is watched here."""
         view = self.views.get(name)
         if view is None or not lease or lease not in view.adopted_leases:
             return
@@ -278,22 +283,28 @@ class Machines:
         if self.tg is not None:
             self.tg.start_soon(self.dismiss_watchdogs, view, [lease])
 
-    async def _touch(self, host: Host, lease: str) -> None:
+    async def _renew(self, view: MachineView, run_dirs: list[str]) -> None:
+        claim = claim_file(view.claimed) if view.claimed else None
+        if not run_dirs and claim is None:
+            return
         with contextlib.suppress(Exception):
-            await host.touch_lease(lease)
+            await view.host.renew_leases(run_dirs, claim=claim)
 
-    async def keep_leases(self) -> None:
-        """Renew this shift's leases (and adopted ones) so the run wrappers let their agents
-        live; runs until cancelled."""
+    async def keep_leases(self, supervised: Callable[[], Mapping[str, Sequence[str]]]) -> None:
+        """Renew the leases of exactly the runs this shift supervises now (``supervised()``:
+        machine -> run directories) and each claimed workdir's claim, every lease_timeout / 4:
+        the watchdog stops a run nobody supervises, however fresh the others are.  Not those
+        of a machine that is away (unreachable, or back but its runs not yet found again): a
+        run there is renewed only once it is followed again.  Runs until cancelled."""
         timeout = self.config.lease_timeout
         interval = max(0.5, timeout / 4) if timeout else LEASE_RENEWAL_WITHOUT_WATCHDOG
         while True:
-            for view in list(self):
-                paths = set(view.adopted_leases)
-                if view.root is not None:
-                    paths.add(posixpath.join(view.root, "lease"))
-                for path in paths:
-                    await self._touch(view.host, path)
+            runs = supervised()
+            with anyio.move_on_after(interval):
+                async with anyio.create_task_group() as tg:
+                    for view in list(self):
+                        renewed = [] if view.away_since else list(runs.get(view.name, ()))
+                        tg.start_soon(self._renew, view, renewed)
             await anyio.sleep(interval)
 
     async def dismiss_watchdogs(self, view: MachineView, leases: list[str]) -> None:
@@ -329,8 +340,7 @@ class Machines:
                 return
             workdir = await view.host.resolve_path(view.workdir)
             await claim_workdir(
-                view.host, workdir, await self.lease_path(name), self.claimant,
-                stale_after(self.config.lease_timeout),
+                view.host, workdir, self.claimant, stale_after(self.config.lease_timeout)
             )
             view.claimed = workdir
 

@@ -269,7 +269,7 @@ async def _settle(fleet: RecoveringFleet, run: RunRecord, look: Look, adopted: s
     assert adopter is not None
     adopted.add(run.issue)  # the adopter records that this shift supervises it
     if live:
-        fleet.machines.adopt_lease(run.machine, run.lease_path)
+        fleet.machines.adopt_lease(run.machine, run.lease_path, run.run_dir)
     offsets = offsets_of(fleet.config.state_path, run, ledger.worker_names(run.issue))
     adopter.adopt(Adoption(run, handle, offsets, live))
     return f"{'adopted' if live else 'took over the end of'} {label}"

@@ -20,7 +20,6 @@ the run's real end once the machine is back.
 from __future__ import annotations
 
 import asyncio
-import enum
 import fnmatch
 import itertools
 import math
@@ -43,6 +42,8 @@ from supervisor.hosts.base import (
     ExitStatus,
     Host,
     HostUnreachable,
+    Reach,
+    ReachChange,
     RunHandle,
     RunIdentity,
     RunSpec,
@@ -50,24 +51,6 @@ from supervisor.hosts.base import (
     TreeStats,
 )
 from supervisor.hosts.runfiles import RunState, RunStatus
-
-
-class FakeReach(enum.Enum):
-    """The hosts' reachability states (``hosts/reach.Reach``) that the fake reports."""
-
-    UP = "up"
-    UNREACHABLE = "unreachable"
-    BACK = "back"
-
-
-@dataclass(frozen=True)
-class FakeChange:
-    """One reported change (``hosts/reach.ReachChange``)."""
-
-    machine: str
-    state: FakeReach
-    at: float
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,8 +196,8 @@ class FakeHost(Host):
         self.attempts: dict[int, list[int]] = {}
         self.commands: list[list[str]] = []
         #: Reported as ``hosts/reach.Reachability`` would; the fleet hears it.
-        self.reachability = FakeReach.UP
-        self._callbacks: list[Callable[[FakeChange], None]] = []
+        self.reach = Reach.UP
+        self._callbacks: list[Callable[[ReachChange], None]] = []
         self._back: anyio.Event | None = None
 
     # what a test asserts ----------------------------------------------------------------
@@ -234,35 +217,36 @@ class FakeHost(Host):
 
     # reachability -------------------------------------------------------------------------
 
-    def on_reachability(self, callback: Callable[[FakeChange], None]) -> None:
+    def on_reachability(self, callback: Callable[[ReachChange], None]) -> None:
         self._callbacks.append(callback)
 
-    def _report(self, state: FakeReach, detail: str = "") -> None:
-        self.reachability = state
+    def _report(self, state: Reach, detail: str = "") -> None:
+        change = ReachChange(self.name, state, self.reach, time.time(), detail)
+        self.reach = state
         for callback in list(self._callbacks):
-            callback(FakeChange(self.name, state, time.time(), detail))
+            callback(change)
 
     def go_away(self, seconds: float) -> None:
         """The machine stops answering now, for ``seconds`` (inf: for good)."""
-        self._report(FakeReach.UNREACHABLE, "link lost (fake)")
+        self._report(Reach.UNREACHABLE, "link lost (fake)")
         if math.isfinite(seconds):
             asyncio.get_running_loop().call_later(seconds, self._come_back)
 
     def _come_back(self) -> None:
-        self._report(FakeReach.BACK)
-        self._report(FakeReach.UP)
+        self._report(Reach.BACK)
+        self._report(Reach.UP)
         if self._back is not None:
             self._back.set()
             self._back = None
 
     async def until_up(self) -> None:
-        while self.reachability is not FakeReach.UP:
+        while self.reach is not Reach.UP:
             if self._back is None:
                 self._back = anyio.Event()
             await self._back.wait()
 
     def _reachable(self) -> None:
-        if self.reachability is not FakeReach.UP:
+        if self.reach is not Reach.UP:
             raise HostUnreachable(self.name, "link lost (fake)")
 
     async def run(
@@ -351,8 +335,9 @@ class FakeHost(Host):
     async def attach(self, identity: RunIdentity) -> RunHandle | None:
         return self.runs.get(identity.run_dir)
 
-    async def touch_lease(self, path: str) -> None:
-        self.leases.append(path)
+    async def renew_leases(self, run_dirs: Sequence[str], *, claim: str | None = None) -> None:
+        self._reachable()
+        self.leases.extend(run_dirs)
 
 
 async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:

@@ -146,6 +146,13 @@ class SSHD:
                     os.kill(self.pid, signal.SIGKILL)
                 self.process.wait(timeout=5)
 
+    def restart(self) -> None:
+        """Start the daemon again after :meth:`stop`, on the same port with the same host key
+        and config: the machine is back."""
+        assert self.process.poll() is not None, "sshd is still running"
+        self.process = _spawn(self.directory / "sshd_config", self.log)
+        _wait_listening(self)
+
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")
@@ -199,13 +206,7 @@ def run_sshd(
         )
     )
     log = directory / "sshd.log"
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen(
-            [SSHD_BINARY, "-D", "-e", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = _spawn(config, log)
     server = SSHD(
         address=address,
         port=port,
@@ -218,23 +219,39 @@ def run_sshd(
         user=getpass.getuser(),
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"sshd exited with {process.returncode}:\n{server.log_text()}")
-            try:
-                with socket.create_connection((address, port), timeout=1.0):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"sshd did not listen on {address}:{port} within {START_TIMEOUT}s:\n"
-                        f"{server.log_text()}"
-                    ) from None
-                time.sleep(0.05)
+        _wait_listening(server)
         yield server
     finally:
         server.stop()
+
+
+def _spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as log_file:
+        return subprocess.Popen(
+            [SSHD_BINARY, "-D", "-e", "-f", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_listening(server: SSHD) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"sshd exited with {server.process.returncode}:\n{server.log_text()}"
+            )
+        try:
+            with socket.create_connection((server.address, server.port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"sshd did not listen on {server.address}:{server.port} within "
+                    f"{START_TIMEOUT}s:\n{server.log_text()}"
+                ) from None
+            time.sleep(0.05)
 
 
 def noisy_login(directory: Path, *, stdout: str = "", stderr: str = "") -> str:
@@ -246,6 +263,37 @@ def noisy_login(directory: Path, *, stdout: str = "", stderr: str = "") -> str:
         "#!/bin/sh\n"
         f"printf '%s' {shlex.quote(stdout)}\n"
         f"printf '%s' {shlex.quote(stderr)} >&2\n"
+        'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n'
+    )
+    wrapper.chmod(0o755)
+    return f"ForceCommand {wrapper}"
+
+
+def remote_helpers(server: SSHD) -> list[str]:
+    """The command lines of the live processes under ``server`` that are not sshd itself: what
+    the supervisor runs there besides the runs (a run's wrapper is started detached, and so
+    is reparented away from sshd once its start command has ended)."""
+    found = []
+    try:
+        below = psutil.Process(server.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for proc in below:
+        with contextlib.suppress(psutil.Error):
+            if proc.name().startswith("sshd") or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(" ".join(proc.cmdline())[:100])
+    return found
+
+
+def hanging_login(directory: Path, flag: Path) -> str:
+    """sshd config lines for logins that hang while ``flag`` exists (an overloaded machine, a
+    login shell stuck on a network home): a ``ForceCommand`` wrapper that waits, then runs the
+    command it was sent.  Connections and the channels already open work on meanwhile."""
+    wrapper = directory / "hanging-login"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"while [ -e {shlex.quote(str(flag))} ]; do sleep 0.1; done\n"
         'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n'
     )
     wrapper.chmod(0o755)

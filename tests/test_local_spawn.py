@@ -137,9 +137,8 @@ async def test_run_files_are_private_and_the_agent_keeps_the_users_umask(
     assert (tmp_path / "work" / "made").stat().st_mode & 0o777 == 0o644
     for directory in (tmp_path / "shift", rd.parent, rd):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
-    for name in ("meta", "runner.sh", "wrapper", "pid", "stdout", "stderr", "exit"):
+    for name in ("meta", "runner.sh", "wrapper", "pid", "stdout", "stderr", "exit", "lease"):
         assert (rd / name).stat().st_mode & 0o777 == 0o600, name
-    assert (tmp_path / "shift" / "lease").stat().st_mode & 0o777 == 0o600
     assert (rd / "meta").read_text() == "task=4\nrun=2\n"
     wrapper_pid, wrapper_ticks = (rd / "wrapper").read_text().split()
     assert int(wrapper_pid) > 1 and int(wrapper_ticks) > 0

@@ -270,7 +270,7 @@ def test_the_lease_watchdog_stops_runs_of_a_dead_supervisor(fleet: Harness) -> N
     (lease,) = {w["lease_path"] for w in orphans.values()}
     dog_pid = int(Path(f"{lease}.dog").read_text().split()[0])
     assert alive(dog_pid)
-    assert set(Path(f"{lease}.runs").read_text().split()) == {
+    assert {e.read_text().strip() for e in Path(f"{lease}.runs").iterdir()} == {
         w["run_dir"] for w in orphans.values()
     }
 
@@ -458,7 +458,9 @@ def test_dismissal_ends_every_watchdog_of_the_lease_once_its_runs_have_ended(
     (runs[0] / "exit").write_text("0\n")
     if all_ended:
         (runs[1] / "exit").write_text("143\n")
-    Path(f"{lease}.runs").write_text("".join(f"{r}\n" for r in runs))
+    Path(f"{lease}.runs").mkdir()  # the registry: an entry per run (wrapper pid-ticks)
+    for number, run in enumerate(runs, 1):
+        Path(f"{lease}.runs", f"{number}-1").write_text(f"{run}\n")
     dogs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
     try:
         ticks = [start_ticks(d.pid) for d in dogs]

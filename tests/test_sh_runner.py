@@ -1,5 +1,5 @@
-"""The run wrapper, the remote start and the output stream, run with plain ``sh`` against local
-run directories (the scripts a remote machine runs, without sshd)."""
+"""The run wrapper and the remote start, run with plain ``sh`` against local run directories
+(the scripts a remote machine runs, without sshd)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-
-import pytest
 
 from supervisor import sh
 from supervisor.hosts import runfiles
@@ -85,8 +83,10 @@ def test_start_answers_pid_and_wrapper_and_keeps_files_private(
     assert (work / "made-by-agent").stat().st_mode & 0o777 == 0o644
     for directory in (tmp_path / "fleet", tmp_path / "fleet" / "w1", rd):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
-    for name in ("wrapper", "pid", "stdout", "stderr", "meta", "runner.sh", "start.lock"):
+    names = ("wrapper", "pid", "stdout", "stderr", "meta", "runner.sh", "start.lock", "lease")
+    for name in names:
         assert (rd / name).stat().st_mode & 0o777 == 0o600, name
+    assert time.time() - (rd / "lease").stat().st_mtime < 30  # fresh from the start
     # A used run directory is never started again.
     again = start(procs, rd, ["true"], lease=tmp_path / "fleet" / "lease")
     assert again.returncode == 90 and b"already holds a run" in again.stderr
@@ -139,12 +139,13 @@ def test_probe_gives_up_on_a_lock_held_too_long(tmp_path: Path) -> None:
 
 
 def run_wrapper(
-    procs: Procs, rd: Path, argv: list[str], *, lease: Path, lease_timeout: str
+    procs: Procs, rd: Path, argv: list[str], *, dog: Path, lease_timeout: str
 ) -> subprocess.Popen[bytes]:
-    """The wrapper as the local host starts it: in a session of its own."""
+    """The wrapper as the local host starts it: in a session of its own, its lease made."""
     rd.mkdir(parents=True)
     (rd / "runner.sh").write_text(sh.script("runner"))
-    runner_args = [str(rd), str(lease), lease_timeout, str(rd), "0022", "--", *argv]
+    (rd / "lease").write_text("")
+    runner_args = [str(rd), str(dog), lease_timeout, str(rd), "0022", "--", *argv]
     wrapper = subprocess.Popen(
         ["sh", str(rd / "runner.sh"), *runner_args],
         start_new_session=True,
@@ -159,29 +160,77 @@ def run_wrapper(
     return wrapper
 
 
-def watchdog_of(lease: Path) -> int:
+def watchdog_of(dog: Path) -> tuple[int, int]:
     def named() -> tuple[int, int] | None:
-        return runfiles.parse_pair(runfiles.read_small(f"{lease}.dog"))
+        return runfiles.parse_pair(runfiles.read_small(f"{dog}.dog"))
 
     assert wait_until(named), "no watchdog was named"
     found = named()
     assert found is not None and runfiles.same_process(found)
-    return found[0]
+    return found
+
+
+def renew_while(lease: Path, predicate: object, timeout: float) -> bool:
+    """Renew ``lease`` (as the fleet does) until ``predicate()`` holds or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return True
+        os.utime(lease)
+        time.sleep(0.1)
+    return False
 
 
 def test_the_watchdog_stops_a_run_whose_lease_is_not_renewed(
     tmp_path: Path, procs: Procs
 ) -> None:
-    lease = tmp_path / "lease"
-    lease.touch()
-    rd = tmp_path / "run-1"
-    wrapper = run_wrapper(procs, rd, ["sleep", "60"], lease=lease, lease_timeout="2")
-    dog = watchdog_of(lease)
-    dog_ticks = runfiles.read_start_ticks(dog)
+    dog = tmp_path / "shift" / "lease"
+    dog.parent.mkdir()
+    rd = tmp_path / "shift" / "run-1"
+    wrapper = run_wrapper(procs, rd, ["sleep", "60"], dog=dog, lease_timeout="2")
+    watchdog = watchdog_of(dog)
+    assert len(list(Path(f"{dog}.runs").iterdir())) == 1
     assert wrapper.wait(timeout=15) == 0
     assert (rd / "exit").read_text() == "143\n"
-    assert "not renewed" in (rd / "note").read_text()
-    assert wait_until(lambda: not runfiles.same_process((dog, dog_ticks or -1)))
+    assert (rd / "note").read_text() == "stopped by the watchdog: lease not renewed for 2s\n"
+    assert wait_until(lambda: not runfiles.same_process(watchdog))
+    assert list(Path(f"{dog}.runs").iterdir()) == [], "the ended run's entry stayed"
+
+
+def test_each_run_lives_by_its_own_lease(tmp_path: Path, procs: Procs) -> None:
+    """One watchdog for both runs; renewing one run's lease does not keep the other alive (the
+    fleet stopped supervising it: its machine was away), and a run that ignores SIGTERM gets
+    SIGKILL; an agent whose wrapper is gone too is ended as lost."""
+    dog = tmp_path / "shift" / "lease"
+    dog.parent.mkdir()
+    kept, dropped, stubborn = (tmp_path / "shift" / f"run-{i}" for i in (1, 2, 3))
+    kept_wrapper = run_wrapper(procs, kept, ["sleep", "60"], dog=dog, lease_timeout="2")
+    dropped_wrapper = run_wrapper(procs, dropped, ["sleep", "60"], dog=dog, lease_timeout="2")
+    trap = ["sh", "-c", 'trap "" TERM; sleep 60 & wait; sleep 60']
+    stubborn_wrapper = run_wrapper(procs, stubborn, trap, dog=dog, lease_timeout="2")
+    os.kill(stubborn_wrapper.pid, signal.SIGKILL)  # its agent lives on, orphaned
+    stubborn_wrapper.wait(timeout=10)
+    watchdog = watchdog_of(dog)
+    for other in (dropped_wrapper, stubborn_wrapper):
+        assert runfiles.read_start_ticks(other.pid) != watchdog[1] or other.pid != watchdog[0]
+
+    def others_ended() -> bool:
+        return (dropped / "exit").exists() and (stubborn / "exit").exists()
+
+    assert renew_while(kept / "lease", others_ended, 20), "the runs not renewed lived on"
+    assert (dropped / "exit").read_text() == "143\n"
+    assert "lease not renewed for 2s" in (dropped / "note").read_text()
+    assert (stubborn / "exit").read_text() == "lost\n"
+    note = (stubborn / "note").read_text()
+    assert "lease not renewed" in note and "wrapper was gone too" in note
+    orphan = runfiles.parse_pair(runfiles.read_small(str(stubborn / "pid")))
+    assert not runfiles.same_process(orphan)
+    assert kept_wrapper.poll() is None and runfiles.same_process(watchdog)
+    assert wait_until(lambda: len(list(Path(f"{dog}.runs").iterdir())) == 1)
+    # Its lease no longer renewed, the last run is stopped too, and the watchdog leaves.
+    assert kept_wrapper.wait(timeout=15) == 0
+    assert (kept / "exit").read_text() == "143\n"
+    assert wait_until(lambda: not runfiles.same_process(watchdog))
 
 
 def test_the_watchdog_leaves_once_a_killed_wrappers_run_is_ended(
@@ -190,105 +239,17 @@ def test_the_watchdog_leaves_once_a_killed_wrappers_run_is_ended(
     """Issue 12: a watchdog outlived its fleet by 8 minutes after its run's wrapper was
     killed.  Now a run whose wrapper and agent are gone is marked lost, and the watchdog goes
     at its next look although the lease is fresh."""
-    lease = tmp_path / "lease"
-    lease.touch()
+    dog = tmp_path / "lease"
     rd = tmp_path / "run-1"
-    wrapper = run_wrapper(procs, rd, ["sleep", "60"], lease=lease, lease_timeout="3")
-    dog = watchdog_of(lease)
+    wrapper = run_wrapper(procs, rd, ["sleep", "60"], dog=dog, lease_timeout="3")
+    watchdog = watchdog_of(dog)
     agent = runfiles.parse_pair(runfiles.read_small(str(rd / "pid")))
     assert agent is not None
     os.kill(wrapper.pid, signal.SIGKILL)
     wrapper.wait(timeout=10)
     os.kill(agent[0], signal.SIGKILL)
-    dog_ticks = runfiles.read_start_ticks(dog)
-    end = time.monotonic() + 10
-    while runfiles.same_process((dog, dog_ticks or -1)) and time.monotonic() < end:
-        lease.touch()  # the fleet still renews the lease
-        time.sleep(0.2)
-    assert not runfiles.same_process((dog, dog_ticks or -1)), "the watchdog stayed"
+    gone = renew_while(rd / "lease", lambda: not runfiles.same_process(watchdog), 10)
+    assert gone, "the watchdog stayed"
     assert (rd / "exit").read_text() == "lost\n"
     assert "marked lost" in (rd / "note").read_text()
-
-
-class Stream:
-    """``sh/stream.sh`` as an SSH channel runs it: its stdin stays open until :meth:`leave`."""
-
-    def __init__(self, rd: Path, out_from: int = 0, err_from: int = 0) -> None:
-        read_end, self._stdin = os.pipe()
-        offsets = [str(out_from + 1), str(err_from + 1)]
-        self.proc = subprocess.Popen(
-            ["sh", "-c", sh.framed(sh.script("stream")), "sh", str(rd), *offsets],
-            stdin=read_end,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        os.close(read_end)
-
-    def end(self) -> tuple[bytes, bytes, int]:
-        """Its output once it has ended by itself."""
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        self.leave()
-        return out, err, self.proc.returncode
-
-    def leave(self) -> None:
-        if self._stdin >= 0:
-            os.close(self._stdin)
-            self._stdin = -1
-
-
-@pytest.mark.parametrize("offsets", [(0, 0), (5, 3)])
-def test_stream_frames_first_and_counts_only_payload(
-    tmp_path: Path, procs: Procs, offsets: tuple[int, int]
-) -> None:
-    """The marks come before anything the tails print; what follows them, plus the rest read
-    from the final offsets, is each file exactly from its offset."""
-    rd = tmp_path / "run"
-    rd.mkdir()
-    me = procs.sleeper()
-    (rd / "wrapper").write_text(f"{me.pid} {runfiles.read_start_ticks(me.pid)}\n")
-    out_data = b"".join(b"out %d\n" % i for i in range(2000))
-    err_data = b"".join(b"err %d\n" % i for i in range(500))
-    (rd / "stdout").write_bytes(out_data[:1000])
-    (rd / "stderr").write_bytes(err_data[:100])
-    reader = Stream(rd, *offsets)
-    time.sleep(0.7)
-    with open(rd / "stdout", "ab") as f:
-        f.write(out_data[1000:])
-    with open(rd / "stderr", "ab") as f:
-        f.write(err_data[100:])
-    time.sleep(0.7)
-    (rd / "exit").write_text("0\n")
-    got_out, got_err, code = reader.end()
-    assert code == 0
-    mark = sh.FRAME_MARK
-    assert got_out.startswith(mark) and got_err.startswith(mark)
-    got_out, got_err = got_out[len(mark) :], got_err[len(mark) :]
-    cases = [(got_out, out_data, offsets[0], "stdout"), (got_err, err_data, offsets[1], "stderr")]
-    for got, data, start_at, name in cases:
-        rest = run_script("read-rest", str(rd / name), str(start_at + len(got) + 1), "99999999")
-        assert got + rest.stdout == data[start_at:], name
-
-
-def test_stream_ends_when_the_wrapper_dies_or_the_reader_leaves(
-    tmp_path: Path, procs: Procs
-) -> None:
-    assert Stream(tmp_path / "nothing").end()[2] == 3
-    rd = tmp_path / "run"
-    rd.mkdir()
-    (rd / "stdout").write_bytes(b"")
-    (rd / "stderr").write_bytes(b"")
-    wrapper = procs.sleeper()
-    (rd / "wrapper").write_text(f"{wrapper.pid} {runfiles.read_start_ticks(wrapper.pid)}\n")
-    reader = Stream(rd)
-    time.sleep(0.5)
-    wrapper.kill()
-    wrapper.wait(timeout=10)
-    assert reader.end()[2] == 4
-    # The reader going away (stdin closed) stops the stream and its tails.
-    wrapper = procs.sleeper()
-    (rd / "wrapper").write_text(f"{wrapper.pid} {runfiles.read_start_ticks(wrapper.pid)}\n")
-    reader = Stream(rd)
-    time.sleep(0.5)
-    reader.leave()
-    out, _, code = reader.end()
-    assert code == -signal.SIGTERM and out == sh.FRAME_MARK
+    assert probe_sh(rd)[str(rd)].state is RunState.LOST

@@ -634,13 +634,12 @@ def _claim_file(workdir: Path) -> Path:
 
 
 def _foreign_claim(workdir: Path, holder: str, lease_age: float) -> None:
-    """A claim as another controller's fleet leaves it, its lease renewed ``lease_age`` ago."""
-    lease = workdir / ".agentize-fleet" / "runs" / "someone-else" / "lease"
-    lease.parent.mkdir(parents=True)
-    lease.touch()
+    """A claim as another controller's fleet leaves it, renewed ``lease_age`` ago."""
+    claim = _claim_file(workdir)
+    claim.parent.mkdir(parents=True)
+    claim.write_text(f"{holder}\nfleet someone-else (elsewhere)\n")
     then = time.time() - lease_age
-    os.utime(lease, (then, then))
-    _claim_file(workdir).write_text(f"{holder}\n{lease}\nfleet someone-else (elsewhere)\n")
+    os.utime(claim, (then, then))
 
 
 def test_a_second_fleet_is_kept_out_of_a_workdir_in_use(
@@ -655,7 +654,7 @@ def test_a_second_fleet_is_kept_out_of_a_workdir_in_use(
     wd = tmp_path / "shared-work"
     path, started, status = one_remote_run(fleet, sshd, wd, "hang")
     claim = _claim_file(wd).read_text().splitlines()
-    assert claim[2].startswith(f"fleet {status['fleet']} ") and str(fleet.state_dir) in claim[2]
+    assert claim[1].startswith(f"fleet {status['fleet']} ") and str(fleet.state_dir) in claim[1]
 
     (tmp_path / "other").mkdir()
     other = Controller(tmp_path / "other", fleet.origin)

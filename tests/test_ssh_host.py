@@ -31,7 +31,15 @@ from supervisor.hosts.base import (
 from supervisor.hosts.local import LocalHost
 from supervisor.hosts.ssh import FramingError, LinkLost, Output, SSHHost, SSHRunHandle, SSHTarget
 from tests.conftest import unstartable_spec
-from tests.sshd import SSHD, keygen, known_hosts_line, noisy_login, run_sshd, session_processes
+from tests.sshd import (
+    SSHD,
+    keygen,
+    known_hosts_line,
+    noisy_login,
+    remote_helpers,
+    run_sshd,
+    session_processes,
+)
 
 
 @pytest.fixture
@@ -136,9 +144,19 @@ async def test_run_glob_resolve(host: SSHHost, work: Path) -> None:
         assert not (work / "pwned").exists()
         assert await host.glob(str(work / "missing"), ["*"]) == set()
 
-        lease = work / "deep" / "lease"
-        await host.touch_lease(str(lease))
-        assert lease.exists()
+        rd = work / "runs" / "r1"
+        rd.mkdir(parents=True)
+        (rd / "lease").write_text("")
+        claim = work / "claim"
+        claim.write_text("x\n")
+        old = time.time() - 600
+        for path in (rd / "lease", claim):
+            os.utime(path, (old, old))
+        # Without a watcher (no run followed): one command; a lease that is gone is not made.
+        await host.renew_leases([str(rd), str(work / "runs" / "gone")], claim=str(claim))
+        for path in (rd / "lease", claim):
+            assert time.time() - path.stat().st_mtime < 60, path
+        assert not (work / "runs" / "gone").exists()
 
 
 # ---- runs ---------------------------------------------------------------------------------------
@@ -190,31 +208,26 @@ async def test_chatty_stdout_and_stderr_are_drained(
 
 
 @pytest.mark.anyio
-async def test_closing_output_early_leaves_no_reader_behind(
-    host: SSHHost, work: Path, session_reaper: list[int]
+async def test_closing_output_early_leaves_only_the_watcher_and_close_ends_it(
+    sshd: SSHD, host: SSHHost, work: Path, session_reaper: list[int]
 ) -> None:
+    """A reader that leaves early costs nothing on the machine: no run holds a channel or a
+    process there, only the machine's one watcher, and closing the host ends that too."""
     script = "while :; do echo tick; sleep 0.05; done"
     with anyio.fail_after(30):
         handle = await host.start(spec_for(work, ["sh", "-c", script]))
         session_reaper.append(handle.identity.pid)
-        run_dir = handle.identity.run_dir
-
-        def readers() -> list[psutil.Process]:
-            found = []
-            for proc in psutil.process_iter(["name", "cwd"]):
-                if proc.info["name"] == "tail" and proc.info["cwd"] == run_dir:
-                    found.append(proc)
-            return found
-
         stream = handle.output()
         first = await stream.__anext__()
         assert first.data.startswith(b"tick")
-        assert await eventually(lambda: len(readers()) == 2, timeout=5)  # both tails started
         await stream.aclose()  # type: ignore[attr-defined]
-        assert await eventually(lambda: not readers(), timeout=5)
         assert await handle.alive()
+        helpers = remote_helpers(sshd)
+        assert 1 <= len(helpers) <= 3, helpers  # the watcher, its EOF guard, a nap
         await handle.signal(signal.SIGKILL)
         assert (await handle.wait()).code == 128 + signal.SIGKILL
+        await host.aclose()
+        assert await eventually(lambda: not remote_helpers(sshd), timeout=5), remote_helpers(sshd)
 
 
 @pytest.mark.anyio
@@ -410,21 +423,40 @@ async def test_wrapper_killed_means_lost(
 
 
 @pytest.mark.anyio
-async def test_unreachable_machine_makes_run_lost(
-    sshd: SSHD, work: Path, session_reaper: list[int]
+async def test_each_run_lives_by_its_own_lease_renewed_through_the_watcher(
+    host: SSHHost, work: Path, session_reaper: list[int]
 ) -> None:
-    h = SSHHost(sshd.target(unreachable_after=1.0))
-    try:
-        with anyio.fail_after(30):
-            handle = await h.start(spec_for(work, ["sleep", "600"]))
-            session_reaper.append(handle.identity.pid)
-            sshd.stop()
-            chunks = [c async for c in handle.output()]
-            assert chunks == []
-            status = await handle.wait()
-            assert status.lost and "unreachable" in status.reason
-    finally:
-        await h.aclose()
+    """Two runs under one watchdog; the fleet renews only the first (it no longer supervises
+    the second): the second is stopped with the watchdog's note, the first lives.  With runs
+    followed, renewals go through the machine's watcher: no new login each time."""
+    with anyio.fail_after(60):
+        kept = await host.start(spec_for(work, ["sleep", "600"], name="kept", lease_timeout=3))
+        dropped = await host.start(
+            spec_for(work, ["sleep", "600"], name="dropped", lease_timeout=3)
+        )
+        session_reaper.extend([kept.identity.pid, dropped.identity.pid])
+        claim = work / "claim"
+        claim.write_text("x\n")
+        ended = anyio.Event()
+
+        async def wait_dropped() -> None:
+            await dropped.wait()
+            ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_dropped)
+            while not ended.is_set():
+                await host.renew_leases([kept.identity.run_dir], claim=str(claim))
+                with anyio.move_on_after(0.5):
+                    await ended.wait()
+        status = await dropped.wait()
+        assert status.code == 128 + signal.SIGTERM
+        assert "stopped by the watchdog: lease not renewed for 3s" in status.reason
+        assert await kept.alive()
+        assert host.follower.renewals >= 3
+        assert time.time() - claim.stat().st_mtime < 5
+        await kept.signal(signal.SIGKILL)
+        assert (await kept.wait()).code == 128 + signal.SIGKILL
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -662,12 +694,11 @@ async def test_a_start_cut_short_is_found_running_by_the_next_supervisor(
 
 
 @pytest.mark.anyio
-async def test_more_runs_than_channels_neither_wait_nor_starve_helpers(
+async def test_more_runs_than_channels_over_one_connection(
     sshd: SSHD, work: Path, session_reaper: list[int]
 ) -> None:
-    """Each run's output stream holds a channel for as long as the run lives: with 2 channels
-    a connection and max_connections = 1, five runs are followed at once and helper commands
-    still get through (streams add connections of their own)."""
+    """No run holds a channel: with 2 channels a connection and max_connections = 1, five runs
+    are followed at once over one connection and helper commands get through at once."""
     h = SSHHost(sshd.target(max_channels=2, max_connections=1))
     script = "sleep 1; echo done"
     got: dict[int, bytes] = {}
@@ -688,9 +719,65 @@ async def test_more_runs_than_channels_neither_wait_nor_starve_helpers(
                 await anyio.sleep(0.3)
                 began = time.monotonic()
                 assert (await h.run(["echo", "helper"])).stdout == "helper\n"
-                assert time.monotonic() - began < 0.9, "the helper waited for a stream to end"
+                assert time.monotonic() - began < 0.9, "the helper waited for the runs"
             assert [(await handle.wait()).code for handle in handles] == [0] * 5
     finally:
         await h.aclose()
     assert got == {i: b"done\n" for i in range(5)}
-    assert h.connects <= 1 + 3  # one for helpers, one per two streams
+    assert h.connects == 1
+
+
+@pytest.mark.anyio
+async def test_fifty_runs_on_one_machine_start_stream_and_stop_cleanly(
+    sshd: SSHD, work: Path, session_reaper: list[int]
+) -> None:
+    """Fifty runs on one machine (OpenSSH's MaxSessions is 10): they start together, every
+    line of each arrives once, half are stopped while they run, and the machine is followed
+    by one watcher over one connection once the starts are over; nothing is left behind."""
+    h = SSHHost(sshd.target())
+    count = 50
+    script = 'i=1; while [ $i -le 20 ]; do echo "$0 line $i"; i=$((i+1)); sleep 0.05; done; ' \
+        'if [ "$0" -ge 25 ]; then sleep 600; fi'
+    got: dict[int, bytes] = {}
+    codes: dict[int, int | None] = {}
+    try:
+        with anyio.fail_after(120):
+            handles: dict[int, SSHRunHandle] = {}
+
+            async def start(i: int) -> None:
+                spec = spec_for(work, ["sh", "-c", script, str(i)], name=f"run-{i}")
+                handles[i] = await h.start(spec)
+                session_reaper.append(handles[i].identity.pid)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(count):
+                    tg.start_soon(start, i)
+
+            async def follow(i: int) -> None:
+                handle = handles[i]
+                async with anyio.create_task_group() as inner:
+
+                    async def pump() -> None:
+                        got[i] = b"".join([c.data async for c in handle.output()])
+
+                    inner.start_soon(pump)
+                    if i >= 25:
+                        path = Path(handle.identity.run_dir) / "stdout"
+                        assert await eventually(lambda: b"line 20" in path.read_bytes(), 30)
+                        await handle.stop(5)
+                    codes[i] = (await handle.wait()).code
+
+            async with anyio.create_task_group() as tg:
+                for i in range(count):
+                    tg.start_soon(follow, i)
+            assert h.follower.watchers >= 1
+            assert len([link for link in h.connections._links if link.alive]) <= 4
+            await anyio.sleep(4)  # the burst's extra connections fall idle and are closed
+            assert (await h.run(["true"])).exit_code == 0
+            assert len([link for link in h.connections._links if link.alive]) == 1
+    finally:
+        await h.aclose()
+    for i in range(count):
+        assert got[i] == b"".join(b"%d line %d\n" % (i, n) for n in range(1, 21)), i
+    assert codes == {i: 0 if i < 25 else 128 + signal.SIGTERM for i in range(count)}
+    assert await eventually(lambda: not remote_helpers(sshd), timeout=10)

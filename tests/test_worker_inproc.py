@@ -74,7 +74,7 @@ class Services:
         return True
 
     def machine_away(self, machine: str) -> str:
-        return "" if self.host.reachability.value == "up" else f"{machine} unreachable"
+        return "" if self.host.reach.value == "up" else f"{machine} unreachable"
 
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.adopted_ended.append(machine)

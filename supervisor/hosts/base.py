@@ -18,8 +18,10 @@ directory), on every host; the run directory's rules are ``hosts/runfiles.py``'s
 * ``wrapper`` holds the wrapper's own ``PID START_TICKS``: it is alive while those match;
 * ``exit`` is written when the agent ends, with its exit status, or ``lost`` by whoever finds
   the wrapper gone without it (after killing what was left of the run);
-* a watchdog kills the group when the fleet's lease file has not been touched for
-  ``lease_timeout`` seconds: a run never outlives its supervisor unnoticed.
+* ``lease`` is the run's own lease, made at its start: the fleet renews it
+  (:meth:`Host.renew_leases`) for as long as it supervises the run, and a watchdog (one per
+  shift and machine) stops the run once its lease is older than ``lease_timeout``: a run never
+  outlives the supervision of its fleet unnoticed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Literal
 import anyio
 
 from supervisor import sh
+from supervisor.hosts import runfiles
+from supervisor.hosts.reach import Reach, Reachability, ReachChange
 from supervisor.hosts.runfiles import ExitStatus, RunState, RunStatus
 
 __all__ = [
@@ -46,7 +50,11 @@ __all__ = [
     "Host",
     "HostAuthError",
     "HostError",
+    "HostSlow",
     "HostUnreachable",
+    "Reach",
+    "ReachChange",
+    "Reachability",
     "RunHandle",
     "RunIdentity",
     "RunSpec",
@@ -54,15 +62,17 @@ __all__ = [
     "RunStatus",
     "Stream",
     "TreeStats",
+    "wait_while_reachable",
 ]
 
 Stream = Literal["stdout", "stderr"]
 KILL_SETTLE = 5.0  # after SIGKILL, how long to wait for the wrapper to record the end
+RENEW_BATCH = 500  # leases renewed by one command (keeps its command line short)
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 
-#: Ends the lease watchdogs of a lease file once every run they guard has ended
-#: (``sh/stop-watchdog.sh``; argument: the lease file).
+#: Ends the lease watchdogs of a shift on a machine once every run they guard has ended
+#: (``sh/stop-watchdog.sh``; argument: the shift's ``RunSpec.lease_path`` there).
 STOP_WATCHDOG = sh.script("stop-watchdog")
 
 
@@ -77,6 +87,14 @@ class HostError(Exception):
 
 class HostUnreachable(HostError):
     """The machine cannot be reached right now (refused, timed out, link lost)."""
+
+
+class HostSlow(HostUnreachable):
+    """The machine's connection lives, but a command (or a login) did not answer within its
+    timeout: an overloaded machine, a hung login shell.  A kind of :class:`HostUnreachable`
+    -- every caller that copes with an absent machine (retry later, never a crash) copes with
+    a slow one the same way -- distinct for those that tell them apart: it is never a run's
+    end, and never a reason to give a run up."""
 
 
 class HostAuthError(HostError):
@@ -111,7 +129,9 @@ class RunSpec:
     """Everything a host needs to start one run of an agent.
 
     Paths are paths on the host.  ``argv`` is executed without a shell: each element reaches the
-    agent as one argument, whatever characters it holds.  ``meta`` is written to the run
+    agent as one argument, whatever characters it holds.  ``lease_path`` names the shift's
+    lease watchdog on the machine (its files are ``lease_path.dog``, ``lease_path.runs/``, ...);
+    the run's own lease is ``run_dir/lease``.  ``meta`` is written to the run
     directory's ``meta`` file (``task``, ``run``, ``shift``, ``worker``, ``machine``), so that a
     run found by a scan says whose it is.
     """
@@ -167,6 +187,10 @@ class RunHandle(abc.ABC):
     """A started (or re-attached) run on some host."""
 
     identity: RunIdentity
+    #: Its machine's reachability (``hosts/reach.py``); None for a machine that never changes.
+    #: A handle never gives its run up while the machine is away: :meth:`wait` waits for the
+    #: machine to be back and the run's end to be read, and the caller decides whether to wait.
+    reachability: Reachability | None = None
 
     @abc.abstractmethod
     def output(self, offsets: Mapping[Stream, int] | None = None) -> AsyncIterator[Chunk]:
@@ -225,6 +249,12 @@ class Host(abc.ABC):
     """A machine that can hold worker clones and run agents."""
 
     name: str
+
+    def on_reachability(self, callback: Callable[[ReachChange], None]) -> None:
+        """Call ``callback`` at each change of the machine's reachability (connecting, up,
+        slow, unreachable, back: ``hosts/reach.py``).  This machine never changes: the
+        default never calls it."""
+        return None
 
     @abc.abstractmethod
     async def run(
@@ -289,10 +319,47 @@ class Host(abc.ABC):
         """The machine's local time zone (a usage limit's "resets 5pm" is in it), or None when
         it cannot be told."""
 
-    @abc.abstractmethod
-    async def touch_lease(self, path: str) -> None:
-        """Renew the fleet's lease so that the wrappers' watchdogs let their runs live."""
+    async def renew_leases(self, run_dirs: Sequence[str], *, claim: str | None = None) -> None:
+        """Renew the leases of exactly ``run_dirs`` (the runs the fleet supervises here now)
+        and the ``claim`` file of the machine's workdir, in one command: the watchdog stops a
+        run whose own lease is older than ``lease_timeout``, and another fleet takes a workdir
+        whose claim is older than that.  A lease or claim that is gone is not made again."""
+        paths = runfiles.lease_paths(run_dirs, claim)
+        for first in range(0, len(paths), RENEW_BATCH):
+            await self.run(sh.command("renew", *paths[first : first + RENEW_BATCH]), timeout=60)
 
     async def aclose(self) -> None:
         """Release connections; running agents are not touched."""
         return None
+
+
+async def wait_while_reachable(handle: RunHandle) -> ExitStatus:
+    """The run's end, or a lost status once its machine has been unreachable for its
+    ``unreachable_after`` (the run goes on there; the handle would follow it again).
+
+    The rule the fleet applied until it decides for itself what an absent machine means
+    (``RunHandle.wait`` no longer gives up): a slow machine is never a reason to stop waiting.
+    """
+    reach = handle.reachability
+    if reach is None:
+        return await handle.wait()
+    found: ExitStatus | None = None
+    async with anyio.create_task_group() as race:
+
+        async def end() -> None:
+            nonlocal found
+            found = await handle.wait()
+            race.cancel_scope.cancel()
+
+        async def away() -> None:
+            nonlocal found
+            while reach.state is not Reach.UNREACHABLE:
+                await reach.changed()
+            reason = f"{reach.machine} unreachable for more than {reach.unreachable_after:g}s"
+            found = ExitStatus(None, lost=True, reason=f"{reason}: {reach.detail}")
+            race.cancel_scope.cancel()
+
+        race.start_soon(end)
+        race.start_soon(away)
+    assert found is not None
+    return found

@@ -22,7 +22,6 @@ import os
 import signal as signals
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import tzinfo
@@ -63,7 +62,6 @@ BATCH_WINDOW = 0.01
 POLL_MIN = 0.005
 POLL_MAX = 0.5
 WATCH_SAFETY_POLL = 60.0  # with inotify: re-read anyway this often, should an event be missed
-LEASE_TOUCH_GAP = 1.0  # touch a lease at most this often (every run start asks)
 PID_WAIT = 10.0
 PID_SAFETY_POLL = 0.05  # with inotify: look for the pid file anyway this often
 
@@ -366,7 +364,7 @@ class LocalHost(Host):
         self._umask = f"{runfiles.USER_UMASK if umask is None else umask:04o}"
         self._use_inotify = use_inotify
         self._watcher: DirWatcher | None = None
-        self._leases: dict[str, float] = {}
+        self._dog_dirs: set[str] = set()
         self._spawn = hasattr(os, "pidfd_open")
         # The supervisor never changes its own environment: read (and decode) it once, not at
         # every start of a thousand short runs.
@@ -437,13 +435,10 @@ class LocalHost(Host):
             found.update(os.path.join(folder, n) for n in fnmatch.filter(names, name))
         return found
 
-    async def touch_lease(self, path: str) -> None:
-        now = time.monotonic()
-        if now - self._leases.get(path, -LEASE_TOUCH_GAP) < LEASE_TOUCH_GAP:
-            return  # renewed a moment ago (every run start asks)
-        runfiles.make_private_dirs(os.path.dirname(path))
-        Path(path).touch(mode=0o600)
-        self._leases[path] = now
+    async def renew_leases(self, run_dirs: Sequence[str], *, claim: str | None = None) -> None:
+        for path in runfiles.lease_paths(run_dirs, claim):
+            with contextlib.suppress(FileNotFoundError):  # gone: not made again
+                os.utime(path)
 
     async def start(self, spec: RunSpec) -> RunHandle:
         run_dir = Path(spec.run_dir)
@@ -453,11 +448,15 @@ class LocalHost(Host):
         runner = str(run_dir / runfiles.RUNNER)
         try:
             runfiles.write_private(str(run_dir / runfiles.META), runfiles.format_meta(spec.meta))
+            runfiles.write_private(str(run_dir / runfiles.LEASE), "")  # fresh from the start
             with open(runner, "wb", opener=_private) as handle:
                 handle.write(self._runner)
+            dog_dir = os.path.dirname(spec.lease_path)
+            if dog_dir not in self._dog_dirs:  # the watchdog's files live there
+                runfiles.make_private_dirs(dog_dir)
+                self._dog_dirs.add(dog_dir)
         except OSError as exc:
             raise HostError(self.name, f"cannot prepare run directory {run_dir}: {exc}") from None
-        await self.touch_lease(spec.lease_path)
         argv = [
             "sh",
             runner,

@@ -14,6 +14,8 @@ stderr     the agent (appended)            raw output
 exit       the wrapper, or whoever ends a  ``CODE`` (0..255, 128+N for signal N) or ``lost``
            run whose wrapper vanished
 note       the watchdog / the supervisor   why they intervened, a line each
+lease      the host's ``start``; renewed   its mtime: when the supervising shift last renewed
+           by the supervising shift        it (the watchdog stops a run whose lease is stale)
 start.lock the remote start (flock)        held from ``mkdir`` until ``pid`` or ``exit``
 ========== =============================== ==================================================
 
@@ -31,9 +33,10 @@ from __future__ import annotations
 
 import enum
 import os
+import posixpath
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 META = "meta"
@@ -41,6 +44,7 @@ WRAPPER = "wrapper"
 PID = "pid"
 EXIT = "exit"
 NOTE = "note"
+LEASE = "lease"
 START_LOCK = "start.lock"
 RUNNER = "runner.sh"
 LOST = "lost"
@@ -175,6 +179,11 @@ WRAPPER_VANISHED = "the run's wrapper vanished without recording the end: marked
 
 
 # ---- parsing ------------------------------------------------------------------------------------
+
+
+def lease_paths(run_dirs: Sequence[str], claim: str | None = None) -> list[str]:
+    """The files :meth:`Host.renew_leases` touches: each run's ``lease``, and the claim."""
+    return [posixpath.join(d, LEASE) for d in run_dirs] + ([claim] if claim else [])
 
 
 def parse_pair(data: bytes | str | None) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ ticks_of() {
     _t=""
     _st=""
     case $1 in '' | */*) return 1 ;; esac
-    read -r _st <"/proc/$1/stat" 2>/dev/null || return 1
+    read -r _st 2>/dev/null <"/proc/$1/stat" || return 1
     set -f
     # shellcheck disable=SC2086 # split on purpose: the fields after the command name
     _stat_fields ${_st##*) }
@@ -44,7 +44,7 @@ same_process() {
 read_pair() {
     _pid=""
     _ticks=""
-    read -r _pid _ticks _rest <"$1" 2>/dev/null && [ -n "$_ticks" ]
+    read -r _pid _ticks _rest 2>/dev/null <"$1" && [ -n "$_ticks" ]
 }
 
 # recorded_alive FILE: FILE ("PID TICKS") names a process that still lives as itself.  With
@@ -116,11 +116,70 @@ await_start() {
     cat -- "$1/wrapper" 2>/dev/null || echo
 }
 
-# read_claim WORKDIR: set h (holder), l (its lease), d (its description) and age (seconds
-# since the lease was renewed) from WORKDIR's claim (supervisor/claim.py); false when WORKDIR
-# has no claim or its lease is gone.
-# shellcheck disable=SC2034 # h, l, d and age are for the caller
+# add_piece FILE FROM LIMIT: one more piece for fetch_pieces (kept in _pf1, _po1, _pl1, ...,
+# _np of them; sh has no arrays).
+add_piece() {
+    _np=$((${_np:-0} + 1))
+    eval "_pf$_np=\$1 _po$_np=\$2 _pl$_np=\$3"
+}
+
+# fetch_pieces: print the pieces added (then forget them): for each, in order, a header line
+# `SIZE LEN` and exactly LEN bytes of FILE from byte FROM (0 = the first); SIZE is FILE's size
+# when looked at, LEN = min(SIZE - FROM, LIMIT), 0 when negative; a missing FILE is `-1 0`.
+# Files are only ever appended to, so the LEN bytes a header promises are there (a file cut
+# short meanwhile breaks the count, which the reader sees).  One `stat` for all the files, one
+# `dd` per piece that has bytes.
+fetch_pieces() {
+    set --
+    _i=1
+    while [ "$_i" -le "${_np:-0}" ]; do
+        eval "_f=\$_pf$_i"
+        # shellcheck disable=SC2154 # set through eval
+        if [ -e "$_f" ]; then
+            set -- "$@" "$_f"
+            eval "_pe$_i=1"
+        else
+            eval "_pe$_i=0"
+        fi
+        _i=$((_i + 1))
+    done
+    _sizes=""
+    [ "$#" -eq 0 ] || _sizes=$(stat -c %s -- "$@" 2>/dev/null)
+    set -f
+    # shellcheck disable=SC2086 # split on purpose: one size per word
+    _emit_pieces $_sizes
+    set +f
+    _np=0
+}
+
+# _emit_pieces SIZE...: fetch_pieces' helper, from the sizes of the files that exist.
+_emit_pieces() {
+    _i=1
+    while [ "$_i" -le "$_np" ]; do
+        eval "_f=\$_pf$_i _from=\$_po$_i _limit=\$_pl$_i _there=\$_pe$_i"
+        # shellcheck disable=SC2154 # set through eval
+        if [ "$_there" = 0 ] || [ "$#" -eq 0 ]; then
+            echo "-1 0"
+        else
+            _len=$(($1 - _from))
+            [ "$_len" -le "$_limit" ] || _len=$_limit
+            [ "$_len" -ge 0 ] || _len=0
+            echo "$1 $_len"
+            shift
+            if [ "$_len" -gt 0 ]; then
+                dd if="$_f" bs=1048576 skip="$_from" count="$_len" \
+                    iflag=skip_bytes,count_bytes 2>/dev/null
+            fi
+        fi
+        _i=$((_i + 1))
+    done
+}
+
+# read_claim WORKDIR: set h (holder), d (its description) and age (seconds since the holder
+# last renewed it: the claim file's own mtime) from WORKDIR's claim (supervisor/claim.py);
+# false when WORKDIR has no claim.
+# shellcheck disable=SC2034 # h, d and age are for the caller
 read_claim() {
-    { IFS= read -r h && IFS= read -r l && IFS= read -r d; } <"$1/.agentize-fleet/claim" \
-        2>/dev/null && [ -e "$l" ] && age=$(($(date +%s) - $(stat -c %Y -- "$l")))
+    { IFS= read -r h && IFS= read -r d; } 2>/dev/null <"$1/.agentize-fleet/claim" &&
+        age=$(($(date +%s) - $(stat -c %Y -- "$1/.agentize-fleet/claim")))
 }

@@ -1,7 +1,7 @@
 #!/bin/sh
 # agentize-fleet run wrapper: the one way every agent run starts, locally and over SSH.
 #
-#   sh runner.sh RUN_DIR LEASE_FILE LEASE_TIMEOUT WORKDIR UMASK -- ARGV...
+#   sh runner.sh RUN_DIR DOG LEASE_TIMEOUT WORKDIR UMASK -- ARGV...
 #
 # The agent (ARGV, executed without a shell) runs in a session of its own, so that its process
 # group id is its pid and `kill -SIG -- -PID` reaches its whole tree.  Files in RUN_DIR (their
@@ -11,26 +11,33 @@
 #   pid             "PID START_TICKS" of the agent (0 if it was gone before it could be read)
 #   stdout, stderr  the agent's output, appended (read back from any byte offset)
 #   exit            the agent's exit status (128+N when killed by signal N)
-#   note            why the watchdog intervened (lease expired), if it did
+#   lease           made by the host's start; its mtime is renewed by the fleet for as long as
+#                   it supervises this run
+#   note            why the watchdog intervened, if it did
 # Each is one short write: readers take a line without its newline as "not yet".  What the
 # wrapper writes is private (umask 077: files 0600); the agent runs with UMASK (octal; empty:
 # the umask the wrapper was started with), the user's own, since it writes into git worktrees.
 # When the agent ends, whatever it left behind in its group is killed too (systemd's
 # KillMode=control-group).
 #
-# The lease watchdog: one per LEASE_FILE (one per fleet and machine), not one per run.  Every
-# run registers its RUN_DIR in LEASE_FILE.runs and starts the watchdog if the one named in
-# LEASE_FILE.dog ("PID START_TICKS") is not alive.  The watchdog kills the group of every
-# registered run that has not ended once LEASE_FILE has not been touched for LEASE_TIMEOUT
-# seconds (0 disables it): a run never outlives its supervisor unnoticed.  It leaves when no
-# registered run is left (or when another watchdog is the one named), after checking again
-# that no run registered meanwhile; a run whose wrapper and agent are both gone without an
-# exit status counts as ended (it is marked lost).  Two runs starting at once may both start
-# one: the one named last stays, the other leaves at its next look.  Starting a run costs no
-# extra process.  POSIX sh, coreutils and util-linux's setsid only.
+# The lease watchdog: one per DOG (the shift's lease path on this machine), not one per run.
+# Every run registers in the directory DOG.runs (an entry named after this wrapper's pid and
+# start ticks, holding RUN_DIR) and starts the watchdog if the one named in DOG.dog ("PID
+# START_TICKS") is not alive.  Every min(LEASE_TIMEOUT / 3, 5) seconds the watchdog looks at
+# each registered run: the entry of a run that ended is removed (a look costs what the live
+# runs cost, not the shift's whole history); a run whose own lease has not been renewed for
+# LEASE_TIMEOUT seconds (0 disables the watchdog) is stopped, its note saying so: SIGTERM, then
+# SIGKILL 5 s later, and `exit` = lost when its wrapper is gone too.  A run never outlives the
+# supervision of its fleet unnoticed, and a fleet that stops supervising one run (its machine
+# was away) no longer keeps it alive by renewing the others.  The watchdog leaves when no
+# entry is left (or when another watchdog is the one named), after checking again that no
+# run registered meanwhile; a run whose wrapper and agent are both gone without an exit status
+# counts as ended (it is marked lost).  Two runs starting at once may both start one: the one
+# named last stays, the other leaves at its next look.  Starting a run costs no extra process
+# (but the first run's `mkdir` of DOG.runs).  POSIX sh, coreutils and util-linux's setsid only.
 set -u
 run_dir=$1
-lease=$2
+dog=$2
 lease_timeout=$3
 workdir=$4
 agent_umask=$5
@@ -39,7 +46,7 @@ shift 6
 umask 077
 # Both are used after the `cd` below, by the watchdog too.
 case $run_dir in /*) ;; *) run_dir=$PWD/$run_dir ;; esac
-case $lease in /*) ;; *) lease=$PWD/$lease ;; esac
+case $dog in /*) ;; *) dog=$PWD/$dog ;; esac
 
 # shellcheck source=lib.sh
 . "$(dirname -- "$0")/lib.sh"
@@ -52,65 +59,87 @@ watchdog() {
     ticks_of self
     my_ticks=$_t
     read -r me _rest </proc/self/stat
-    # "Renewed since the last look" is `lease -nt stamp`; rewriting the stamp (a builtin
-    # echo) marks the look, so only `sleep` is ever forked.
-    stamp="$dog.seen"
-    echo >"$stamp"
-    missed=0
+    # "Renewed within LEASE_TIMEOUT" is `RUN_DIR/lease -nt stamp`, the stamp touched to
+    # LEASE_TIMEOUT seconds ago at each look: a builtin test per run, no fork.
+    stamp="$dog.stamp"
+    stopped=" "
     # The first look comes after a second: a watchdog started at the same moment as another
-    # one (two runs starting together) and not named by LEASE_FILE.dog leaves at once.
+    # one (two runs starting together) and not named by DOG.dog leaves at once.
     pause=1
     while :; do
-        [ -z "$stop" ] || exit 0
-        sleep "$pause" &
-        nap=$!
-        [ -z "$stop" ] || { kill "$nap" 2>/dev/null; exit 0; }
-        wait "$nap"
-        nap=""
-        [ -z "$stop" ] || exit 0
-        slept=$pause
+        doze "$pause"
         pause=$every
-        if read_pair "$dog" && [ "$_pid" != "$me" ] && same_process "$_pid" "$_ticks"; then
+        if read_pair "$dog.dog" && [ "$_pid" != "$me" ] && same_process "$_pid" "$_ticks"; then
             exit 0 # another watchdog is the one named
         fi
-        echo "$me $my_ticks" >"$dog"
-        # shellcheck disable=SC3013 # dash, bash, busybox sh and ksh all have -nt
-        if [ "$lease" -nt "$stamp" ]; then
-            echo >"$stamp"
-            missed=0
+        echo "$me $my_ticks" >"$dog.dog"
+        if touch -d "$limit seconds ago" -- "$stamp" 2>/dev/null; then
+            look TERM
+            if [ "$stopping" = 1 ]; then
+                doze 5
+                look KILL
+            fi
         else
-            missed=$((missed + slept))
+            look "" # cannot tell a lease's age here: stop nothing
         fi
-        if [ "$missed" -gt "$limit" ]; then
-            stop_runs TERM "lease $lease not renewed for ${limit}s: stopping the run"
-            sleep 5
-            stop_runs KILL ""
-            exit 0
-        fi
-        if ! runs_left; then
-            : >"$dog" # leaving; a run registered from now on starts a new watchdog
-            runs_left || exit 0
-            echo "$me $my_ticks" >"$dog" # one did register meanwhile: stay
+        if [ "$left" = 0 ]; then
+            : >"$dog.dog" # leaving; a run registered from now on starts a new watchdog
+            look ""
+            [ "$left" = 1 ] || exit 0
+            echo "$me $my_ticks" >"$dog.dog" # one did register meanwhile: stay
         fi
     done
 }
 
-# Has a registered run not ended?
-runs_left() {
-    while read -r _rd; do
-        run_left "$_rd" && return 0
-    done <"$registry"
-    return 1
+# doze SECONDS: sleep, unless the fleet dismissed the watchdog (which then leaves).
+doze() {
+    [ -z "$stop" ] || exit 0
+    sleep "$1" &
+    nap=$!
+    [ -z "$stop" ] || { kill "$nap" 2>/dev/null; exit 0; }
+    wait "$nap"
+    nap=""
+    [ -z "$stop" ] || exit 0
 }
 
-# Signal the tree of every registered run that has not ended, if it is still the agent's.
-stop_runs() {
-    while read -r _rd; do
-        [ -e "$_rd/exit" ] && continue
-        recorded_alive "$_rd/pid" || continue
-        [ -n "$2" ] && echo "$2" >>"$_rd/note"
-        kill_tree "$_pid" "$_ticks" "$1"
-    done <"$registry"
+# look [TERM|KILL]: one look at every registered run.  The entries of ended runs go; with TERM,
+# a run whose lease is older than the stamp is signalled (its note written the first time),
+# with KILL those signalled before that are still there.  Sets `left` (a registered run has
+# not ended) and `stopping` (a run was signalled).
+look() {
+    left=0
+    stopping=0
+    for entry in "$dog.runs"/*; do
+        [ -e "$entry" ] || continue # no entry at all: the pattern itself
+        if ! IFS= read -r rd 2>/dev/null <"$entry"; then
+            left=1 # being written
+            continue
+        fi
+        if ! run_left "$rd"; then
+            rm -f -- "$entry"
+            continue
+        fi
+        left=1
+        name=${entry##*/}
+        case $stopped in *" $name "*) signalled=1 ;; *) signalled=0 ;; esac
+        case $1 in
+        "") continue ;;
+        KILL) [ "$signalled" = 1 ] || continue ;; # only those TERM could not end
+        *)
+            # shellcheck disable=SC3013 # dash, bash, busybox sh and ksh all have -nt
+            [ "$rd/lease" -nt "$stamp" ] && continue
+            if [ "$signalled" = 0 ]; then
+                echo "stopped by the watchdog: lease not renewed for ${limit}s" >>"$rd/note"
+                stopped="$stopped$name "
+            fi
+            ;;
+        esac
+        stopping=1
+        if read_pair "$rd/pid"; then kill_tree "$_pid" "$_ticks" "$1"; fi
+        if [ "$1" = KILL ] && ! recorded_alive "$rd/wrapper"; then
+            end_lost "$rd" "its wrapper was gone too: marked lost"
+        fi
+    done
 }
 
 ticks_of $$
@@ -143,17 +172,18 @@ case "$lease_timeout" in
     limit=${lease_timeout%%.*}
     [ "$limit" -ge 1 ] 2>/dev/null || limit=1
     every=$((limit / 3))
+    [ "$every" -le 5 ] || every=5
     [ "$every" -ge 1 ] || every=1
-    dog="$lease.dog"
-    registry="$lease.runs"
-    echo "$run_dir" >>"$registry"
-    if ! recorded_alive "$dog"; then
+    [ -d "$dog.runs" ] || mkdir -p -- "$dog.runs"
+    ticks_of $$
+    echo "$run_dir" >"$dog.runs/$$-$_t"
+    if ! recorded_alive "$dog.dog"; then
         watchdog </dev/null >/dev/null 2>&1 &
         ticks_of "$!"
-        echo "$! $_t" >"$dog" # named at once: the next run to start finds it alive
-        # Every watchdog started for this lease: the fleet's dismissal ends them all, the one
-        # named and any other not yet gone (one that lost the naming leaves only at a look).
-        echo "$! $_t" >>"$dog.all"
+        echo "$! $_t" >"$dog.dog" # named at once: the next run to start finds it alive
+        # Every watchdog started for DOG: the fleet's dismissal ends them all, the one named
+        # and any other not yet gone (one that lost the naming leaves only at a look).
+        echo "$! $_t" >>"$dog.dog.all"
     fi
     ;;
 esac

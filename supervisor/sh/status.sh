@@ -32,13 +32,13 @@ for rd; do
                 same_process "$_pid" "$_ticks" && a=1
                 [ "$f" = pid ] && f=leader
                 printf '%s %s %s %s\n' "$f" "$_pid" "$_ticks" "$a"
-            elif [ "$f" = wrapper ] && IFS= read -r x <"$rd/wrapper" 2>/dev/null; then
+            elif [ "$f" = wrapper ] && IFS= read -r x 2>/dev/null <"$rd/wrapper"; then
                 echo "wrapper - - 0"
             fi
         done
-        if IFS= read -r x <"$rd/exit" 2>/dev/null; then printf 'exit %s\n' "$x"; fi
+        if IFS= read -r x 2>/dev/null <"$rd/exit"; then printf 'exit %s\n' "$x"; fi
         for f in note meta; do
-            while IFS= read -r x; do printf '%s %s\n' "$f" "$x"; done <"$rd/$f" 2>/dev/null
+            while IFS= read -r x; do printf '%s %s\n' "$f" "$x"; done 2>/dev/null <"$rd/$f"
         done
     fi
     echo end

@@ -1,8 +1,13 @@
-"""Machines reached over SSH (asyncssh): ``connection.py`` (target, errors, the pool, framed
-commands), ``host.py`` (:class:`SSHHost`), ``run.py`` (:class:`SSHRunHandle`)."""
+"""Machines reached over SSH (asyncssh): ``target.py`` (the target, errors, the frame),
+``connection.py`` (the pool, commands, the watcher's channel), ``watcher.py`` (the one watcher
+per machine as the host sees it), ``follow.py`` (output and ends of the machine's runs, fed by
+the watcher), ``batch.py`` (many runs at once: probe, fetch), ``host.py`` (:class:`SSHHost`),
+``run.py`` (:class:`SSHRunHandle`)."""
 
-from supervisor.hosts.ssh.connection import (
-    Connections,
+from supervisor.hosts.ssh.connection import Connections
+from supervisor.hosts.ssh.host import SSHHost
+from supervisor.hosts.ssh.run import SSHRunHandle
+from supervisor.hosts.ssh.target import (
     FramingError,
     LinkLost,
     Output,
@@ -10,8 +15,6 @@ from supervisor.hosts.ssh.connection import (
     SSHLoginError,
     SSHTarget,
 )
-from supervisor.hosts.ssh.host import SSHHost
-from supervisor.hosts.ssh.run import SSHRunHandle
 
 __all__ = [
     "Connections",

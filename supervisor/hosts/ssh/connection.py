@@ -1,213 +1,114 @@
-"""Connections to one SSH machine: its target, the error types, the pool, command execution.
+"""Connections to one SSH machine: the pool, command execution, the watcher's channel.
 
-One SSH connection per machine, opened lazily and shared by every run and helper command; a
-second (third, ...) connection is opened only when all channels of the open ones are busy, since
-OpenSSH allows ``MaxSessions`` (10) channels per connection.  A lost connection is re-opened on
-the next use, with capped exponential backoff between failed attempts.
+One SSH connection per machine, opened lazily and shared by every helper command and by the
+machine's one watcher (``follow.py``); a second (third, ...) connection is opened only when all
+``max_channels`` helper channels of the open ones are busy, up to ``max_connections``, and is
+closed again once idle for :data:`LINK_IDLE` seconds.  OpenSSH allows ``MaxSessions`` (10)
+channels per connection: ``max_channels`` (8) helper commands plus the watcher fit; a server
+configured lower refuses a channel, and that connection's cap is lowered to what it carried.
+A lost connection is re-opened on the next use, with capped exponential backoff between failed
+attempts.
 
 Every command is one ``sh -c SCRIPT sh ARG...`` line with each word shlex-quoted: the login shell
 (bash, zsh, ...) only ever sees single-quoted words, and the script gets its data as positional
-parameters, never pasted into its text.  Every command is also **framed**: it first prints
-:data:`supervisor.sh.FRAME_MARK` on stdout and on stderr, and what comes before the mark on
-either stream is the login shell's own chatter (a banner, a ``.bashrc`` warning, ``pyenv:
-cannot rehash``): dropped, never taken for output or counted into a byte offset, remembered
-for ``check`` to warn of.  A command whose mark never comes was not run as sent: that is a
-:class:`FramingError`, not output.
+parameters, never pasted into its text.  Every command is also **framed** (``target.py``):
+what the login shell prints before the command's own output is dropped, never taken for
+output or counted into a byte offset, and remembered for ``check`` to warn of.
 
 asyncssh is asyncio-only: this needs anyio's asyncio backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import math
-import os
-import shlex
 import signal as signal_module
-import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Callable
+from typing import cast
 
 import anyio
 import asyncssh
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
 from supervisor import sh
-from supervisor.hosts.base import HostAuthError, HostError, HostUnreachable, Stream
+from supervisor.hosts.base import HostError, HostSlow, HostUnreachable
+from supervisor.hosts.reach import Reachability
+from supervisor.hosts.ssh.target import (
+    Deframer,
+    FramingError,
+    LinkLost,
+    Output,
+    SSHTarget,
+    as_bytes,
+    command_line,
+    connect_error,
+    connect_options,
+    decode,
+    link_error,
+    one_line,
+)
 
 log = structlog.get_logger(__name__)
 
 #: Longest pause between two connection attempts.
 MAX_BACKOFF = 30.0
-#: How much login-shell chatter is looked through for the frame mark before giving up.
-NOISE_LIMIT = 1024 * 1024
-#: Output a stream channel may hold unread before the remote side is asked to wait.
-STREAM_BUFFER = 2 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class SSHTarget:
-    """How to reach one SSH machine.
-
-    ``known_hosts``: a path, ``None`` for the default (``~/.ssh/known_hosts``), or the literal
-    ``"none"`` to disable host key checking (logged as a warning).  ``ssh_config``: an OpenSSH
-    client config file (``Host`` blocks, ``IdentityFile``, ...); when ``None`` asyncssh reads
-    ``~/.ssh/config`` if it exists.
-    """
-
-    name: str
-    host: str
-    port: int = 22
-    user: str | None = None
-    identity_file: str | None = None
-    known_hosts: str | None = None
-    ssh_config: str | None = None
-    connect_timeout: float = 10.0
-    keepalive_interval: float = 5.0
-    keepalive_count_max: int = 3
-    max_channels: int = 8
-    unreachable_after: float = 120.0
-    #: More connections are opened only when all channels of the open ones are busy.
-    max_connections: int = 4
-
-
-class SSHHostKeyError(HostAuthError):
-    """The machine's host key is unknown or has changed."""
-
-    host_key = True
-
-
-class LinkLost(HostUnreachable):
-    """The link failed under a command; ``started`` tells whether the command had begun."""
-
-    def __init__(self, host: str, message: str, *, started: bool) -> None:
-        super().__init__(host, message)
-        self.started = started
-
-
-class SSHLoginError(HostAuthError):
-    """The machine refused our credentials, or our key / config files cannot be used."""
-
-    host_key = False
-
-
-class FramingError(HostError):
-    """A command's output never showed the frame mark: the machine's login shell did not run
-    the command as sent (a ``ForceCommand``, a shell that is not POSIX-like)."""
-
-
-@dataclass(frozen=True)
-class Output:
-    """A framed command's end: exit code, payloads, and what the login shell printed first."""
-
-    code: int
-    stdout: bytes
-    stderr: bytes
-    noise: bytes = b""
-
-
-class Deframer:
-    """One stream of a framed command: drops what precedes the frame mark."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.framed = False
-        self.noise = b""
-
-    def feed(self, data: bytes) -> bytes:
-        """The payload in ``data`` (empty until the mark has come)."""
-        if self.framed:
-            return data
-        seen = self.noise + data
-        at = seen.find(sh.FRAME_MARK)
-        if at < 0:
-            if len(seen) > NOISE_LIMIT:
-                raise FramingError(
-                    self.host, f"no frame mark in the first {NOISE_LIMIT} bytes of a command's "
-                    "output: the login shell did not run it as sent"
-                )
-            self.noise = seen
-            return b""
-        self.framed = True
-        self.noise = seen[:at]
-        return seen[at + len(sh.FRAME_MARK) :]
-
-
-def decode(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, str):
-        return data
-    return data.decode("utf-8", errors="replace")
-
-
-def as_bytes(data: bytes | str | None) -> bytes:
-    if data is None:
-        return b""
-    if isinstance(data, str):
-        return data.encode()
-    return data
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def command_line(script: str, *args: str) -> str:
-    """The framed command line running the text ``script`` with ``args`` as $1, $2, ..."""
-    return shlex.join(["sh", "-c", sh.framed(script), "sh", *args])
+#: A connection beyond the first is closed once it has carried nothing for this long (seconds).
+LINK_IDLE = 3.0
 
 
 class _Link:
-    """One SSH connection and how many of its channels are in use."""
+    """One SSH connection: how many helper channels it carries, whether the watcher is on it,
+    how many channels it may carry (lowered when the server refused one), and since when it
+    has been idle."""
 
-    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+    def __init__(self, conn: asyncssh.SSHClientConnection, cap: int) -> None:
         self.conn = conn
         self.busy = 0
+        self.watching = 0
+        self.cap = cap
+        self.idle_since = time.monotonic()
 
     @property
     def alive(self) -> bool:
         return not self.conn.is_closed()
 
 
-@dataclass
-class StreamEnd:
-    """How a :meth:`Connections.stream` channel went: whether it opened, the script's exit code."""
+class _WatchSession(asyncssh.SSHClientSession[bytes]):
+    """The channel of a long-running framed command: its payload on stdout goes to ``on_data``
+    as it comes, on stderr to ``on_stderr``; ``ended`` is set when the channel closes."""
 
-    opened: bool = False
-    code: int | None = None
-
-
-class _StreamSession(asyncssh.SSHClientSession[bytes]):
-    """Both output streams of one channel into one queue, in arrival order, with the
-    channel's flow control held while the reader is more than :data:`STREAM_BUFFER` behind."""
-
-    def __init__(self, send: MemoryObjectSendStream[tuple[Stream, bytes]]) -> None:
-        self._send = send
-        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._held = 0
+    def __init__(
+        self,
+        name: str,
+        on_data: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+        on_closed: Callable[[], None],
+    ) -> None:
+        self._on_data = on_data
+        self._on_stderr = on_stderr
+        self._on_closed = on_closed
+        self._out = Deframer(name)
+        self._err = Deframer(name)
+        self.name = name
+        self.ended = anyio.Event()
         self.exit_status: int | None = None
         self.error: Exception | None = None
 
-    def connection_made(self, chan: Any) -> None:
-        self._chan = chan
-
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        stream: Stream = "stderr" if datatype == asyncssh.EXTENDED_DATA_STDERR else "stdout"
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._send.send_nowait((stream, data))
-            self._held += len(data)
-            if self._held > STREAM_BUFFER and self._chan is not None:
-                self._chan.pause_reading()
-
-    def consumed(self, size: int) -> None:
-        was_over = self._held > STREAM_BUFFER
-        self._held -= size
-        if was_over and self._held <= STREAM_BUFFER and self._chan is not None:
-            self._chan.resume_reading()
+        try:
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                said = self._err.feed(data)
+                if said:
+                    self._on_stderr(said)
+                return
+            payload = self._out.feed(data)
+        except FramingError as err:
+            self.error = err
+            self.ended.set()
+            return
+        if payload:
+            self._on_data(payload)
 
     def eof_received(self) -> bool:
         return True  # keep the channel until the exit status and the close come
@@ -216,16 +117,60 @@ class _StreamSession(asyncssh.SSHClientSession[bytes]):
         self.exit_status = status
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.error = exc
-        self._send.close()
+        if self.error is None:
+            self.error = exc
+        self.ended.set()
+        self._on_closed()
+
+
+class Watch:
+    """A long-running framed command on one channel (the per-machine watcher of
+    ``hosts/ssh/follow.py``).  It holds no helper channel slot: its link carries at most
+    ``max_channels`` helper commands besides it (OpenSSH's ``MaxSessions`` is 10)."""
+
+    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], session: _WatchSession) -> None:
+        self._chan = chan
+        self._session = session
+
+    @property
+    def ended(self) -> anyio.Event:
+        """Set when the command ended or its channel was lost."""
+        return self._session.ended
+
+    def why(self) -> str:
+        """Why it ended, in a few words."""
+        session = self._session
+        if session.error is not None:
+            return str(session.error) or type(session.error).__name__
+        if session.exit_status is not None:
+            return f"the watcher exited with {session.exit_status}"
+        return "the watcher's channel closed"
+
+    def write(self, data: bytes) -> bool:
+        """Write to the command's stdin; False when its channel is gone."""
+        if self.ended.is_set():
+            return False
+        try:
+            self._chan.write(data)
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            return False
+        return True
+
+    def close(self) -> None:
+        """End the command: EOF on its stdin (it stops), then the channel is closed.  Its
+        connection counts the channel until the close is through (:attr:`ended`): OpenSSH
+        counts it against ``MaxSessions`` until then."""
+        for step in (self._chan.write_eof, self._chan.close):
+            with contextlib.suppress(Exception):
+                step()
 
 
 class Connections:
     """The connection pool of one machine, and the one way commands are run over it.
 
-    This is the whole interface the SSH host and its run handles share: :meth:`script` and
-    :meth:`command` (short framed commands), :meth:`stream` (a long-running one whose output
-    is read as it comes), :attr:`closed` and :meth:`aclose`.
+    This is the whole interface the SSH host, its watcher and its run handles share:
+    :meth:`script` and :meth:`command` (short framed commands), :meth:`watch` (the long-running
+    watcher), :attr:`closed` and :meth:`aclose`.
     """
 
     def __init__(self, target: SSHTarget) -> None:
@@ -239,7 +184,8 @@ class Connections:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: HostError | None = None
-        self._streams = 0  # channels held by output streams
+        #: What the connections see of the machine: connecting, up, slow, unreachable, back.
+        self.reach = Reachability(target.name, target.unreachable_after)
         self.closed = False
         #: Connections opened so far (first one included): a reconnect shows as 2, 3, ...
         self.connects = 0
@@ -256,177 +202,115 @@ class Connections:
 
     # ---- connections ----------------------------------------------------------------------------
 
-    def _where(self) -> str:
-        user = f"{self.target.user}@" if self.target.user else ""
-        return f"{user}{self.target.host}:{self.target.port}"
-
-    def _options(self) -> dict[str, Any]:
-        """Arguments for ``asyncssh.connect``; bad local files raise :class:`SSHLoginError`."""
-        t = self.target
-        kwargs: dict[str, Any] = {
-            "port": t.port,
-            "connect_timeout": t.connect_timeout,
-            "login_timeout": max(t.connect_timeout, 1.0),
-            "keepalive_interval": t.keepalive_interval,
-            "keepalive_count_max": t.keepalive_count_max,
-        }
-        if t.user:
-            kwargs["username"] = t.user
-        if t.identity_file:
-            path = os.path.expanduser(t.identity_file)
-            try:
-                asyncssh.read_private_key(path)
-            except (OSError, asyncssh.KeyImportError) as exc:
-                raise SSHLoginError(
-                    self.name, f"cannot use identity_file {t.identity_file}: {exc}"
-                ) from None
-            kwargs["client_keys"] = [path]
-        if t.known_hosts == "none":
-            kwargs["known_hosts"] = None
-        elif t.known_hosts:
-            path = os.path.expanduser(t.known_hosts)
-            if not os.path.isfile(path):
-                raise SSHHostKeyError(
-                    self.name,
-                    f"known_hosts file {t.known_hosts} does not exist: create it with "
-                    f"`ssh-keyscan -p {t.port} {t.host} >> {t.known_hosts}` "
-                    "after checking the key with the machine's owner",
-                )
-            kwargs["known_hosts"] = path
-        if t.ssh_config:
-            path = os.path.expanduser(t.ssh_config)
-            if not os.path.isfile(path):
-                raise SSHLoginError(self.name, f"ssh_config file {t.ssh_config} does not exist")
-            kwargs["config"] = [path]
-        return kwargs
-
-    def _connect_error(self, exc: BaseException) -> HostError:
-        """One clear line for a failed connection attempt."""
-        t = self.target
-        where = self._where()
-        if isinstance(exc, HostError):
-            return exc
-        if isinstance(exc, asyncssh.PermissionDenied):
-            user = t.user or "(default user)"
-            key = t.identity_file or "default keys / ssh-agent"
-            return SSHLoginError(
-                self.name,
-                f"authentication failed for user {user} (key {key}) at {where}: "
-                "check identity_file / ssh-agent and the machine's authorized_keys",
-            )
-        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-            known = t.known_hosts or "~/.ssh/known_hosts"
-            pattern = t.host if t.port == 22 else f"[{t.host}]:{t.port}"
-            return SSHHostKeyError(
-                self.name,
-                f"host key of {t.host}:{t.port} is not in known_hosts ({known}) or has changed: "
-                f"if the machine was reinstalled remove the old key with "
-                f"`ssh-keygen -R '{pattern}' -f {known}`, then add the new one with "
-                f"`ssh-keyscan -p {t.port} {t.host} >> {known}` after checking it",
-            )
-        if isinstance(exc, asyncssh.ConfigParseError):
-            return SSHLoginError(self.name, f"bad ssh_config {t.ssh_config}: {exc}")
-        if isinstance(exc, asyncssh.KeyImportError):
-            return SSHLoginError(self.name, f"cannot load a client key: {exc}")
-        if isinstance(exc, socket.gaierror):
-            return HostUnreachable(self.name, f"cannot resolve host name {t.host!r}: {exc}")
-        if isinstance(exc, ConnectionRefusedError):
-            return HostUnreachable(self.name, f"connection refused at {where} (is sshd running?)")
-        if isinstance(exc, TimeoutError):
-            return HostUnreachable(
-                self.name, f"timed out after {t.connect_timeout:g}s connecting to {where}"
-            )
-        if isinstance(exc, asyncssh.DisconnectError):
-            return HostUnreachable(self.name, f"disconnected by {where}: {exc.reason or exc}")
-        if isinstance(exc, OSError):
-            return HostUnreachable(self.name, f"cannot connect to {where}: {exc.strerror or exc}")
-        return HostUnreachable(self.name, f"cannot connect to {where}: {type(exc).__name__}: {exc}")
-
-    def link_error(self, exc: BaseException) -> HostError:
-        """One clear line for a channel that failed on an open connection."""
-        if isinstance(exc, HostError):
-            return exc
-        if isinstance(exc, asyncssh.ChannelOpenError):
-            return HostUnreachable(self.name, f"cannot open an SSH channel: {exc.reason or exc}")
-        if isinstance(exc, asyncssh.DisconnectError):
-            return HostUnreachable(self.name, f"SSH link lost: {exc.reason or exc}")
-        if isinstance(exc, OSError):
-            return HostUnreachable(self.name, f"SSH link lost: {exc.strerror or exc}")
-        return HostUnreachable(self.name, f"SSH link failed: {type(exc).__name__}: {exc}")
-
     async def _open(self) -> _Link:
         """Open one more connection, unless the last attempt failed too recently."""
         now = time.monotonic()
         if self._last_error is not None and now < self._retry_at:
             err = self._last_error
+            self._failing(err)
             raise type(err)(self.name, err.message)
         try:
-            options = self._options()
+            options = connect_options(self.target)
             with anyio.fail_after(self.target.connect_timeout + 5.0):
                 conn = await asyncssh.connect(self.target.host, **options)
         except Exception as exc:  # every cause is mapped to one line
-            err = self._connect_error(exc)
+            err = connect_error(self.target, exc)
             self._failures += 1
             self._retry_at = time.monotonic() + min(MAX_BACKOFF, 0.5 * 2 ** (self._failures - 1))
             self._last_error = err
             log.debug("ssh connect failed", machine=self.name, error=err.message)  # raised below
+            self._failing(err)
             raise err from None
         self._failures = 0
         self._last_error = None
         self.connects += 1
-        if self.connects > 1:
+        if self.connects > 1 and not any(link.alive for link in self._links):
             log.info("ssh reconnected", machine=self.name, connection=self.connects)
-        return _Link(conn)
+        self.reach.connected()
+        return _Link(conn, self.target.max_channels)
+
+    def _failing(self, err: HostError) -> None:
+        """A connection could not be opened: with no connection left, the machine is away
+        (credentials refused or a bad key file are no absence: the machine answered)."""
+        if isinstance(err, HostUnreachable) and not any(link.alive for link in self._links):
+            self.reach.failed(err.message)
 
     def _free_link(self) -> _Link | None:
+        """The first live connection with a helper channel free (the first ones are filled
+        first, so that the later ones fall idle and are closed)."""
         self._links = [link for link in self._links if link.alive]
         for link in self._links:
-            if link.busy < self.target.max_channels:
+            if link.busy < link.cap:
                 return link
         return None
 
-    def _max_links(self) -> int:
-        """``max_connections`` for helper commands, plus what the open output streams fill: a
-        stream holds its channel as long as its run lives, and a fleet of many runs on one
-        machine must neither wait for channels nor starve the helper commands."""
-        t = self.target
-        return t.max_connections + math.ceil(self._streams / t.max_channels)
+    def _close_idle(self) -> None:
+        """Close the connections beyond the first that carry nothing and have been idle for
+        :data:`LINK_IDLE` seconds: a burst of commands (fifty runs starting) opened them."""
+        now = time.monotonic()
+        for link in self._links[1:]:
+            if link.busy == 0 and link.watching == 0 and now - link.idle_since > LINK_IDLE:
+                link.conn.close()
+        self._links = [link for link in self._links if link.alive]
 
-    async def _acquire(self) -> _Link:
+    async def _acquire(self, *, watcher: bool = False) -> _Link:
+        """A connection with a channel reserved: a helper channel, or the watcher's (any live
+        connection; the first one opened if there is none)."""
         while True:
             if self.closed:
                 raise HostUnreachable(self.name, "the SSH host was closed")
-            link = self._free_link()
-            if link is None and len(self._links) < self._max_links():
+            self._close_idle()
+            link = self._free_link() if not watcher else next(iter(self._links), None)
+            if link is None and len(self._links) < self.target.max_connections:
                 async with self._connect_lock:
                     # Those who queued here behind an opening look again: its channels, or
                     # the cap it may have reached, decide for them.
-                    link = self._free_link()
-                    room = len(self._links) < self._max_links()
+                    link = self._free_link() if not watcher else next(iter(self._links), None)
+                    room = len(self._links) < self.target.max_connections
                     if link is None and room and not self.closed:
                         link = await self._open()
                         self._links.append(link)
             if link is not None:
-                link.busy += 1
+                if watcher:
+                    link.watching += 1
+                else:
+                    link.busy += 1
                 return link
             await self._freed.wait()
 
     def _release(self, link: _Link) -> None:
         link.busy -= 1
+        link.idle_since = time.monotonic()
+        if link.busy == 0 and self._links and link is not self._links[0]:
+            # A plain event-loop timer (sync, nothing to await): an idle fleet makes no call
+            # that would close the connection otherwise.
+            asyncio.get_running_loop().call_later(LINK_IDLE + 0.1, self._close_idle)
         self._freed.set()  # wakes every waiter; the next ones wait for the next release
         self._freed = anyio.Event()
 
-    @contextlib.asynccontextmanager
-    async def _channel(self) -> AsyncIterator[asyncssh.SSHClientConnection]:
-        """A connection with one channel slot reserved for the caller."""
-        link = await self._acquire()
-        try:
-            yield link.conn
-        finally:
-            self._release(link)
+    def _refused(
+        self, link: _Link, exc: asyncssh.ChannelOpenError, *, watcher: bool = False
+    ) -> bool:
+        """A channel refused on a connection that carries others: the server allows fewer
+        sessions per connection than we thought (``MaxSessions``).  Lower this connection's cap
+        of helper channels to what it carries (less one, when the refused one was the
+        watcher's) and say so; True when a helper command may simply be tried again."""
+        others = link.busy + link.watching - (0 if watcher else 1)
+        if others < 1 or link.cap <= 1:
+            return False
+        link.cap = max(1, link.busy - 1)
+        log.warning(
+            "ssh channel refused",
+            machine=self.name,
+            reason=exc.reason,
+            channels=others,
+            hint="the server's MaxSessions is lower than max_channels + 1: fewer channels used",
+        )
+        return True
 
     async def aclose(self) -> None:
         self.closed = True
+        self.reach.close()
         links, self._links = self._links, []
         for link in links:
             link.conn.close()
@@ -449,7 +333,8 @@ class Connections:
 
         A command whose channel could not even be opened (the connection had just died) is
         retried once on a fresh connection; an ``idempotent`` one also when the link died
-        while it ran.  Raises TimeoutError after ``timeout`` (the remote command may go on).
+        while it ran.  Raises :class:`HostSlow` when it did not answer within ``timeout`` (the
+        remote command may go on).
         """
         line = command_line(script, *args)
         try:
@@ -461,25 +346,44 @@ class Connections:
             return await self.exec_once(line, timeout=timeout, input=input)
 
     async def exec_once(self, line: str, *, timeout: float, input: bytes | None) -> Output:
-        """Run one framed command line once (no retry)."""
-        async with self._channel() as conn:
+        """Run one framed command line once (no retry; a channel the server refused for lack
+        of sessions is asked for again)."""
+        while True:
+            link = await self._acquire()
             process: asyncssh.SSHClientProcess[bytes] | None = None
             try:
                 with anyio.fail_after(timeout):
                     if input is None:
-                        process = await conn.create_process(
+                        process = await link.conn.create_process(
                             line, encoding=None, stdin=asyncssh.DEVNULL
                         )
                     else:
-                        process = await conn.create_process(line, encoding=None, input=input)
+                        process = await link.conn.create_process(line, encoding=None, input=input)
                     result = await process.wait()
+                break
             except TimeoutError:
                 if process is not None:
                     process.close()  # the command may go on remotely; its channel is let go
-                raise
+                raise self._slow(
+                    f"no answer within {timeout:g}s to a command (its connection lives: the "
+                    "machine is overloaded, or its logins hang)"
+                ) from None
+            except asyncssh.ChannelOpenError as exc:
+                if self._refused(link, exc):
+                    continue
+                if link.alive:
+                    # Refused on a live connection: sessions that hang hold their slots.
+                    raise self._slow(f"the machine refuses new sessions: {exc.reason}") from None
+                err = link_error(self.name, exc)
+                raise LinkLost(self.name, err.message, started=False) from None
             except (asyncssh.Error, OSError) as exc:
-                err = self.link_error(exc)
+                err = link_error(self.name, exc)
                 raise LinkLost(self.name, err.message, started=process is not None) from None
+            finally:
+                self._release(link)
+        if link.cap < self.target.max_channels:
+            link.cap += 1  # what the server refused may have been sessions of timed-out commands
+        self.reach.answered()
         if result.exit_signal is not None:
             name = result.exit_signal[0]
             try:
@@ -507,6 +411,12 @@ class Connections:
         self._noticed(noise)
         return Output(code, stdout, stderr, noise)
 
+    def _slow(self, message: str) -> HostSlow:
+        """The error of a machine that did not answer in time while its connection lived,
+        said to its reachability too."""
+        self.reach.slow(message)
+        return HostSlow(self.name, message)
+
     def _noticed(self, noise: bytes) -> None:
         if noise and self.login_noise is None:
             self.login_noise = noise
@@ -523,61 +433,64 @@ class Connections:
         self,
         name: str,
         *args: str,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         input: bytes | None = None,
         idempotent: bool = True,
     ) -> Output:
         """Run ``supervisor/sh/NAME.sh`` (they are idempotent unless told); a command that does
-        not answer within ``timeout`` is :class:`HostUnreachable`."""
-        try:
-            return await self.command(
-                sh.script(name), *args, timeout=timeout, input=input, idempotent=idempotent
-            )
-        except TimeoutError:
-            raise HostUnreachable(
-                self.name, f"no answer within {timeout:g}s to a helper command"
-            ) from None
+        not answer within ``timeout`` (default: the target's ``command_timeout``) raises
+        :class:`HostSlow`."""
+        return await self.command(
+            sh.script(name),
+            *args,
+            timeout=self.target.command_timeout if timeout is None else timeout,
+            input=input,
+            idempotent=idempotent,
+        )
 
-    # ---- a long-running command -----------------------------------------------------------------
+    # ---- the long-running watcher ----------------------------------------------------------------
 
-    async def stream(
-        self, name: str, *args: str, end: StreamEnd
-    ) -> AsyncGenerator[tuple[Stream, bytes], None]:
-        """Run ``supervisor/sh/NAME.sh`` and yield its payload as it comes, by stream; its exit
-        code lands in ``end``.  A lost link raises :class:`HostUnreachable`; closing the
-        iterator early sends EOF to the command's stdin (the stream script stops then)."""
+    async def watch(
+        self,
+        name: str,
+        *args: str,
+        input: bytes,
+        on_data: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> Watch:
+        """Start ``supervisor/sh/NAME.sh`` on a channel of its own, ``input`` written to its
+        stdin (which stays open: :meth:`Watch.write` adds to it, closing it ends the command),
+        its payload on stdout handed to ``on_data`` as it comes, on stderr to ``on_stderr``.
+        Raises :class:`HostUnreachable` when it cannot be started."""
         line = command_line(sh.script(name), *args)
-        send, receive = anyio.create_memory_object_stream[tuple[Stream, bytes]](math.inf)
-        self._streams += 1  # counted before its channel is asked for: see _max_links
+        link = await self._acquire(watcher=True)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                link.watching -= 1
+                link.idle_since = time.monotonic()
+
         try:
-            async with self._channel() as conn:
-                try:
-                    chan, session = await conn.create_session(
-                        lambda: _StreamSession(send), line, encoding=None
-                    )
-                except (asyncssh.Error, OSError) as exc:
-                    raise self.link_error(exc) from None
-                end.opened = True
-                reader = cast(_StreamSession, session)
-                framing = {"stdout": Deframer(self.name), "stderr": Deframer(self.name)}
-                try:
-                    async with receive:
-                        async for stream, data in receive:
-                            reader.consumed(len(data))
-                            payload = framing[stream].feed(data)
-                            if payload:
-                                yield stream, payload
-                finally:
-                    with contextlib.suppress(Exception):
-                        chan.write_eof()
-                    with contextlib.suppress(Exception):
-                        chan.close()
-        finally:
-            self._streams -= 1
-        if reader.exit_status is None:
-            detail = f": {reader.error}" if reader.error else ""
-            raise HostUnreachable(self.name, f"SSH link lost while streaming output{detail}")
-        if not framing["stdout"].framed:
-            raise FramingError(self.name, "the login shell did not run the stream command")
-        self._noticed(framing["stdout"].noise + framing["stderr"].noise)
-        end.code = reader.exit_status
+            with anyio.fail_after(self.target.connect_timeout + 5.0):
+                chan, session = await link.conn.create_session(
+                    lambda: _WatchSession(self.name, on_data, on_stderr, release),
+                    line,
+                    encoding=None,
+                )
+        except TimeoutError:
+            release()
+            raise self._slow(
+                f"no answer within {self.target.connect_timeout + 5.0:g}s "
+                "to the start of the watcher"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            release()
+            if isinstance(exc, asyncssh.ChannelOpenError) and link.alive:
+                self._refused(link, exc, watcher=True)
+                raise self._slow(f"the machine refuses new sessions: {exc.reason}") from None
+            raise link_error(self.name, exc) from None
+        chan.write(input)
+        return Watch(chan, cast(_WatchSession, session))

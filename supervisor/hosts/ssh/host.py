@@ -11,7 +11,7 @@ import posixpath
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import tzinfo
 
 import anyio
@@ -20,18 +20,24 @@ import structlog
 from supervisor import sh
 from supervisor.hosts import runfiles, tz
 from supervisor.hosts.base import (
+    RENEW_BATCH,
     CommandFailed,
     CommandResult,
     Host,
     HostError,
     HostUnreachable,
+    Reachability,
+    ReachChange,
     RunIdentity,
     RunSpec,
     RunState,
     RunStatus,
 )
-from supervisor.hosts.ssh.connection import Connections, SSHTarget, decode, one_line
-from supervisor.hosts.ssh.run import START_TIMEOUT, SSHRunHandle, probe, read_part
+from supervisor.hosts.ssh.batch import START_TIMEOUT, Piece, fetch, probe
+from supervisor.hosts.ssh.connection import Connections
+from supervisor.hosts.ssh.follow import Follower
+from supervisor.hosts.ssh.run import SSHRunHandle
+from supervisor.hosts.ssh.target import SSHTarget, decode, one_line
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +58,7 @@ class SSHHost(Host):
         self.target = target
         self.name = target.name
         self.connections = Connections(target)
+        self.follower = Follower(self.connections)
         self._runner = runner
         self._home: str | None = None
         self._zone: tzinfo | None = None
@@ -60,11 +67,20 @@ class SSHHost(Host):
         return f"SSHHost({self.name!r}, {self.target.host}:{self.target.port})"
 
     @property
+    def reachability(self) -> Reachability:
+        """Whether the machine can be reached now (``hosts/reach.py``)."""
+        return self.connections.reach
+
+    def on_reachability(self, callback: Callable[[ReachChange], None]) -> None:
+        self.connections.reach.subscribe(callback)
+
+    @property
     def connects(self) -> int:
         """Connections opened so far (first one included): a reconnect shows as 2, 3, ..."""
         return self.connections.connects
 
     async def aclose(self) -> None:
+        await self.follower.aclose()
         await self.connections.aclose()
 
     # ---- short commands -------------------------------------------------------------------------
@@ -87,14 +103,11 @@ class SSHHost(Host):
         if cwd is not None and cwd.startswith("~"):
             cwd = await self.resolve_path(cwd)
         began = time.monotonic()
-        try:
-            out = await self.connections.command(
-                sh.script("run"), cwd or "", *words, timeout=timeout + TIMEOUT_GRACE,
-                input=input,
-            )
-            code, stdout, stderr, noise = out.code, out.stdout, out.stderr, out.noise
-        except TimeoutError:
-            code, stdout, stderr, noise = 124, b"", b"", b""
+        # No answer at all by the local deadline: HostSlow (the machine, not the command).
+        out = await self.connections.command(
+            sh.script("run"), cwd or "", *words, timeout=timeout + TIMEOUT_GRACE, input=input
+        )
+        code, stdout, stderr, noise = out.code, out.stdout, out.stderr, out.noise
         if code in (124, 137) and time.monotonic() - began >= timeout * 0.99:
             raise HostError(self.name, f"`{shlex.join(argv)}` took longer than {timeout:g}s")
         result = CommandResult(code, decode(stdout), decode(stderr), login_noise=decode(noise))
@@ -140,11 +153,17 @@ class SSHHost(Host):
             raise HostError(self.name, f"glob in {directory} failed: {decode(out.stderr).strip()}")
         return {decode(p) for p in out.stdout.split(b"\0") if p}
 
-    async def touch_lease(self, path: str) -> None:
-        path = await self._absolute(path)
-        out = await self.connections.script("touch", path, timeout=30.0)
-        if out.code != 0:
-            raise HostError(self.name, f"cannot touch lease {path}: {decode(out.stderr).strip()}")
+    async def renew_leases(self, run_dirs: Sequence[str], *, claim: str | None = None) -> None:
+        """Through the machine's watcher when it runs (its stdin: no new login, so a machine
+        whose logins hang while its connections live keeps its runs), else one command."""
+        paths = runfiles.lease_paths(run_dirs, claim)
+        if not paths or self.follower.renew(paths):
+            return
+        for first in range(0, len(paths), RENEW_BATCH):
+            out = await self.connections.script("renew", *paths[first : first + RENEW_BATCH])
+            if out.code != 0:
+                detail = decode(out.stderr).strip()
+                raise HostError(self.name, f"cannot renew leases: {detail}")
 
     async def timezone(self) -> tzinfo | None:
         if self._zone is None:
@@ -186,7 +205,7 @@ class SSHHost(Host):
             code, answer, err = out.code, out.stdout, out.stderr
         except HostUnreachable as lost:
             # The link died under the start: the run may be running all the same, and must not
-            # be left there unknown (the fleet's lease would keep it alive).  Look again.
+            # be left there unknown (its lease, fresh from the start, lets it live a while).
             code, answer, err = 0, await self._recover_start(run_dir, lost), b""
         if code != 0:
             last = decode(err).strip().splitlines()
@@ -201,15 +220,21 @@ class SSHHost(Host):
             # why on its stderr.
             detail = ""
             try:
-                stderr = posixpath.join(run_dir, "stderr")
-                detail = one_line(decode(await read_part(self.connections, stderr, 0, 65536)))
+                stderr = Piece(posixpath.join(run_dir, "stderr"), 0, 65536)
+                detail = one_line(decode((await fetch(self.connections, [stderr]))[0].data))
             except HostError:
                 pass
             raise HostError(self.name, f"the run did not start in {cwd}: {detail[-300:]}")
         pid, ticks = found
         identity = RunIdentity(host=self.name, run_dir=run_dir, pid=pid, start_ticks=ticks)
         log.info("run started", machine=self.name, run_dir=run_dir, pid=pid)
-        return SSHRunHandle(self.connections, identity)
+        return self._handle(identity)
+
+    def _handle(self, identity: RunIdentity, found: RunStatus | None = None) -> SSHRunHandle:
+        """A handle of the run, followed by this machine's watcher (``found``: its status
+        just read, which may tell its end already)."""
+        ended = runfiles.exit_status(found, identity.run_dir) if found and found.ended else None
+        return SSHRunHandle(self.connections, self.follower, identity, ended)
 
     async def _recover_start(self, run_dir: str, lost: HostUnreachable) -> bytes:
         """After a start whose answer was lost: the run's pid lines, or raise ``lost``."""
@@ -236,10 +261,10 @@ class SSHHost(Host):
             return out.stdout
 
     async def attach(self, identity: RunIdentity) -> SSHRunHandle | None:
-        found = await self.probe([identity.run_dir])
-        if found[identity.run_dir].state is RunState.GONE:
+        found = (await self.probe([identity.run_dir]))[identity.run_dir]
+        if found.state is RunState.GONE:
             return None
-        return SSHRunHandle(self.connections, identity)
+        return self._handle(identity, found)
 
     async def attach_dir(self, run_dir: str) -> SSHRunHandle | None:
         run_dir = posixpath.normpath(await self._absolute(run_dir))
@@ -253,7 +278,7 @@ class SSHHost(Host):
         if found.state in (RunState.GONE, RunState.UNSTARTED):
             return None
         identity = RunIdentity(self.name, run_dir, found.pid or 0, found.start_ticks or 0)
-        return SSHRunHandle(self.connections, identity)
+        return self._handle(identity, found)
 
     async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
         return await probe(self.connections, run_dirs)
