@@ -448,22 +448,20 @@ class Fleet:
 
     async def _give_up_when_stuck(self) -> None:
         """When every task left waits for a machine that cannot be reached (its run there, or
-        a slot there), nothing more happens until the machine is back: rather than wait for
-        ever, the shift gives those tasks up (``lost``; their runs there stay open in the
-        ledger, for the next ``up`` to look at).  Checked twice, a second apart, so that a
-        worker between two steps is not taken for a blocked one."""
+        a slot there), and has for long enough (:meth:`Machines.hopeless`), nothing more
+        happens until the machine is back: rather than wait for ever, the shift gives those
+        tasks up (``lost``; their runs there stay open in the ledger, for the next ``up`` to
+        look at).  Checked twice, a second apart, so that a worker between two steps is not
+        taken for a blocked one."""
         stuck_before: set[str] = set()
         while True:
             await anyio.sleep(STUCK_CHECK)
-            left = [w for w in self.workers if not w.status.state.final]
-            waits = {w.waiting_for for w in left}
-            stuck = (
-                bool(left) and None not in waits
-                and all(self.machines.unreachable(str(m)) for m in waits)
-            )
+            waits = {w.waiting_for for w in self.workers if not w.status.state.final}
+            stuck = bool(waits) and all(m is not None and self.machines.hopeless(m)
+                                        for m in waits)
             names = {str(m) for m in waits} if stuck else set()
             if "*" in names:
-                names = {v.name for v in self.machines if self.machines.unreachable(v.name)}
+                names = {v.name for v in self.machines if self.machines.hopeless(v.name)}
             if names and names == stuck_before:
                 self.machines.give_up(sorted(names))
                 return

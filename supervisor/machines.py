@@ -514,13 +514,22 @@ class Machines:
                 if view.reach == UNREACHABLE:  # it answered; its host reports nothing itself
                     self.reach_changed(view.name, UP, time.time(), "it answers again")
 
-    def unreachable(self, name: str) -> bool:
-        """Whether ``name`` cannot be reached now (``*``: whether no machine that can run
-        agents can)."""
+    def hopeless(self, name: str) -> bool:
+        """Whether waiting for ``name`` (``*``: for any machine that can run agents) is all
+        that is left to do for nothing: it has been unreachable for longer than its
+        ``unreachable_after`` and, if runs of ours may live there, than the lease timeout (if
+        they live on cut off, their watchdogs have stopped them by then), so nothing more
+        happens until it is back."""
         if name == "*":
-            return all(not v.reachable for v in self if self.pool.capacity.get(v.name))
+            names = [v.name for v in self if self.pool.capacity.get(v.name)]
+            return bool(names) and all(self.hopeless(n) for n in names)
         view = self.views.get(name)
-        return view is not None and not view.reachable
+        if view is None or view.reach == REFUSED:
+            return view is not None
+        runs_there = self.pool.running.get(name, 0) > 0
+        patience = max(view.unreachable_after, self.config.lease_timeout if runs_there else 0)
+        away = view.away_since
+        return view.reach == UNREACHABLE and away is not None and time.time() - away >= patience
 
     def give_up(self, names: list[str]) -> None:
         """Stop waiting for the machines ``names``, which cannot be reached: the workers bound
