@@ -52,6 +52,7 @@ from supervisor.exitcodes import (
 )
 from supervisor.fleet import Deadline, Fleet
 from supervisor.ledger import Ledger, LedgerError
+from supervisor.logs import LogUnwritable
 from supervisor.rundir import (
     FleetLocked,
     StateDirUnusable,
@@ -229,9 +230,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         for held in locks:
             held.release()
     if not args.quiet:  # through a sink: a closed or stalled stdout is no error, no hang
+        summary = result.run_dir / "summary.json"
         write_final(f"\n{report.summary_table([w.as_dict() for w in result.workers])}\n\n"
                     f"logs: {result.run_dir / 'fleet.jsonl'}\n"
-                    f"summary: {result.run_dir / 'summary.json'}\n")
+                    f"summary: {summary if summary.exists() else 'not written (see the log)'}\n")
     return result.exit_code
 
 
@@ -354,7 +356,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2, default=str))
         return 0
     paused = " (new runs paused)" if answer.get("paused") else ""
+    start_holds = answer.get("held") or {}
+    if start_holds:
+        paused += f" (new runs held: {'; '.join(map(str, start_holds.values()))})"
     print(f"fleet {answer.get('fleet')} (pid {answer.get('pid')}){paused}")
+    for machine in answer.get("machines", []):
+        if machine.get("away") or machine.get("reach") not in ("up", "connecting"):
+            print(f"machine {machine.get('away') or machine.get('name')} "
+                  f"({machine.get('reach')})")
     held: dict[str, dict[str, Any]] = {}
     for hold in answer.get("holds") or []:  # the latest reset per machine
         if float(hold["until"]) > float(held.get(hold["machine"], {}).get("until", 0)):
@@ -485,7 +494,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                 await host.aclose()
 
     data = anyio.run(build)
-    md, js = report.write_report(info.path, data)
+    try:
+        md, js = report.write_report(info.path, data)
+    except OSError as exc:
+        return _error(f"cannot write the report in {info.path}: {exc.strerror or exc}; fix: "
+                      "give its disk room and make it writable by you", EXIT_FAILED)
     if args.print:
         print(md.read_text(encoding="utf-8"), end="")
     print(f"{PROG}: wrote {md} and {js}")
@@ -934,7 +947,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except UsageError as exc:
         command_parser.print_usage(sys.stderr)
         return _error(str(exc))
-    except (ConfigError, StateDirUnusable, LedgerError) as exc:
+    except (ConfigError, StateDirUnusable, LedgerError, LogUnwritable) as exc:
         return _error(str(exc))
     return code
 

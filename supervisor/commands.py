@@ -12,6 +12,7 @@ unless ``--rerun`` asks for it again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from supervisor.config import TaskConfig
 from supervisor.ledger import Ledger, TaskRecord
 from supervisor.lifecycle import WorkerState
+from supervisor.logs import LogMux
 from supervisor.scheduling import StartsGate, StopControl
 from supervisor.worker import Worker
 
@@ -49,9 +51,12 @@ class Steerable(Protocol):
 
     def stop_run_soon(self, worker: Worker, handle: Any) -> None: ...
 
+    workers: list[Worker]
+    mux: LogMux
+
     def snapshot(self) -> dict[str, Any]: ...
 
-    async def live_status(self) -> list[dict[str, Any]]: ...
+    def machine_away(self, machine: str) -> str: ...
 
 
 class CommandError(Exception):
@@ -113,8 +118,31 @@ def _issue(request: Request, cmd: str) -> int:
 async def _status(fleet: Steerable, request: Request) -> Answer:
     # The holds in force (usage limits): ``status`` shows each held machine and its reset.
     holds = fleet.ledger.holds(active_at=time.time())
-    return {"ok": True, **fleet.snapshot(), "workers": await fleet.live_status(),
+    return {"ok": True, **fleet.snapshot(), "workers": await live_rows(fleet),
             "holds": holds}
+
+
+async def live_rows(fleet: Steerable) -> list[dict[str, Any]]:
+    """Each worker's row of ``status``, with its run's process tree looked at now."""
+    rows = []
+    now = time.time()
+    for worker in fleet.workers:
+        row = worker.status.as_dict()
+        handle = worker.current
+        row.update(cpu_percent=None, rss_bytes=None, processes=None)
+        # A run whose machine is away is out of sight: "lost" until it is found again.
+        away = fleet.machine_away(worker.status.machine or "") if handle else ""
+        if away:
+            row.update(state="lost", away=away)
+        elif handle is not None:
+            with contextlib.suppress(Exception):
+                stats = await handle.stats()
+                row.update(cpu_percent=stats.cpu_percent, rss_bytes=stats.rss_bytes,
+                           processes=stats.processes)
+        last = fleet.mux.last_output.get(worker.name)
+        row["last_output_age"] = None if last is None else round(now - last, 1)
+        rows.append(row)
+    return rows
 
 
 async def _down(fleet: Steerable, request: Request) -> Answer:

@@ -261,6 +261,9 @@ class SSHMachineConfig(_Strict):
     keepalive_interval: Annotated[float, Field(gt=0)] = 5.0
     keepalive_count_max: Annotated[int, Field(gt=0)] = 3
     unreachable_after: Annotated[float, Field(gt=0)] = 120.0
+    #: How long a helper command (or a login) may take to answer before the machine counts as
+    #: slow: no new runs there until it answers again; never a crash.
+    command_timeout: Annotated[float, Field(gt=0)] = 60.0
 
 
 def _first_repeat(values: list[Any]) -> tuple[int, int] | None:

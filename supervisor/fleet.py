@@ -39,24 +39,31 @@ from supervisor.exitcodes import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING,
     EXIT_OK,
+    EXIT_USAGE,
     MEANINGS,
 )
 from supervisor.hosts.base import Host, RunHandle
 from supervisor.hosts.local import use_pidfd_child_watcher
 from supervisor.hosts.runfiles import read_start_ticks
-from supervisor.ledger import Ledger, ShiftRecord, TaskRecord
+from supervisor.ledger import RETRY_INTERVAL as LEDGER_RETRY
+from supervisor.ledger import Ledger, LedgerUnwritable, ShiftRecord, TaskRecord
 from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
-from supervisor.logs import ConsoleRenderer, LogMux, Tag, route_structlog
+from supervisor.logs import ConsoleRenderer, LogMux, LogUnwritable, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
 from supervisor.outcome import WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Recovery, recover
-from supervisor.rundir import prepare_socket_dir, prepare_state_dir, write_json_atomic
+from supervisor.rundir import (
+    StateDirUnusable,
+    prepare_socket_dir,
+    prepare_state_dir,
+    write_json_atomic,
+)
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.worker import Worker
 from supervisor.workspace import Clone
 
-REPORT_TIMEOUT = 120.0
+STUCK_CHECK = 1.0
 CLEANUP_TIMEOUT = 15.0
 _AGAIN = frozenset({"failed", "stopped", "lost"})
 
@@ -104,12 +111,12 @@ class Fleet:
         self.config = config
         self.watch = watch
         self.deadline = deadline or Deadline()
-        # First: a state directory or ledger that cannot be used ends `up` before anything.
+        # First: a state directory, ledger or log that cannot be used ends `up` before
+        # anything (exit 2 with a message: StateDirUnusable, LedgerError, LogUnwritable).
         prepare_state_dir(config.state_path)
         self.ledger = Ledger.open(config.state_path)
         self.shift_id = new_shift_id()
         self.run_dir = config.state_path / "runs" / self.shift_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.gate = StartGate(config.start_interval)
         self.stop = StopControl()
         self.starts = StartsGate()
@@ -119,17 +126,21 @@ class Fleet:
         lines = render_line if config.agent.kind != "command" else None
         renderer = (ConsoleRenderer(console, colour=colour, width=width, line_renderer=lines)
                     if console else None)
-        self.mux = LogMux(self.shift_id, self.run_dir / "fleet.jsonl", renderer,
-                          rotate_bytes=config.log_rotate_bytes)
+        self.started_at = time.time()
+        try:
+            self.died = self.ledger.begin_shift(self._shift_record())
+            self.mux = self._open_log(renderer)
+        except BaseException:
+            self.ledger.close()
+            raise
         self.log = self.mux.logger(Tag("fleet", None, "-", 0))
+        self.ledger.on_fault = self._ledger_fault
         route_structlog(self.mux)
         self.pool = SlotPool(config.concurrency, {})
         self.machines = Machines(
             config, shift_id=self.shift_id, shift_dir=self.run_dir, pool=self.pool,
             ledger=self.ledger, log=self.log, hosts=hosts,
         )
-        self.started_at = time.time()
-        self.died = self.ledger.begin_shift(self._shift_record())
         self.workers: list[Worker] = []
         self.unlisted: list[TaskRecord] = []
         self.deadline_hit = False
@@ -140,9 +151,30 @@ class Fleet:
             rate=tuple(config.agent.rate_limit_patterns or LimitPatterns().rate),
         )
         self._plan(config.tasks.items, set(rerun), fresh)
-        write_json_atomic(self.run_dir / "shift.json", self._shift_info())
+        self._write_state("shift.json", self.run_dir, self._shift_info())
 
     # construction ----------------------------------------------------------------------
+
+    def _open_log(self, renderer: ConsoleRenderer | None) -> LogMux:
+        """The shift's directory and its log.  When either cannot be made, the shift ends
+        there (exit 2, recorded in the ledger) and leaves no directory behind."""
+        try:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateDirUnusable(
+                    self.run_dir, f"cannot be made ({exc.strerror})",
+                    "make the state directory writable by you and give its disk room, or "
+                    "point state_dir at another directory",
+                    "the shift's directory",
+                ) from None
+            return LogMux(self.shift_id, self.run_dir / "fleet.jsonl", renderer,
+                          rotate_bytes=self.config.log_rotate_bytes, on_fault=self._log_fault)
+        except (StateDirUnusable, LogUnwritable) as exc:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
+            self.ledger.end_shift(self.shift_id, EXIT_USAGE, str(exc))
+            raise
 
     def _shift_record(self) -> ShiftRecord:
         return ShiftRecord(
@@ -267,8 +299,16 @@ class Fleet:
     def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None:
         self.machines.hold(machine, until, reason, line)
 
-    def machine_lost(self, machine: str) -> None:
-        self.machines.lost(machine)
+    @property
+    def given_up(self) -> StopControl:
+        return self.machines.abandon
+
+    async def machine_up(self, machine: str) -> bool:
+        return await self.machines.wait_up(machine)
+
+    def machine_away(self, machine: str) -> str:
+        view = self.machines.get(machine)
+        return view.away if view is not None else ""
 
     def supervised_runs(self) -> dict[str, list[str]]:
         """Machine -> the run directories this shift supervises now (each worker's current
@@ -311,6 +351,7 @@ class Fleet:
             async with anyio.create_task_group() as services:
                 self._services = self.machines.tg = services
                 services.start_soon(self.mux.flush_periodically)
+                services.start_soon(self.ledger.keep_writing)
                 services.start_soon(self._handle_signals)
                 await self.machines.preflight()
                 self._fail_without_machines()
@@ -318,11 +359,10 @@ class Fleet:
                 self._close_dead_shifts(recovery)
                 services.start_soon(self.machines.keep_leases, self.supervised_runs)
                 services.start_soon(self._keep_deadlines)
+                services.start_soon(self._give_up_when_stuck)
                 services.start_soon(stall.watch, self)
                 self._restore_holds()
-                await services.start(
-                    control.serve, prepare_socket_dir(self.config.state_path), self.handle_request
-                )
+                await self._serve_control(services)
                 self.log.info(
                     "fleet-started",
                     msg=f"fleet {self.shift_id}: {len(self.workers)} task(s), cap "
@@ -339,8 +379,12 @@ class Fleet:
                 services.cancel_scope.cancel()
             summary = self._summary()
             self.mux.flush()  # every record on disk before the report, however that ends
-            await self._report_unless_interrupted(summary)
+            await report.write_and_notify(
+                summary, self.run_dir, self.hosts, self.config, self.log,
+                default_branch=self.machines.default_branches(),
+            )
         finally:
+            self._services = self.machines.tg = None  # that task group has ended
             # However the shift ends (a second Ctrl-C included): each watchdog checks that no
             # run it guards is left before it goes.  Signals only queue up meanwhile: the
             # clean-up is short and bounded, and a Ctrl-C landing in it must not cut it off
@@ -357,6 +401,21 @@ class Fleet:
                     await self.machines.release_claims(lost)
                 await self.machines.aclose()
         return self._finish(summary)
+
+    async def _serve_control(self, services: anyio.abc.TaskGroup) -> None:
+        """The control socket.  One that cannot be made (no room, a directory that refuses)
+        costs the commands that steer the fleet, not the shift: a line says so."""
+        path = prepare_socket_dir(self.config.state_path)
+        try:
+            await services.start(control.serve, path, self.handle_request)
+        except OSError as exc:
+            self.log.error(
+                "control-unavailable",
+                msg=f"✗ cannot make the control socket {path}: {exc.strerror or exc}; "
+                "`status`, `down`, `pause` and `add` cannot reach this fleet (Ctrl-C or SIGTERM "
+                "stop it)",
+                error=str(exc),
+            )
 
     def _restore_holds(self) -> None:
         """Usage holds of earlier shifts still in force hold this one too; one longer than
@@ -382,21 +441,31 @@ class Fleet:
         did with the runs it left (the ledger has marked it ``died``)."""
         for shift_id in self.died:
             shift_dir = self.config.state_path / "runs" / shift_id
-            if not shift_dir.is_dir():
-                continue
-            record = self.ledger.shift(shift_id)
-            write_json_atomic(shift_dir / "summary.json", {
-                "fleet": shift_id,
-                "name": self.config.name,
-                "pid": record.pid if record else None,
-                "started_at": record.started_at if record else None,
-                "run_dir": str(shift_dir),
-                "workers": report.workers_of(self.ledger, shift_id),
-                "ended_at": None,
-                "exit_code": None,
-                "exit_meaning": f"supervisor died; found by fleet {self.shift_id}",
-                "orphans": [note for shift, note in recovery.notes if shift == shift_id],
-            })
+            if shift_dir.is_dir():
+                notes = [note for shift, note in recovery.notes if shift == shift_id]
+                self._write_state("summary.json", shift_dir, report.dead_shift_summary(
+                    self.ledger, shift_id, shift_dir, found_by=self.shift_id, notes=notes))
+
+    async def _give_up_when_stuck(self) -> None:
+        """When every task left waits for a machine that cannot be reached (its run there, or
+        a slot there), and has for long enough (:meth:`Machines.hopeless`), nothing more
+        happens until the machine is back: rather than wait for ever, the shift gives those
+        tasks up (``lost``; their runs there stay open in the ledger, for the next ``up`` to
+        look at).  Checked twice, a second apart, so that a worker between two steps is not
+        taken for a blocked one."""
+        stuck_before: set[str] = set()
+        while True:
+            await anyio.sleep(STUCK_CHECK)
+            waits = {w.waiting_for for w in self.workers if not w.status.state.final}
+            stuck = bool(waits) and all(m is not None and self.machines.hopeless(m)
+                                        for m in waits)
+            names = {str(m) for m in waits} if stuck else set()
+            if "*" in names:
+                names = {v.name for v in self.machines if self.machines.hopeless(v.name)}
+            if names and names == stuck_before:
+                self.machines.give_up(sorted(names))
+                return
+            stuck_before = names
 
     async def _keep_deadlines(self) -> None:
         soft, hard = self.deadline.soft, self.deadline.hard
@@ -472,27 +541,60 @@ class Fleet:
             "concurrency": self.config.concurrency,
             "stopping": self.stop.requested.is_set(),
             "paused": self.starts.paused,
+            "held": dict(self.starts.holds),
+            "machines": [{"name": v.name, "reach": v.reach, "away": v.away}
+                         for v in self.machines],
             "deadline": {"soft": self.deadline.soft, "hard": self.deadline.hard},
             "peak_running": self.pool.peak,
             "workers": [w.status.as_dict() for w in self.workers],
         }
 
-    async def live_status(self) -> list[dict[str, Any]]:
-        rows = []
-        now = time.time()
-        for worker in self.workers:
-            row = worker.status.as_dict()
-            handle = worker.current
-            row.update(cpu_percent=None, rss_bytes=None, processes=None)
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    stats = await handle.stats()
-                    row.update(cpu_percent=stats.cpu_percent, rss_bytes=stats.rss_bytes,
-                               processes=stats.processes)
-            last = self.mux.last_output.get(worker.name)
-            row["last_output_age"] = None if last is None else round(now - last, 1)
-            rows.append(row)
-        return rows
+    # faults: the log or the ledger cannot be written ---------------------------------------
+
+    def _log_fault(self, error: OSError | None) -> None:
+        """The log cannot be written (the writer's own line says so): no new runs meanwhile --
+        a run started now could not be recorded -- while running ones go on."""
+        self._hold_starts("log", None if error is None else "the log cannot be written")
+
+    def _ledger_fault(self, error: LedgerUnwritable | None) -> None:
+        """The ledger cannot be written: no new runs meanwhile (a run's intent must be written
+        before its start); what running ones do waits in memory and is written when it can."""
+        if error is not None:
+            self.log.error(
+                "ledger-unwritable",
+                msg=f"✗ cannot write the ledger {error.path}: {error.detail}; no new runs "
+                "meanwhile, running agents go on (how their runs end is written to the ledger "
+                f"when it can be: tried again every {LEDGER_RETRY:g}s)",
+                error=error.detail,
+            )
+        else:
+            self.log.info(
+                "ledger-writable",
+                msg=f"✓ the ledger {self.ledger.path} can be written again after "
+                f"{time.time() - self.ledger.fault_since:.0f}s",
+            )
+        self._hold_starts("ledger", None if error is None else "the ledger cannot be written")
+
+    def _hold_starts(self, key: str, why: str | None) -> None:
+        """Hold new runs for ``key`` (``why``), or end that hold (None); say when they may
+        start again."""
+        if why is not None:
+            self.starts.hold(key, why)
+        elif self.starts.release(key) and not self.starts.holds:
+            self.log.info("starts-resumed", msg="▶ new runs allowed again")
+
+    def _write_state(self, name: str, shift_dir: Path, data: dict[str, Any]) -> None:
+        """Write a shift's ``shift.json`` or ``summary.json``; a disk that refuses it costs a
+        line in the log, never the shift (the ledger has what they say)."""
+        try:
+            write_json_atomic(shift_dir / name, data)
+        except OSError as exc:
+            self.log.warning(
+                "state-file-unwritable",
+                msg=f"✗ cannot write {shift_dir / name}: {exc.strerror or exc}; the ledger has "
+                f"what it says (`agentize-fleet report --shift {shift_dir.name}`)",
+                error=str(exc),
+            )
 
     # the end ----------------------------------------------------------------------------------
 
@@ -519,43 +621,24 @@ class Fleet:
                 {"task": r.issue, "title": r.title, "state": r.state, "reason": r.reason}
                 for r in self.unlisted
             ],
+            "machine_events": self.ledger.machine_events(shift=self.shift_id),
             "starts_closed": self.starts.closed_reason or None,
             "holds": self.ledger.holds(shift=self.shift_id),
             "runs": spend.run_rows(self.ledger, self.shift_id),
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        self._write_state("summary.json", self.run_dir, summary)
         self.ledger.end_shift(self.shift_id, code, MEANINGS.get(code, ""))
         return summary
 
-    async def _report_unless_interrupted(self, summary: dict[str, Any]) -> None:
-        """The report and its notifications, within ``REPORT_TIMEOUT``.  A Ctrl-C or SIGTERM
-        meanwhile skips what is left of them, and only that: the fleet still ends in order
-        (``agentize-fleet report`` writes the report later)."""
-        with (
-            anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
-            anyio.move_on_after(REPORT_TIMEOUT, shield=True) as scope,
-        ):
-
-            async def skip_on_signal() -> None:
-                async for signum in signals:
-                    self.log.info(
-                        "report-skipped",
-                        msg=f"{signal.Signals(signum).name}: report and notifications skipped "
-                        f"(`agentize-fleet report --run {self.shift_id}` writes the report)",
-                    )
-                    scope.cancel()
-                    return
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(skip_on_signal)
-                await report.write_and_notify(
-                    summary, self.run_dir, self.hosts, self.config, self.log,
-                    default_branch=self.machines.default_branches(),
-                )
-                tg.cancel_scope.cancel()
-
     def _finish(self, summary: dict[str, Any]) -> FleetResult:
         code = int(summary["exit_code"])
+        if not self.ledger.retry():
+            self.log.error(
+                "ledger-unwritten",
+                msg=f"✗ {self.ledger.waiting} transitions could not be written to the ledger "
+                f"{self.ledger.path} ({self.ledger.fault.detail if self.ledger.fault else ''});"
+                " the next `up` reads how the runs ended from their run directories",
+            )
         self.log.info("fleet-ended", msg=f"fleet ended: exit {code} ({MEANINGS.get(code)})",
                       exit_code=code)
         self.mux.close()

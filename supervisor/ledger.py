@@ -32,6 +32,11 @@ transition; the scan already covers it.
 Readers open the file read-only and never create it.  The ledger records transitions, never
 output lines: the line path does not touch it.
 
+**A ledger that cannot be written** (a full disk, a file system gone read-only, an I/O error)
+is a state, not a crash: a transition that announces an act raises :class:`LedgerUnwritable`
+(the act waits), one that records an act already done waits in memory and is written later
+(:mod:`supervisor.ledger_tx`, the discipline of every write).
+
 See :mod:`supervisor.ledger_schema` for the tables (a ledger written by a newer version is
 refused with :class:`LedgerTooNew`).
 """
@@ -39,11 +44,12 @@ refused with :class:`LedgerTooNew`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,12 +68,22 @@ from supervisor.ledger_schema import (
     WorkerRecord,
     record_of,
 )
+from supervisor.ledger_tx import (
+    RETRY_INTERVAL,
+    Committer,
+    LedgerError,
+    LedgerUnwritable,
+    Tx,
+    cannot_use,
+)
 
 __all__ = [
+    "RETRY_INTERVAL",
     "SCHEMA_VERSION",
     "Ledger",
     "LedgerError",
     "LedgerTooNew",
+    "LedgerUnwritable",
     "RunRecord",
     "ShiftRecord",
     "TaskRecord",
@@ -81,10 +97,6 @@ BUSY_TIMEOUT = 10.0
 _R = TypeVar("_R")
 
 
-class LedgerError(Exception):
-    """The ledger cannot be used; the message names the file and the fix."""
-
-
 class LedgerTooNew(LedgerError):
     """The ledger was written by a newer agentize-fleet: reading it could misread it."""
 
@@ -93,13 +105,8 @@ def ledger_path(state_dir: Path) -> Path:
     return state_dir / LEDGER_NAME
 
 
-class Ledger:
+class Ledger(Committer):
     """The open ledger: the writer (:meth:`open`) or a reader (:meth:`reader`)."""
-
-    def __init__(self, path: Path, connection: sqlite3.Connection, *, writable: bool) -> None:
-        self.path = path
-        self._db = connection
-        self.writable = writable
 
     # opening ------------------------------------------------------------------------------
 
@@ -112,7 +119,7 @@ class Ledger:
             os.fchmod(fd, 0o600)
             os.close(fd)
         except OSError as exc:
-            raise LedgerError(_cannot(path, exc)) from None
+            raise LedgerError(cannot_use(path, exc)) from None
         return cls._connect(path, str(path), writable=True)
 
     @classmethod
@@ -140,7 +147,7 @@ class Ledger:
                 db.close()
             if isinstance(exc, LedgerError):
                 raise
-            raise LedgerError(_cannot(path, exc)) from None
+            raise LedgerError(cannot_use(path, exc)) from None
         return ledger
 
     def close(self) -> None:
@@ -200,28 +207,6 @@ class Ledger:
         except ValueError:
             return None
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[_Tx]:
-        """One transaction: all of it is committed, or none of it."""
-        if not self.writable:
-            raise LedgerError(f"{self.path} is open read-only")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise LedgerError(_cannot(self.path, exc)) from None
-        try:
-            yield _Tx(self._db)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise LedgerError(_cannot(self.path, exc)) from None
-
     def _all(self, cls: type[_R], sql: str, args: Sequence[Any] = ()) -> list[_R]:
         cur = self._db.execute(sql, args)
         return [record_of(cls, r, cur.description) for r in cur.fetchall()]
@@ -239,7 +224,8 @@ class Ledger:
 
     def begin_shift(self, shift: ShiftRecord) -> list[str]:
         """Record a new shift; shifts left ``running`` (their ``up`` died: we hold the lock)
-        become ``died``.  Returns the ids of those."""
+        become ``died``.  Returns the ids of those.  (Before anything: raises when it cannot
+        be written.)"""
         with self._tx() as db:
             died = [r[0] for r in db.execute("SELECT id FROM shifts WHERE state = 'running'")]
             db.execute(
@@ -255,12 +241,11 @@ class Ledger:
         return died
 
     def end_shift(self, shift_id: str, exit_code: int, meaning: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
-                "exit_meaning = ? WHERE id = ?",
-                (time.time(), exit_code, meaning, shift_id),
-            )
+        values = (time.time(), exit_code, meaning, shift_id)
+        self._commit(lambda db: db.execute(
+            "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
+            "exit_meaning = ? WHERE id = ?", values,
+        ), done=True)
 
     def shifts(self) -> list[ShiftRecord]:
         """Every shift, oldest first."""
@@ -279,10 +264,13 @@ class Ledger:
 
     def set_listed(self, issues: Iterable[int]) -> None:
         """Mark which tasks the current config lists (the others stay, unlisted)."""
-        listed = sorted(set(issues))
-        with self._tx() as db:
+        listed = [(i,) for i in sorted(set(issues))]
+
+        def mark(db: Tx) -> None:
             db.execute("UPDATE tasks SET listed = 0")
-            db.executemany("UPDATE tasks SET listed = 1 WHERE issue = ?", [(i,) for i in listed])
+            db.executemany("UPDATE tasks SET listed = 1 WHERE issue = ?", listed)
+
+        self._commit(mark, done=True)
 
     def save_task(
         self,
@@ -298,12 +286,24 @@ class Ledger:
     def save_tasks(
         self, items: Sequence[tuple[TaskRecord, str, str | None]], *, shift: str
     ) -> None:
-        """Several tasks (task, worker, adopted_from) in one transaction: a shift's start."""
-        with self._tx() as db:
-            for task, worker, adopted_from in items:
-                _put_task(db, task, shift)
+        """Several tasks (task, worker, adopted_from) in one transaction: a shift's start.
+        A task's state follows what happened: it waits when it cannot be written."""
+        now = time.time()
+        rows = [(dataclasses.replace(task), worker, adopted_from)
+                for task, worker, adopted_from in items]
+
+        def put(db: Tx) -> None:
+            for task, worker, adopted_from in rows:
+                _put_task(db, task, shift, now)
                 if worker != "-":
                     _put_worker(db, task, shift, worker, adopted_from)
+
+        self._commit(put, done=True)
+
+    def worker_names(self, issue: int) -> dict[str, str]:
+        """Shift -> the name of ``issue``'s worker in it (names differ between shifts)."""
+        rows = self._db.execute("SELECT shift, worker FROM workers WHERE issue = ?", (issue,))
+        return {str(shift): str(worker) for shift, worker in rows}
 
     def workers(self, shift: str) -> list[WorkerRecord]:
         return self._all(
@@ -336,10 +336,12 @@ class Ledger:
         shifts); ``run_dir_of(number)`` names its run directory.  The task's counter moves in
         the same transaction: a crash leaves both or neither.  ``session_id`` is the agent
         session the run will be in when it is known before the start (pinned, or resumed
-        from ``resumed_from``): a run killed before its first line can still be resumed.
+        from ``resumed_from``): a run killed before its first line can still be resumed.  The
+        start waits for it: raises :class:`LedgerUnwritable` when it cannot be written.
         """
         now = time.time()
-        with self._tx() as db:
+
+        def intent(db: Tx) -> tuple[int, int, str]:
             row = db.execute(
                 "SELECT MAX(number) FROM runs WHERE issue = ?", (task.issue,)
             ).fetchone()
@@ -354,10 +356,15 @@ class Ledger:
                  prompt_kind, json.dumps(sorted(milestones_before)), now, shift,
                  json.dumps([shift]), agent_kind, session_id, resumed_from),
             )
-            task.runs = number
-            _put_task(db, task, shift)
+            _put_task(db, dataclasses.replace(task, runs=number), shift, now)
             _put_worker(db, task, shift, worker, None)
-            run_id = int(cur.lastrowid or 0)
+            return int(cur.lastrowid or 0), number, run_dir
+
+        committed = self._commit(intent, done=False)
+        assert committed is not None
+        run_id, number, run_dir = committed
+        task.runs = number
+        task.first_shift, task.last_shift = task.first_shift or shift, shift
         return RunRecord(
             id=run_id, issue=task.issue, number=number, shift=shift, worker=worker,
             machine=machine, workspace=workspace, run_dir=run_dir, lease_path=lease_path,
@@ -369,12 +376,11 @@ class Ledger:
         )
 
     def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
-                "WHERE id = ?",
-                (pid, start_ticks, time.time(), run_id),
-            )
+        values = (pid, start_ticks, time.time(), run_id)
+        self._commit(lambda db: db.execute(
+            "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
+            "WHERE id = ?", values,
+        ), done=True)
 
     def run_ended(
         self,
@@ -392,22 +398,31 @@ class Ledger:
     ) -> None:
         """A run's end (or abandonment) and, in the same transaction, what its agent reported
         (``usage``: see :meth:`record_usage`) and its task's new state."""
-        with self._tx() as db:
+        now = time.time()
+        values = (state, now, exit_code, int(lost), outcome, reason, run_id)
+        task = dataclasses.replace(task) if task is not None else None
+        usage = _checked_usage(usage)
+
+        def end(db: Tx) -> None:
             db.execute(
                 "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
-                "reason = ? WHERE id = ?",
-                (state, time.time(), exit_code, int(lost), outcome, reason, run_id),
+                "reason = ? WHERE id = ?", values,
             )
             if usage:
                 _put_usage(db, run_id, usage)
             if task is not None:
                 assert shift is not None and worker is not None
-                _put_task(db, task, shift)
+                _put_task(db, task, shift, now)
                 _put_worker(db, task, shift, worker, None)
 
+        self._commit(end, done=True)
+
     def run_supervised(self, run_id: int, shift: str) -> None:
-        """``shift`` watches the run from now on (it adopted it)."""
-        with self._tx() as db:
+        """``shift`` watches the run from now on (it adopted it).  Its output is logged only
+        once this is written (a later adopter reads the logs of the shifts named here, to know
+        where to resume): raises :class:`LedgerUnwritable` when it cannot be."""
+
+        def supervise(db: Tx) -> None:
             row = db.execute("SELECT supervisors FROM runs WHERE id = ?", (run_id,)).fetchone()
             chain = list(json.loads(row[0])) if row else []
             if shift not in chain:
@@ -417,12 +432,14 @@ class Ledger:
                 (shift, json.dumps(chain), run_id),
             )
 
+        self._commit(supervise, done=False)
+
     def record_usage(self, run_id: int, usage: Mapping[str, Any]) -> None:
         """What an agent kind reported of a run (:data:`USAGE_FIELDS`: session, cost, tokens,
         turns, its own duration, last result text, limit line); the task's sums follow."""
+        usage = _checked_usage(usage)
         if usage:
-            with self._tx() as db:
-                _put_usage(db, run_id, usage)
+            self._commit(lambda db: _put_usage(db, run_id, usage), done=True)
 
     def task_usage(self, issue: int) -> TaskUsage:
         """What the task's runs cost so far (the sums :meth:`record_usage` keeps)."""
@@ -483,12 +500,11 @@ class Ledger:
     def hold(
         self, machine: str, reason: str, until: float, *, shift: str, line: str | None = None
     ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO holds(machine, reason, since, until, shift, line) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (machine, reason, time.time(), until, shift, line),
-            )
+        values = (machine, reason, time.time(), until, shift, line)
+        self._commit(lambda db: db.execute(
+            "INSERT INTO holds(machine, reason, since, until, shift, line) "
+            "VALUES (?, ?, ?, ?, ?, ?)", values,
+        ), done=True)
 
     def holds(
         self, *, active_at: float | None = None, shift: str | None = None
@@ -501,37 +517,21 @@ class Ledger:
         return self._dicts("SELECT * FROM holds WHERE until > ? ORDER BY id", (active_at,))
 
     def machine_event(self, machine: str, state: str, *, shift: str, detail: str = "") -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO machine_events(machine, state, at, shift, detail) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (machine, state, time.time(), shift, detail),
-            )
+        values = (machine, state, time.time(), shift, detail)
+        self._commit(lambda db: db.execute(
+            "INSERT INTO machine_events(machine, state, at, shift, detail) "
+            "VALUES (?, ?, ?, ?, ?)", values,
+        ), done=True)
 
-    def machine_events(self, machine: str | None = None) -> list[dict[str, Any]]:
-        if machine is None:
-            return self._dicts("SELECT * FROM machine_events ORDER BY id")
-        return self._dicts(
-            "SELECT * FROM machine_events WHERE machine = ? ORDER BY id", (machine,)
-        )
-
-
-class _Tx:
-    """The connection inside one transaction (``executescript`` would commit it: not here)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._db.execute(sql, args)
-
-    def executemany(self, sql: str, args: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
-        return self._db.executemany(sql, args)
-
-    def executescript_in_tx(self, script: str) -> None:
-        for statement in script.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+    def machine_events(
+        self, machine: str | None = None, *, shift: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Reachability changes, oldest first (of one machine, of one shift)."""
+        where = [(c, v) for c, v in (("machine", machine), ("shift", shift)) if v is not None]
+        sql = "SELECT * FROM machine_events"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
+        return self._dicts(sql + " ORDER BY id", [v for _, v in where])
 
 
 _TASK_NAMES = (*TASK_COLUMNS, "updated_at")
@@ -542,12 +542,12 @@ _PUT_TASK = (
 )
 
 
-def _put_task(db: _Tx, task: TaskRecord, shift: str) -> None:
+def _put_task(db: Tx, task: TaskRecord, shift: str, now: float) -> None:
     task.first_shift, task.last_shift = task.first_shift or shift, shift
     values = {name: getattr(task, name) for name in TASK_COLUMNS}
     values["history"] = json.dumps(task.history)
     values["listed"] = int(task.listed)
-    db.execute(_PUT_TASK, [*values.values(), time.time()])
+    db.execute(_PUT_TASK, [*values.values(), now])
 
 
 _SUM_USAGE = (
@@ -560,12 +560,18 @@ _SUM_USAGE = (
 )
 
 
-def _put_usage(db: _Tx, run_id: int, usage: Mapping[str, Any]) -> None:
-    """A run's agent facts, and its task's sums over its runs (one SQL ``sum`` each, so a
-    task's cost is exactly the sum of its runs' costs as SQLite adds them)."""
-    unknown = set(usage) - set(USAGE_FIELDS)
+def _checked_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``usage`` (copied: a transition that waits must write what was said when it was said),
+    its fields checked when it is given, not when it is written."""
+    unknown = set(usage or ()) - set(USAGE_FIELDS)
     if unknown:
         raise ValueError(f"unknown usage fields: {sorted(unknown)}")
+    return dict(usage or {})
+
+
+def _put_usage(db: Tx, run_id: int, usage: Mapping[str, Any]) -> None:
+    """A run's agent facts, and its task's sums over its runs (one SQL ``sum`` each, so a
+    task's cost is exactly the sum of its runs' costs as SQLite adds them)."""
     names = sorted(usage)
     db.execute(
         f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
@@ -575,7 +581,7 @@ def _put_usage(db: _Tx, run_id: int, usage: Mapping[str, Any]) -> None:
 
 
 def _put_worker(
-    db: _Tx, task: TaskRecord, shift: str, worker: str, adopted_from: str | None
+    db: Tx, task: TaskRecord, shift: str, worker: str, adopted_from: str | None
 ) -> None:
     db.execute(
         "INSERT INTO workers(shift, worker, issue, state, reason, adopted_from, started_at, "
@@ -595,11 +601,3 @@ def _uri_path(path: Path) -> str:
     from urllib.parse import quote
 
     return quote(str(path.resolve()))
-
-
-def _cannot(path: Path, exc: BaseException) -> str:
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return (
-        f"cannot use the ledger {path}: {detail}; fix: make its state directory writable by "
-        f"you (and the disk not full), or point state_dir at another directory"
-    )

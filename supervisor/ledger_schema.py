@@ -40,7 +40,9 @@ version is refused with :class:`LedgerTooNew`)::
     holds(id PK, machine, reason, since, until, shift, line)
         usage-limit holds: no new run on ``machine`` until ``until``
     machine_events(id PK, machine, state, at, shift, detail)
-        reachability: ``unreachable``, ``retrying``, ``refused``
+        each change of a machine's reachability in a shift (``connecting``, ``up``, ``slow``,
+        ``unreachable``, ``back``), ``refused`` (left out of the shift), ``noisy-login`` (its
+        login shell prints before every command); ``retrying`` in older ledgers
 
 Version 2 added the agent columns (``runs.agent_kind`` ... ``limit_line``, ``tasks.outcome`` ...
 ``next_prompt``); a version-1 ledger gets them when the writer opens it (:data:`MIGRATIONS`).

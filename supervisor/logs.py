@@ -403,8 +403,6 @@ class LogMux:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.set()
-        if self.on_fault is not None:
-            self.on_fault(None)
         lost = (
             f"; {self._dropped:,} output batches beyond the memory bound were not logged "
             "(their lines are in the runs' stdout/stderr files)" if self._dropped else ""
@@ -417,6 +415,10 @@ class LogMux:
             f"waited were written{lost}",
             {"error": _describe(error), "waited_bytes": held, "dropped_batches": self._dropped},
         )
+        # After the line above, so that what the fleet logs follows it; unless writing that
+        # line failed again (then the fleet has been told of the new fault already).
+        if self.on_fault is not None and self.fault is None:
+            self.on_fault(None)
 
     # writing ---------------------------------------------------------------------------
 

@@ -8,8 +8,18 @@ instead of testing ``name == "local"`` or scanning ``config.machines``.
 A view also carries the machine's state in this shift: its claim, its run root, the dead
 shifts whose runs it adopted there (their watchdogs are dismissed once it no longer watches
 them), a usage-limit hold and its reachability.  The leases renewed are exactly those of the
-runs the shift supervises (and the claims): :meth:`Machines.keep_leases`.  Holds and
-reachability changes are written to the ledger as they happen.
+runs the shift supervises while their machine is up (and the claims):
+:meth:`Machines.keep_leases`.  Holds and reachability changes are written to the ledger as
+they happen.
+
+**Reachability** is what the machine's host reports (``hosts/reach.py``): ``connecting``,
+``up``, ``slow``, ``unreachable``, ``back``.  The view records each change (ledger
+``machine_events``, a line in the log) and takes new runs only while the machine is ``up``:
+not while it is slow (a start would not answer either), unreachable, or ``back`` -- back means
+its host is still finding the runs it followed there, and nothing new goes there before every
+run of the fleet on it is found again or its end read.  A run on a machine that is away stays
+its worker's (its slot counts against the machine's ``max_agents``); an unreachable machine is
+tried again every little while, so that it comes back even when no run of ours is there.
 """
 
 from __future__ import annotations
@@ -46,13 +56,20 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.local import LocalHost
 from supervisor.ledger import Ledger
-from supervisor.scheduling import SlotPool
+from supervisor.scheduling import SlotPool, StopControl
 from supervisor.workspace import Clone, clone_name, ensure_clone
 
 LOCAL = "local"
 DEFAULT_UNREACHABLE_AFTER = 120.0
 PREFLIGHT_TIMEOUT = 60.0
 DISMISS_TIMEOUT = 10.0
+#: An unreachable machine is tried again at least this often (its ``unreachable_after`` if
+#: that is shorter), so that it is seen back even when nothing of ours is followed there.
+RETRY_UNREACHABLE = 15.0
+UP, SLOW, UNREACHABLE, BACK, CONNECTING = "up", "slow", "unreachable", "back", "connecting"
+REFUSED = "refused"
+#: Not a reachability state: a machine whose login shell prints (recorded, for the report).
+NOISY_LOGIN = "noisy-login"
 
 
 def build_hosts(config: FleetConfig) -> dict[str, Host]:
@@ -77,6 +94,7 @@ def build_hosts(config: FleetConfig) -> dict[str, Host]:
                     keepalive_interval=machine.keepalive_interval,
                     keepalive_count_max=machine.keepalive_count_max,
                     unreachable_after=machine.unreachable_after,
+                    command_timeout=machine.command_timeout,
                 )
             )
     return hosts
@@ -99,7 +117,13 @@ class MachineView:
     root: str | None = None
     #: Its time zone, in which an agent's "resets 5pm" is meant (None: the supervisor's).
     timezone: tzinfo | None = None
-    reachable: bool = True
+    #: Its reachability (see the module docstring), or ``refused``: left out of the shift.
+    reach: str = UP
+    reach_detail: str = ""
+    #: Since when it has been away (``unreachable``, then ``back``); None while it answers.
+    away_since: float | None = None
+    #: Set (and replaced) at each change of ``reach``.
+    changed: anyio.Event | None = None
     held_until: float | None = None
     #: Watchdogs (lease paths) of dead shifts whose runs this shift watches here: path -> how
     #: many such runs.
@@ -112,6 +136,18 @@ class MachineView:
     @property
     def needs_claim(self) -> bool:
         return not self.local
+
+    @property
+    def reachable(self) -> bool:
+        """Whether it answers (slow or not): neither unreachable nor left out."""
+        return self.reach not in (UNREACHABLE, REFUSED)
+
+    @property
+    def away(self) -> str:
+        """"m1 unreachable since 02:14:05" while it is away, else ""."""
+        if self.away_since is None:
+            return ""
+        return f"{self.name} {self.reach} since {clock(self.away_since)}"
 
 
 class Machines:
@@ -136,6 +172,11 @@ class Machines:
         self.log = log
         self.claimant = Claimant.for_state_dir(config.state_path, shift_id)
         self.tg: anyio.abc.TaskGroup | None = None
+        #: Requested when the fleet stops waiting for the machines that cannot be reached
+        #: (nothing else is left to do): the workers bound to them give their tasks up for
+        #: this shift, and their runs there are left to the next ``up``.
+        self.abandon = StopControl()
+        self.closed = False  # the shift has ended: what hosts report now is of no one's use
         built = dict(hosts) if hosts is not None else build_hosts(config)
         remote = {m.name: m for m in config.machines}
         self.views: dict[str, MachineView] = {}
@@ -157,6 +198,12 @@ class Machines:
         for view in self.views.values():
             pool.capacity[view.name] = view.capacity
             pool.running.setdefault(view.name, 0)
+            self._subscribe(view)
+
+    def _subscribe(self, view: MachineView) -> None:
+        """Hear the machine's reachability from its host (``Host.on_reachability``)."""
+        view.host.on_reachability(lambda change: self.reach_changed(
+            view.name, change.state.value, change.at, change.detail))
 
     # the views ------------------------------------------------------------------------------
 
@@ -246,8 +293,9 @@ class Machines:
     async def keep_leases(self, supervised: Callable[[], Mapping[str, Sequence[str]]]) -> None:
         """Renew the leases of exactly the runs this shift supervises now (``supervised()``:
         machine -> run directories) and each claimed workdir's claim, every lease_timeout / 4:
-        the watchdog stops a run nobody supervises, however fresh the others are.  Runs until
-        cancelled."""
+        the watchdog stops a run nobody supervises, however fresh the others are.  Not those
+        of a machine that is away (unreachable, or back but its runs not yet found again): a
+        run there is renewed only once it is followed again.  Runs until cancelled."""
         timeout = self.config.lease_timeout
         interval = max(0.5, timeout / 4) if timeout else LEASE_RENEWAL_WITHOUT_WATCHDOG
         while True:
@@ -255,7 +303,8 @@ class Machines:
             with anyio.move_on_after(interval):
                 async with anyio.create_task_group() as tg:
                     for view in list(self):
-                        tg.start_soon(self._renew, view, list(runs.get(view.name, ())))
+                        renewed = [] if view.away_since else list(runs.get(view.name, ()))
+                        tg.start_soon(self._renew, view, renewed)
             await anyio.sleep(interval)
 
     async def dismiss_watchdogs(self, view: MachineView, leases: list[str]) -> None:
@@ -358,13 +407,19 @@ class Machines:
         async def probe(view: MachineView) -> None:
             try:
                 with anyio.fail_after(PREFLIGHT_TIMEOUT):
-                    await view.host.run(["true"], timeout=30)
+                    said = (await view.host.run(["true"], timeout=30)).login_noise
                     await self.claim(view.name)
+                if said:  # harmless (commands are framed), but worth a line in the report
+                    self.ledger.machine_event(
+                        view.name, NOISY_LOGIN, shift=self.shift_id,
+                        detail=f"its login shell prints {len(said.encode())} bytes before every "
+                        f"command (dropped from their output): {said.strip()[:80]!r}",
+                    )
             except (HostAuthError, WorkdirInUse, ClaimFailed) as exc:
                 self.refuse(view.name, exc)
-            except (HostError, TimeoutError) as exc:
-                self.log.warning("machine-unreachable", msg=f"✗ {exc}", machine=view.name)
-                self.lost(view.name)
+            except (HostError, TimeoutError) as exc:  # the line is reach_changed's
+                self.reach_changed(view.name, UNREACHABLE, time.time(),
+                                   str(exc) or f"no answer within {PREFLIGHT_TIMEOUT:g}s")
 
         async def zone(view: MachineView) -> None:
             view.timezone = await timezone_of(view.host)
@@ -380,25 +435,116 @@ class Machines:
 
     def refuse(self, name: str, exc: HostError) -> None:
         """Leave ``name`` out of this shift for good, with one line saying why."""
+        view = self.views[name]
         self.pool.capacity[name] = 0
-        self.views[name].reachable = False
-        self.ledger.machine_event(name, "refused", shift=self.shift_id, detail=str(exc))
+        view.reach = REFUSED
+        self.ledger.machine_event(name, REFUSED, shift=self.shift_id, detail=str(exc))
         self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
                        machine=name, error=str(exc))
 
-    def lost(self, name: str) -> None:
-        """Take no new runs on an unreachable machine for a while, then try it again."""
-        if name in self.pool.closed:
+    def reach_changed(self, name: str, state: str, at: float, detail: str = "") -> None:
+        """``name``'s host reports a change of its reachability: record it, say it, and open
+        or close the machine to new runs (see the module docstring)."""
+        view = self.views.get(name)
+        if view is None or view.reach in (state, REFUSED) or self.closed:
             return
+        previous, view.reach, view.reach_detail = view.reach, state, detail
+        self.ledger.machine_event(name, state, shift=self.shift_id, detail=detail)
+        why = f" ({detail})" if detail else ""
+        if state == UNREACHABLE:
+            view.away_since = view.away_since or at
+            runs = self.pool.running.get(name, 0)
+            self.log.warning(
+                "machine-unreachable", machine=name,
+                msg=f"✗ machine {name} unreachable since {clock(at)}{why}: no new runs there; "
+                f"its {runs} run(s) stay theirs (counted against its max_agents) until it is "
+                "back and each is found again",
+            )
+            if self.tg is not None:
+                self.tg.start_soon(self._try_again, view)
+        elif state == BACK:
+            since = clock(view.away_since or at)
+            self.log.info("machine-back", machine=name,
+                          msg=f"↺ machine {name} back (unreachable since {since}): finding its "
+                          "runs again before anything new starts there")
+        elif state == SLOW:
+            self.log.warning("machine-slow", machine=name,
+                             msg=f"⚠ machine {name} slow{why}: no new runs there until it "
+                             "answers again")
+        elif state == UP and previous != CONNECTING:
+            back = f" (away since {clock(view.away_since)})" if view.away_since else ""
+            self.log.info("machine-up", machine=name,
+                          msg=f"✓ machine {name} answers again{back}: new runs allowed there")
+        elif state == CONNECTING and previous in (UP, SLOW):
+            self.log.info("machine-reconnecting", machine=name,
+                          msg=f"⋯ machine {name}: reconnecting{why}")
+        if state == UP:
+            view.away_since = None
+        self._gate(view)
+        if view.changed is not None:
+            view.changed.set()
+            view.changed = None
+
+    async def wait_up(self, name: str) -> bool:
+        """Wait until ``name`` takes commands again (``up``: every run there found again);
+        False at once if the fleet has stopped waiting for it."""
         view = self.views[name]
-        view.reachable = False
-        self.pool.close(name)
-        retry = time.time() + view.unreachable_after
-        self.ledger.machine_event(name, "unreachable", shift=self.shift_id)
-        self.log.warning("machine-lost", msg=f"machine {name} unreachable: no new runs there "
-                         f"until {clock(retry)}", machine=name)
-        if self.tg is not None:
-            self.tg.start_soon(self._reopen_at, [name], retry)
+        while view.reach != UP and not self.abandon.requested.is_set():
+            if view.changed is None:
+                view.changed = anyio.Event()
+            with self.abandon.on_request(view.changed.set):
+                await view.changed.wait()
+        return view.reach == UP
+
+    def _gate(self, view: MachineView) -> None:
+        """New runs on the machine only while it is up (or not yet connected) and not held."""
+        if view.reach in (UP, CONNECTING) and view.held_until is None:
+            self.pool.reopen(view.name)
+        else:
+            self.pool.close(view.name)
+
+    async def _try_again(self, view: MachineView) -> None:
+        """While the machine is unreachable, try a command on it now and then: its host sees it
+        back (and says so) even when nothing of ours is followed there."""
+        interval = min(view.unreachable_after, RETRY_UNREACHABLE)
+        while view.reach == UNREACHABLE and not self.abandon.requested.is_set():
+            await anyio.sleep(interval)
+            with contextlib.suppress(HostError, TimeoutError), anyio.fail_after(interval * 2):
+                await view.host.run(["true"], timeout=interval * 2)
+                if view.reach == UNREACHABLE:  # it answered; its host reports nothing itself
+                    self.reach_changed(view.name, UP, time.time(), "it answers again")
+
+    def hopeless(self, name: str) -> bool:
+        """Whether waiting for ``name`` (``*``: for any machine that can run agents) is all
+        that is left to do for nothing: it has been unreachable for longer than its
+        ``unreachable_after`` and, if runs of ours may live there, than the lease timeout (if
+        they live on cut off, their watchdogs have stopped them by then), so nothing more
+        happens until it is back."""
+        if name == "*":
+            names = [v.name for v in self if self.pool.capacity.get(v.name)]
+            return bool(names) and all(self.hopeless(n) for n in names)
+        view = self.views.get(name)
+        if view is None or view.reach == REFUSED:
+            return view is not None
+        runs_there = self.pool.running.get(name, 0) > 0
+        patience = max(view.unreachable_after, self.config.lease_timeout if runs_there else 0)
+        away = view.away_since
+        return view.reach == UNREACHABLE and away is not None and time.time() - away >= patience
+
+    def give_up(self, names: list[str]) -> None:
+        """Stop waiting for the machines ``names``, which cannot be reached: the workers bound
+        to them end their tasks for this shift (their runs there, if any, stay open in the
+        ledger: the next ``up`` finds them by their run directories)."""
+        if self.abandon.requested.is_set():
+            return
+        for name in names:
+            view = self.views[name]
+            self.log.warning(
+                "machine-given-up", machine=name,
+                msg=f"✗ nothing left to do but wait for machine {name} ({view.away or view.reach}"
+                "): its tasks are left for the next `up`, which looks at their runs again",
+            )
+        self.abandon.request(f"{', '.join(names)} cannot be reached")
 
     def hold(
         self, name: str, until: float, reason: str, line: str | None = None, *,
@@ -409,9 +555,9 @@ class Machines:
         line that announced it); a machine held already stays held until the later reset."""
         names = [v.name for v in self] if self.config.usage_limit_scope == "fleet" else [name]
         for each in names:
-            self.pool.close(each)
             view = self.views[each]
             view.held_until = max(until, view.held_until or 0.0)
+            self._gate(view)
             if record:
                 self.ledger.hold(each, reason, until, shift=self.shift_id, line=line)
         self.log.info(
@@ -443,13 +589,12 @@ class Machines:
             if view.held_until is not None and view.held_until > until:
                 continue  # held again meanwhile, until later: that hold reopens it
             view.held_until = None
-            if not view.reachable:
-                view.reachable = True
-                self.ledger.machine_event(name, "retrying", shift=self.shift_id)
-            self.pool.reopen(name)
+            self._gate(view)
         self.log.info("machine-resumed", msg=f"▶ new runs on {', '.join(names)} allowed again")
 
     async def aclose(self) -> None:
+        self.closed = True
+        self.tg = None
         for view in self:
             with contextlib.suppress(Exception):
                 await view.host.aclose()

@@ -124,9 +124,21 @@ FIRST = NextStep(None, NEW_SESSION, "first")
 
 @dataclass(frozen=True)
 class MachineLost:
-    """The run's machine stayed unreachable: the run's end is unknown (not a crash)."""
+    """The task's machine cannot be reached (never a crash): no run of it lives there, and it
+    waits for the machine or moves; or its run there is out of reach for this shift."""
 
     reason: str
+
+
+#: How a run's ``note`` starts when its machine's lease watchdog stopped it (``sh/runner.sh``):
+#: its supervisor stopped renewing its lease -- a machine away, a supervisor killed.
+WATCHDOG_NOTE = "stopped by the watchdog"
+
+
+def stopped_by_watchdog(ended: ExitStatus) -> bool:
+    """Whether the run's own watchdog stopped it (its note says so), rather than the agent
+    ending or crashing: not the task's failure, so never counted as a crash."""
+    return any(line.startswith(WATCHDOG_NOTE) for line in ended.reason.splitlines())
 
 
 Decision = policy.Decision | MachineLost
@@ -211,8 +223,21 @@ def judge(
             "run-ended", f"■ run {run} ended with {ended.code} (stopped)",
             {"exit_code": ended.code, "outcome": "stopped", **fields},
         )], going_on)
-    if restart_requested:
+    if stopped_by_watchdog(ended) and not restart_requested:
+        # Its lease was not renewed (its machine was away, its supervisor killed): not the
+        # task's failure; the next run goes on as after an interruption, not counted.
+        step = agents.plan_next(kind, agents.Verdict(agents.Outcome.CRASHED, "interrupted"),
+                                new_milestones=bool(new_milestones), session_id=session_id)
+        _next(status, step)
         decision: Decision = policy.Resume() if new_milestones else policy.Restart(0.0)
+        state = WorkerState.RESUMING if new_milestones else WorkerState.BACKOFF
+        return Verdict("watchdog", decision, state, "stopped by its watchdog", [(
+            "restarting", f"↻ run {run} was stopped by its watchdog ({ended.reason}): the next "
+            "run starts at once, not counted as a crash",
+            {"exit_code": ended.code, "outcome": "watchdog", **fields},
+        )], step)
+    if restart_requested:
+        decision = policy.Resume() if new_milestones else policy.Restart(0.0)
         state = WorkerState.RESUMING if new_milestones else WorkerState.BACKOFF
         step = NextStep(None, NEW_SESSION, "resume" if new_milestones else "auto")
         _next(status, step)

@@ -220,6 +220,13 @@ def needle(name: str, value: str | int | None) -> bytes:
     return f'"{name}":{json.dumps(value, ensure_ascii=False)},'.encode("utf-8", "replace")
 
 
+def event_needle(event: str) -> bytes:
+    """The bytes every record of the supervisor event ``event`` holds (``"event":"NAME"``:
+    the quotes of a ``line`` are escaped, so an agent's text never holds them; a longer event
+    name that begins with ``event`` does: parse what it finds)."""
+    return f'"{EVENT}":{json.dumps(event, ensure_ascii=False)}'.encode("utf-8", "replace")
+
+
 # -- the log's files -------------------------------------------------------------------------
 
 

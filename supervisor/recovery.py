@@ -26,7 +26,6 @@ checks that itself), rather than lingering until their next look.
 from __future__ import annotations
 
 import enum
-import json
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -38,11 +37,19 @@ import anyio
 import structlog
 
 from supervisor.config import FleetConfig
-from supervisor.hosts.base import Host, HostError, HostUnreachable, RunHandle, RunIdentity, Stream
+from supervisor.hosts.base import (
+    STREAMS,
+    Host,
+    HostError,
+    HostUnreachable,
+    RunHandle,
+    RunIdentity,
+    Stream,
+)
 from supervisor.hosts.runfiles import UNSTARTED_AFTER, RunState, RunStatus
 from supervisor.ledger import Ledger, RunRecord
-from supervisor.logs import lines_containing, log_files
 from supervisor.machines import Machines
+from supervisor.records import last_offsets, log_files
 
 #: A wrapper that runs but has not written the agent's pid yet gets this long to do so.
 PID_WAIT = 10.0
@@ -141,7 +148,7 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
             return
         view = fleet.machines.get(machine)
         try:
-            looks.update(await _look_settled(host, group, view is not None and view.local))
+            looks.update(await look_settled(host, group, view is not None and view.local))
         except HostError as exc:
             for run in group:
                 unreachable[run.id] = f"machine {machine} could not be checked: {exc.message}"
@@ -170,7 +177,7 @@ async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
     return Recovery(notes, dict(leases))
 
 
-async def _look_settled(host: Host, runs: list[RunRecord], local: bool) -> dict[int, Look]:
+async def look_settled(host: Host, runs: list[RunRecord], local: bool) -> dict[int, Look]:
     """The runs' looks, once those still starting have had the time to get on.  ``local``:
     the supervisor made their run directories itself, just before it started the wrapper, so
     a run without one never started; elsewhere a start command may still be on its way."""
@@ -260,11 +267,11 @@ async def _settle(fleet: RecoveringFleet, run: RunRecord, look: Look, adopted: s
     if why_stop:
         return await _stop(fleet, run, handle, live, why_stop, label)
     assert adopter is not None
-    adopted.add(run.issue)
-    ledger.run_supervised(run.id, fleet.shift_id)
+    adopted.add(run.issue)  # the adopter records that this shift supervises it
     if live:
         fleet.machines.adopt_lease(run.machine, run.lease_path, run.run_dir)
-    adopter.adopt(Adoption(run, handle, offsets_of(fleet.config.state_path, run), live))
+    offsets = offsets_of(fleet.config.state_path, run, ledger.worker_names(run.issue))
+    adopter.adopt(Adoption(run, handle, offsets, live))
     return f"{'adopted' if live else 'took over the end of'} {label}"
 
 
@@ -351,27 +358,17 @@ async def _unfinished_runs(fleet: RecoveringFleet, machine: str) -> tuple[str, l
     return base, sorted(await view.host.scan(base))
 
 
-def offsets_of(state_path: Path, run: RunRecord) -> dict[Stream, int]:
+def offsets_of(state_path: Path, run: RunRecord, workers: Mapping[str, str]) -> dict[Stream, int]:
     """Where the logs of the shifts that watched ``run`` stopped reading its output: the
-    greatest ``off`` logged per stream (or offsets an adopter logged before dying silent).
-    Output is logged in whole batches, each ending with its ``off``: resuming from it repeats
-    and loses nothing."""
+    greatest offset per stream their logs hold (:func:`supervisor.records.last_offsets`).
+    ``workers`` names the task's worker in each shift (an adopter may have called it
+    otherwise than the shift that started the run).  Output is logged in whole batches, each
+    ending with its ``off``: resuming from there repeats and loses nothing."""
     offsets: dict[Stream, int] = {}
-    needle = f'"task":{run.issue},'.encode()
     for shift in run.supervisors or (run.shift,):
-        shift_dir = state_path / "runs" / shift
-        for _, raw in lines_containing(log_files(shift_dir), [needle]):
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if record.get("task") != run.issue or record.get("run") != run.number:
-                continue
-            stream = record.get("stream")
-            if "off" in record and stream in ("stdout", "stderr"):
-                offsets[stream] = max(offsets.get(stream, 0), int(record["off"]))
-            elif record.get("event") == "adopted" and isinstance(record.get("offsets"), dict):
-                for name, value in record["offsets"].items():
-                    if name in ("stdout", "stderr"):
-                        offsets[name] = max(offsets.get(name, 0), int(value))
+        found = last_offsets(log_files(state_path / "runs" / shift),
+                             workers.get(shift, run.worker), run.number)
+        for stream in STREAMS:
+            if stream in found:
+                offsets[stream] = max(offsets.get(stream, 0), found[stream])
     return offsets

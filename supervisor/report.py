@@ -15,7 +15,7 @@ import contextlib
 import json
 import posixpath
 import re
-from collections import deque
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -28,28 +28,47 @@ from supervisor import sh, spend
 from supervisor.config import FleetConfig
 from supervisor.hosts.base import Host
 from supervisor.ledger import Ledger
-from supervisor.logs import lines_containing, log_files
+from supervisor.records import last_lines, log_files
+from supervisor.rundir import write_text_atomic
 
 TAIL_LINES = 20
+#: The report and its notifications get this long at the end of a shift.
+REPORT_TIMEOUT = 120.0
 COLLECT_CONCURRENCY = 8
 
 
-def output_tails(run_dir: Path, runs: Mapping[str, int]) -> dict[str, list[str]]:
-    """The last lines of output of run ``runs[worker]`` of each worker, from the JSONL."""
-    workers = list(runs)
-    tails: dict[str, deque[str]] = {w: deque(maxlen=TAIL_LINES) for w in workers}
-    needles = [f'"worker":{json.dumps(w)},'.encode() for w in workers]
-    for index, raw in lines_containing(log_files(run_dir), needles):
-        if b'"stream":"fleet"' in raw:
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        worker = workers[index]
-        if record.get("worker") == worker and record.get("run") == runs[worker]:
-            tails[worker].append(str(record.get("line", "")))
-    return {w: list(lines) for w, lines in tails.items()}
+def machine_lines(events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What happened to the machines, from their reachability changes (the ledger's
+    ``machine_events`` of one shift, oldest first): "m1 unreachable since 02:14:05, back at
+    02:31:40", "m1 slow from … to …", "m1 left out: …".  Reconnections that came back before
+    ``unreachable_after`` are not worth a line."""
+    lines: list[str] = []
+    away: dict[str, tuple[str, float]] = {}  # machine -> (unreachable|slow, since)
+    for event in events:
+        name, state, at = str(event["machine"]), str(event["state"]), float(event["at"])
+        if state in ("unreachable", "slow") and name not in away:
+            away[name] = (state, at)
+        elif state == "refused":
+            lines.append(f"{name} left out of the shift: {event.get('detail') or 'refused'}")
+        elif state == "noisy-login":
+            lines.append(f"{name}: {event.get('detail')}")
+        elif state in ("back", "up", "retrying") and name in away:
+            kind, since = away.pop(name)
+            if kind == "unreachable":
+                lines.append(f"{name} unreachable since {_clock(since)}, back at {_clock(at)}")
+            else:
+                lines.append(f"{name} slow from {_clock(since)} to {_clock(at)}")
+        elif state == "unreachable" and away.get(name, ("", 0.0))[0] == "slow":
+            away[name] = (state, away[name][1])
+    for name, (kind, since) in away.items():
+        lines.append(f"{name} {kind} since {_clock(since)}, not back by the shift's end")
+    return lines
+
+
+def _clock(epoch: float) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
 def work_remaining(markdown: str) -> str:
@@ -127,7 +146,7 @@ async def collect(
     crashed = {
         str(w["worker"]): int(w["last_crash_run"]) for w in workers if w.get("last_crash_run")
     }
-    tails = output_tails(run_dir, crashed) if crashed else {}
+    tails = last_lines(log_files(run_dir), crashed, TAIL_LINES) if crashed else {}
     limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
     tasks = [dict(w) for w in workers]
     for row in tasks:
@@ -174,6 +193,7 @@ async def collect(
     }
     report = {
         "not_in_config": summary.get("not_in_config", []),
+        "machines": machine_lines(summary.get("machine_events", [])),
         "fleet": summary.get("fleet"),
         "name": summary.get("name"),
         "started_at": summary.get("started_at"),
@@ -213,6 +233,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("left"):
         left = ", ".join(f"#{n}" for n in report["left"])
         lines.append(f"- left unfinished: {left}")
+    lines += [f"- machine {line}" for line in report.get("machines", [])]
     totals = report["totals"]
     lines.append("- totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()
                                           if not k.endswith(("_usd", "_tokens", "turns"))))
@@ -254,10 +275,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.json`` into the run directory."""
+    """Write ``report.md`` and ``report.json`` into the run directory (each whole or not at
+    all: a full disk raises, and leaves no half report)."""
     md, js = run_dir / "report.md", run_dir / "report.json"
-    md.write_text(render_markdown(report), encoding="utf-8")
-    js.write_text(_json_text(report), encoding="utf-8")
+    write_text_atomic(md, render_markdown(report))
+    write_text_atomic(js, _json_text(report))
     return md, js
 
 
@@ -316,12 +338,48 @@ async def write_and_notify(
     *,
     default_branch: Mapping[str, str],
 ) -> None:
-    """Write a shift's morning report and run the notification hooks; every failure is a
-    line in the log, never the shift's exit code."""
+    """Write a shift's morning report and run the notification hooks, within
+    :data:`REPORT_TIMEOUT`; every failure is a line in the log, never the shift's exit code.
+    A Ctrl-C or SIGTERM meanwhile skips what is left of them, and only that: the fleet still
+    ends in order (``agentize-fleet report`` writes the report later)."""
+    with (
+        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        anyio.move_on_after(REPORT_TIMEOUT, shield=True) as scope,
+    ):
+
+        async def skip_on_signal() -> None:
+            async for signum in signals:
+                log.info(
+                    "report-skipped",
+                    msg=f"{signal.Signals(signum).name}: report and notifications skipped "
+                    f"(`agentize-fleet report --shift {shift_dir.name}` writes the report)",
+                )
+                scope.cancel()
+                return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(skip_on_signal)
+            await _write_and_notify(summary, shift_dir, hosts, config, log, default_branch)
+            tg.cancel_scope.cancel()
+
+
+async def _write_and_notify(
+    summary: dict[str, Any],
+    shift_dir: Path,
+    hosts: Mapping[str, Host],
+    config: FleetConfig,
+    log: structlog.typing.FilteringBoundLogger,
+    default_branch: Mapping[str, str],
+) -> None:
     try:
         data = await collect(summary, shift_dir, hosts, milestone_globs=config.milestone_globs,
                              default_branch=default_branch)
         _, report_json = write_report(shift_dir, data)
+    except OSError as exc:  # a full disk, a directory that refuses
+        log.warning("report-failed", msg=f"✗ cannot write the report in {shift_dir}: "
+                    f"{exc.strerror or exc}; `agentize-fleet report --shift {shift_dir.name}` "
+                    "writes it later", error=str(exc))
+        return
     except Exception as exc:  # the report must never cost the summary or the exit code
         log.warning("report-failed", msg=f"could not write the report: {exc!r}")
         return
@@ -332,6 +390,16 @@ async def write_and_notify(
             log.warning("notify-failed", msg=f"notification failed: {problem}")
         if not problems:
             log.info("notified", msg="notifications sent")
+
+
+def dead_shift_summary(
+    ledger: Ledger, shift_id: str, shift_dir: Path, *, found_by: str, notes: list[str]
+) -> dict[str, Any]:
+    """The ``summary.json`` of a shift whose ``up`` died, written by the shift that found it:
+    what the ledger says of it, and what the finder did with the runs it left."""
+    summary = summary_from_ledger(ledger, shift_id, None) or {"fleet": shift_id}
+    return {**summary, "run_dir": str(shift_dir), "ended_at": None, "exit_code": None,
+            "exit_meaning": f"supervisor died; found by fleet {found_by}", "orphans": notes}
 
 
 def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
@@ -375,6 +443,7 @@ def summary_from_ledger(
         "exit_code": record.exit_code,
         "exit_meaning": record.exit_meaning or ("still running" if running else "supervisor died"),
         "workers": workers_of(ledger, shift),
+        "machine_events": ledger.machine_events(shift=shift),
         "runs": spend.run_rows(ledger, shift),
         "holds": ledger.holds(shift=shift),
     }

@@ -194,13 +194,25 @@ def prepare_socket_dir(state_dir: Path) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON so that a reader sees the old file or the new one, never half."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never half; on an
+    error (a full disk, a directory that refuses) the file is left as it was and the error
+    raised, with no temporary file left behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON, atomically (:func:`write_text_atomic`)."""
     text = json.dumps(data, default=str, separators=(",", ":"))  # the C encoder: fast
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, text + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -164,24 +164,35 @@ class StartGate:
 
 
 class StartsGate:
-    """Whether new runs may start: open, paused (``pause``/``resume``), or closed for good.
+    """Whether new runs may start: open, paused (``pause``/``resume``), held, or closed for good.
 
-    Closed for good is the soft deadline: no new run starts any more (milestone resumes
-    included) and whoever waits is told so, so that the fleet can end.
+    A *hold* is the fleet's own pause for as long as a fault lasts (the log or the ledger
+    cannot be written: a run started then could not be recorded); each has a key, so that two
+    faults overlapping release the gate only when both are over.  Closed for good is the soft
+    deadline: no new run starts any more (milestone resumes included) and whoever waits is told
+    so, so that the fleet can end.
     """
 
     def __init__(self) -> None:
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None
         self.paused = False
         self.closed_reason = ""
+        #: Holds in force: key -> why, for ``status`` and the log.
+        self.holds: dict[str, str] = {}
 
     @property
     def closed(self) -> bool:
         return bool(self.closed_reason)
 
+    @property
+    def open(self) -> bool:
+        """Whether a new run may start now."""
+        return not self.paused and not self.holds and not self.closed
+
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def pause(self) -> None:
         self.paused = True
@@ -190,6 +201,19 @@ class StartsGate:
     def resume(self) -> None:
         self.paused = False
         self._notify()
+
+    def hold(self, key: str, why: str) -> bool:
+        """Hold new runs for ``key``'s reason; True if that hold is new."""
+        new = key not in self.holds
+        self.holds[key] = why
+        self._notify()
+        return new
+
+    def release(self, key: str) -> bool:
+        """End ``key``'s hold; True if it was held."""
+        held = self.holds.pop(key, None) is not None
+        self._notify()
+        return held
 
     def close(self, reason: str) -> None:
         self.closed_reason = reason
@@ -200,8 +224,10 @@ class StartsGate:
         while True:
             if self.closed:
                 return False
-            if not self.paused:
+            if self.open:
                 return True
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
 
@@ -265,10 +291,10 @@ class Slot:
         this when new runs will never be allowed again (the soft deadline)."""
         while await self._starts.wait():
             machine = await self._pool.acquire(pin)
-            if not self._starts.paused and not self._starts.closed:
+            if self._starts.open:
                 self.machine = machine
                 return
-            self._pool.release(machine)  # paused or closed while we queued for the slot
+            self._pool.release(machine)  # paused, held or closed while we queued for it
 
     def release(self) -> None:
         if self.machine is not None:

@@ -63,6 +63,7 @@ from supervisor.durations import parse_duration
 from supervisor.exitcodes import EXIT_NOTHING, EXIT_OK, EXIT_USAGE
 from supervisor.ledger import Ledger
 from supervisor.logs import ConsoleRenderer, rotated_segments, use_colour, utc_timestamp
+from supervisor.records import event_needle, lines_containing, needle, parse
 from supervisor.rundir import UnknownShift, find_shift
 
 PROG = "agentize-fleet"
@@ -76,7 +77,7 @@ BLOCK = 1 << 20
 POLL_INTERVAL = 0.1
 SUMMARY_GRACE = 2.0
 LIVENESS_INTERVAL = 1.0
-ENDED_MARK = b"fleet-ended"
+ENDED_MARK = event_needle("fleet-ended")
 STREAMS = ("stdout", "stderr", "fleet")
 
 
@@ -189,54 +190,29 @@ class RecordFilter:
         )
 
 
-def _needles(values: frozenset[str] | None) -> tuple[bytes, ...] | None:
-    """The JSON strings one of which a line must contain for its field to be one of ``values``.
-
-    Only for plain printable ASCII values, which every JSON encoder writes verbatim.
-    """
-    if values is None:
-        return None
-    needles = []
-    for value in values:
-        if not value.isascii() or not value.isprintable() or '"' in value or "\\" in value:
-            return None
-        needles.append(json.dumps(value).encode())
-    return tuple(needles)
-
-
 @dataclass(frozen=True)
 class RawPrefilter:
     """Cheap tests on raw JSONL that every line a :class:`RecordFilter` accepts passes.
 
     Most lines of other tasks, workers, machines or streams are skipped without being parsed
     (a block without any of the wanted values at all is skipped whole); the lines that pass are
-    still parsed and checked.
+    still parsed and checked.  The needles are the schema's (:func:`supervisor.records.needle`).
     """
 
     needle_sets: tuple[tuple[bytes, ...], ...]
-    task: re.Pattern[bytes] | None
 
     @classmethod
     def of(cls, record_filter: RecordFilter) -> RawPrefilter | None:
-        sets = []
-        for values in (record_filter.workers, record_filter.machines, record_filter.streams):
-            needles = _needles(values)
-            if needles is not None:
-                sets.append(needles)
-        task = None
-        if record_filter.tasks is not None:
-            numbers = b"|".join(str(n).encode() for n in sorted(record_filter.tasks))
-            task = re.compile(rb'"task"\s*:\s*(?:' + numbers + rb")(?![0-9.eE])")
-        if not sets and task is None:
-            return None
-        return cls(tuple(sets), task)
+        wanted: list[tuple[str, Iterable[str | int] | None]] = [
+            ("worker", record_filter.workers), ("machine", record_filter.machines),
+            ("stream", record_filter.streams), ("task", record_filter.tasks),
+        ]
+        sets = [tuple(needle(name, v) for v in values) for name, values in wanted if values]
+        return cls(tuple(sets)) if sets else None
 
     def __call__(self, data: bytes) -> bool:
         """False if no line of ``data`` (a line, or a block of lines) can match."""
-        for needles in self.needle_sets:
-            if not any(needle in data for needle in needles):
-                return False
-        return self.task is None or self.task.search(data) is not None
+        return all(any(n in data for n in needles) for needles in self.needle_sets)
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
@@ -725,21 +701,13 @@ def _log_files(run_dir: Path) -> list[Path]:
     return [path for _, path in segments(run_dir)] + [run_dir / LOG_NAME]
 
 
-def _in_log(run_dir: Path, pattern: re.Pattern[bytes]) -> bool:
-    """Whether any record of the shift's log matches ``pattern`` (read block by block)."""
-    overlap = 256
-    for path in _log_files(run_dir):
-        try:
-            with open(path, "rb") as handle:
-                tail = b""
-                while block := handle.read(BLOCK):
-                    if pattern.search(tail + block):
-                        return True
-                    tail = block[-overlap:]
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise LogsError(f"cannot read {path}: {exc.strerror}") from None
+def _in_log(run_dir: Path, field: str, value: str | int) -> bool:
+    """Whether a record of the shift's log has ``value`` in ``field`` (the schema's needle,
+    then the record parsed)."""
+    for _, raw in lines_containing(_log_files(run_dir), [needle(field, value)]):
+        record = parse(raw)
+        if record is not None and getattr(record, field) == value:
+            return True
     return False
 
 
@@ -751,10 +719,7 @@ def _unknown(
     for value in wanted:
         if value in known:
             continue
-        needle = json.dumps(value).encode() if quoted else value.encode()
-        end = b"" if quoted else rb"(?![0-9.eE])"
-        pattern = re.compile(rb'"' + field.encode() + rb'"\s*:\s*' + re.escape(needle) + end)
-        if not _in_log(run_dir, pattern):
+        if not _in_log(run_dir, field, value if quoted else int(value)):
             missing.append(value)
     return missing
 

@@ -25,7 +25,7 @@ import anyio
 from supervisor import policy
 from supervisor.agents import NextStep
 from supervisor.config import TaskConfig
-from supervisor.hosts.base import ExitStatus, HostError, HostUnreachable, RunHandle
+from supervisor.hosts.base import HostError, HostUnreachable, RunHandle
 from supervisor.ledger import TaskRecord
 from supervisor.lifecycle import WorkerState
 from supervisor.outcome import FIRST, Decision, MachineLost, WorkerStatus, usage_wait_too_long
@@ -117,8 +117,12 @@ class Worker(RunDriver):
 
     async def stop_run(self, handle: RunHandle) -> None:
         """Stop one run (``restart``, a stall): the same stop as the fleet's, on this run
-        alone."""
-        await handle.stop(self.fleet.config.stop_timeout)
+        alone; a run whose machine cannot be reached now is left as it is."""
+        try:
+            await handle.stop(self.fleet.config.stop_timeout)
+        except HostUnreachable as exc:
+            self._restart_requested, self._stalled = False, ""
+            self.log("stop-unreachable", f"✗ cannot stop run {self.status.run} now: {exc}")
 
     def stall(self, quiet: float) -> RunHandle | None:
         """The stall watchdog found the run silent for ``quiet`` seconds: mark it stalled and
@@ -196,19 +200,37 @@ class Worker(RunDriver):
                     # in its slot waits for it like any new run.
                     self.slot.release()
                 if not self.slot.held and not await self._get_slot():
-                    self._set(WorkerState.STOPPED, self._stop_reason())
+                    self._not_started()
                     return
                 decision = await self._attempt()
             going_on, decision = await self._follow(decision), None
 
+    def _not_started(self) -> None:
+        """No run could start: stopped (or new runs closed), or its machine given up."""
+        if self.fleet.given_up.requested.is_set() and not self.fleet.stop.requested.is_set():
+            self._set(WorkerState.LOST, self._stop_reason())
+        else:
+            self._set(WorkerState.STOPPED, self._stop_reason())
+
     def _pin(self) -> str | None:
-        """Where the next run must go: its worktree's machine (while that machine can take
-        runs; else it starts over elsewhere), or the task's own pin."""
+        """Where the next run must go: its worktree's machine, or the task's own pin.  It
+        starts over elsewhere, in a fresh worktree, when that machine cannot take runs in this
+        shift -- or (``requeue_lost``, no pin) cannot be reached now: no run of the task lives
+        there (this is asked between runs only)."""
         s = self.status
         if s.workspace is not None and s.machine is not None:
-            if self.fleet.pool.capacity.get(s.machine):
+            pool = self.fleet.pool
+            away = self.fleet.machine_away(s.machine)
+            moves = bool(away) and self.fleet.config.requeue_lost and self.task.machine is None
+            if moves and not any(cap for m, cap in pool.capacity.items() if m != s.machine):
+                moves = False  # nowhere else to go: it waits
+            if pool.capacity.get(s.machine) and not moves:
                 return s.machine
+            if moves:
+                self.log("requeued", f"↪ {away}: the task starts over on another machine",
+                         machine=s.machine)
             s.workspace = None
+            self._prepared = False
             self._plan(FIRST)  # its agent session stays in that worktree
         return self.task.machine
 
@@ -219,19 +241,23 @@ class Worker(RunDriver):
         """A slot for the next run; False if none will come (stopped, soft deadline)."""
         pin = self._pin()
         pool = self.fleet.pool
-        if self.status.run and pool.would_wait(pin) and not self.fleet.starts.paused:
+        away = self.fleet.machine_away(pin) if pin else ""
+        if away:
+            self.log("waiting-machine", f"⋯ waiting for {pin} ({away})", machine=pin)
+        elif self.status.run and pool.would_wait(pin) and not self.fleet.starts.paused:
             where = f" on {pin}" if pin else ""
             self.log("waiting", f"⋯ waiting for a slot{where} ({pool.total} of "
                      f"{pool.total_cap} running)")
-        if not await self._unless_stopped(lambda: self.slot.acquire(pin)) or not self.slot.held:
+        waiting = lambda: self.slot.acquire(pin)  # noqa: E731
+        if not await self._unless_stopped(waiting, pin or "*") or not self.slot.held:
             return False
         self.status.machine = self.slot.machine
         return True
 
     async def _attempt(self) -> Decision:
-        """Prepare the worktree if needed and make one run; a lost link is the machine's
-        trouble, not the task's: a crash with backoff (within the intensity limit), never an
-        instant failure, and the machine takes no new runs for a while."""
+        """Prepare the worktree if needed and make one run.  A machine that cannot be reached
+        (or does not answer in time) before the run starts is the machine's trouble, not the
+        task's: never a crash; the task waits for the machine or moves (``_elsewhere``)."""
         machine = self.slot.machine
         assert machine is not None
         self.status.machine = machine
@@ -241,8 +267,8 @@ class Worker(RunDriver):
                 await self._prepare(machine)  # once a shift: a worktree removed by hand returns
             return await self._one_run(host)
         except HostUnreachable as exc:
-            self.fleet.machine_lost(machine)
-            return self._ended(ExitStatus(None, lost=True, reason=str(exc)), [])
+            self._agent = None
+            return MachineLost(str(exc))
 
     async def _follow(self, decision: Decision) -> bool:
         """Do what the decision says until the next run may start (True), or the task has ended
@@ -305,24 +331,13 @@ class Worker(RunDriver):
         return True
 
     async def _elsewhere(self, lost: MachineLost) -> bool:
-        """The machine stayed unreachable: the task is lost, or (``requeue_lost``) starts over
-        on another machine, in a fresh worktree with the first prompt."""
-        lost_on = self.slot.machine or self.status.machine or "?"
-        self.fleet.machine_lost(lost_on)
-        if not self.fleet.config.requeue_lost or self.fleet.stop.requested.is_set():
+        """Its machine cannot be reached, and no run of the task lives there (none started,
+        or the last one's end was read): not a crash.  The slot goes to others meanwhile; the
+        task waits for the machine or moves (:meth:`_pin` says which).  A task whose run is out
+        of reach is lost already."""
+        if self.status.state.final or self.fleet.stop.requested.is_set():
             return False
-        self._set(WorkerState.PENDING, save=False)
-        self.status.ended_at = None
         self.slot.release()
-        self.status.workspace = self.status.machine = None
-        self._prepared = False
-        self._plan(FIRST)
-        if not await self._get_slot():
-            self._set(WorkerState.STOPPED, self._stop_reason())
-            return False
-        self.persist()
-        self.log("requeued", f"↪ requeued from {lost_on} to {self.slot.machine}",
-                 machine=self.slot.machine)
         return True
 
     async def _wait_until(self, at: float, *, closable: bool = False) -> bool:

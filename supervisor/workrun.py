@@ -18,7 +18,7 @@ import posixpath
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import structlog
@@ -32,22 +32,23 @@ from supervisor.hosts.base import (
     Host,
     HostError,
     HostUnreachable,
-    Reach,
     RunHandle,
+    RunIdentity,
     RunSpec,
     Stream,
-    wait_while_reachable,
 )
-from supervisor.ledger import Ledger, RunRecord, TaskRecord
+from supervisor.ledger import Ledger, LedgerUnwritable, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
 from supervisor.limits import LimitDetector
 from supervisor.lines import pump_output
 from supervisor.logs import LogMux, Tag
 from supervisor.outcome import Decision, WorkerStatus, judge
-from supervisor.recovery import Adoption
+from supervisor.recovery import Adoption, Seen, look_settled
 from supervisor.runio import render
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.workspace import Clone, ensure_worktree, worktree_name
+
+_T = TypeVar("_T")
 
 
 class FleetServices(Protocol):
@@ -75,7 +76,13 @@ class FleetServices(Protocol):
 
     def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None: ...
 
-    def machine_lost(self, machine: str) -> None: ...
+    #: Requested when the fleet stops waiting for the machines that cannot be reached.
+    @property
+    def given_up(self) -> StopControl: ...
+
+    async def machine_up(self, machine: str) -> bool: ...
+
+    def machine_away(self, machine: str) -> str: ...
 
     def adopted_run_ended(self, machine: str, lease: str | None) -> None: ...
 
@@ -103,6 +110,10 @@ class RunDriver:
         self._current: RunHandle | None = None
         self._run: RunRecord | None = None
         self._prepared = False
+        #: The machine this worker waits for (``*``: any), for the fleet to tell when nothing
+        #: is left but waiting for machines that cannot be reached.
+        self.waiting_for: str | None = None
+        self._run_wait: anyio.CancelScope | None = None
 
     # helpers the worker shares -------------------------------------------------------------
 
@@ -139,17 +150,41 @@ class RunDriver:
         if save:
             self.persist()
 
-    async def _unless_stopped(self, wait: Callable[[], Awaitable[object]]) -> bool:
-        """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first."""
+    async def _unless_stopped(
+        self, wait: Callable[[], Awaitable[object]], waiting_for: str | None = None
+    ) -> bool:
+        """Run ``wait``; return False (cancelling it) if the fleet is asked to stop first --
+        or, when it waits for a machine (``waiting_for``), gives up on unreachable ones."""
         with anyio.CancelScope() as scope, self.fleet.stop.on_request(scope.cancel):
-            await wait()
-            return True
+            if waiting_for is None:
+                await wait()
+                return True
+            self.waiting_for = waiting_for
+            try:
+                with self.fleet.given_up.on_request(scope.cancel):
+                    await wait()
+                    return True
+            finally:
+                self.waiting_for = None
         return False
 
     def _stop_reason(self) -> str:
         if self.fleet.stop.requested.is_set():
             return self.fleet.stop.reason
+        if self.fleet.given_up.requested.is_set():
+            return f"gave up waiting: {self.fleet.given_up.reason}"
         return self.fleet.starts.closed_reason or "stopped"
+
+    async def _committed(self, write: Callable[[], _T]) -> _T | None:
+        """``write`` a transition that an act waits for (the act happens only once it is
+        committed): while the ledger cannot be written, wait and try again.  None if the fleet
+        stops first."""
+        while True:
+            try:
+                return write()
+            except LedgerUnwritable:
+                if not await self._unless_stopped(self.fleet.ledger.writable):
+                    return None
 
     # one run -------------------------------------------------------------------------------
 
@@ -211,7 +246,11 @@ class RunDriver:
         staggered = fleet.gate.interval > 0  # else no wait, and no watcher task for it
         if staggered and not await self._unless_stopped(fleet.gate.wait_turn):
             return policy.Finish()  # stopped before it started: `_follow` sees the stop
-        if fleet.stop.requested.is_set():
+        # New runs may be held (``pause``; the log or the ledger cannot be written).
+        if not await self._unless_stopped(fleet.starts.wait) or fleet.stop.requested.is_set():
+            return policy.Finish()  # stopped before it started: `_follow` sees the stop
+        if fleet.starts.closed:
+            self._set(WorkerState.STOPPED, self._stop_reason())
             return policy.Finish()
         root = await fleet.run_root(machine)
         lease = await fleet.lease_path(machine)
@@ -220,14 +259,16 @@ class RunDriver:
             git_dir=self._git_dir or posixpath.dirname(posixpath.dirname(workspace)),
         )
         # Written before the host is asked: a supervisor killed during the start leaves the
-        # next one an intent to look for, never a run nobody knows of.
-        run = fleet.ledger.run_intent(
+        # next one an intent to look for, never a run nobody knows of.  No intent, no start.
+        run = await self._committed(lambda: fleet.ledger.run_intent(
             self.record(), shift=fleet.shift_id, worker=self.name, machine=machine,
             workspace=workspace, run_dir_of=lambda n: posixpath.join(root, self.name, f"run-{n}"),
             lease_path=lease, prompt_kind=kind, milestones_before=sorted(before),
             agent_kind=self.kind.name, session_id=launch.session_id,
             resumed_from=session.resume,
-        )
+        ))
+        if run is None:
+            return policy.Finish()  # stopped while the ledger could not be written
         self._run = run
         self.status.run = run.number
         env = {
@@ -248,12 +289,16 @@ class RunDriver:
                                      self._session_told)
         try:
             handle = await host.start(spec)
+        except HostUnreachable as exc:
+            # Its answer was lost with the machine: the run may live there.  It stays this
+            # worker's (its slot counts) until its run directory says whether it started.
+            found = await self._unconfirmed(host, run, exc)
+            if not isinstance(found, RunHandle):
+                return found
+            handle = found
         except HostError as exc:
-            unsure = isinstance(exc, HostUnreachable)
-            fleet.ledger.run_ended(
-                run.id, state="ended" if unsure else "abandoned", lost=unsure,
-                reason=f"start {'not confirmed' if unsure else 'failed'}: {exc.message}",
-            )
+            fleet.ledger.run_ended(run.id, state="abandoned",
+                                   reason=f"start failed: {exc.message}")
             self._run = self._agent = None  # nothing ran: no session to go on with
             raise
         fleet.ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
@@ -301,6 +346,45 @@ class RunDriver:
                 return policy.Finish()
         return None
 
+    async def _unconfirmed(
+        self, host: Host, run: RunRecord, error: HostUnreachable
+    ) -> RunHandle | Decision:
+        """A start whose answer was lost with its machine: once the machine answers again,
+        its run directory says whether the run started (its handle, to follow as if the start
+        had answered) or not (abandoned: a new run starts, no crash).  While the machine is
+        away the run may live: nothing else starts in its slot, and if the fleet gives up on
+        the machine the intent stays open for the next ``up`` to look at."""
+        machine = run.machine
+        self.log("start-unconfirmed", f"⋯ run {run.number}: its start could not be confirmed "
+                 f"({error.message}); looking at its run directory once {machine} answers")
+        while await self._unless_stopped(lambda: self.fleet.machine_up(machine), machine):
+            try:
+                look = (await look_settled(host, [run], local=False))[run.id]
+                if look.seen is Seen.STARTED:
+                    assert look.pid is not None and look.ticks is not None
+                    handle = await host.attach(RunIdentity(machine, run.run_dir, look.pid,
+                                                           look.ticks))
+                    if handle is not None:
+                        return handle
+            except HostUnreachable:
+                continue  # away again: wait for it again
+            if look.seen is Seen.NO_AGENT:
+                return self._ended(ExitStatus(look.code, reason="the run did not start"), [])
+            self.fleet.ledger.run_ended(run.id, state="abandoned",
+                                        reason="never started (its start was not confirmed)")
+            self._run = self._agent = None
+            return policy.Restart(0.0)
+        away = self.fleet.machine_away(machine) or machine
+        return self._out_of_reach(f"{away}: run {run.number} may have started there")
+
+    def _out_of_reach(self, why: str) -> Decision:
+        """The run cannot be followed in this shift: it stays open in the ledger for the next
+        ``up`` to find by its run directory; the task is lost (stopped, if the fleet stops)."""
+        self._run = None
+        stopping = self.fleet.stop.requested.is_set()
+        return self._ended(ExitStatus(None, lost=True, reason=why), [],
+                           lost="" if stopping else why)
+
     def _running(self, handle: RunHandle) -> None:
         self._current = handle
         self.status.pid = handle.identity.pid
@@ -323,6 +407,9 @@ class RunDriver:
         self._agent = agentrun.adopted(run, self.fleet.config.agent.kind,
                                        self.fleet.limit_detector(run.machine), self._session_told)
         self._set(WorkerState.PREPARING)
+        # Its output is logged here only once the ledger names this shift among the run's
+        # supervisors: a later adopter resumes from the logs of the shifts named there.
+        await self._committed(lambda: self.fleet.ledger.run_supervised(run.id, self.fleet.shift_id))
         self._running(handle)
         where = ", ".join(f"{k} @{v}" for k, v in adoption.offsets.items()) or "the start"
         what = "adopted" if adoption.live else "took over the end of"
@@ -344,26 +431,30 @@ class RunDriver:
     async def _finish_run(
         self, host: Host, handle: RunHandle, before: set[str], offsets: Mapping[Stream, int]
     ) -> Decision:
-        assert self.status.workspace is not None
+        workspace = self.status.workspace
+        assert workspace is not None
         status = await self._follow_output(handle, offsets)
         self._current = None
         self.status.pid = None
+        if status is None:  # its machine is away and the fleet stopped waiting for it
+            away = self.fleet.machine_away(host.name) or host.name
+            return self._out_of_reach(f"{away}: run {self.status.run} is out of reach")
         self.status.last_exit = status.code
-        if status.lost and await self._machine_unreachable(host):
-            return self._ended(status, [], lost=status.reason or f"{host.name} unreachable")
-        after = await host.glob(self.status.workspace, self._globs())
+        after = set(before)  # its milestones, once the machine answers (if it goes away now)
+        while True:
+            try:
+                after = await host.glob(workspace, self._globs())
+                break
+            except HostUnreachable:
+                if not await self._unless_stopped(lambda: self.fleet.machine_up(host.name),
+                                                  host.name):
+                    break
+                await anyio.sleep(1.0)  # (a host that does not say it is away: not too often)
         return self._ended(status, sorted(after - before))
 
-    async def _machine_unreachable(self, host: Host) -> bool:
-        try:
-            await host.run(["true"], timeout=30.0)
-        except HostUnreachable:
-            return True
-        except HostError:
-            return False
-        return False
-
-    async def _follow_output(self, handle: RunHandle, offsets: Mapping[Stream, int]) -> ExitStatus:
+    async def _follow_output(
+        self, handle: RunHandle, offsets: Mapping[Stream, int]
+    ) -> ExitStatus | None:
         """Pump the run's output into the log until it ends; stop it if the fleet stops."""
 
         async def pump() -> None:
@@ -376,31 +467,54 @@ class RunDriver:
                 pause=lambda: self._unless_stopped(mux.writable),
             )
 
+        status: ExitStatus | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump)
             with self.fleet.stop.on_request(lambda: tg.start_soon(self._stop_run, handle)):
-                # The host no longer gives a run up while its machine is away; until the fleet
-                # decides that for itself (issue 16's fleet side), it stops waiting once the
-                # machine is unreachable, as before -- never for a slow one.
-                status = await wait_while_reachable(handle)
-                reach = handle.reachability
-                if reach is not None and reach.state is Reach.UNREACHABLE:
-                    tg.cancel_scope.cancel()  # its output cannot be read on from here now
+                status = await self._run_end(handle)
+                if status is None:
+                    tg.cancel_scope.cancel()  # its output waits in its files, for the next up
         return status
 
+    async def _run_end(self, handle: RunHandle) -> ExitStatus | None:
+        """The run's end, however long its machine is away (its host finds the run again by
+        its run directory once the machine is back); None when the fleet gives up on the
+        machine, or stops while the run cannot be reached."""
+        with (
+            anyio.CancelScope() as self._run_wait,
+            self.fleet.given_up.on_request(self._run_wait.cancel),
+        ):
+            self.waiting_for = handle.identity.host
+            try:
+                return await handle.wait()
+            finally:
+                self.waiting_for = None
+        return None
+
+    def _give_up_run(self) -> None:
+        if self._run_wait is not None:
+            self._run_wait.cancel()
+
     async def _stop_run(self, handle: RunHandle) -> None:
-        """The fleet stops: this run too, SIGTERM first (its task starts on the request)."""
+        """The fleet stops: this run too, SIGTERM first (its task starts on the request).  A
+        run whose machine cannot be reached is left to its watchdog (its lease is not renewed
+        any more) and to the next ``up``."""
         stop = self.fleet.stop
         self._set(WorkerState.STOPPING)
         timeout = self.fleet.config.stop_timeout
         self.log("stopping", f"■ stopping: SIGTERM to the run's process group ({timeout:g}s)")
-        await handle.stop(
-            timeout,
-            sooner=stop.forced,
-            before_kill=lambda: self.log(
-                "killing", "■ SIGKILL to what is left of the run's process tree"
-            ),
-        )
+        try:
+            await handle.stop(
+                timeout,
+                sooner=stop.forced,
+                before_kill=lambda: self.log(
+                    "killing", "■ SIGKILL to what is left of the run's process tree"
+                ),
+            )
+        except HostUnreachable as exc:
+            self.log("stop-unreachable", f"■ cannot stop run {self.status.run} now ({exc}): "
+                     "its watchdog stops it once its lease runs out")
+            self._give_up_run()
 
     # the end of a run ---------------------------------------------------------------------
 

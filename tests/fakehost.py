@@ -10,11 +10,16 @@ test asserts: every start, and the most runs alive at once.
 Its helper commands do nothing and succeed (``git``, ``mkdir``, the claim); what recovery asks
 of run directories it answers through ``probe`` and ``scan``, as the hosts do.  The end-to-end
 tests stay on the real hosts; this is for the core's logic, in seconds.
+
+A machine that goes away (``Script.away``) behaves as the SSH host does: it reports each change
+of its reachability (``unreachable``, then ``back`` and ``up``) to ``on_reachability``'s
+callbacks, refuses commands meanwhile, and a run's ``wait`` never gives the run up: it returns
+the run's real end once the machine is back.
 """
 
 from __future__ import annotations
 
-import enum
+import asyncio
 import fnmatch
 import itertools
 import math
@@ -37,31 +42,15 @@ from supervisor.hosts.base import (
     ExitStatus,
     Host,
     HostUnreachable,
+    Reach,
+    ReachChange,
     RunHandle,
     RunIdentity,
     RunSpec,
     Stream,
     TreeStats,
 )
-
-
-class FakeState(enum.Enum):
-    """The hosts' run states (``hosts/runfiles.RunState``) that the fake shows."""
-
-    GONE = "gone"
-    RUNNING = "running"
-    EXITED = "exited"
-    LOST = "lost"
-
-
-@dataclass(frozen=True)
-class FakeStatus:
-    """A run's status as ``probe`` gives it (``hosts/runfiles.RunStatus``)."""
-
-    state: FakeState
-    code: int | None = None
-    pid: int | None = None
-    start_ticks: int | None = None
+from supervisor.hosts.runfiles import RunState, RunStatus
 
 
 @dataclass(frozen=True)
@@ -74,8 +63,15 @@ class Script:
     duration: float = 0.02
     milestone: bool = False
     hang: bool = False
-    #: The link is lost at its end: ``wait`` says lost; the host is unreachable for that long.
-    lost_for: float | None = None
+    #: (after, for): this long into the run its machine goes away, for that long (inf: for
+    #: good); the run goes on there, its end is read once the machine is back.
+    away: tuple[float, float] | None = None
+    #: It ends stopped by its watchdog (its lease was not renewed while its machine was away).
+    watchdog: bool = False
+    #: Its start's answer is lost: the run starts, the machine goes away for this long and
+    #: ``start`` raises; (with ``started=False`` the start never reached the machine).
+    unanswered: float | None = None
+    started: bool = True
     #: A usage limit announced as its last line, resetting this many seconds on.
     limit_in: float | None = None
 
@@ -125,9 +121,9 @@ class FakeRun(RunHandle):
         script = self.script
         if self._signal_code is not None:
             self._status = ExitStatus(self._signal_code)
-        elif script.lost_for is not None:
-            self.host.unreachable_until = time.time() + script.lost_for
-            self._status = ExitStatus(None, lost=True, reason="link lost")
+        elif script.watchdog:
+            self._status = ExitStatus(143, reason="stopped by the watchdog: lease not renewed "
+                                                  "for 2s")
         else:
             if script.milestone:
                 issue = self.started.issue
@@ -150,7 +146,9 @@ class FakeRun(RunHandle):
             else:
                 with anyio.move_on_after(max(0.0, self.end_at - time.time())):
                     await self._signalled.wait()
-        return self._finish()
+        status = self._finish()
+        await self.host.until_up()  # its end is read only once its machine answers again
+        return status
 
     async def output(self, offsets: Mapping[Stream, int] | None = None) -> AsyncIterator[Chunk]:
         start = dict(offsets or {})
@@ -161,6 +159,7 @@ class FakeRun(RunHandle):
         await self._ended.wait()
 
     async def signal(self, signum: int) -> None:
+        self.host._reachable()
         if self._status is None and self._signal_code is None:
             self._signal_code = 128 + signum
             self._signalled.set()
@@ -193,8 +192,13 @@ class FakeHost(Host):
         self.peak = 0
         self.files: set[str] = set()
         self.leases: list[str] = []
-        self.unreachable_until = 0.0
+        #: Every start asked for, by task (its run numbers), started or not.
+        self.attempts: dict[int, list[int]] = {}
         self.commands: list[list[str]] = []
+        #: Reported as ``hosts/reach.Reachability`` would; the fleet hears it.
+        self.reach = Reach.UP
+        self._callbacks: list[Callable[[ReachChange], None]] = []
+        self._back: anyio.Event | None = None
 
     # what a test asserts ----------------------------------------------------------------
 
@@ -211,8 +215,38 @@ class FakeHost(Host):
 
     # the Host interface ---------------------------------------------------------------------
 
+    # reachability -------------------------------------------------------------------------
+
+    def on_reachability(self, callback: Callable[[ReachChange], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _report(self, state: Reach, detail: str = "") -> None:
+        change = ReachChange(self.name, state, self.reach, time.time(), detail)
+        self.reach = state
+        for callback in list(self._callbacks):
+            callback(change)
+
+    def go_away(self, seconds: float) -> None:
+        """The machine stops answering now, for ``seconds`` (inf: for good)."""
+        self._report(Reach.UNREACHABLE, "link lost (fake)")
+        if math.isfinite(seconds):
+            asyncio.get_running_loop().call_later(seconds, self._come_back)
+
+    def _come_back(self) -> None:
+        self._report(Reach.BACK)
+        self._report(Reach.UP)
+        if self._back is not None:
+            self._back.set()
+            self._back = None
+
+    async def until_up(self) -> None:
+        while self.reach is not Reach.UP:
+            if self._back is None:
+                self._back = anyio.Event()
+            await self._back.wait()
+
     def _reachable(self) -> None:
-        if time.time() < self.unreachable_until:
+        if self.reach is not Reach.UP:
             raise HostUnreachable(self.name, "link lost (fake)")
 
     async def run(
@@ -228,20 +262,20 @@ class FakeHost(Host):
         self.commands.append(list(argv))
         return CommandResult(0, "", "")
 
-    async def probe(self, run_dirs: Sequence[str]) -> dict[str, FakeStatus]:
+    async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:
         """Each run's state, as the hosts' ``probe`` tells it."""
         self._reachable()
         found = {}
         for run_dir in run_dirs:
             run = self.runs.get(run_dir)
             if run is None:
-                found[run_dir] = FakeStatus(FakeState.GONE)
+                found[run_dir] = RunStatus(RunState.GONE)
                 continue
             status = run._status
-            state = (FakeState.RUNNING if status is None
-                     else FakeState.LOST if status.lost else FakeState.EXITED)
-            found[run_dir] = FakeStatus(state, None if status is None else status.code,
-                                        run.identity.pid, run.identity.start_ticks)
+            state = (RunState.RUNNING if status is None
+                     else RunState.LOST if status.lost else RunState.EXITED)
+            found[run_dir] = RunStatus(state, None if status is None else status.code,
+                                       run.identity.pid, run.identity.start_ticks)
         return found
 
     async def scan(self, root: str) -> list[str]:
@@ -279,20 +313,31 @@ class FakeHost(Host):
         issue = int(spec.env["AGENTIZE_FLEET_ISSUE"])
         number = int(spec.env["AGENTIZE_FLEET_RUN"])
         plan = self.scripts.get(issue) or [Script()]
-        script = plan[min(len(self.runs_of(issue)), len(plan) - 1)]
+        script = plan[min(len(self.attempts.setdefault(issue, [])), len(plan) - 1)]
+        self.attempts[issue].append(number)
+        if script.unanswered is not None and not script.started:
+            self.go_away(script.unanswered)
+            raise HostUnreachable(self.name, "link lost during the start (fake)")
         started = Started(issue, number, list(spec.argv), spec.cwd, spec.run_dir, time.time())
         self.starts.append(started)
         run = FakeRun(self, spec, script, started)
         self.runs[spec.run_dir] = run
         self.alive.add(run)
         self.peak = max(self.peak, len(self.alive))
+        if script.away is not None:
+            after, seconds = script.away
+            asyncio.get_running_loop().call_later(after, self.go_away, seconds)
+        if script.unanswered is not None:
+            self.go_away(script.unanswered)
+            raise HostUnreachable(self.name, "link lost during the start (fake)")
         return run
 
     async def attach(self, identity: RunIdentity) -> RunHandle | None:
         return self.runs.get(identity.run_dir)
 
-    async def touch_lease(self, path: str) -> None:
-        self.leases.append(path)
+    async def renew_leases(self, run_dirs: Sequence[str], *, claim: str | None = None) -> None:
+        self._reachable()
+        self.leases.extend(run_dirs)
 
 
 async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:

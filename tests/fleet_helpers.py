@@ -22,6 +22,7 @@ import psutil
 import pytest
 from conftest import ROOT, Harness, Started, wait_for
 
+from supervisor.ledger import Ledger, RunRecord
 from supervisor.rundir import socket_path
 
 T = TypeVar("T")
@@ -227,3 +228,41 @@ def kill_up(started: Started, timeout: float = 10.0) -> None:
     """SIGKILL the ``up`` process alone (not its agents: they live in sessions of their own)."""
     sigkill(started.popen.pid)
     started.popen.wait(timeout=timeout)
+
+
+# -- the shifts of a state directory, against what the runs wrote ----------------------------
+
+
+def shift_dirs(state_dir: Path) -> list[Path]:
+    """Every shift's directory, oldest first."""
+    runs = state_dir / "runs"
+    return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+
+def file_lines(path: Path) -> list[str]:
+    """The lines of a run's ``stdout`` or ``stderr`` file (a last one without its newline
+    included: the log has it too, once the run has ended)."""
+    text = path.read_bytes().decode("utf-8", "replace")
+    lines = text.split("\n")
+    return lines[:-1] if text.endswith("\n") or not text else lines
+
+
+def assert_runs_logged_once(state_dir: Path, where: str = "") -> list[RunRecord]:
+    """Every run the ledger holds has ended (or was abandoned), and every line of both
+    streams of each ended run is in the shifts' logs exactly once, in order.  Returns the
+    ended runs."""
+    with Ledger.reader(state_dir) as ledger:  # type: ignore[union-attr]
+        runs = ledger.runs()
+    assert all(r.state in ("ended", "abandoned") for r in runs), (
+        [(r.issue, r.number, r.state) for r in runs], where)
+    ended = [r for r in runs if r.state == "ended"]
+    records = [rec for shift_dir in shift_dirs(state_dir) for rec in run_records(shift_dir)]
+    for run in ended:
+        for stream in ("stdout", "stderr"):
+            logged = output_lines(records, run.issue, run.number, stream)
+            expected = file_lines(Path(run.run_dir, stream))
+            assert logged == expected, (
+                f"#{run.issue} run {run.number} {stream}: {len(logged)} lines logged, "
+                f"{len(expected)} written {where}"
+            )
+    return ended

@@ -112,17 +112,6 @@ async def test_a_usage_limit_holds_the_machine_and_gives_the_slot_back(tmp_path:
     assert host.runs_of(2)[0].at >= hold["until"] - 0.05  # nothing new before the reset
 
 
-async def test_a_lost_link_loses_the_task_or_requeues_it(tmp_path: Path) -> None:
-    host = FakeHost(scripts={1: [Script(lost_for=0.3)]})
-    config = fake_config(tmp_path, [task(1)])
-    _, result = await run_fleet(config, host)
-    assert states(result) == {1: "lost"} and result.exit_code == 1
-    with Ledger.reader(config.state_path) as ledger:  # type: ignore[union-attr]
-        assert [e["state"] for e in ledger.machine_events("local")] == ["unreachable"]
-        (run,) = ledger.runs(issue=1)
-        assert (run.state, run.lost, run.outcome) == ("ended", True, "lost")
-
-
 async def test_a_reset_time_is_read_in_the_machines_time_zone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -287,20 +276,22 @@ async def test_adoption_comes_first_and_takes_its_slot_at_once(tmp_path: Path) -
 
 
 async def test_a_dead_shifts_lease_lives_as_long_as_its_adopted_run(tmp_path: Path) -> None:
-    """Renewed while the adopted run is watched, no longer after; its watchdogs dismissed as
-    soon as it ends (they used to outlive the adoption by up to a third of the lease)."""
+    """The adopted run's own lease is renewed while it is watched, no longer after; the dead
+    shift's watchdogs are dismissed as soon as it ends (they used to outlive the adoption by
+    up to a third of the lease)."""
     config = fake_config(tmp_path, [task(1), task(2)], lease_timeout=2)
     host = FakeHost(scripts={2: [Script(duration=1.5)]})
     ledger = _dead_shift(config.state_path, "dead-5")
-    await _orphan(host, ledger, "dead-5", 1, Script(duration=0.6), config.state_path,
-                  lease="/dead-5/lease")
+    run_dir = await _orphan(host, ledger, "dead-5", 1, Script(duration=0.6), config.state_path,
+                            lease="/dead-5/lease")
     ledger.close()
     fleet = Fleet(config, hosts={"local": host})
-    ended: list[float] = []
+    renewed_while_watched: list[bool] = []
 
     async def watch() -> None:
         await until(lambda: host.runs_of(1)[0].ended_at is not None)
-        ended.append(time.time())
+        renewed_while_watched.append(run_dir in host.leases)
+        await anyio.sleep(0.1)  # its worker sees the end
         host.leases.clear()
 
     with anyio.fail_after(LIMIT):
@@ -308,7 +299,8 @@ async def test_a_dead_shifts_lease_lives_as_long_as_its_adopted_run(tmp_path: Pa
             tg.start_soon(watch)
             result = await fleet.run()
     assert result.exit_code == 0
-    assert "/dead-5/lease" not in host.leases  # not renewed once its run had ended
+    assert renewed_while_watched == [True]
+    assert run_dir not in host.leases  # not renewed once its run had ended
     dismissals = [c for c in host.commands if c[-1] == "/dead-5/lease"]
     assert dismissals and dismissals[0][:2] == ["sh", "-c"]
 

@@ -48,3 +48,34 @@ def test_unmoved_reads_the_porcelain_listing() -> None:
         f"worktree /w/s.git/trees/issue-3\nHEAD {base}\n"
     )
     assert _unmoved(listing) == {"/w/r.git/trees/issue-1"}
+
+
+def test_machine_lines_name_what_happened_to_each_machine() -> None:
+    """The report's machine section, from the ledger's reachability changes: an outage that
+    ended, one that did not, a slow spell, a machine left out; a quick reconnection is no
+    line."""
+    from datetime import datetime
+
+    from supervisor.report import machine_lines
+
+    def at(hhmm: str) -> float:
+        return datetime.strptime(f"2026-12-01 {hhmm}", "%Y-%m-%d %H:%M:%S").timestamp()
+
+    events = [
+        {"machine": "m1", "state": "connecting", "at": at("02:13:00"), "detail": "link lost"},
+        {"machine": "m1", "state": "up", "at": at("02:13:01")},
+        {"machine": "m1", "state": "connecting", "at": at("02:14:00")},
+        {"machine": "m1", "state": "unreachable", "at": at("02:14:05"), "detail": "refused"},
+        {"machine": "m2", "state": "slow", "at": at("02:20:00")},
+        {"machine": "m1", "state": "back", "at": at("02:31:40")},
+        {"machine": "m1", "state": "up", "at": at("02:31:41")},
+        {"machine": "m2", "state": "up", "at": at("02:21:30")},
+        {"machine": "m3", "state": "refused", "at": at("02:00:00"), "detail": "host key"},
+        {"machine": "m2", "state": "unreachable", "at": at("03:00:00")},
+    ]
+    assert machine_lines(events) == [
+        "m1 unreachable since 02:14:05, back at 02:31:40",
+        "m2 slow from 02:20:00 to 02:21:30",
+        "m3 left out of the shift: host key",
+        "m2 unreachable since 03:00:00, not back by the shift's end",
+    ]

@@ -250,7 +250,7 @@ def test_ctrl_c_during_the_report_skips_only_the_report(fleet: Harness, tmp_path
     assert run.returncode == 0, run.explain()  # the work was done; only the hook was cut off
     assert run.summary["exit_code"] == 0
     (skipped,) = run.events("report-skipped")
-    assert "SIGINT" in skipped["line"] and "agentize-fleet report --run" in skipped["line"]
+    assert "SIGINT" in skipped["line"] and "agentize-fleet report --shift" in skipped["line"]
     assert run.events("fleet-ended"), "the fleet ended in order"
     assert "Traceback" not in run.stderr
     lines = [r["line"] for r in run.records if r["stream"] == "stdout" and r["task"] == 1]

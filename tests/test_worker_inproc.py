@@ -47,7 +47,7 @@ class Services:
         ))
         self.shift_id = SHIFT
         self.paused: list[tuple[str, float, str]] = []
-        self.lost: list[str] = []
+        self._given_up = StopControl()
         self.adopted_ended: list[str] = []
 
     async def clone_on(self, machine: str) -> Clone:
@@ -65,8 +65,16 @@ class Services:
     def pause_machine(self, machine: str, until: float, reason: str, line: str) -> None:
         self.paused.append((machine, until, reason))
 
-    def machine_lost(self, machine: str) -> None:
-        self.lost.append(machine)
+    @property
+    def given_up(self) -> StopControl:
+        return self._given_up
+
+    async def machine_up(self, machine: str) -> bool:
+        await self.host.until_up()
+        return True
+
+    def machine_away(self, machine: str) -> str:
+        return "" if self.host.reach.value == "up" else f"{machine} unreachable"
 
     def adopted_run_ended(self, machine: str, lease: str | None) -> None:
         self.adopted_ended.append(machine)
@@ -147,12 +155,17 @@ async def test_a_usage_limit_gives_the_slot_back_and_holds_the_machine(tmp_path:
     assert services.host.runs_of(7)[1].argv[-1] == "Continue from the latest milestone"
 
 
-async def test_a_lost_link_is_the_machines_trouble(tmp_path: Path) -> None:
-    services, worker = setup(tmp_path, [Script(lost_for=0.5)])
+async def test_a_machine_away_is_the_machines_trouble_never_a_crash(tmp_path: Path) -> None:
+    """The machine goes away during run 1, which its watchdog stops meanwhile (its lease is
+    not renewed): its end is read once the machine is back, and run 2 starts at once, the
+    crash budget untouched."""
+    services, worker = setup(tmp_path, [Script(duration=0.2, away=(0.05, 0.3), watchdog=True),
+                                        Script()])
     await life(worker)
-    assert worker.status.state == "lost" and services.lost == ["local"]
-    (run,) = services.ledger.runs(issue=7)
-    assert (run.lost, run.outcome) == (True, "lost")
+    assert (worker.status.state, worker.status.crashes, worker.status.run) == ("done", 0, 2)
+    first, second = services.ledger.runs(issue=7)
+    assert (first.exit_code, first.outcome) == (143, "watchdog")
+    assert second.outcome == "done" and second.intent_at >= services.host.runs_of(7)[0].at + 0.3
 
 
 async def test_a_stop_stops_the_run_and_records_it(tmp_path: Path) -> None:
