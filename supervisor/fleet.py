@@ -329,6 +329,11 @@ class Fleet:
         if not self.starts.closed:
             self.log.warning("starts-closed", msg=f"■ no new runs: {reason}", reason=reason)
         self.starts.close(reason)
+        self._wake_workers()
+
+    def _wake_workers(self) -> None:
+        """New runs were closed: a task waiting out a backoff or a usage hold stops waiting
+        (it would never start again), so the shift ends with its running runs."""
         for worker in self.workers:
             worker.wake()
 
@@ -474,6 +479,7 @@ class Fleet:
         await anyio.sleep(max(0.0, soft - time.time()))
         self.deadline_hit = True
         self.starts.close(f"soft deadline {clock(soft)} reached")
+        self._wake_workers()
         self.log.info(
             "deadline-soft",
             msg=f"⏰ soft deadline {clock(soft)}: no new runs; running ones may finish until "

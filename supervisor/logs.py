@@ -65,6 +65,7 @@ __all__ = [
     "Tag",
     "lines_containing",
     "log_files",
+    "repair_dead_log",
     "repair_torn_tail",
     "rotated_segments",
     "route_structlog",
@@ -202,6 +203,26 @@ class Tag:
     task: int | None
     machine: str
     run: int
+
+
+def repair_dead_log(path: Path) -> int:
+    """Cut a dead shift's log back to its last whole batch (see :func:`repair_torn_tail`);
+    the number of bytes removed, 0 when there is no such file or it cannot be repaired.
+
+    The shift that wrote it was killed, maybe in the middle of a batch: the records of that
+    batch came after the last ``off`` of their run, which is where the adopter resumes reading
+    the run's own files, so left in place they would be logged twice.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return repair_torn_tail(fd)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def _open_log(path: Path) -> int:

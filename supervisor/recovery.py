@@ -49,7 +49,8 @@ from supervisor.hosts.base import (
 from supervisor.hosts.runfiles import UNSTARTED_AFTER, RunState, RunStatus
 from supervisor.ledger import Ledger, RunRecord
 from supervisor.machines import Machines
-from supervisor.records import last_offsets, log_files
+from supervisor.logs import repair_dead_log
+from supervisor.records import LOG_NAME, last_offsets, log_files
 
 #: A wrapper that runs but has not written the agent's pid yet gets this long to do so.
 PID_WAIT = 10.0
@@ -120,6 +121,9 @@ class Recovery:
 async def recover(fleet: RecoveringFleet, died: Sequence[str]) -> Recovery:
     """Deal with every run earlier shifts left behind (see the module docstring)."""
     ledger = fleet.ledger
+    for shift in died:
+        # Before any offset is read from it: a batch cut by the crash is not logged twice.
+        repair_dead_log(fleet.config.state_path / "runs" / shift / LOG_NAME)
     runs = ledger.open_runs()
     # The watchdogs to dismiss once recovery is done (each stays while a run it guards is
     # left): those of the shifts that died, and those whose runs such a shift watched (an

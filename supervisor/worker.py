@@ -33,6 +33,9 @@ from supervisor.recovery import Adoption
 from supervisor.scheduling import Slot
 from supervisor.workrun import FleetServices, RunDriver
 
+#: How long stopping a run after a bug may take (an SSH machine may not answer).
+KILL_AFTER_BUG_TIMEOUT = 10.0
+
 __all__ = ["FleetServices", "Worker"]
 
 
@@ -172,10 +175,20 @@ class Worker(RunDriver):
             self._fail(f"internal error: {exc!r}", traceback.format_exc())
             handle = self._current
             if handle is not None:
-                with anyio.CancelScope(shield=True):
-                    await handle.signal(signal.SIGKILL)
+                await self._kill_after_bug(handle)
         finally:
             self.slot.release()
+
+    async def _kill_after_bug(self, handle: RunHandle) -> None:
+        """Stop the run a bug left behind, bounded in time; a kill that fails is logged, not
+        raised (the error being handled is the one the operator needs to see), and the run's
+        lease, no longer renewed, has its watchdog stop it."""
+        with anyio.move_on_after(KILL_AFTER_BUG_TIMEOUT, shield=True):
+            try:
+                await handle.signal(signal.SIGKILL)
+            except (HostError, OSError) as exc:
+                self.log("kill-failed", f"✗ could not stop run {self.status.run}: {exc}; its "
+                         "watchdog stops it once its lease is not renewed", error=str(exc))
 
     def _fail(self, reason: str, detail: str = "") -> None:
         stopping = self.fleet.stop.requested.is_set() and not detail
@@ -299,7 +312,7 @@ class Worker(RunDriver):
         """Wait out a crash backoff, in the slot (short) or without it (long)."""
         if not policy.keeps_slot(decision):
             self.slot.release()
-        if not await self._wait_until(time.time() + decision.delay):
+        if not await self._wait_until(time.time() + decision.delay, closable=True):
             self._set(WorkerState.STOPPED, self._stop_reason())
             return False
         # In its slot it may be stopped, or meet the soft deadline, before it starts again.

@@ -17,7 +17,7 @@ import pytest
 import structlog
 
 from supervisor.config import FleetConfig
-from supervisor.fleet import Fleet, FleetResult
+from supervisor.fleet import Deadline, Fleet, FleetResult
 from supervisor.ledger import Ledger, ShiftRecord, TaskRecord
 from tests.fakehost import FakeHost, Script, fake_config, until
 
@@ -174,6 +174,26 @@ async def test_a_long_backoff_gives_the_slot_back_and_says_so(
     (crashed,) = _events(fleet, "crashed")
     assert "its slot goes to others meanwhile" in crashed["line"]
     assert [(s.issue, s.run) for s in host.starts][:2] == [(1, 1), (2, 1)]
+
+
+async def test_the_soft_deadline_ends_a_backoff_that_could_never_start_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#1 crashes into a long backoff; the soft deadline comes meanwhile: no new run may start
+    after it, so #1 stops waiting (stopped, the deadline its reason) and the shift ends with
+    #2's run instead of sleeping out the backoff (it used to wait a minute for nothing)."""
+    monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.9)  # the jitter: 54 s
+    host = FakeHost(scripts={1: [Script(exit=1), Script()], 2: [Script(duration=0.6)]})
+    config = fake_config(tmp_path, [task(1), task(2)], concurrency=2,
+                         restart={"backoff_base": 60, "backoff_max": 60})
+    began = time.time()
+    fleet, result = await run_fleet(config, host, deadline=Deadline(soft=time.time() + 0.3))
+    assert time.time() - began < 5
+    by_task = {w.task: w for w in result.workers}
+    assert (by_task[1].state, by_task[1].run) == ("stopped", 1), by_task[1]
+    assert "soft deadline" in by_task[1].reason
+    assert by_task[2].state == "done"
+    assert [(s.issue, s.run) for s in host.starts] == [(1, 1), (2, 1)]
 
 
 async def _restart_when_waiting(fleet: Fleet, issue: int) -> None:

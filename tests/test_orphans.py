@@ -9,6 +9,7 @@ supervisor was doing is read from the ledger, as the next ``up`` reads it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -490,3 +491,39 @@ def test_dismissal_ends_every_watchdog_of_the_lease_once_its_runs_have_ended(
         for d in dogs:
             d.kill()
             d.wait(timeout=5)
+
+
+def test_a_batch_torn_by_the_kill_is_not_logged_twice(fleet: Harness) -> None:
+    """The dead shift was killed in the middle of writing a batch: records of lines after the
+    run's last ``off`` reached its log, the batch's last record (the one with ``off``) did not.
+    The adopter resumes at that ``off``; the torn batch is cut from the dead shift's log first,
+    so across the two logs every line of the run is there exactly once."""
+    config = fleet.write(fleet.config([task(1, "sleep:1+finish")], agent={"env": STEPS}))
+    old_id, old_dir, orphans = kill_fleet_mid_run(fleet, config, [1])
+    row = orphans[1]
+    log = old_dir / "fleet.jsonl"
+    records = run_records(old_dir)
+    stdout = [r for r in records if r["stream"] == "stdout" and r["task"] == 1]
+    resume_at = max(r["off"] for r in stdout if "off" in r)
+    wait_for(lambda: Path(row["run_dir"], "stdout").stat().st_size > resume_at, 10,
+             "more output of the orphaned run")
+    after = Path(row["run_dir"], "stdout").read_bytes()[resume_at:]
+    torn_lines = after.decode("utf-8", "replace").split("\n")[:-1][:2]
+    assert torn_lines, "the run printed nothing after the kill"
+    last = stdout[-1]
+    with log.open("ab") as out:
+        for n, line in enumerate(torn_lines, start=1):
+            record = {k: last[k] for k in ("ts", "fleet", "worker", "task", "machine", "run",
+                                           "stream")}
+            record.update(seq=last["seq"] + n, line=line)
+            out.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
+        out.write(b'{"ts":"2026-12-04T00:00:00.000Z","fleet":')  # cut mid-record
+
+    result = fleet.start(config).wait(45)
+    assert result.returncode == 0, result.explain()
+    new_dir = new_run_dir(fleet.state_dir, old_id)
+    before = output_lines(run_records(old_dir), 1, 1, "stdout")
+    after_lines = output_lines(run_records(new_dir), 1, 1, "stdout")
+    assert before + after_lines == file_lines(Path(row["run_dir"], "stdout"))
+    assert log.read_bytes().endswith(b"}\n"), "the torn tail is cut away"
+    assert [p for p in agent_pids(fleet).values() if alive(p)] == []

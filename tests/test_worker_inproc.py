@@ -205,3 +205,23 @@ async def test_an_adopted_run_is_followed_from_its_offsets(tmp_path: Path) -> No
     assert ['"line":"two"' in lines[0], '"line":"three"' in lines[1]] == [True, True]
     assert len(lines) == 2 and worker.status.state == "done"
     assert services.adopted_ended == ["local"] and len(services.host.starts) == 1
+
+
+async def test_a_bug_costs_the_task_and_a_failed_kill_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while a run is followed fails the task (the fleet goes on); stopping the run then
+    fails too (its machine went away): logged, and the worker still ends normally."""
+    services, worker = setup(tmp_path, [Script(duration=5)])
+
+    async def broken(self: object, *args: object) -> None:
+        services.host.go_away(float("inf"))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("supervisor.workrun.RunDriver._follow_output", broken)
+    await life(worker)
+    assert str(worker.status.state) == "failed"
+    assert "internal error: RuntimeError('boom')" in worker.status.reason
+    services.mux.flush()
+    text = (tmp_path / "fleet.jsonl").read_text()
+    assert '"event":"kill-failed"' in text and "link lost (fake)" in text
