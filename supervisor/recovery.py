@@ -48,8 +48,8 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.runfiles import UNSTARTED_AFTER, RunState, RunStatus
 from supervisor.ledger import Ledger, RunRecord
-from supervisor.machines import Machines
 from supervisor.logs import repair_dead_log
+from supervisor.machines import Machines
 from supervisor.records import LOG_NAME, last_offsets, log_files
 
 #: A wrapper that runs but has not written the agent's pid yet gets this long to do so.

@@ -187,7 +187,7 @@ async def test_the_soft_deadline_ends_a_backoff_that_could_never_start_again(
     config = fake_config(tmp_path, [task(1), task(2)], concurrency=2,
                          restart={"backoff_base": 60, "backoff_max": 60})
     began = time.time()
-    fleet, result = await run_fleet(config, host, deadline=Deadline(soft=time.time() + 0.3))
+    _, result = await run_fleet(config, host, deadline=Deadline(soft=time.time() + 0.3))
     assert time.time() - began < 5
     by_task = {w.task: w for w in result.workers}
     assert (by_task[1].state, by_task[1].run) == ("stopped", 1), by_task[1]
