@@ -31,7 +31,7 @@ import structlog
 from pydantic import ValidationError
 
 from supervisor import commands as control_commands
-from supervisor import control, durations, report, tail
+from supervisor import control, durations, logcmd, report
 from supervisor.agents.render import usd
 from supervisor.allocator import keep_buffers
 from supervisor.config import (
@@ -52,7 +52,8 @@ from supervisor.exitcodes import (
 )
 from supervisor.fleet import Deadline, Fleet
 from supervisor.ledger import Ledger, LedgerError
-from supervisor.logs import LogUnwritable
+from supervisor.logwriter import LogUnwritable
+from supervisor.records import STREAMS
 from supervisor.rundir import (
     FleetLocked,
     StateDirUnusable,
@@ -774,7 +775,7 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
         "--worker", action="append", metavar="NAME", help="only worker NAME, e.g. w2 (repeatable)"
     )
     logs.add_argument(
-        "--stream", action="append", choices=tail.STREAMS,
+        "--stream", action="append", choices=STREAMS,
         help="only this stream: stdout, stderr or fleet (repeatable)",
     )
     logs.add_argument(
@@ -842,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start every listed task anew, done ones too (run numbers go on)")
 
     logs = command(
-        "logs", "print a shift's log (-f: follow it)", tail.cmd_logs,
+        "logs", "print a shift's log (-f: follow it)", logcmd.cmd_logs,
         description="Print the records of a shift (the latest, or --shift ID) with the live "
         "view's prefixes, or raw with --json; -f keeps following until the fleet ends.",
     )
