@@ -36,7 +36,9 @@ from typing import Any, BinaryIO
 
 from supervisor.agents.render import render_line
 from supervisor.allocator import keep_buffers
-from supervisor.config import ConfigError, FleetConfig, load_config
+from supervisor.clicommon import PROG, colour_setting, error
+from supervisor.config import FleetConfig, load_config
+from supervisor.config_errors import ConfigError
 from supervisor.console import ConsoleRenderer, use_colour
 from supervisor.durations import parse_duration
 from supervisor.exitcodes import EXIT_NOTHING
@@ -52,9 +54,6 @@ from supervisor.logreader import (
     load_record,
 )
 from supervisor.records import lines_containing, log_files, needle, parse, utc_timestamp
-
-PROG = "agentize-fleet"
-
 
 # -- the options ----------------------------------------------------------------------------
 
@@ -289,8 +288,9 @@ def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
     check_names(args, run_dir, config)
     renderer = None
     if not args.json:
-        colour = {"always": True, "never": False}.get(args.color, use_colour(sys.stdout))
-        renderer = make_renderer(sys.stdout, colour, run_dir, config)
+        colour = colour_setting(args)
+        renderer = make_renderer(sys.stdout, use_colour(sys.stdout) if colour is None else colour,
+                                 run_dir, config)
     printer = Printer(out, record_filter, renderer)
     reader = LogReader(run_dir)
     try:
@@ -311,8 +311,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     try:
         return _logs(args, sys.stdout.buffer)
     except LogsError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.code
+        return error(str(exc), exc.code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
