@@ -27,6 +27,7 @@ from supervisor.clicommon import (
     error,
     state_dir_from,
 )
+from supervisor.console import text_table
 from supervisor.exitcodes import EXIT_FAILED, EXIT_NOTHING
 from supervisor.fleet import Fleet
 from supervisor.ledger import Ledger, LedgerError
@@ -93,9 +94,7 @@ def status_table(workers: list[dict[str, Any]], now: float) -> str:
             _human_bytes(w.get("rss_bytes")),
             usd(w.get("cost_usd")),
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return text_table(rows)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -184,9 +183,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip())
+    print(text_table(rows))
     return 0
 
 
