@@ -52,8 +52,9 @@ from supervisor.logreader import (
     find_run,
     follow,
     load_record,
+    log_paths,
 )
-from supervisor.records import lines_containing, log_files, needle, parse, utc_timestamp
+from supervisor.records import lines_containing, needle, parse, utc_timestamp
 
 # -- the options ----------------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ def make_renderer(
 def _in_log(run_dir: Path, field: str, value: str | int) -> bool:
     """Whether a record of the shift's log has ``value`` in ``field`` (the schema's needle,
     then the record parsed)."""
-    for _, raw in lines_containing(log_files(run_dir), [needle(field, value)]):
+    for _, raw in lines_containing(log_paths(run_dir), [needle(field, value)]):
         record = parse(raw)
         if record is not None and getattr(record, field) == value:
             return True

@@ -44,7 +44,7 @@ import psutil
 
 from supervisor.exitcodes import EXIT_NOTHING, EXIT_OK, EXIT_USAGE
 from supervisor.hosts.runfiles import read_start_ticks
-from supervisor.records import LOG_NAME, event_needle, needle, rotated_segments
+from supervisor.records import LOG_NAME, event_needle, log_files, needle, rotated_segments
 from supervisor.rundir import UnknownShift, find_shift, read_json
 
 SUMMARY_NAME = "summary.json"
@@ -91,6 +91,15 @@ def segments(run_dir: Path) -> list[tuple[int, Path]]:
     """The rotated segments ``fleet.jsonl.N`` of a run, oldest (smallest N) first."""
     try:
         return rotated_segments(run_dir)
+    except OSError as exc:
+        raise LogsError(f"cannot list {run_dir}: {exc.strerror}") from None
+
+
+def log_paths(run_dir: Path) -> list[Path]:
+    """Every file of a run's log, in the order its records were written
+    (:func:`supervisor.records.log_files`)."""
+    try:
+        return log_files(run_dir)
     except OSError as exc:
         raise LogsError(f"cannot list {run_dir}: {exc.strerror}") from None
 
