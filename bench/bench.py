@@ -395,11 +395,11 @@ def profile_header(name: str) -> str:
             "loop waiting)")
 
 
-def fleet_argv(config: Path, profile: Path | None = None) -> list[str]:
+def fleet_argv(config: Path, profile: Path | None = None, *extra: str) -> list[str]:
     if profile is not None:
         return [str(FLEET_PY), str(BENCH / "profile_up.py"), str(profile),
-                profile_header(profile.stem), "up", "-c", str(config), "-q"]
-    return [str(FLEET), "up", "-c", str(config), "-q"]
+                profile_header(profile.stem), "up", "-c", str(config), "-q", *extra]
+    return [str(FLEET), "up", "-c", str(config), "-q", *extra]
 
 
 def jsonl_events(work: Path) -> list[dict[str, Any]]:
@@ -955,12 +955,15 @@ def scale_cmd(agent: float) -> list[str]:
 
 
 def scale_fleet(work: Path, tasks: int, cap: int, agent: float, profile: Path | None = None,
-                clones: int = 1) -> Scale:
+                clones: int = 1, *, again: bool = False) -> Scale:
+    """``again``: a second ``up`` on the same state directory, its worktrees already made;
+    ``--fresh``, as the tasks ended done in the first (``up`` does not re-run done tasks)."""
     result = Scale(AF, tasks, cap, agent)
     config = fleet_config(work / "fleet.toml", work, scale_cmd(agent), tasks, cap=cap,
                           clones=clones)
     t0 = time.time()
-    sup = Spawned(fleet_argv(config, profile), cwd=work, stdout=work / "console")
+    sup = Spawned(fleet_argv(config, profile, *(["--fresh"] if again else [])), cwd=work,
+                  stdout=work / "console")
     try:
         code = None
         while code is None and time.time() - t0 < 900:
@@ -1288,7 +1291,8 @@ class Bench:
         d = self.dir("scale-fleet")
         af = scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale"))
         log(f"scale: agentize-fleet {af.wall:.2f}s ({af.factor:.2f}× ideal {af.ideal:.2f}s)")
-        warm = scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"))
+        warm = scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"),
+                           again=True)
         log(f"scale: agentize-fleet again, worktrees made: {warm.wall:.2f}s "
             f"({warm.factor:.2f}× ideal)")
         multi = scale_fleet(self.dir("scale-fleet-clones"), s.scale_tasks, s.scale_cap,
@@ -1407,7 +1411,8 @@ class Bench:
         if "scale" in todo:
             d = self.dir("scale")
             scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale"))
-            scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"))
+            scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"),
+                        again=True)
 
     def run(self) -> None:
         make_origin(self.work / "origin")

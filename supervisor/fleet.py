@@ -461,6 +461,7 @@ class Fleet:
         taken for a blocked one."""
         stuck_before: set[str] = set()
         while True:
+            await self.machines.until_one_is_out()
             await anyio.sleep(STUCK_CHECK)
             waits = {w.waiting_for for w in self.workers if not w.status.state.final}
             stuck = bool(waits) and all(m is not None and self.machines.hopeless(m)

@@ -177,6 +177,7 @@ class Machines:
         #: this shift, and their runs there are left to the next ``up``.
         self.abandon = StopControl()
         self.closed = False  # the shift has ended: what hosts report now is of no one's use
+        self._out_event = anyio.Event()  # set when a machine goes out (see until_one_is_out)
         built = dict(hosts) if hosts is not None else build_hosts(config)
         remote = {m.name: m for m in config.machines}
         self.views: dict[str, MachineView] = {}
@@ -438,6 +439,7 @@ class Machines:
         view = self.views[name]
         self.pool.capacity[name] = 0
         view.reach = REFUSED
+        self._out_event.set()
         self.ledger.machine_event(name, REFUSED, shift=self.shift_id, detail=str(exc))
         self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
                        machine=name, error=str(exc))
@@ -453,6 +455,7 @@ class Machines:
         why = f" ({detail})" if detail else ""
         if state == UNREACHABLE:
             view.away_since = view.away_since or at
+            self._out_event.set()
             runs = self.pool.running.get(name, 0)
             self.log.warning(
                 "machine-unreachable", machine=name,
@@ -513,6 +516,13 @@ class Machines:
                 await view.host.run(["true"], timeout=interval * 2)
                 if view.reach == UNREACHABLE:  # it answered; its host reports nothing itself
                     self.reach_changed(view.name, UP, time.time(), "it answers again")
+
+    async def until_one_is_out(self) -> None:
+        """Return once a machine is unreachable or left out (at once if one is): only then can
+        waiting be hopeless, so an idle fleet whose machines all answer checks nothing."""
+        while not any(view.reach in (UNREACHABLE, REFUSED) for view in self):
+            self._out_event = anyio.Event()
+            await self._out_event.wait()
 
     def hopeless(self, name: str) -> bool:
         """Whether waiting for ``name`` (``*``: for any machine that can run agents) is all
