@@ -33,7 +33,8 @@ def run(*args: str, stdout: int | None = subprocess.PIPE, env: dict[str, str] | 
 
 
 def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
-    """A state directory with one ended shift of task 7 on ``local``, written by hand."""
+    """A state directory with one ended shift of task 7 on ``local``, written by hand (records
+    compact, as the writer writes them: the readers search their bytes)."""
     state = tmp_path / "state"
     run_dir = state / "runs" / SHIFT
     run_dir.mkdir(parents=True)
@@ -42,7 +43,8 @@ def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
          "machine": "local", "run": 1, "stream": "stdout", "seq": i, "line": f"line {i}"}
         for i in range(1, lines + 1)
     ]
-    (run_dir / "fleet.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "fleet.jsonl").write_text(
+        "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     summary = {"fleet": SHIFT, "pid": 1, "exit_code": 0, "exit_meaning": "all tasks done",
                "workers": [{"worker": "w1", "task": 7, "machine": "local", "state": "done"}]}
     (run_dir / "summary.json").write_text(json.dumps(summary))
