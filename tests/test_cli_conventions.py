@@ -42,7 +42,9 @@ def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
          "machine": "local", "run": 1, "stream": "stdout", "seq": i, "line": f"line {i}"}
         for i in range(1, lines + 1)
     ]
-    (run_dir / "fleet.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # In the writer's own form (no spaces): the reader finds records by their bytes.
+    (run_dir / "fleet.jsonl").write_text(
+        "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     summary = {"fleet": SHIFT, "pid": 1, "exit_code": 0, "exit_meaning": "all tasks done",
                "workers": [{"worker": "w1", "task": 7, "machine": "local", "state": "done"}]}
     (run_dir / "summary.json").write_text(json.dumps(summary))

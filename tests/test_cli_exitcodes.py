@@ -74,7 +74,7 @@ def test_logs_knows_a_task_found_only_in_the_log(tmp_path: Path) -> None:
     added = {"ts": "2026-01-01T00:01:00.000Z", "fleet": SHIFT, "worker": "w2", "task": 57,
              "machine": "box", "run": 1, "stream": "stdout", "seq": 1, "line": "added one"}
     with log.open("a") as handle:
-        handle.write(json.dumps(added) + "\n")
+        handle.write(json.dumps(added, separators=(",", ":")) + "\n")
     done = run("logs", "--state-dir", str(state), "--task", "57", "--machine", "box")
     assert done.returncode == 0, done.stderr
     assert "added one" in done.stdout and "line 1" not in done.stdout
