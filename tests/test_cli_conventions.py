@@ -33,8 +33,7 @@ def run(*args: str, stdout: int | None = subprocess.PIPE, env: dict[str, str] | 
 
 
 def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
-    """A state directory with one ended shift of task 7 on ``local``, written by hand (records
-    compact, as the writer writes them: the readers search their bytes)."""
+    """A state directory with one ended shift of task 7 on ``local``, written by hand."""
     state = tmp_path / "state"
     run_dir = state / "runs" / SHIFT
     run_dir.mkdir(parents=True)
@@ -43,6 +42,7 @@ def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
          "machine": "local", "run": 1, "stream": "stdout", "seq": i, "line": f"line {i}"}
         for i in range(1, lines + 1)
     ]
+    # In the writer's own form (no spaces): the reader finds records by their bytes.
     (run_dir / "fleet.jsonl").write_text(
         "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     summary = {"fleet": SHIFT, "pid": 1, "exit_code": 0, "exit_meaning": "all tasks done",
