@@ -35,7 +35,7 @@ from supervisor.hosts.base import STREAMS, RunHandle, RunSpec, Stream
 from supervisor.hosts.local import LocalHost
 from supervisor.limits import OutputTail
 from supervisor.lines import LineSplitter
-from supervisor.logs import LogMux, Tag
+from supervisor.logwriter import LogMux, Tag
 
 FLEET_ID = "20261128-070712-345-c8"
 WORKLOAD = Path(__file__).resolve().parent / "workloads" / "flood.py"

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from supervisor import sh
+from supervisor.console import text_table
 from supervisor.hosts.base import Host, HostAuthError, HostError, HostUnreachable
 
 
@@ -186,10 +187,4 @@ def _cells(row: CheckRow) -> tuple[str, ...]:
 
 def format_check_table(rows: Sequence[CheckRow]) -> str:
     """An aligned text table, one line per machine, under a header line."""
-    table = [HEADERS, *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
-    lines = []
-    for line in table:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(line)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return text_table([HEADERS, *(_cells(row) for row in rows)])

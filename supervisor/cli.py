@@ -1,4 +1,4 @@
-"""The ``agentize-fleet`` command line.
+"""The ``agentize-fleet`` command line: the parser, the command table, and how a command ends.
 
 Each sub-command is a small function over the library; errors a user can cause (a bad config,
 an unreachable machine, a fleet already running) end as one clear paragraph on stderr and a
@@ -6,24 +6,22 @@ documented exit code (:mod:`supervisor.exitcodes`), never as a traceback.
 
 What every command shares lives here, once: ``-c FILE`` before or after the sub-command, the
 colour options, a usage error that shows the sub-command's own usage, and the end of a command
-whose reader went away (``status --json | head``): quiet, exit 141.
+whose reader went away (``status --json | head``): quiet, exit 141.  The helpers the commands
+share are :mod:`supervisor.clicommon`'s; ``up``, ``check``, ``completion`` and the control
+commands are here, the read-only views in :mod:`supervisor.views`, ``cron`` in
+:mod:`supervisor.cron`, ``logs`` in :mod:`supervisor.logcmd`.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, MutableMapping, Sequence
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -31,16 +29,23 @@ import structlog
 from pydantic import ValidationError
 
 from supervisor import commands as control_commands
-from supervisor import control, durations, report, tail
-from supervisor.agents.render import usd
+from supervisor import logcmd, report
 from supervisor.allocator import keep_buffers
-from supervisor.config import (
-    ConfigError,
-    FleetConfig,
-    TaskConfig,
-    load_config,
+from supervisor.clicommon import (
+    PROG,
+    UsageError,
+    ask,
+    colour_setting,
+    config_from,
+    error,
+    parse_clock,
+    parse_duration,
+    preflight,
 )
+from supervisor.config import FleetConfig, TaskConfig
+from supervisor.config_errors import ConfigError
 from supervisor.console import write_final
+from supervisor.cron import cmd_cron
 from supervisor.exitcodes import (
     DETAILS,
     EXIT_BROKEN_PIPE,
@@ -51,71 +56,26 @@ from supervisor.exitcodes import (
     EXIT_USAGE,
 )
 from supervisor.fleet import Deadline, Fleet
-from supervisor.ledger import Ledger, LedgerError
-from supervisor.logs import LogUnwritable
+from supervisor.ledger import LedgerError
+from supervisor.logwriter import LogUnwritable
+from supervisor.records import STREAMS
 from supervisor.rundir import (
     FleetLocked,
     StateDirUnusable,
-    UnknownShift,
     acquire_lock,
-    find_shift,
-    list_shifts,
-    lock_holder,
     prepare_socket_dir,
     prepare_state_dir,
-    socket_path,
 )
+from supervisor.views import cmd_report, cmd_runs, cmd_status
 
-PROG = "agentize-fleet"
 WORKSPACE_LOCK = ".agentize-fleet.lock"
-GIT_CHECK_TIMEOUT = 30.0
 
 
-class UsageError(Exception):
-    """A bad flag value or an unknown name; exit 2 with the message and the command's usage."""
-
-
-def _error(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
-
-
-def _load(args: argparse.Namespace, **overrides: Any) -> FleetConfig:
-    return load_config(args.config, **overrides)
-
-
-def _state_dir(args: argparse.Namespace) -> Path:
-    if getattr(args, "state_dir", None):
-        return Path(args.state_dir).expanduser().resolve()
-    return _load(args).state_path
-
-
-def colour_setting(args: argparse.Namespace) -> bool | None:
-    """``--color``: True (always), False (never), None (auto: a terminal without NO_COLOR)."""
-    return {"always": True, "never": False}.get(getattr(args, "color", "auto"))
-
-
-# -- durations and deadlines ---------------------------------------------------------------
-
-def parse_duration(text: str, flag: str = "--grace") -> float:
-    """``8h``, ``30m``, ``45s``, ``1h30m``, ``90`` (seconds) → seconds, or a usage error."""
-    try:
-        return durations.parse_duration(text)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-
-
-def parse_clock(text: str, now: datetime, flag: str = "--until") -> datetime:
-    """``07:00`` → the next 07:00 local time after ``now`` (today or tomorrow)."""
-    try:
-        clock = datetime.strptime(text.strip(), "%H:%M").time()
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: use HH:MM (24-hour local time), e.g. 07:00") from None
-    moment = datetime.combine(now.date(), clock)
-    return moment if moment > now else moment + timedelta(days=1)
+# -- up ------------------------------------------------------------------------------------
 
 
 def deadline_from(args: argparse.Namespace) -> Deadline:
+    """``--until``, ``--max-duration`` and ``--grace`` as the shift's deadline."""
     now = time.time()
     candidates = []
     if args.until:
@@ -129,62 +89,9 @@ def deadline_from(args: argparse.Namespace) -> Deadline:
     return Deadline(soft=soft, hard=soft + grace)
 
 
-# -- up ------------------------------------------------------------------------------------
-
-
-def _not_a_repository(path: str) -> str | None:
-    """Why git cannot clone the local repository ``path`` (None: it can).
-
-    ``git ls-remote`` reads a repository exactly as ``git clone`` does (``path``, ``path/.git``
-    or a bare one, never a parent directory's), so a directory that merely sits inside another
-    work tree is refused here too.
-    """
-    try:
-        done = subprocess.run(
-            ["git", "ls-remote", "--heads", "--", path],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=GIT_CHECK_TIMEOUT, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-        )
-    except FileNotFoundError:
-        return "git is not installed (not on PATH)"
-    except subprocess.TimeoutExpired:
-        return f"git ls-remote did not answer within {GIT_CHECK_TIMEOUT:g} s"
-    if done.returncode == 0:
-        return None
-    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-    return lines[0].removeprefix("fatal: ") if lines else f"git ls-remote exited {done.returncode}"
-
-
-def preflight(config: FleetConfig) -> None:
-    """What can be known wrong before anything starts: a missing repository or agent program.
-
-    Without this, every task would fail (or crash-loop) one by one with the same cause.
-    """
-    file = config.source_file
-    url = config.repository_url
-    if url.startswith("/"):
-        if not Path(url).exists():
-            raise ConfigError(
-                f"{file}: field `repository`: {url} does not exist; fix: give the path of a git "
-                f"repository (relative paths are resolved against {config.base_dir}) or its URL."
-            )
-        why = _not_a_repository(url)
-        if why is not None:
-            raise ConfigError(
-                f"{file}: field `repository`: {url} is not a git repository ({why}); fix: give "
-                f"the path of a git repository (its work tree or a bare one) or its URL."
-            )
-    program = config.agent_command[0]
-    if config.local.max_agents > 0 and "{" not in program and shutil.which(program) is None:
-        raise ConfigError(
-            f"{file}: field `agent.command`: the program {program!r} is not found (not on PATH, "
-            f"or not executable); fix: install it, or give its absolute path."
-        )
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the fleet in the foreground until every task has ended (or it is stopped)."""
-    config = _load(args, concurrency=args.concurrency)
+    config = config_from(args, concurrency=args.concurrency)
     preflight(config)
     deadline = deadline_from(args)
     prepare_state_dir(config.state_path)
@@ -197,7 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except FleetLocked as exc:
         for held in locks:
             held.release()
-        return _error(str(exc), EXIT_LOCKED)
+        return error(str(exc), EXIT_LOCKED)
     try:
         github = config.tasks.source == "github"
         if args.watch and not github:
@@ -270,109 +177,7 @@ async def _github_tasks(config: FleetConfig) -> list[TaskConfig]:
     return tasks
 
 
-# -- talking to a running fleet ---------------------------------------------------------------
-
-
-def _ask(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any] | int:
-    state_dir = _state_dir(args)
-    if lock_holder(state_dir) is None:
-        print(f"{PROG}: no fleet is running on {state_dir}", file=sys.stderr)
-        return EXIT_NOTHING
-    try:
-        return anyio.run(control.request, socket_path(state_dir), payload)
-    except control.ControlError as exc:
-        return _error(str(exc), EXIT_FAILED)
-
-
-def _human_bytes(value: int | None) -> str:
-    if value is None:
-        return "-"
-    size = float(value)
-    for unit in ("B", "K", "M", "G"):
-        if size < 1024 or unit == "G":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{size:.1f}G"
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _state(worker: dict[str, Any]) -> str:
-    """A task's state, and which outcome of its last run put it there (``backoff
-    (rate-limited)``, ``paused (usage-limited)``, ``failed (turn limit ...)``)."""
-    state, outcome = str(worker["state"]), worker.get("outcome")
-    if state == "failed" and worker.get("reason"):
-        reason = str(worker["reason"])
-        return f"failed ({reason if len(reason) <= 40 else reason[:39] + '…'})"
-    if outcome and outcome not in (state, "done", "stopped", "restarted") and state not in (
-        "running", "preparing", "pending", "stopping"
-    ):
-        return f"{state} ({outcome})"
-    return state
-
-
-def status_table(workers: list[dict[str, Any]], now: float) -> str:
-    header = ("task", "worker", "machine", "state", "pid", "run", "milestones", "crashes",
-              "uptime", "last out", "cpu%", "rss", "cost")
-    rows = [header]
-    for w in workers:
-        started = w.get("run_started_at") if w.get("pid") else None
-        cpu = w.get("cpu_percent")
-        rows.append((
-            f"#{w['task']}",
-            str(w["worker"]),
-            str(w.get("machine") or "-"),
-            _state(w),
-            str(w.get("pid") or "-"),
-            str(w.get("runs") or 0),
-            str(w.get("milestones") or 0),
-            str(w.get("crashes") or 0),
-            _age(now - started) if started else "-",
-            _age(w.get("last_output_age")),
-            "-" if cpu is None else f"{cpu:.0f}",
-            _human_bytes(w.get("rss_bytes")),
-            usd(w.get("cost_usd")),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Show the running fleet's workers."""
-    answer = _ask(args, {"cmd": "status"})
-    if isinstance(answer, int):
-        return answer
-    if args.json:
-        print(json.dumps(answer, indent=2, default=str))
-        return 0
-    paused = " (new runs paused)" if answer.get("paused") else ""
-    start_holds = answer.get("held") or {}
-    if start_holds:
-        paused += f" (new runs held: {'; '.join(map(str, start_holds.values()))})"
-    print(f"fleet {answer.get('fleet')} (pid {answer.get('pid')}){paused}")
-    for machine in answer.get("machines", []):
-        if machine.get("away") or machine.get("reach") not in ("up", "connecting"):
-            print(f"machine {machine.get('away') or machine.get('name')} "
-                  f"({machine.get('reach')})")
-    held: dict[str, dict[str, Any]] = {}
-    for hold in answer.get("holds") or []:  # the latest reset per machine
-        if float(hold["until"]) > float(held.get(hold["machine"], {}).get("until", 0)):
-            held[hold["machine"]] = hold
-    for machine, hold in sorted(held.items()):
-        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(hold["until"])))
-        print(f"machine {machine} held until {until}: {hold['reason']}")
-    print(status_table(answer.get("workers", []), time.time()))
-    return 0
+# -- the control commands' CLI side ---------------------------------------------------------
 
 
 def _command(command: control_commands.Command) -> Any:
@@ -384,125 +189,18 @@ def _command(command: control_commands.Command) -> Any:
             payload = command.payload(args)
         except control_commands.CommandError as exc:
             raise UsageError(str(exc)) from None
-        answer = _ask(args, payload)
+        answer = ask(args, payload)
         if isinstance(answer, int):
             return answer
         if not answer.get("ok"):
-            return _error(str(answer.get("error")), EXIT_USAGE)
+            return error(str(answer.get("error")), EXIT_USAGE)
         print(f"{PROG}: {answer.get('message') or command.name}")
         return 0
 
     return run
 
 
-def _open_ledger(state_dir: Path) -> Ledger | None:
-    try:
-        return Ledger.reader(state_dir)
-    except LedgerError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    """List the shifts (one per ``up``) with what became of their tasks, from the ledger."""
-    state_dir = _state_dir(args)
-    ledger = _open_ledger(state_dir)
-    try:
-        shifts = list_shifts(state_dir, ledger)
-        if not shifts:
-            print(f"{PROG}: no fleet runs (shifts) in {state_dir}", file=sys.stderr)
-            return EXIT_NOTHING
-        running = lock_holder(state_dir)
-        header = ("shift", "state", "tasks", "done", "failed", "exit", "meaning")
-        rows: list[tuple[str, ...]] = [header]
-        out: list[dict[str, Any]] = []
-        for info in shifts:
-            record, summary = info.record, info.summary or {}
-            workers: list[dict[str, Any]] = summary.get("workers", [])
-            if ledger is not None and record is not None:
-                workers = [{"state": w.state} for w in ledger.workers(info.shift_id)]
-            if record is not None and record.state == "running":
-                state = "running" if running and record.pid == running else "died"
-            elif record is not None:
-                state = record.state
-            else:
-                state = "ended" if info.summary is not None else "died"
-            code = record.exit_code if record is not None else summary.get("exit_code")
-            meaning = (record.exit_meaning if record is not None
-                       else summary.get("exit_meaning")) or ""
-            row = {
-                "shift": info.shift_id,
-                "run": info.shift_id,
-                "state": state,
-                "tasks": len(workers),
-                "done": sum(1 for w in workers if w.get("state") == "done"),
-                "failed": sum(1 for w in workers if w.get("state") == "failed"),
-                "exit_code": code if state == "ended" else None,
-                "meaning": meaning if state == "ended" else "",
-                "path": str(info.path),
-            }
-            out.append(row)
-            rows.append((info.shift_id, state, str(row["tasks"]), str(row["done"]),
-                         str(row["failed"]), "-" if row["exit_code"] is None
-                         else str(row["exit_code"]), str(row["meaning"])))
-    finally:
-        if ledger is not None:
-            ledger.close()
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip())
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Rebuild a shift's report.md/report.json from its summary (or the ledger, for a shift
-    whose ``up`` died), its log and its worktrees."""
-    config = _load(args)
-    state_dir = _state_dir(args)
-    ledger = _open_ledger(state_dir)
-    try:
-        try:
-            info = find_shift(state_dir, ledger, args.shift)
-        except UnknownShift as exc:
-            raise UsageError(str(exc)) from None
-        if info is None:
-            print(f"{PROG}: no shifts in {state_dir}", file=sys.stderr)
-            return EXIT_NOTHING
-        summary = info.summary
-        if summary is None and ledger is not None:
-            summary = report.summary_from_ledger(ledger, info.shift_id, lock_holder(state_dir))
-    finally:
-        if ledger is not None:
-            ledger.close()
-    if summary is None:
-        return _error(f"shift {info.shift_id} has neither summary.json nor a ledger row",
-                      EXIT_FAILED)
-    found = summary
-
-    async def build() -> dict[str, Any]:
-        hosts = Fleet.make_hosts(config)
-        try:
-            return await report.collect(
-                found, info.path, hosts,
-                milestone_globs=config.milestone_globs,
-                default_branch={},
-            )
-        finally:
-            for host in hosts.values():
-                await host.aclose()
-
-    data = anyio.run(build)
-    try:
-        md, js = report.write_report(info.path, data)
-    except OSError as exc:
-        return _error(f"cannot write the report in {info.path}: {exc.strerror or exc}; fix: "
-                      "give its disk room and make it writable by you", EXIT_FAILED)
-    if args.print:
-        print(md.read_text(encoding="utf-8"), end="")
-    print(f"{PROG}: wrote {md} and {js}")
-    return 0
+# -- check ---------------------------------------------------------------------------------------
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -511,7 +209,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from supervisor.claim import Claimant, stale_after
     from supervisor.hosts.local import LocalHost
 
-    config = _load(args)
+    config = config_from(args)
     hosts = Fleet.make_hosts(config)
     hosts.setdefault("local", LocalHost("local"))
     agent = config.agent_command[0]
@@ -540,122 +238,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = anyio.run(check_all)
     print(format_check_table(rows))
     return 0 if all(row.ok for row in rows) else EXIT_FAILED
-
-
-# -- cron -----------------------------------------------------------------------------------
-
-
-def crontab_quote(word: str) -> str:
-    """``word`` as one word of a crontab command: quoted for ``/bin/sh``, ``%`` escaped.
-
-    cron hands the command to ``/bin/sh -c`` after turning every unescaped ``%`` into a
-    newline (crontab(5)); a backslash before a ``%`` keeps it, and cron removes that backslash.
-    """
-    if "\n" in word or "\r" in word:
-        raise UsageError(f"{word!r} holds a line break, which a crontab line cannot carry")
-    if "\\" in word:
-        raise UsageError(
-            f"{word!r} holds a backslash, which cron's %-escaping makes ambiguous; "
-            "fix: use a path without one"
-        )
-    return shlex.quote(word).replace("%", "\\%")
-
-
-def systemd_quote(word: str, *, expand: bool = True) -> str:
-    """``word`` as one word of a systemd unit setting (systemd.service(5), "Command lines").
-
-    Double-quoted with C escapes for ``\\`` and ``"``; ``%`` doubled (systemd expands
-    specifiers such as ``%h`` there); in ``ExecStart=`` (``expand``), ``$`` doubled too, as
-    systemd expands ``$VAR`` there.
-    """
-    if "\n" in word or "\r" in word:
-        raise UsageError(f"{word!r} holds a line break, which a systemd unit cannot carry")
-    text = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    if expand:
-        text = text.replace("$", "$$")
-    return f'"{text}"'
-
-
-def _self_command() -> list[str]:
-    """How to start this same agentize-fleet from cron: the absolute path of its script."""
-    script = Path(sys.argv[0])
-    if script.name == PROG and script.is_file() and os.access(script, os.X_OK):
-        return [str(script.absolute())]
-    beside = Path(sys.executable).parent / PROG
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside.absolute())]
-    return [str(Path(sys.executable).absolute()), "-m", "supervisor.cli"]
-
-
-def cron_path() -> str:
-    """The PATH for the nightly run: this one's (where the agent and git were just found).
-
-    cron starts jobs with PATH=/usr/bin:/bin, where an agent installed in ~/.local/bin or
-    /usr/local/bin is not found.  Relative entries are dropped: cron's working directory is
-    the home directory, not this one.
-    """
-    seen: list[str] = []
-    for entry in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        if entry.startswith("/") and entry not in seen:
-            seen.append(entry)
-    return os.pathsep.join(seen or ["/usr/bin", "/bin"])
-
-
-def cmd_cron(args: argparse.Namespace) -> int:
-    """Print what to install for a nightly run: a crontab line and a systemd timer unit.
-
-    The config is loaded and checked first (as ``up`` would): a line that only fails at 22:00
-    helps nobody.  Both carry this shell's PATH, quoted for cron and for systemd.
-    """
-    now = datetime.now()
-    at = parse_clock(args.at, now, "--at")
-    parse_clock(args.until, now, "--until")
-    parse_duration(args.grace)
-    config = _load(args)
-    preflight(config)
-    config_file = Path(os.path.abspath(config.source_file))
-    argv = [*_self_command(), "up", "--config", str(config_file), "--once",
-            "--until", args.until, "--grace", args.grace, "--quiet"]
-    path = cron_path()
-    state = config.state_path
-    log = state / "cron.log"
-    # The log's directory must exist before cron's shell opens the log, or the job never starts.
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cron_line = (
-        f"{at.minute} {at.hour} * * * PATH={crontab_quote(path)} "
-        + " ".join(crontab_quote(word) for word in argv)
-        + f" >>{crontab_quote(str(log))} 2>&1"
-    )
-    exec_start = " ".join(systemd_quote(word) for word in argv)
-    environment = systemd_quote(f"PATH={path}", expand=False)
-    print(f"""# crontab -e, then add (starts at {args.at} every day; exit codes: see the README;
-# output in {log}):
-{cron_line}
-
-# or, with systemd (user units): ~/.config/systemd/user/agentize-fleet.service
-[Unit]
-Description=agentize-fleet nightly shift
-
-[Service]
-Type=exec
-Environment={environment}
-ExecStart={exec_start}
-KillMode=mixed
-TimeoutStopSec=120
-
-# ~/.config/systemd/user/agentize-fleet.timer
-[Unit]
-Description=agentize-fleet nightly at {args.at}
-
-[Timer]
-OnCalendar=*-*-* {at.hour:02d}:{at.minute:02d}:00
-Persistent=false
-
-[Install]
-WantedBy=timers.target
-
-# then: systemctl --user daemon-reload && systemctl --user enable --now agentize-fleet.timer""")
-    return 0
 
 
 # -- completion -------------------------------------------------------------------------------
@@ -774,7 +356,7 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
         "--worker", action="append", metavar="NAME", help="only worker NAME, e.g. w2 (repeatable)"
     )
     logs.add_argument(
-        "--stream", action="append", choices=tail.STREAMS,
+        "--stream", action="append", choices=STREAMS,
         help="only this stream: stdout, stderr or fleet (repeatable)",
     )
     logs.add_argument(
@@ -842,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start every listed task anew, done ones too (run numbers go on)")
 
     logs = command(
-        "logs", "print a shift's log (-f: follow it)", tail.cmd_logs,
+        "logs", "print a shift's log (-f: follow it)", logcmd.cmd_logs,
         description="Print the records of a shift (the latest, or --shift ID) with the live "
         "view's prefixes, or raw with --json; -f keeps following until the fleet ends.",
     )
@@ -946,9 +528,9 @@ def _run(argv: Sequence[str] | None) -> int:
         code: int = args.func(args)
     except UsageError as exc:
         command_parser.print_usage(sys.stderr)
-        return _error(str(exc))
+        return error(str(exc))
     except (ConfigError, StateDirUnusable, LedgerError, LogUnwritable) as exc:
-        return _error(str(exc))
+        return error(str(exc))
     return code
 
 

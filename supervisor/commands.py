@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from supervisor.config import TaskConfig
 from supervisor.ledger import Ledger, TaskRecord
 from supervisor.lifecycle import WorkerState
-from supervisor.logs import LogMux
+from supervisor.logwriter import LogMux
 from supervisor.scheduling import StartsGate, StopControl
 from supervisor.worker import Worker
 

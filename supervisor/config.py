@@ -6,24 +6,21 @@ with ``__``, e.g. ``AGENTIZE_FLEET_RESTART__MAX_CRASHES=5``), the TOML file.  Re
 the file are resolved against the file's directory, so a config works the same from cron's
 bare environment as from an interactive shell.
 
-Any problem becomes a :class:`ConfigError` whose message is one paragraph naming the file, the
-field and the fix -- never a traceback.
+Any problem becomes a :class:`~supervisor.config_errors.ConfigError` whose message is one
+paragraph naming the file, the field and the fix -- never a traceback; how that paragraph is
+written (field paths, variable names, the nearest key) is :mod:`supervisor.config_errors`'.
 """
 
 from __future__ import annotations
 
 import contextvars
-import difflib
-import inspect
-import json
 import os
 import re
 import sys
 import tomllib
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -44,6 +41,7 @@ from pydantic_settings import (
 )
 
 from supervisor import agents
+from supervisor.config_errors import ConfigError, FieldNames, FieldsError
 
 ENV_PREFIX = "AGENTIZE_FLEET_"
 DEFAULT_CONFIG = Path("configs/fleet.toml")
@@ -65,22 +63,6 @@ RUN_ENV = frozenset(
 #: single argument or environment string over MAX_ARG_STRLEN (32 pages: 131072 bytes with its
 #: NUL) with E2BIG, "Argument list too long", at the start of every run.
 MAX_TITLE_BYTES = 131072 - 1 - len("AGENTIZE_FLEET_TITLE=")
-
-
-class ConfigError(Exception):
-    """The config cannot be used; the message says where, what and how to fix it."""
-
-
-class FieldsError(ValueError):
-    """A rule over several fields broke: ``fields`` names them (dotted paths), for the message.
-
-    A model validator's plain ValueError reaches the message as ``(top level)``; this one
-    carries the fields the user has to look at.
-    """
-
-    def __init__(self, message: str, *fields: str) -> None:
-        super().__init__(message)
-        self.fields = fields
 
 
 class _Strict(BaseModel):
@@ -404,7 +386,7 @@ class FleetConfig(BaseSettings):
             env_settings.env_vars = {
                 key: value
                 for key, value in env_settings.env_vars.items()
-                if env_field(key) is not None
+                if FIELD_NAMES.env_field(key) is not None
             }
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if data is not None:
@@ -454,212 +436,9 @@ class FleetConfig(BaseSettings):
         return [program, *rest]
 
 
-# -- where a field is, what it is called in the environment ------------------------------------
-
-
-def _unwrap(annotation: Any) -> Any:
-    """``Annotated[X, ...]`` and ``X | None`` → ``X``."""
-    while True:
-        origin = get_origin(annotation)
-        if origin is Annotated:
-            annotation = get_args(annotation)[0]
-        elif origin in (Union, types.UnionType):
-            rest = [a for a in get_args(annotation) if a is not type(None)]
-            if len(rest) != 1:
-                return annotation
-            annotation = rest[0]
-        else:
-            return annotation
-
-
-def _model(annotation: Any) -> type[BaseModel] | None:
-    """The model a field holds (``X``, or the ``X`` of ``list[X]``), if any."""
-    inner = _unwrap(annotation)
-    if get_origin(inner) is list:
-        inner = _unwrap(get_args(inner)[0])
-    return inner if inspect.isclass(inner) and issubclass(inner, BaseModel) else None
-
-
-def _settable(model: type[BaseModel]) -> Iterator[tuple[str, Any]]:
-    for name, info in model.model_fields.items():
-        if not info.exclude:
-            yield name, info.annotation
-
-
-def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
-    """The keys the config accepts in the table that holds ``loc``'s last part."""
-    model: type[BaseModel] | None = FleetConfig
-    for part in loc[:-1]:
-        if model is None:
-            return []
-        if isinstance(part, int):
-            continue
-        fields = dict(_settable(model))
-        if part not in fields:
-            return []
-        model = _model(fields[part])
-    return [] if model is None else [name for name, _ in _settable(model)]
-
-
-def _env_names() -> tuple[dict[str, str], tuple[str, ...]]:
-    """Every ``AGENTIZE_FLEET_*`` name a field reads → its kind (``scalar``, ``list``, ``dict``,
-    ``table``), and the prefixes under which any name is a key of a dict field."""
-    names: dict[str, str] = {}
-    open_prefixes: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for field, annotation in _settable(model):
-            env = prefix + field.upper()
-            inner = _unwrap(annotation)
-            nested = _model(annotation)
-            if nested is not None and get_origin(inner) is not list:
-                names[env] = "table"
-                walk(nested, env + "__")
-            elif get_origin(inner) is dict:
-                names[env] = "dict"
-                open_prefixes.append(env + "__")
-            elif get_origin(inner) in (list, tuple, set) or nested is not None:
-                names[env] = "list"
-            else:
-                names[env] = "scalar"
-
-    walk(FleetConfig, ENV_PREFIX)
-    return names, tuple(open_prefixes)
-
-
-_ENV_NAMES, _ENV_OPEN = _env_names()
-
-
-def env_field(name: str) -> str | None:
-    """The kind of field ``name`` sets (``scalar``, ``list``, ``dict``, ``table``, ``key`` for
-    one key of a dict field), or None when it is no config field's name."""
-    upper = name.upper()
-    if upper in _ENV_NAMES:
-        return _ENV_NAMES[upper]
-    if upper.startswith(_ENV_OPEN) and not upper.endswith("__"):
-        return "key"
-    return None
-
-
-def _nearest(word: str, candidates: list[str]) -> str | None:
-    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-_EXAMPLES = {
-    "list": '\'["claude","-p","{prompt}"]\'',
-    "dict": '\'{"KEY":"value"}\'',
-    "table": '\'{"field":"value"}\'',
-}
-
-
-def check_environment(environ: Mapping[str, str], warn: Callable[[str], None]) -> None:
-    """Warn about ``AGENTIZE_FLEET_*`` variables no field reads; refuse malformed JSON ones.
-
-    pydantic-settings ignores a variable whose name is no field's (a typo would silently do
-    nothing) and reports JSON it cannot parse as its own internals; both are said here in the
-    user's words instead.
-    """
-    known = sorted(_ENV_NAMES)
-    for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() in RUN_ENV:
-            continue
-        kind = env_field(name)
-        if kind is None:
-            near = _nearest(name.upper(), known)
-            hint = f"; did you mean {near}?" if near else ""
-            warn(f"environment variable {name} is not a config field and is ignored{hint}")
-            continue
-        if kind in _EXAMPLES:
-            try:
-                json.loads(environ[name])
-            except ValueError:
-                what = {"list": "a list", "dict": "a table of keys", "table": "a table"}[kind]
-                more = (
-                    f" (or set one key as {name}__KEY=value)" if kind == "dict" else ""
-                )
-                raise ConfigError(
-                    f"environment variable {name}={environ[name]!r}: {what} is expected, "
-                    f"written as JSON; fix: e.g. {name}={_EXAMPLES[kind]}{more}."
-                ) from None
-
-
-# -- messages -----------------------------------------------------------------------------------
-
-
-def _path(loc: tuple[str | int, ...]) -> str:
-    return ".".join(str(part) for part in loc if part != "items" or loc[0] != "tasks")
-
-
-def _env_of(path: str) -> str | None:
-    """The variable that sets the field at dotted ``path`` (None inside a list)."""
-    if any(part.isdigit() for part in path.split(".")):
-        return None
-    name = ENV_PREFIX + path.upper().replace(".", "__")
-    return name if name in _ENV_NAMES else None
-
-
-def _fix_hint(field: str, error_type: str) -> str:
-    if error_type == "missing":
-        return "add it to the file (or set the environment variable)"
-    if field.endswith("concurrency"):
-        return "set it to 1 or more"
-    if error_type.startswith(("int", "float", "bool", "string", "list", "dict")):
-        return "give a value of the right type, as in configs/fleet.example.toml"
-    return "see configs/fleet.example.toml for a valid value"
-
-
-def _task_label(path: str, data: Mapping[str, Any]) -> str:
-    """`` (issue 42)`` for a field of the 3rd ``[[tasks]]`` entry whose issue is 42."""
-    parts = path.split(".")
-    if len(parts) < 2 or parts[0] != "tasks" or not parts[1].isdigit():
-        return ""
-    tasks = data.get("tasks")
-    items = tasks.get("items") if isinstance(tasks, dict) else tasks
-    try:
-        issue = items[int(parts[1])].get("issue")  # type: ignore[index]
-    except (TypeError, IndexError, AttributeError):
-        return ""
-    return f" (issue {issue})" if isinstance(issue, int) and not isinstance(issue, bool) else ""
-
-
-def _describe(
-    error: Any, file: Path, data: Mapping[str, Any], flags: Mapping[str, str],
-    environ: Mapping[str, str],
-) -> str:
-    """One problem: which field (from the file, a flag or a variable), what is wrong, the fix."""
-    loc: tuple[str | int, ...] = tuple(error["loc"])
-    message = str(error["msg"]).removeprefix("Value error, ")
-    cause = (error.get("ctx") or {}).get("error")
-    if not loc and isinstance(cause, FieldsError):
-        fields = " and ".join(f"`{f}`" for f in cause.fields)
-        label = "".join(_task_label(f, data) for f in cause.fields[:1])
-        noun = "fields" if len(cause.fields) > 1 else "field"
-        return f"{file}: {noun} {fields}{label}: {message}"
-    path = _path(loc) or "(top level)"
-    got = ""
-    if error["type"] != "missing" and "input" in error and not isinstance(error["input"], dict):
-        got = f" (got {error['input']!r})"
-    if error["type"] == "extra_forbidden":
-        near = _nearest(str(loc[-1]), _keys_at(loc))
-        fix = (f"did you mean `{near}`?" if near else
-               "remove it or check its spelling against configs/fleet.example.toml")
-        return f"{file}: field `{path}`{_task_label(path, data)}: unknown key{got}; fix: {fix}"
-    if "; fix: " not in message:
-        message += f"; fix: {_fix_hint(path, str(error['type']))}"
-    top = str(loc[0]) if loc else ""
-    if top in flags and len(loc) == 1:
-        return f"{flags[top]} {error.get('input')!r}: {message}"
-    env = _env_of(path)
-    if env is not None and env in environ:
-        return (f"environment variable {env}={environ[env]!r} (overrides field `{path}` of "
-                f"{file}): {message}")
-    hint = f" [env override: {env}]" if env is not None else ""
-    where = f"{file}: field `{path}`{_task_label(path, data)}"
-    if "; fix: " in message and got:
-        what, fix = message.split("; fix: ", 1)
-        return f"{where}: {what}{got}; fix: {fix}{hint}"
-    return f"{where}: {message}{hint}"
+#: The config's fields by their paths and variables, for the messages (and for the sources:
+#: an unknown variable is dropped there after a warning).
+FIELD_NAMES = FieldNames(FleetConfig, ENV_PREFIX, RUN_ENV)
 
 
 def _stderr_warning(message: str) -> None:
@@ -698,14 +477,15 @@ def load_config(
         raise ConfigError(f"{file}: not UTF-8 text ({exc.reason}); fix: save it as UTF-8.") \
             from None
     environ = dict(os.environ)
-    check_environment(environ, warn)
+    FIELD_NAMES.check_environment(environ, warn)
     clean = {k: v for k, v in overrides.items() if v is not None}
     flags = {k: "--" + k.replace("_", "-") for k in clean}
     token = _config_data.set(data)
     try:
         config = FleetConfig(**clean)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e, file, data, flags, environ) for e in exc.errors())
+        problems = "; ".join(FIELD_NAMES.describe(e, file, data, flags, environ)
+                             for e in exc.errors())
         raise ConfigError(problems if problems.endswith((".", "?")) else problems + ".") \
             from None
     except (SettingsError, ValueError) as exc:  # a malformed env override lands here

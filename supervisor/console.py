@@ -3,7 +3,8 @@
 Two jobs that meet at the terminal:
 
 * **Rendering** (:class:`ConsoleRenderer`, :func:`render_record`): a record's line behind its
-  worker's label, aligned, a colour per worker.  The live view of ``up`` and the ``logs``
+  worker's label, aligned, a colour per worker (and :func:`text_table`, the layout of the
+  commands' tables).  The live view of ``up`` and the ``logs``
   command share it, so a line looks the same in both.  Agents that print stream-json (Claude
   Code, Codex, Gemini) can have their events made readable by a ``line_renderer``
   (``supervisor.agents.render.render_line``): it gets each stdout line and returns the text to
@@ -34,7 +35,7 @@ import os
 import select
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any, Final, TextIO
 
 from supervisor.records import Record
@@ -121,6 +122,19 @@ class ConsoleRenderer:
 def render_record(renderer: ConsoleRenderer, record: Record) -> str:
     """One record as the live view shows it (the ``logs`` command's rendering)."""
     return renderer.render_text(record.worker, record.task, record.stream, record.line)
+
+
+def text_table(rows: Sequence[Sequence[str]], *, rule: bool = False) -> str:
+    """Rows of cells as an aligned text table, the one layout of every table a command prints
+    (``status``, ``shifts``, ``check``, the end of ``up``): columns two spaces apart, each as
+    wide as its widest cell, no trailing blanks; ``rule``: a line of dashes under the header
+    (the first row)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import anyio.abc
 from supervisor import commands, control, report, spend, stall
 from supervisor.agents.render import render_line
 from supervisor.config import FleetConfig, TaskConfig
+from supervisor.console import ConsoleRenderer
 from supervisor.exitcodes import (
     EXIT_DEADLINE,
     EXIT_FAILED,
@@ -49,7 +50,7 @@ from supervisor.ledger import RETRY_INTERVAL as LEDGER_RETRY
 from supervisor.ledger import Ledger, LedgerUnwritable, ShiftRecord, TaskRecord
 from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
-from supervisor.logs import ConsoleRenderer, LogMux, LogUnwritable, Tag, route_structlog
+from supervisor.logwriter import LogMux, LogUnwritable, Tag, route_structlog
 from supervisor.machines import Machines, build_hosts, clock
 from supervisor.outcome import WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Recovery, recover

@@ -229,7 +229,7 @@ class OutputTail:
         self._size = 0
 
     def add(self, block: bytes) -> None:
-        """Append a block of lines (joined by newlines, as :class:`~supervisor.logs.LineSplitter`
+        """Append a block of lines (joined by newlines, as :class:`~supervisor.lines.LineSplitter`
         gives them)."""
         self._blocks.append(block)
         self._size += len(block) + 1  # each with its joining newline: len(text()) + 1

@@ -3,7 +3,7 @@ those become records.
 
 Every line an agent prints passes here, up to millions a second, so nothing here makes a Python
 object per line: :class:`LineSplitter` hands on a *block* of whole lines (bytes joined by
-newlines) and :meth:`supervisor.logs.LogMux.output` turns a block into its records in a few C
+newlines) and :meth:`supervisor.logwriter.LogMux.output` turns a block into its records in a few C
 passes.  :func:`pump_output` is the loop that drives them for one run (``Worker._pump`` calls
 it), and the place where reading waits while the log cannot be written.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 
-from supervisor.logs import LogMux, Tag
+from supervisor.logwriter import LogMux, Tag
 
 
 def _utf8_cut(data: bytes, limit: int) -> int:

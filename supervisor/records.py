@@ -25,7 +25,7 @@ reader can prove that nothing was lost or reordered.  ``ts`` is UTC with millise
 *needle* such as ``"worker":"w3",`` (:func:`needle`) and parses only the lines that hold it.
 That works because every writer puts the fields in this order, writes them compactly (no
 spaces) and escapes strings the way :func:`json.dumps` does with ``ensure_ascii=False``: the
-fast encoder in :mod:`supervisor.logs` is tested to produce exactly the bytes of
+fast encoder in :mod:`supervisor.logwriter` is tested to produce exactly the bytes of
 :func:`encode`.  A needle is a filter, not a proof: a matching line is parsed and checked.
 
 This module also holds what readers share about the log's files: their names and order

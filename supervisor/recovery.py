@@ -48,7 +48,7 @@ from supervisor.hosts.base import (
 )
 from supervisor.hosts.runfiles import UNSTARTED_AFTER, RunState, RunStatus
 from supervisor.ledger import Ledger, RunRecord
-from supervisor.logs import repair_dead_log
+from supervisor.logwriter import repair_dead_log
 from supervisor.machines import Machines
 from supervisor.records import LOG_NAME, last_offsets, log_files
 

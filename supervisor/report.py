@@ -16,7 +16,7 @@ import json
 import posixpath
 import re
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import structlog
 
 from supervisor import sh, spend
 from supervisor.config import FleetConfig
+from supervisor.console import text_table
 from supervisor.hosts.base import Host
 from supervisor.ledger import Ledger
 from supervisor.records import last_lines, log_files
@@ -342,6 +343,40 @@ async def write_and_notify(
     :data:`REPORT_TIMEOUT`; every failure is a line in the log, never the shift's exit code.
     A Ctrl-C or SIGTERM meanwhile skips what is left of them, and only that: the fleet still
     ends in order (``agentize-fleet report`` writes the report later)."""
+
+    async def write() -> None:
+        try:
+            data = await collect(summary, shift_dir, hosts,
+                                 milestone_globs=config.milestone_globs,
+                                 default_branch=default_branch)
+            _, report_json = write_report(shift_dir, data)
+        except OSError as exc:  # a full disk, a directory that refuses
+            log.warning("report-failed", msg=f"✗ cannot write the report in {shift_dir}: "
+                        f"{exc.strerror or exc}; `agentize-fleet report --shift "
+                        f"{shift_dir.name}` writes it later", error=str(exc))
+            return
+        except Exception as exc:  # the report must never cost the summary or the exit code
+            log.warning("report-failed", msg=f"could not write the report: {exc!r}")
+            return
+        hooks = config.notify
+        if hooks.command or hooks.webhook:
+            problems = await notify(hooks.command, hooks.webhook, report_json,
+                                    timeout=hooks.timeout)
+            for problem in problems:
+                log.warning("notify-failed", msg=f"notification failed: {problem}")
+            if not problems:
+                log.info("notified", msg="notifications sent")
+
+    await _skippable(write, shift_dir, log)
+
+
+async def _skippable(
+    work: Callable[[], Awaitable[None]],
+    shift_dir: Path,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
+    """Run ``work`` for at most :data:`REPORT_TIMEOUT`, shielded from the fleet's own
+    cancellation; a Ctrl-C or SIGTERM meanwhile ends it, said in the log."""
     with (
         anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
         anyio.move_on_after(REPORT_TIMEOUT, shield=True) as scope,
@@ -359,37 +394,8 @@ async def write_and_notify(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(skip_on_signal)
-            await _write_and_notify(summary, shift_dir, hosts, config, log, default_branch)
+            await work()
             tg.cancel_scope.cancel()
-
-
-async def _write_and_notify(
-    summary: dict[str, Any],
-    shift_dir: Path,
-    hosts: Mapping[str, Host],
-    config: FleetConfig,
-    log: structlog.typing.FilteringBoundLogger,
-    default_branch: Mapping[str, str],
-) -> None:
-    try:
-        data = await collect(summary, shift_dir, hosts, milestone_globs=config.milestone_globs,
-                             default_branch=default_branch)
-        _, report_json = write_report(shift_dir, data)
-    except OSError as exc:  # a full disk, a directory that refuses
-        log.warning("report-failed", msg=f"✗ cannot write the report in {shift_dir}: "
-                    f"{exc.strerror or exc}; `agentize-fleet report --shift {shift_dir.name}` "
-                    "writes it later", error=str(exc))
-        return
-    except Exception as exc:  # the report must never cost the summary or the exit code
-        log.warning("report-failed", msg=f"could not write the report: {exc!r}")
-        return
-    hooks = config.notify
-    if hooks.command or hooks.webhook:
-        problems = await notify(hooks.command, hooks.webhook, report_json, timeout=hooks.timeout)
-        for problem in problems:
-            log.warning("notify-failed", msg=f"notification failed: {problem}")
-        if not problems:
-            log.info("notified", msg="notifications sent")
 
 
 def dead_shift_summary(
@@ -472,7 +478,4 @@ def summary_table(statuses: Sequence[Mapping[str, Any]]) -> str:
             (*row[:-1], spend.usd(s.get("cost_usd")), row[-1])
             for row, s in zip(rows[1:], statuses, strict=True)
         ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows, rule=True)

@@ -29,7 +29,7 @@ import anyio
 
 from supervisor.config import FleetConfig
 from supervisor.hosts.base import RunHandle
-from supervisor.logs import LogMux
+from supervisor.logwriter import LogMux
 from supervisor.outcome import WorkerStatus
 
 __all__ = ["effective_timeout", "watch"]

@@ -41,7 +41,7 @@ from supervisor.ledger import Ledger, LedgerUnwritable, RunRecord, TaskRecord
 from supervisor.lifecycle import WorkerState, advance
 from supervisor.limits import LimitDetector
 from supervisor.lines import pump_output
-from supervisor.logs import LogMux, Tag
+from supervisor.logwriter import LogMux, Tag
 from supervisor.outcome import Decision, WorkerStatus, judge
 from supervisor.recovery import Adoption, Seen, look_settled
 from supervisor.runio import render

@@ -249,17 +249,11 @@ class FakeHost(Host):
         if self.reach is not Reach.UP:
             raise HostUnreachable(self.name, "link lost (fake)")
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        cwd: str | None = None,
-        check: bool = True,
-        timeout: float = 300.0,
-        input: bytes | None = None,
+    async def _execute(
+        self, argv: list[str], cwd: str | None, timeout: float, input: bytes | None
     ) -> CommandResult:
         self._reachable()
-        self.commands.append(list(argv))
+        self.commands.append(argv)
         return CommandResult(0, "", "")
 
     async def probe(self, run_dirs: Sequence[str]) -> dict[str, RunStatus]:

@@ -10,7 +10,8 @@ from typing import get_args
 import pytest
 
 from supervisor.agents import KINDS
-from supervisor.config import AgentKindName, ConfigError, FleetConfig, load_config
+from supervisor.config import AgentKindName, FleetConfig, load_config
+from supervisor.config_errors import ConfigError
 
 
 def _load(tmp_path: Path, text: str) -> FleetConfig:

@@ -16,11 +16,11 @@ import structlog
 
 from supervisor import policy, stall
 from supervisor.agents import Outcome, Verdict, get_kind
-from supervisor.cli import status_table
 from supervisor.fleet import Fleet, FleetResult
 from supervisor.hosts.base import ExitStatus
 from supervisor.ledger import Ledger
 from supervisor.outcome import WorkerStatus, judge
+from supervisor.views import status_table
 from tests.agents_events import (
     SID,
     claude_init,

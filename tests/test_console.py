@@ -21,7 +21,7 @@ import anyio.lowlevel
 import pytest
 
 from supervisor.console import ConsoleRenderer, ConsoleSink, dropped_note, render_record
-from supervisor.logs import LogMux, Tag
+from supervisor.logwriter import LogMux, Tag
 from supervisor.records import OutputRecord
 from tests.conftest import ROOT, Harness, read_jsonl, task, wait_for
 from tests.fleet_helpers import request

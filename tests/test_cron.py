@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import AGENT, ROOT, clean_env, kill_marked, make_origin, to_toml
 
-from supervisor.cli import crontab_quote, systemd_quote
+from supervisor.cron import crontab_quote, systemd_quote
 
 CLI = [sys.executable, "-m", "supervisor.cli"]
 TIMEOUT = 30

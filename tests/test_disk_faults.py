@@ -22,11 +22,11 @@ from typing import Any
 import anyio
 import pytest
 
-import supervisor.logs
+import supervisor.logwriter
 from supervisor.hosts.base import RunSpec
 from supervisor.hosts.local import LocalHost
 from supervisor.lines import pump_output
-from supervisor.logs import LogMux, LogUnwritable, Tag
+from supervisor.logwriter import LogMux, LogUnwritable, Tag
 from supervisor.records import EventRecord, OutputRecord, log_files, parse
 from tests.conftest import AGENT, clean_env
 
@@ -108,7 +108,7 @@ def events(records: list[Any]) -> list[str]:
 def test_a_full_disk_keeps_records_whole_and_writes_them_when_there_is_room(
     small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(supervisor.logs, "RETRY_INTERVAL", 0.05)
+    monkeypatch.setattr(supervisor.logwriter, "RETRY_INTERVAL", 0.05)
     filler = fill(small_disk, 300_000)
     faults: list[OSError | None] = []
     path = small_disk / "fleet.jsonl"
@@ -144,7 +144,7 @@ def test_a_full_disk_keeps_records_whole_and_writes_them_when_there_is_room(
 def test_beyond_the_memory_bound_output_is_dropped_and_counted(
     small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(supervisor.logs, "RETRY_INTERVAL", 0.05)
+    monkeypatch.setattr(supervisor.logwriter, "RETRY_INTERVAL", 0.05)
     filler = fill(small_disk, 0)
     path = small_disk / "fleet.jsonl"
     mux = LogMux("f", path, None, hold_bytes=50_000)
@@ -183,7 +183,7 @@ async def test_reading_pauses_while_the_disk_is_full_and_catches_up(
 ) -> None:
     """A real agent's output pumped into a log on a full disk: reading stops (the output waits
     in the run's own file, not in memory), and every line is logged once the disk has room."""
-    monkeypatch.setattr(supervisor.logs, "RETRY_INTERVAL", 0.05)
+    monkeypatch.setattr(supervisor.logwriter, "RETRY_INTERVAL", 0.05)
     filler = fill(small_disk, 2 << 20)
     faults: list[OSError | None] = []
     mux = LogMux("f", small_disk / "fleet.jsonl", None, on_fault=faults.append)
@@ -251,7 +251,7 @@ def test_an_immutable_log_is_a_fault_until_it_is_writable_again(
     tmp_path: Path, immutable: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``chattr +i`` refuses writes even to root (EPERM): the same state as a full disk."""
-    monkeypatch.setattr(supervisor.logs, "RETRY_INTERVAL", 0.05)
+    monkeypatch.setattr(supervisor.logwriter, "RETRY_INTERVAL", 0.05)
     path = tmp_path / "fleet.jsonl"
     faults: list[OSError | None] = []
     mux = LogMux("f", path, None, on_fault=faults.append)
@@ -277,7 +277,7 @@ def test_an_immutable_log_is_a_fault_until_it_is_writable_again(
 _CHILD = r"""
 import json, os, sys
 from pathlib import Path
-from supervisor.logs import LogMux, LogUnwritable, Tag
+from supervisor.logwriter import LogMux, LogUnwritable, Tag
 from supervisor.records import log_files, parse
 
 directory = Path(sys.argv[1])

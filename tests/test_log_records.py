@@ -19,7 +19,7 @@ import pytest
 import supervisor.records
 from supervisor.console import ConsoleRenderer
 from supervisor.limits import OutputTail
-from supervisor.logs import LogMux, Tag
+from supervisor.logwriter import LogMux, Tag
 from supervisor.records import lines_containing
 
 TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -51,7 +51,7 @@ BATCHES = [CLEAN, QUOTES_AND_CONTROLS, BACKSLASHES, ["one"], [""], ["é"], ["\t"
 
 
 def block(lines: list[str]) -> bytes:
-    """Lines as :class:`~supervisor.logs.LineSplitter` gives them: one block of bytes."""
+    """Lines as :class:`~supervisor.lines.LineSplitter` gives them: one block of bytes."""
     return "\n".join(lines).encode("utf-8")
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``agentize-fleet logs`` (supervisor/tail.py): real processes, real files.
+"""Tests of ``agentize-fleet logs`` (logcmd.py, logreader.py): real processes, real files.
 
 A real fleet (``agentize-fleet up -q``, the fake agent, a throw-away git repository) is followed
 by several ``logs -f`` processes started while it runs; every follower must print exactly the
@@ -29,7 +29,8 @@ import psutil
 import pytest
 from conftest import make_origin, wait_for
 
-from supervisor import tail
+from supervisor import logcmd, logreader
+from supervisor.records import utc_timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "scripts" / "fake-agent"
@@ -54,14 +55,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def logs_argv() -> list[str]:
-    """``agentize-fleet logs`` once cli.py has it, else ``python -m supervisor.tail``."""
+    """``agentize-fleet logs`` once cli.py has it, else ``python -m supervisor.logcmd``."""
     from supervisor import cli
 
     with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         args = cli.build_parser().parse_args(["logs", "--state-dir", "x"])
-        if getattr(args, "func", None) is tail.cmd_logs:
+        if getattr(args, "func", None) is logcmd.cmd_logs:
             return [sys.executable, "-m", "supervisor.cli", "logs"]
-    return [sys.executable, "-m", "supervisor.tail"]
+    return [sys.executable, "-m", "supervisor.logcmd"]
 
 
 def default_sigint() -> None:
@@ -427,7 +428,7 @@ def test_run_by_prefix_and_follow_of_an_ended_run(live: LiveFleet) -> None:
     assert done.returncode == 0, done.stderr
     assert lines_of(done.stdout) == live.lines[-3:]
     # fleet-ended is in the log: -f ends at once (not after the summary's grace period).
-    assert time.monotonic() - start < tail.SUMMARY_GRACE + 5
+    assert time.monotonic() - start < logreader.SUMMARY_GRACE + 5
 
 
 # -- rotation, on a log written by hand -----------------------------------------------------------
@@ -566,14 +567,14 @@ def test_lines_backwards_and_partial_lines_with_tiny_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Block boundaries everywhere: the reader with 7-byte blocks."""
-    monkeypatch.setattr(tail, "BLOCK", 7)
+    monkeypatch.setattr(logreader, "BLOCK", 7)
     log = HandLog(tmp_path)
     log.write(40, tag="x")
     log.rotate(1)
     log.write(25, tag="y")
     log.write_raw(b'{"partial": ')
     for count in (0, 1, 2, 24, 25, 26, 64, 65, 66, 1000):
-        reader = tail.LogReader(log.run_dir)
+        reader = logreader.LogReader(log.run_dir)
         out: list[bytes] = []
         try:
             reader.start_at_last(count, None)
@@ -584,8 +585,8 @@ def test_lines_backwards_and_partial_lines_with_tiny_blocks(
     fd = os.open(log.path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        lines = list(tail._lines_backwards(fd, size, keep_partial=True))
-        complete = list(tail._lines_backwards(fd, size, keep_partial=False))
+        lines = list(logreader._lines_backwards(fd, size, keep_partial=True))
+        complete = list(logreader._lines_backwards(fd, size, keep_partial=False))
     finally:
         os.close(fd)
     assert lines[1:] == complete
@@ -688,7 +689,7 @@ def test_summary_without_fleet_ended_ends_after_a_grace(tmp_path: Path, procs: P
     assert follower.popen.poll() is None
     (log.run_dir / "summary.json").write_text("{}\n")
     log.write(2)
-    assert follower.wait(tail.SUMMARY_GRACE + 10) == 0
+    assert follower.wait(logreader.SUMMARY_GRACE + 10) == 0
     assert lines_of(follower.stdout()) == log.written
 
 
@@ -719,12 +720,12 @@ def follow_until_gone(procs: Procs, log: HandLog, name: str, gone: int | None) -
     follower = procs.logs("--state-dir", str(log.run_dir.parent.parent), "-f", "--json",
                           name=name)
     if gone is None:
-        time.sleep(tail.LIVENESS_INTERVAL * 2 + 0.5)
+        time.sleep(logreader.LIVENESS_INTERVAL * 2 + 0.5)
         assert follower.popen.poll() is None
         os.kill(follower.popen.pid, signal.SIGINT)
         assert follower.wait(10) == 130
     else:
-        assert follower.wait(tail.LIVENESS_INTERVAL + 10) == 0
+        assert follower.wait(logreader.LIVENESS_INTERVAL + 10) == 0
         assert f"supervisor (pid {gone}) is gone" in follower.stderr()
         assert follower.stderr().count("\n") == 1
     assert lines_of(follower.stdout()) == log.written
@@ -772,13 +773,13 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_parse_since() -> None:
     now = 1_800_000_000.0
-    assert tail.parse_since("10m", now) == tail.utc_timestamp(now - 600)
-    assert tail.parse_since("1h30m", now) == tail.utc_timestamp(now - 5400)
-    assert tail.parse_since("30", now) == tail.utc_timestamp(now - 30)
-    assert tail.parse_since("2026-11-28T07:05:00Z") == "2026-11-28T07:05:00.000Z"
-    assert tail.parse_since("2026-11-28T09:05:00+02:00") == "2026-11-28T07:05:00.000Z"
-    with pytest.raises(tail.LogsError):
-        tail.parse_since("10 minutes")
+    assert logcmd.parse_since("10m", now) == utc_timestamp(now - 600)
+    assert logcmd.parse_since("1h30m", now) == utc_timestamp(now - 5400)
+    assert logcmd.parse_since("30", now) == utc_timestamp(now - 30)
+    assert logcmd.parse_since("2026-11-28T07:05:00Z") == "2026-11-28T07:05:00.000Z"
+    assert logcmd.parse_since("2026-11-28T09:05:00+02:00") == "2026-11-28T07:05:00.000Z"
+    with pytest.raises(logreader.LogsError):
+        logcmd.parse_since("10 minutes")
 
 
 # -- shift.json (written once at a shift's start) before state.json ---------------------------
@@ -820,12 +821,12 @@ def test_follow_ends_when_the_supervisor_named_in_shift_json_is_gone(
 def test_shift_info_from_shift_json_or_state_json(tmp_path: Path) -> None:
     run_dir = tmp_path / "shift"
     run_dir.mkdir()
-    assert tail.ShiftInfo.read(run_dir) == tail.ShiftInfo()
+    assert logreader.ShiftInfo.read(run_dir) == logreader.ShiftInfo()
     (run_dir / "state.json").write_text(json.dumps({
         "pid": 12, "started_at": 5.0,
         "workers": [{"worker": "w1", "task": 3, "machine": "box"}],
     }))
-    old = tail.ShiftInfo.read(run_dir)
+    old = logreader.ShiftInfo.read(run_dir)
     assert (old.pid, old.pid_ticks, old.workers, old.machines) == (
         12, None, (("w1", 3, "box"),), frozenset({"box"}))
     (run_dir / "shift.json").write_text(json.dumps({
@@ -833,7 +834,7 @@ def test_shift_info_from_shift_json_or_state_json(tmp_path: Path) -> None:
         "config": {"tasks": {"items": [{"issue": 1}, {"issue": 30}]},
                    "machines": [{"name": "gpu"}]},
     }))
-    new = tail.ShiftInfo.read(run_dir)
+    new = logreader.ShiftInfo.read(run_dir)
     assert (new.pid, new.pid_ticks, new.host, new.started_at) == (34, 777, "h", 6.0)
     assert new.workers == (("w1", 1, None), ("w2", 30, None))
     assert new.machines == frozenset({"gpu"})
@@ -841,4 +842,4 @@ def test_shift_info_from_shift_json_or_state_json(tmp_path: Path) -> None:
     (run_dir / "summary.json").write_text(json.dumps({
         "workers": [{"worker": "w1", "task": 1}, {"worker": "w2", "task": 30},
                     {"worker": "w3", "task": 57, "machine": "gpu"}]}))
-    assert [w for w, _, _ in tail.ShiftInfo.read(run_dir).workers] == ["w1", "w2", "w3"]
+    assert [w for w, _, _ in logreader.ShiftInfo.read(run_dir).workers] == ["w1", "w2", "w3"]

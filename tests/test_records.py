@@ -19,7 +19,7 @@ import pytest
 
 from supervisor import records
 from supervisor.lines import LineSplitter
-from supervisor.logs import LogMux, Tag
+from supervisor.logwriter import LogMux, Tag
 from supervisor.records import (
     FIELDS,
     EventRecord,

@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 import supervisor.ledger
-import supervisor.logs
+import supervisor.logwriter
 from supervisor.fleet import Fleet
 from supervisor.ledger import Ledger, LedgerUnwritable, TaskRecord, ledger_path
 from supervisor.records import EventRecord, OutputRecord, log_files, parse
@@ -49,7 +49,7 @@ LIMIT = 20.0
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The log and the ledger try a failed write again every 50 ms (not every second)."""
-    monkeypatch.setattr(supervisor.logs, "RETRY_INTERVAL", 0.05)
+    monkeypatch.setattr(supervisor.logwriter, "RETRY_INTERVAL", 0.05)
     monkeypatch.setattr(supervisor.ledger, "RETRY_INTERVAL", 0.05)
 
 

@@ -15,7 +15,7 @@ from supervisor.config import FleetConfig, TaskConfig
 from supervisor.hosts.base import RunHandle, RunSpec
 from supervisor.ledger import Ledger, ShiftRecord, TaskRecord
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
-from supervisor.logs import LogMux
+from supervisor.logwriter import LogMux
 from supervisor.recovery import Adoption
 from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.worker import Worker

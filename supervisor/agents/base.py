@@ -380,7 +380,6 @@ class AgentKind(ABC):
     ) -> list[str]:
         """The argument list: the user's ``command`` plus what the protocol needs."""
 
-    @abstractmethod
     def reader(
         self,
         launch: Launch,
@@ -389,4 +388,12 @@ class AgentKind(ABC):
     ) -> RunReader:
         """A fresh reader for the run started from ``launch``.  ``detector`` carries the
         configured limit patterns (default: the built-in ones); ``tz`` is the zone of the
-        machine the agent runs on (``None``: this machine's)."""
+        machine the agent runs on (``None``: this machine's).  Each kind makes its own
+        (:meth:`_reader`)."""
+        return self._reader(launch, detector, tz)
+
+    @abstractmethod
+    def _reader(
+        self, launch: Launch, detector: LimitDetector | None, tz: tzinfo | None
+    ) -> RunReader:
+        """This kind's reader (see :meth:`reader`)."""

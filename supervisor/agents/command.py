@@ -67,10 +67,7 @@ class CommandKind(AgentKind):
     ) -> list[str]:
         return list(command)
 
-    def reader(
-        self,
-        launch: Launch,
-        detector: LimitDetector | None = None,
-        tz: tzinfo | None = None,
+    def _reader(
+        self, launch: Launch, detector: LimitDetector | None, tz: tzinfo | None
     ) -> RunReader:
         return TailReader(detector)

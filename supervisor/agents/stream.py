@@ -331,10 +331,7 @@ class StreamKind(AgentKind):
     rules: ClassVar[StreamRules]
     resumes: ClassVar[bool] = True
 
-    def reader(
-        self,
-        launch: Launch,
-        detector: LimitDetector | None = None,
-        tz: tzinfo | None = None,
+    def _reader(
+        self, launch: Launch, detector: LimitDetector | None, tz: tzinfo | None
     ) -> RunReader:
         return StreamReader(self.rules, launch, detector, tz)

@@ -256,7 +256,6 @@ class Host(abc.ABC):
         default never calls it."""
         return None
 
-    @abc.abstractmethod
     async def run(
         self,
         argv: Sequence[str],
@@ -269,8 +268,23 @@ class Host(abc.ABC):
         """Run a short helper command to completion (git, mkdir, ...); ``input`` is its
         standard input (default: none) -- content too large for an argument (a file to write).
 
-        Raises :class:`CommandFailed` when ``check`` and the command exits non-zero.
+        Raises :class:`CommandFailed` when ``check`` and the command exits non-zero.  The
+        hosts differ only in how they run it (:meth:`_execute`).
         """
+        words = list(argv)
+        if not words:
+            raise ValueError("run() needs a command")
+        result = await self._execute(words, cwd, timeout, input)
+        if check and result.exit_code != 0:
+            raise CommandFailed(self.name, words, result)
+        return result
+
+    @abc.abstractmethod
+    async def _execute(
+        self, argv: list[str], cwd: str | None, timeout: float, input: bytes | None
+    ) -> CommandResult:
+        """Run ``argv`` (never empty) to its end: its exit code and output, whatever the code;
+        :class:`HostError` when it does not end within ``timeout`` seconds or cannot start."""
 
     @abc.abstractmethod
     async def resolve_path(self, path: str) -> str:

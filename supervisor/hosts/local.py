@@ -37,7 +37,6 @@ from supervisor.hosts import runfiles, tz
 from supervisor.hosts.base import (
     STREAMS,
     Chunk,
-    CommandFailed,
     CommandResult,
     ExitStatus,
     Host,
@@ -384,19 +383,13 @@ class LocalHost(Host):
             self._watcher.close()
             self._watcher = None
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        cwd: str | None = None,
-        check: bool = True,
-        timeout: float = 300.0,
-        input: bytes | None = None,
+    async def _execute(
+        self, argv: list[str], cwd: str | None, timeout: float, input: bytes | None
     ) -> CommandResult:
         try:
             with anyio.fail_after(timeout):
                 done = await anyio.run_process(
-                    list(argv), cwd=cwd, check=False, input=input,
+                    argv, cwd=cwd, check=False, input=input,
                     stdin=subprocess.DEVNULL if input is None else None,
                 )
         except TimeoutError:
@@ -404,14 +397,11 @@ class LocalHost(Host):
             raise HostError(self.name, f"`{command}` took longer than {timeout:g}s") from None
         except OSError as exc:
             raise HostError(self.name, f"cannot run `{argv[0]}`: {exc.strerror}") from None
-        result = CommandResult(
+        return CommandResult(
             done.returncode,
             done.stdout.decode("utf-8", "replace"),
             done.stderr.decode("utf-8", "replace"),
         )
-        if check and result.exit_code != 0:
-            raise CommandFailed(self.name, argv, result)
-        return result
 
     async def resolve_path(self, path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))

@@ -21,7 +21,6 @@ from supervisor import sh
 from supervisor.hosts import runfiles, tz
 from supervisor.hosts.base import (
     RENEW_BATCH,
-    CommandFailed,
     CommandResult,
     Host,
     HostError,
@@ -85,18 +84,9 @@ class SSHHost(Host):
 
     # ---- short commands -------------------------------------------------------------------------
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        cwd: str | None = None,
-        check: bool = True,
-        timeout: float = 300.0,
-        input: bytes | None = None,
+    async def _execute(
+        self, argv: list[str], cwd: str | None, timeout: float, input: bytes | None
     ) -> CommandResult:
-        argv = list(argv)
-        if not argv:
-            raise ValueError("run() needs a command")
         # The remote `timeout` ends a hung command on the machine itself; the local deadline
         # only guards against a link that stays silent.
         words = ["timeout", "-k", "5", _seconds(timeout), *argv]
@@ -110,10 +100,7 @@ class SSHHost(Host):
         code, stdout, stderr, noise = out.code, out.stdout, out.stderr, out.noise
         if code in (124, 137) and time.monotonic() - began >= timeout * 0.99:
             raise HostError(self.name, f"`{shlex.join(argv)}` took longer than {timeout:g}s")
-        result = CommandResult(code, decode(stdout), decode(stderr), login_noise=decode(noise))
-        if check and code != 0:
-            raise CommandFailed(self.name, argv, result)
-        return result
+        return CommandResult(code, decode(stdout), decode(stderr), login_noise=decode(noise))
 
     async def _home_of(self, user: str = "") -> str:
         out = await self.connections.script("home", user)

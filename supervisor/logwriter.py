@@ -44,34 +44,15 @@ from typing import Any, Final
 import anyio
 import structlog
 
-from supervisor.console import ConsoleRenderer, ConsoleSink, use_colour
+from supervisor.console import ConsoleRenderer, ConsoleSink
 from supervisor.records import (
     FIELDS,
-    LOG_NAME,
     encode,
     event_record,
     last_batch_end,
-    lines_containing,
-    log_files,
     rotated_segments,
     utc_timestamp,
 )
-
-__all__ = [
-    "LOG_NAME",
-    "ConsoleRenderer",
-    "LogMux",
-    "LogUnwritable",
-    "Tag",
-    "lines_containing",
-    "log_files",
-    "repair_dead_log",
-    "repair_torn_tail",
-    "rotated_segments",
-    "route_structlog",
-    "use_colour",
-    "utc_timestamp",
-]
 
 FLUSH_INTERVAL: Final = 0.1
 FLUSH_BYTES: Final = 1 << 20
