@@ -37,8 +37,9 @@ def _put_pyenv_versions_on_path() -> None:
     root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     dirs: list[str] = []
     for version in SUPPORTED:
-        found = sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin")),
-                       key=_version_key)
+        found = sorted(
+            glob.glob(os.path.join(root, "versions", f"{version}.*", "bin")), key=_version_key
+        )
         if found and os.access(os.path.join(found[-1], f"python{version}"), os.X_OK):
             dirs.append(found[-1])  # the newest patch release of that version
     if dirs:

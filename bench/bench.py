@@ -123,8 +123,11 @@ class CpuGroup:
     @classmethod
     def make(cls, name: str) -> CpuGroup | None:
         leaf = f"agentize-bench-{os.getpid()}-{name}"
-        for base, v2 in ((Path("/sys/fs/cgroup/cpuacct"), False), (Path("/sys/fs/cgroup"), True),
-                         (Path("/sys/fs/cgroup/unified"), True)):
+        for base, v2 in (
+            (Path("/sys/fs/cgroup/cpuacct"), False),
+            (Path("/sys/fs/cgroup"), True),
+            (Path("/sys/fs/cgroup/unified"), True),
+        ):
             probe = base / ("cpu.stat" if v2 else "cpuacct.usage")
             if not probe.exists():
                 continue
@@ -168,16 +171,29 @@ class CpuGroup:
 class Spawned:
     """A process we started, in a session of its own; everything under it is killed at the end."""
 
-    def __init__(self, argv: list[str], *, cwd: Path, stdout: Path | None = None,
-                 env: dict[str, str] | None = None, group: CpuGroup | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        cwd: Path,
+        stdout: Path | None = None,
+        env: dict[str, str] | None = None,
+        group: CpuGroup | None = None,
+    ) -> None:
         self.argv = argv
         self.launched = time.time()
         out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
         err = subprocess.STDOUT if stdout else subprocess.DEVNULL
         try:
             self.popen = subprocess.Popen(
-                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                start_new_session=True, preexec_fn=group.join if group else None,
+                argv,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+                preexec_fn=group.join if group else None,
             )
         finally:
             if stdout:
@@ -303,9 +319,17 @@ def origin_for(work: Path) -> Path:
     return next(p / "origin" for p in work.parents if (p / "origin" / ".git").is_dir())
 
 
-def fleet_config(path: Path, work: Path, command: list[str], tasks: int, *, cap: int,
-                 restart: dict[str, float] | None = None, lease_timeout: float = 60.0,
-                 clones: int = 1) -> Path:
+def fleet_config(
+    path: Path,
+    work: Path,
+    command: list[str],
+    tasks: int,
+    *,
+    cap: int,
+    restart: dict[str, float] | None = None,
+    lease_timeout: float = 60.0,
+    clones: int = 1,
+) -> Path:
     lines = [
         'name = "bench"',
         f"repository = {toml_str(str(origin_for(work)))}",
@@ -388,17 +412,28 @@ def read_all(paths: list[Path]) -> bytes:
 
 def profile_header(name: str) -> str:
     commit, dirty = code_state()
-    return (f"# scripts/bench --profile, commit {commit}"
-            f"{' + uncommitted changes in supervisor/' if dirty else ''}, "
-            f"{time.strftime('%Y-%m-%d %H:%M')}: agentize-fleet `up` on the {name} workload under "
-            "pyinstrument (1 ms samples, wall time of the main thread: time in `select` is the "
-            "loop waiting)")
+    return (
+        f"# scripts/bench --profile, commit {commit}"
+        f"{' + uncommitted changes in supervisor/' if dirty else ''}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}: agentize-fleet `up` on the {name} workload under "
+        "pyinstrument (1 ms samples, wall time of the main thread: time in `select` is the "
+        "loop waiting)"
+    )
 
 
 def fleet_argv(config: Path, profile: Path | None = None, *extra: str) -> list[str]:
     if profile is not None:
-        return [str(FLEET_PY), str(BENCH / "profile_up.py"), str(profile),
-                profile_header(profile.stem), "up", "-c", str(config), "-q", *extra]
+        return [
+            str(FLEET_PY),
+            str(BENCH / "profile_up.py"),
+            str(profile),
+            profile_header(profile.stem),
+            "up",
+            "-c",
+            str(config),
+            "-q",
+            *extra,
+        ]
     return [str(FLEET), "up", "-c", str(config), "-q", *extra]
 
 
@@ -516,8 +551,15 @@ HONCHO_LINE = rb"\| w(\d+) l(\d{9}) "
 FLEET_LINE = rb'"stream":"stdout",[^\n]*?"line":"w(\d+) l(\d{9}) '
 
 
-def time_sink(sizes: Callable[[], int], count: Callable[[], int], expected: int,
-              record: Path, procs: int, timeout: float, alive: Callable[[], bool]) -> float:
+def time_sink(
+    sizes: Callable[[], int],
+    count: Callable[[], int],
+    expected: int,
+    record: Path,
+    procs: int,
+    timeout: float,
+    alive: Callable[[], bool],
+) -> float:
     """When the last line reached the sink: the last time the sink grew, once every process
     has written its last line and the sink holds every line (or stayed still for 3 s)."""
     last_size, last_change = -1, time.time()
@@ -528,16 +570,20 @@ def time_sink(sizes: Callable[[], int], count: Callable[[], int], expected: int,
         now = time.time()
         if size != last_size:
             last_size, last_change = size, now
-        elif (now - last_change >= 0.3 and size != checked_at
-              and sum(r[0] == "done" for r in read_records(record)) >= procs):
+        elif (
+            now - last_change >= 0.3
+            and size != checked_at
+            and sum(r[0] == "done" for r in read_records(record)) >= procs
+        ):
             checked_at = size
             if count() >= expected:
                 return last_change
         if checked_at == size and now - last_change >= 3.0:
             return last_change  # lines are missing: verification will say so
         if now > deadline or not alive():
-            raise BenchError(f"sink incomplete after {now - (deadline - timeout):.0f}s "
-                             f"({size} bytes)")
+            raise BenchError(
+                f"sink incomplete after {now - (deadline - timeout):.0f}s ({size} bytes)"
+            )
         time.sleep(0.005)
 
 
@@ -553,15 +599,23 @@ def agents_cpu(record: Path) -> float | None:
 
 
 def flood_cmd(lines: int, ident: int | str, record: Path, hold: Path, block: int) -> list[str]:
-    return [PY, "-S", str(WORKLOADS / "flood.py"), str(lines), str(ident), str(record), str(hold),
-            str(block)]
+    return [
+        PY,
+        "-S",
+        str(WORKLOADS / "flood.py"),
+        str(lines),
+        str(ident),
+        str(record),
+        str(hold),
+        str(block),
+    ]
 
 
-def flood_programs(procs: int, lines: int, record: Path, hold: Path, block: int
-                   ) -> dict[str, str]:
+def flood_programs(procs: int, lines: int, record: Path, hold: Path, block: int) -> dict[str, str]:
     """``p1`` … ``pN``: the flood command lines, for the peers that take a program table."""
-    return {f"p{i}": " ".join(flood_cmd(lines, i, record, hold, block))
-            for i in range(1, procs + 1)}
+    return {
+        f"p{i}": " ".join(flood_cmd(lines, i, record, hold, block)) for i in range(1, procs + 1)
+    }
 
 
 def throughput_reference(work: Path, procs: int, lines: int, block: int) -> Throughput:
@@ -569,14 +623,20 @@ def throughput_reference(work: Path, procs: int, lines: int, block: int) -> Thro
     record, hold = work / "record", work / "hold"
     files = {i: work / f"p{i}.out" for i in range(1, procs + 1)}
     result.launched = time.time()
-    spawned = [Spawned(flood_cmd(lines, i, record, hold, block), cwd=work, stdout=files[i])
-               for i in range(1, procs + 1)]
+    spawned = [
+        Spawned(flood_cmd(lines, i, record, hold, block), cwd=work, stdout=files[i])
+        for i in range(1, procs + 1)
+    ]
     try:
         expected = procs * lines * 100
         result.last_line = time_sink(
             lambda: sum(p.stat().st_size for p in files.values()),
             lambda: sum(p.stat().st_size for p in files.values()) // 100,
-            procs * lines, record, procs, 300, lambda: True,
+            procs * lines,
+            record,
+            procs,
+            300,
+            lambda: True,
         )
         assert expected
         result.sup_cpu = None
@@ -605,8 +665,15 @@ def throughput_supervisord(work: Path, procs: int, lines: int, block: int) -> Th
     result.launched = time.time()
     sup = Spawned([str(SUPERVISORD), "-n", "-c", str(conf)], cwd=work, stdout=work / "console")
     try:
-        result.last_line = time_sink(size, lambda: size() // 100, procs * lines, record, procs,
-                                     600, lambda: sup.popen.poll() is None)
+        result.last_line = time_sink(
+            size,
+            lambda: size() // 100,
+            procs * lines,
+            record,
+            procs,
+            600,
+            lambda: sup.popen.poll() is None,
+        )
         result.sup_cpu = cpu_of([sup.proc])
         hold.touch()
         wait_until(lambda: len(read_records(record)) >= 2 * procs, 10, "records")
@@ -633,11 +700,16 @@ def throughput_honcho(work: Path, procs: int, lines: int, block: int) -> Through
     result.launched = time.time()
     sup = Spawned([str(HONCHO), "-f", str(pf), "-d", str(work), "start"], cwd=work, stdout=sink)
     try:
-        result.last_line = time_sink(lambda: sink.stat().st_size, count, procs * lines, record,
-                                     procs, 900, lambda: sup.popen.poll() is None)
-        result.sup_cpu = cpu_of(
-            [sup.proc, *(p for p in sup.descendants() if cmd_has(p, "honcho"))]
+        result.last_line = time_sink(
+            lambda: sink.stat().st_size,
+            count,
+            procs * lines,
+            record,
+            procs,
+            900,
+            lambda: sup.popen.poll() is None,
         )
+        result.sup_cpu = cpu_of([sup.proc, *(p for p in sup.descendants() if cmd_has(p, "honcho"))])
         hold.touch()
         sup.wait(30)
     finally:
@@ -648,8 +720,9 @@ def throughput_honcho(work: Path, procs: int, lines: int, block: int) -> Through
     return result
 
 
-def throughput_fleet(work: Path, procs: int, lines: int, block: int,
-                     profile: Path | None = None) -> Throughput:
+def throughput_fleet(
+    work: Path, procs: int, lines: int, block: int, profile: Path | None = None
+) -> Throughput:
     result = Throughput(AF, procs, lines)
     record, hold = work / "record", work / "hold"
     command = flood_cmd(lines, "{issue}", record, hold, block)
@@ -668,8 +741,9 @@ def throughput_fleet(work: Path, procs: int, lines: int, block: int,
     result.launched = time.time()
     sup = Spawned(fleet_argv(config, profile), cwd=work, stdout=work / "console")
     try:
-        result.last_line = time_sink(size, count, procs * lines, record, procs, 600,
-                                     lambda: sup.popen.poll() is None)
+        result.last_line = time_sink(
+            size, count, procs * lines, record, procs, 600, lambda: sup.popen.poll() is None
+        )
         result.sup_cpu = cpu_of([sup.proc])
         hold.touch()
         released = time.time()
@@ -730,13 +804,13 @@ def restart_cmd(record: Path, limit: int, mode: str) -> list[str]:
 def restart_fleet(work: Path, limit: int, mode: str, profile: Path | None = None) -> Restarts:
     record = work / "record"
     restart = (
-        {"backoff_base": 1e-6, "backoff_max": 1e-6, "max_crashes": 1_000_000,
-         "crash_window": 1.0}
+        {"backoff_base": 1e-6, "backoff_max": 1e-6, "max_crashes": 1_000_000, "crash_window": 1.0}
         if mode == "crash"
         else {"max_milestones": limit + 10}
     )
-    config = fleet_config(work / "fleet.toml", work, restart_cmd(record, limit, mode), 1, cap=1,
-                          restart=restart)
+    config = fleet_config(
+        work / "fleet.toml", work, restart_cmd(record, limit, mode), 1, cap=1, restart=restart
+    )
     sup = Spawned(fleet_argv(config, profile), cwd=work, stdout=work / "console")
     try:
         code = sup.wait(300)
@@ -746,16 +820,22 @@ def restart_fleet(work: Path, limit: int, mode: str, profile: Path | None = None
         sup.kill_all()
     found = latencies(record)
     if len(found) != limit:
-        raise BenchError(f"agentize-fleet ({mode}): {len(found)} restarts, wanted {limit}; "
-                         f"exit {code}; see {work}")
+        raise BenchError(
+            f"agentize-fleet ({mode}): {len(found)} restarts, wanted {limit}; "
+            f"exit {code}; see {work}"
+        )
     return Restarts(AF, mode, found)
 
 
 def restart_supervisord(work: Path, limit: int) -> Restarts:
     record = work / "record"
     conf = supervisord_config(
-        work / "supervisord.conf", work, {"r": " ".join(restart_cmd(record, limit, "crash"))},
-        autorestart="unexpected", exitcodes="0", startretries="1000000",
+        work / "supervisord.conf",
+        work,
+        {"r": " ".join(restart_cmd(record, limit, "crash"))},
+        autorestart="unexpected",
+        exitcodes="0",
+        startretries="1000000",
     )
     sup = Spawned([str(SUPERVISORD), "-n", "-c", str(conf)], cwd=work, stdout=work / "console")
     try:
@@ -817,8 +897,9 @@ class IdleRun:
             config = fleet_config(work / "fleet.toml", work, command, agents, cap=agents)
             argv = fleet_argv(config, profile)
         elif peer == SD:
-            conf = supervisord_config(work / "supervisord.conf", work, programs,
-                                      autorestart="false")
+            conf = supervisord_config(
+                work / "supervisord.conf", work, programs, autorestart="false"
+            )
             argv = [str(SUPERVISORD), "-n", "-c", str(conf)]
         else:
             pf = procfile(work / "Procfile", programs)
@@ -851,8 +932,9 @@ class IdleRun:
 
     def ready(self) -> bool:
         if self.sup.popen.poll() is not None:
-            raise BenchError(f"{self.peer} exited early ({self.sup.popen.returncode}): "
-                             f"see {self.work}")
+            raise BenchError(
+                f"{self.peer} exited early ({self.sup.popen.returncode}): see {self.work}"
+            )
         ok = len(self.parts()[2]) >= self.agents
         if ok and not self.result.ready_seconds:
             self.result.ready_seconds = time.time() - self.started
@@ -900,8 +982,14 @@ class IdleRun:
                 self.group.remove()
 
 
-def idle(work: Path, agents: int, seconds: float, peers: Iterable[str],
-         profile: Path | None = None, settle: float = 2.0) -> list[Idle]:
+def idle(
+    work: Path,
+    agents: int,
+    seconds: float,
+    peers: Iterable[str],
+    profile: Path | None = None,
+    settle: float = 2.0,
+) -> list[Idle]:
     runs: list[IdleRun] = []
     try:
         for peer in peers:
@@ -945,8 +1033,8 @@ class Scale:
         return self.wall / self.ideal
 
 
-
 SCALE_CLONES = 8  # the multiple-clones layout: git's worktree cost grows per clone
+
 
 def scale_cmd(agent: float) -> list[str]:
     # coreutils sleep: ~1 ms of CPU, so 16 at once fit on 2 cores (a Python agent would need
@@ -954,16 +1042,28 @@ def scale_cmd(agent: float) -> list[str]:
     return ["sleep", f"{agent:g}"]
 
 
-def scale_fleet(work: Path, tasks: int, cap: int, agent: float, profile: Path | None = None,
-                clones: int = 1, *, again: bool = False) -> Scale:
+def scale_fleet(
+    work: Path,
+    tasks: int,
+    cap: int,
+    agent: float,
+    profile: Path | None = None,
+    clones: int = 1,
+    *,
+    again: bool = False,
+) -> Scale:
     """``again``: a second ``up`` on the same state directory, its worktrees already made;
     ``--fresh``, as the tasks ended done in the first (``up`` does not re-run done tasks)."""
     result = Scale(AF, tasks, cap, agent)
-    config = fleet_config(work / "fleet.toml", work, scale_cmd(agent), tasks, cap=cap,
-                          clones=clones)
+    config = fleet_config(
+        work / "fleet.toml", work, scale_cmd(agent), tasks, cap=cap, clones=clones
+    )
     t0 = time.time()
-    sup = Spawned(fleet_argv(config, profile, *(["--fresh"] if again else [])), cwd=work,
-                  stdout=work / "console")
+    sup = Spawned(
+        fleet_argv(config, profile, *(["--fresh"] if again else [])),
+        cwd=work,
+        stdout=work / "console",
+    )
     try:
         code = None
         while code is None and time.time() - t0 < 900:
@@ -1041,24 +1141,49 @@ def ratio(row: Row, peer: str) -> str:
 
 
 def table_markdown(rows: list[Row]) -> str:
-    head = ["workload", "metric", AF, HONCHO_, SD, REF, "AF ÷ honcho", "AF ÷ supervisord",
-            "better"]
+    head = ["workload", "metric", AF, HONCHO_, SD, REF, "AF ÷ honcho", "AF ÷ supervisord", "better"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.workload, r.metric, *(r.values.get(p, "n/a") for p in PEERS),
-                 ratio(r, HONCHO_), ratio(r, SD), r.better]
+        cells = [
+            r.workload,
+            r.metric,
+            *(r.values.get(p, "n/a") for p in PEERS),
+            ratio(r, HONCHO_),
+            ratio(r, SD),
+            r.better,
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def table_text(rows: list[Row]) -> str:
-    head = ["workload", "metric", "agentize", "honcho", "supervisord", "reference", "AF/hon",
-            "AF/sd", "better"]
-    body = [[r.workload, r.metric, *(r.values.get(p, "n/a") for p in PEERS), ratio(r, HONCHO_),
-             ratio(r, SD), r.better] for r in rows]
+    head = [
+        "workload",
+        "metric",
+        "agentize",
+        "honcho",
+        "supervisord",
+        "reference",
+        "AF/hon",
+        "AF/sd",
+        "better",
+    ]
+    body = [
+        [
+            r.workload,
+            r.metric,
+            *(r.values.get(p, "n/a") for p in PEERS),
+            ratio(r, HONCHO_),
+            ratio(r, SD),
+            r.better,
+        ]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
-             for x in [head, *body]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
+        for x in [head, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -1067,8 +1192,9 @@ def table_text(rows: list[Row]) -> str:
 
 
 def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def make_origin(path: Path) -> None:
@@ -1076,8 +1202,17 @@ def make_origin(path: Path) -> None:
     git("init", "--quiet", "--initial-branch=main", cwd=path)
     (path / "README.md").write_text("bench repository\n")
     git("add", "README.md", cwd=path)
-    git("-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "--quiet",
-        "-m", "initial commit", cwd=path)
+    git(
+        "-c",
+        "user.name=bench",
+        "-c",
+        "user.email=bench@example.invalid",
+        "commit",
+        "--quiet",
+        "-m",
+        "initial commit",
+        cwd=path,
+    )
 
 
 def code_state() -> tuple[str, bool]:
@@ -1088,10 +1223,15 @@ def code_state() -> tuple[str, bool]:
 
 def version_of(venv: str, dist: str) -> str:
     py = VENVS / venv / "bin" / "python"
-    return subprocess.run(
-        [str(py), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip() or "?"
+    return (
+        subprocess.run(
+            [str(py), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        or "?"
+    )
 
 
 @dataclass
@@ -1121,8 +1261,15 @@ class Bench:
         PROFILES.mkdir(exist_ok=True)
         return PROFILES / f"{name}.txt"
 
-    def add(self, workload: str, metric: str, raw: dict[str, float | None], better: str,
-            digits: int = 1, text: dict[str, str] | None = None) -> None:
+    def add(
+        self,
+        workload: str,
+        metric: str,
+        raw: dict[str, float | None],
+        better: str,
+        digits: int = 1,
+        text: dict[str, str] | None = None,
+    ) -> None:
         values = {p: fmt(v, digits) for p, v in raw.items()}
         values.update(text or {})
         self.rows.append(Row(workload, metric, values, raw, better))
@@ -1137,11 +1284,18 @@ class Bench:
         lost_ok = True
         for procs, block in s.floods:
             results: dict[str, Throughput] = {}
-            for peer, fn in ((REF, throughput_reference), (SD, throughput_supervisord),
-                             (AF, throughput_fleet), (HONCHO_, throughput_honcho)):
+            for peer, fn in (
+                (REF, throughput_reference),
+                (SD, throughput_supervisord),
+                (AF, throughput_fleet),
+                (HONCHO_, throughput_honcho),
+            ):
                 d = self.dir(f"flood{procs}x{block}-{peer}")
-                lines = (dict(s.honcho_lines).get((procs, block), s.lines) if peer == HONCHO_
-                         else s.lines)
+                lines = (
+                    dict(s.honcho_lines).get((procs, block), s.lines)
+                    if peer == HONCHO_
+                    else s.lines
+                )
                 os.sync()  # no write-back of the previous peer's files during this one
                 t0 = time.time()
                 if peer == AF:
@@ -1149,39 +1303,81 @@ class Bench:
                 else:
                     r = fn(d, procs, lines, block)
                 results[peer] = r
-                log(f"throughput {procs}x{s.lines} ({block}/write): {peer}: {r.rate:,.0f} lines/s, "
+                log(
+                    f"throughput {procs}x{s.lines} ({block}/write): {peer}: {r.rate:,.0f} lines/s, "
                     f"run {r.run_seconds:.2f}s, wall {r.wall_seconds:.2f}s, "
                     f"{r.arrived}/{r.expected} lines, in order: {r.in_order} "
-                    f"({time.time() - t0:.0f}s)")
+                    f"({time.time() - t0:.0f}s)"
+                )
                 if not self.keep:
-                        shutil.rmtree(d, ignore_errors=True)  # hundreds of MB each
+                    shutil.rmtree(d, ignore_errors=True)  # hundreds of MB each
             how = "line by line" if block == 1 else f"{block * 100:,}-byte writes"
             w = f"throughput {procs}×{s.lines:,}, {how}"
             # A peer that ran fewer lines (honcho at 16) has comparable rates, not times.
-            short = {p: f"{fmt(r.run_seconds, 2)} ({procs}×{r.lines:,})"
-                     for p, r in results.items() if r.lines != s.lines}
-            self.add(w, "lines/s (first start → last line in sink)",
-                     {p: r.rate for p, r in results.items()}, "higher", 0)
-            self.add(w, "s, first start → last line in sink",
-                     {p: r.run_seconds if r.lines == s.lines else None
-                      for p, r in results.items()}, "lower", 2, short)
-            self.add(w, "s, launch → last line in sink (wall)",
-                     {p: r.wall_seconds if r.lines == s.lines else None
-                      for p, r in results.items()}, "lower", 2,
-                     {p: f"{fmt(r.wall_seconds, 2)} ({procs}×{r.lines:,})"
-                      for p, r in results.items() if r.lines != s.lines})
+            short = {
+                p: f"{fmt(r.run_seconds, 2)} ({procs}×{r.lines:,})"
+                for p, r in results.items()
+                if r.lines != s.lines
+            }
+            self.add(
+                w,
+                "lines/s (first start → last line in sink)",
+                {p: r.rate for p, r in results.items()},
+                "higher",
+                0,
+            )
+            self.add(
+                w,
+                "s, first start → last line in sink",
+                {p: r.run_seconds if r.lines == s.lines else None for p, r in results.items()},
+                "lower",
+                2,
+                short,
+            )
+            self.add(
+                w,
+                "s, launch → last line in sink (wall)",
+                {p: r.wall_seconds if r.lines == s.lines else None for p, r in results.items()},
+                "lower",
+                2,
+                {
+                    p: f"{fmt(r.wall_seconds, 2)} ({procs}×{r.lines:,})"
+                    for p, r in results.items()
+                    if r.lines != s.lines
+                },
+            )
             af = results[AF]
-            self.add(w, "lines arrived, in order",
-                     {p: float(r.arrived) for p, r in results.items()}, "",
-                     text={p: f"{r.arrived:,}/{r.expected:,} {'✓' if r.complete else '✗'}"
-                           + (f" ({procs}×{r.lines:,})" if r.lines != s.lines else "")
-                           for p, r in results.items()})
-            self.add(w, "the processes' own CPU µs per line (writing it)",
-                     {p: None if r.agents_cpu is None else 1e6 * r.agents_cpu / r.expected
-                      for p, r in results.items()}, "lower", 2)
-            self.add(w, "supervisor CPU µs per line (until last line)",
-                     {p: None if r.sup_cpu is None else 1e6 * r.sup_cpu / r.expected
-                      for p, r in results.items()}, "lower", 2)
+            self.add(
+                w,
+                "lines arrived, in order",
+                {p: float(r.arrived) for p, r in results.items()},
+                "",
+                text={
+                    p: f"{r.arrived:,}/{r.expected:,} {'✓' if r.complete else '✗'}"
+                    + (f" ({procs}×{r.lines:,})" if r.lines != s.lines else "")
+                    for p, r in results.items()
+                },
+            )
+            self.add(
+                w,
+                "the processes' own CPU µs per line (writing it)",
+                {
+                    p: None if r.agents_cpu is None else 1e6 * r.agents_cpu / r.expected
+                    for p, r in results.items()
+                },
+                "lower",
+                2,
+            )
+            self.add(
+                w,
+                "supervisor CPU µs per line (until last line)",
+                {
+                    p: None if r.sup_cpu is None else 1e6 * r.sup_cpu / r.expected
+                    for p, r in results.items()
+                },
+                "lower",
+                2,
+            )
             self.notes.append(
                 f"{w}: agentize-fleet `up` took {af.up_wall:.2f}s "
                 f"in all, of which {af.shutdown:.2f}s after its agents were let go (they exit "
@@ -1196,26 +1392,42 @@ class Bench:
                 )
             lost_ok = lost_ok and all(r.complete for r in results.values())
             sd, hon, ref = results[SD], results[HONCHO_], results[REF]
-            self.target(f"{w}: JSONL ≥ supervisord's", af.rate >= sd.rate,
-                        f"{af.rate:,.0f} vs {sd.rate:,.0f} lines/s ({af.rate / sd.rate:.2f}×); "
-                        f"the same processes writing straight to files, no supervisor at all: "
-                        f"{ref.rate:,.0f} lines/s ({ref.rate / sd.rate:.2f}× supervisord)")
-            self.target(f"{w}: launch → last line in the sink (wall) ≤ supervisord's",
-                        af.wall_seconds <= sd.wall_seconds,
-                        f"{af.wall_seconds:.2f}s vs {sd.wall_seconds:.2f}s "
-                        f"({sd.wall_seconds / af.wall_seconds:.2f}× supervisord's rate)")
-            self.target(f"{w}: JSONL ≥ 8× honcho's", af.rate >= 8 * hon.rate,
-                        f"{af.rate:,.0f} vs {hon.rate:,.0f} lines/s ({af.rate / hon.rate:.1f}×)")
-        self.target("no line lost or reordered within a worker, anywhere", lost_ok,
-                    "every sink counted and checked line by line")
+            self.target(
+                f"{w}: JSONL ≥ supervisord's",
+                af.rate >= sd.rate,
+                f"{af.rate:,.0f} vs {sd.rate:,.0f} lines/s ({af.rate / sd.rate:.2f}×); "
+                f"the same processes writing straight to files, no supervisor at all: "
+                f"{ref.rate:,.0f} lines/s ({ref.rate / sd.rate:.2f}× supervisord)",
+            )
+            self.target(
+                f"{w}: launch → last line in the sink (wall) ≤ supervisord's",
+                af.wall_seconds <= sd.wall_seconds,
+                f"{af.wall_seconds:.2f}s vs {sd.wall_seconds:.2f}s "
+                f"({sd.wall_seconds / af.wall_seconds:.2f}× supervisord's rate)",
+            )
+            self.target(
+                f"{w}: JSONL ≥ 8× honcho's",
+                af.rate >= 8 * hon.rate,
+                f"{af.rate:,.0f} vs {hon.rate:,.0f} lines/s ({af.rate / hon.rate:.1f}×)",
+            )
+        self.target(
+            "no line lost or reordered within a worker, anywhere",
+            lost_ok,
+            "every sink counted and checked line by line",
+        )
 
     def restart(self) -> None:
         s = self.sizes
-        crash = restart_fleet(self.dir("restart-fleet-crash"), s.restarts, "crash",
-                              self.prof("restart-crash"))
+        crash = restart_fleet(
+            self.dir("restart-fleet-crash"), s.restarts, "crash", self.prof("restart-crash")
+        )
         log(f"restart: agentize-fleet crash: median {crash.median * 1000:.1f} ms")
-        mile = restart_fleet(self.dir("restart-fleet-milestone"), s.restarts, "milestone",
-                             self.prof("restart-milestone"))
+        mile = restart_fleet(
+            self.dir("restart-fleet-milestone"),
+            s.restarts,
+            "milestone",
+            self.prof("restart-milestone"),
+        )
         log(f"restart: agentize-fleet milestone: median {mile.median * 1000:.1f} ms")
         sd = restart_supervisord(self.dir("restart-supervisord"), s.sd_restarts)
         log(f"restart: supervisord: median {sd.median * 1000:.1f} ms")
@@ -1225,11 +1437,15 @@ class Bench:
             (f"restart after crash ×{s.restarts}", crash, ref, sd),
             (f"resume after milestone ×{s.restarts}", mile, ref_m, None),
         ):
-            for metric, key in (("median ms, exit → next start", "median"),
-                                ("p99 ms, exit → next start", "p99")):
+            for metric, key in (
+                ("median ms, exit → next start", "median"),
+                ("p99 ms, exit → next start", "p99"),
+            ):
                 raw: dict[str, float | None] = {
-                    AF: getattr(af, key) * 1000, REF: getattr(refr, key) * 1000,
-                    HONCHO_: None, SD: getattr(sdr, key) * 1000 if sdr else None,
+                    AF: getattr(af, key) * 1000,
+                    REF: getattr(refr, key) * 1000,
+                    HONCHO_: None,
+                    SD: getattr(sdr, key) * 1000 if sdr else None,
                 }
                 text = {HONCHO_: "n/a (no restarts)"}
                 if sdr is None:
@@ -1237,98 +1453,193 @@ class Bench:
                 else:
                     text[SD] = f"{fmt(raw[SD])} (n={len(sdr.latencies)})"
                 self.add(label, metric, raw, "lower", 1, text)
-        self.target("restart latency: median < 60 ms", crash.median < 0.060,
-                    f"crash restart {crash.median * 1000:.1f} ms (p99 {crash.p99 * 1000:.1f}), "
-                    f"milestone resume {mile.median * 1000:.1f} ms "
-                    f"(p99 {mile.p99 * 1000:.1f}); supervisord {sd.median * 1000:.0f} ms")
+        self.target(
+            "restart latency: median < 60 ms",
+            crash.median < 0.060,
+            f"crash restart {crash.median * 1000:.1f} ms (p99 {crash.p99 * 1000:.1f}), "
+            f"milestone resume {mile.median * 1000:.1f} ms "
+            f"(p99 {mile.p99 * 1000:.1f}); supervisord {sd.median * 1000:.0f} ms",
+        )
 
     def idle(self) -> None:
         s = self.sizes
         for n in s.idle:
-            found = {r.peer: r for r in idle(self.dir(f"idle{n}"), n, s.idle_seconds,
-                                             (AF, SD, HONCHO_), self.prof(f"idle{n}"),
-                                             s.idle_settle)}
+            found = {
+                r.peer: r
+                for r in idle(
+                    self.dir(f"idle{n}"),
+                    n,
+                    s.idle_seconds,
+                    (AF, SD, HONCHO_),
+                    self.prof(f"idle{n}"),
+                    s.idle_settle,
+                )
+            }
             for r in found.values():
-                log(f"idle {n}: {r.peer}: {r.cpu:.3f} CPU s in {r.seconds:.1f}s "
+                log(
+                    f"idle {n}: {r.peer}: {r.cpu:.3f} CPU s in {r.seconds:.1f}s "
                     f"({r.cpu_ms_per_agent_second:.4f} ms/agent-s; all but the agents "
                     f"{fmt(r.tree_cpu, 3)} s), peak RSS {r.peak_rss_mib:.1f} MiB over "
-                    f"{r.processes} process(es), PSS {r.pss_mib:.1f} MiB" + (
+                    f"{r.processes} process(es), PSS {r.pss_mib:.1f} MiB"
+                    + (
                         f"; wrappers {r.wrapper_cpu:.3f} CPU s, PSS {r.wrapper_pss_mib:.1f} MiB"
-                        if r.wrapper_cpu is not None else ""))
+                        if r.wrapper_cpu is not None
+                        else ""
+                    )
+                )
             w = f"idle {n} agents × {s.idle_seconds:g}s"
-            self.add(w, "supervisor CPU ms per agent-second",
-                     {p: r.cpu_ms_per_agent_second for p, r in found.items()}, "lower", 4)
-            self.add(w, "supervisor CPU s in the window",
-                     {p: r.cpu for p, r in found.items()}, "lower", 3)
-            self.add(w, "all processes but the agents (cgroup): CPU ms per agent-second",
-                     {p: r.per_agent_second(r.tree_cpu) for p, r in found.items()}, "lower", 4)
+            self.add(
+                w,
+                "supervisor CPU ms per agent-second",
+                {p: r.cpu_ms_per_agent_second for p, r in found.items()},
+                "lower",
+                4,
+            )
+            self.add(
+                w,
+                "supervisor CPU s in the window",
+                {p: r.cpu for p, r in found.items()},
+                "lower",
+                3,
+            )
+            self.add(
+                w,
+                "all processes but the agents (cgroup): CPU ms per agent-second",
+                {p: r.per_agent_second(r.tree_cpu) for p, r in found.items()},
+                "lower",
+                4,
+            )
             af = found[AF]
-            self.add(w, "… of which AF run wrappers (runner.sh + watchdog)",
-                     {AF: af.per_agent_second(af.wrapper_cpu)}, "", 4)
-            self.add(w, "supervisor peak RSS MiB (sum of VmHWM)",
-                     {p: r.peak_rss_mib for p, r in found.items()}, "lower", 1,
-                     {p: f"{r.peak_rss_mib:,.1f} ({r.processes} proc)"
-                      for p, r in found.items() if r.processes > 1})
-            self.add(w, "supervisor PSS MiB (shared pages split)",
-                     {p: r.pss_mib for p, r in found.items()}, "lower", 1)
-            self.add(w, "supervisor peak RSS per agent, MiB",
-                     {p: r.peak_rss_mib / n for p, r in found.items()}, "lower", 2)
+            self.add(
+                w,
+                "… of which AF run wrappers (runner.sh + watchdog)",
+                {AF: af.per_agent_second(af.wrapper_cpu)},
+                "",
+                4,
+            )
+            self.add(
+                w,
+                "supervisor peak RSS MiB (sum of VmHWM)",
+                {p: r.peak_rss_mib for p, r in found.items()},
+                "lower",
+                1,
+                {
+                    p: f"{r.peak_rss_mib:,.1f} ({r.processes} proc)"
+                    for p, r in found.items()
+                    if r.processes > 1
+                },
+            )
+            self.add(
+                w,
+                "supervisor PSS MiB (shared pages split)",
+                {p: r.pss_mib for p, r in found.items()},
+                "lower",
+                1,
+            )
+            self.add(
+                w,
+                "supervisor peak RSS per agent, MiB",
+                {p: r.peak_rss_mib / n for p, r in found.items()},
+                "lower",
+                2,
+            )
             self.add(w, "AF run wrappers: PSS MiB", {AF: af.wrapper_pss_mib}, "", 1)
-            self.add(w, "s until all agents were up", {p: r.ready_seconds for p, r in
-                                                       found.items()}, "lower", 1)
+            self.add(
+                w,
+                "s until all agents were up",
+                {p: r.ready_seconds for p, r in found.items()},
+                "lower",
+                1,
+            )
             wrappers = af.per_agent_second(af.wrapper_cpu)
-            self.target(f"idle {n}: < 0.1 ms supervisor CPU per agent-second",
-                        af.cpu_ms_per_agent_second < 0.1,
-                        f"{af.cpu_ms_per_agent_second:.4f} ms (the run wrappers add "
-                        f"{fmt(wrappers, 4)} ms)")
+            self.target(
+                f"idle {n}: < 0.1 ms supervisor CPU per agent-second",
+                af.cpu_ms_per_agent_second < 0.1,
+                f"{af.cpu_ms_per_agent_second:.4f} ms (the run wrappers add {fmt(wrappers, 4)} ms)",
+            )
             if n == max(s.idle):
                 mb = af.peak_rss_mib * 1.048576
-                self.target(f"idle {n}: peak RSS < 60 MB", mb < 60,
-                            f"{af.peak_rss_mib:.1f} MiB = {mb:.1f} MB")
+                self.target(
+                    f"idle {n}: peak RSS < 60 MB",
+                    mb < 60,
+                    f"{af.peak_rss_mib:.1f} MiB = {mb:.1f} MB",
+                )
 
     def scale(self) -> None:
         s = self.sizes
         d = self.dir("scale-fleet")
         af = scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale"))
         log(f"scale: agentize-fleet {af.wall:.2f}s ({af.factor:.2f}× ideal {af.ideal:.2f}s)")
-        warm = scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"),
-                           again=True)
-        log(f"scale: agentize-fleet again, worktrees made: {warm.wall:.2f}s "
-            f"({warm.factor:.2f}× ideal)")
-        multi = scale_fleet(self.dir("scale-fleet-clones"), s.scale_tasks, s.scale_cap,
-                            s.scale_agent, clones=SCALE_CLONES)
-        log(f"scale: agentize-fleet, {SCALE_CLONES} clones: {multi.wall:.2f}s "
-            f"({multi.factor:.2f}× ideal)")
-        ref = scale_reference(self.dir("scale-reference"), s.scale_tasks, s.scale_cap,
-                              s.scale_agent)
+        warm = scale_fleet(
+            d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"), again=True
+        )
+        log(
+            f"scale: agentize-fleet again, worktrees made: {warm.wall:.2f}s "
+            f"({warm.factor:.2f}× ideal)"
+        )
+        multi = scale_fleet(
+            self.dir("scale-fleet-clones"),
+            s.scale_tasks,
+            s.scale_cap,
+            s.scale_agent,
+            clones=SCALE_CLONES,
+        )
+        log(
+            f"scale: agentize-fleet, {SCALE_CLONES} clones: {multi.wall:.2f}s "
+            f"({multi.factor:.2f}× ideal)"
+        )
+        ref = scale_reference(
+            self.dir("scale-reference"), s.scale_tasks, s.scale_cap, s.scale_agent
+        )
         log(f"scale: reference {ref.wall:.2f}s ({ref.factor:.2f}× ideal)")
         na = {HONCHO_: "n/a (no queue)", SD: "n/a (no queue)"}
-        for w, r in ((f"scale {s.scale_tasks} × {s.scale_agent * 1000:g} ms, cap {s.scale_cap}",
-                      af),
-                     ("scale again, worktrees exist (2nd `up`)", warm),
-                     (f"scale, fresh, {SCALE_CLONES} clones (`clones_per_machine`)", multi)):
-            self.add(w, f"wall s (ideal {r.ideal:.3g} s)", {AF: r.wall, REF: ref.wall}, "lower",
-                     2, na)
+        for w, r in (
+            (f"scale {s.scale_tasks} × {s.scale_agent * 1000:g} ms, cap {s.scale_cap}", af),
+            ("scale again, worktrees exist (2nd `up`)", warm),
+            (f"scale, fresh, {SCALE_CLONES} clones (`clones_per_machine`)", multi),
+        ):
+            self.add(
+                w, f"wall s (ideal {r.ideal:.3g} s)", {AF: r.wall, REF: ref.wall}, "lower", 2, na
+            )
             self.add(w, "× ideal", {AF: r.factor, REF: ref.factor}, "lower", 2, na)
-            self.add(w, "overhead per task, ms ((wall − ideal) × cap / tasks)",
-                     {AF: (r.wall - r.ideal) * s.scale_cap / s.scale_tasks * 1000,
-                      REF: (ref.wall - ref.ideal) * s.scale_cap / s.scale_tasks * 1000},
-                     "lower", 1, na)
-            self.add(w, "supervisor CPU s (the `up` process; ≈ wall = its loop is the limit)",
-                     {AF: r.sup_cpu}, "", 2, na)
+            self.add(
+                w,
+                "overhead per task, ms ((wall − ideal) × cap / tasks)",
+                {
+                    AF: (r.wall - r.ideal) * s.scale_cap / s.scale_tasks * 1000,
+                    REF: (ref.wall - ref.ideal) * s.scale_cap / s.scale_tasks * 1000,
+                },
+                "lower",
+                1,
+                na,
+            )
+            self.add(
+                w,
+                "supervisor CPU s (the `up` process; ≈ wall = its loop is the limit)",
+                {AF: r.sup_cpu},
+                "",
+                2,
+                na,
+            )
             if r.runs_span is not None:
                 self.notes.append(
                     f"{w}: in agentize-fleet's JSONL, first `run-started` → last `run-ended` "
                     f"= {r.runs_span:.2f}s of the {r.wall:.2f}s wall time."
                 )
-        self.target("scale: within 1.5× of the ideal wall time, worktrees already made (the "
-                    "supervisor's own per-task cost)", warm.factor <= 1.5,
-                    f"{warm.wall:.2f}s = {warm.factor:.2f}× the ideal {warm.ideal:.3g}s; bare "
-                    f"pool {ref.factor:.2f}×")
-        self.target(f"scale: within 1.5× of the ideal wall time, {s.scale_tasks:,} new worktrees "
-                    "(git's `worktree add` included)", af.factor <= 1.5,
-                    f"{af.wall:.2f}s = {af.factor:.2f}× the ideal; over {SCALE_CLONES} clones "
-                    f"{multi.factor:.2f}×")
+        self.target(
+            "scale: within 1.5× of the ideal wall time, worktrees already made (the "
+            "supervisor's own per-task cost)",
+            warm.factor <= 1.5,
+            f"{warm.wall:.2f}s = {warm.factor:.2f}× the ideal {warm.ideal:.3g}s; bare "
+            f"pool {ref.factor:.2f}×",
+        )
+        self.target(
+            f"scale: within 1.5× of the ideal wall time, {s.scale_tasks:,} new worktrees "
+            "(git's `worktree add` included)",
+            af.factor <= 1.5,
+            f"{af.wall:.2f}s = {af.factor:.2f}× the ideal; over {SCALE_CLONES} clones "
+            f"{multi.factor:.2f}×",
+        )
 
     def ssh(self) -> None:
         """Agents on an SSH machine (issue 14; ``bench_ssh.py``).  agentize-fleet's column is the
@@ -1346,49 +1657,104 @@ class Bench:
         na = {HONCHO_: "n/a (local only)", SD: "n/a (local only)"}
         w = f"SSH throughput {s.ssh_procs}×{s.ssh_lines:,}, line by line (ref: plain ssh)"
         plain = b.throughput_plain(self.dir("ssh-plain"), s.ssh_procs, s.ssh_lines)
-        log(f"ssh throughput: plain ssh: {plain.rate:,.0f} lines/s, "
-            f"{plain.arrived}/{plain.expected} lines, in order: {plain.in_order}")
+        log(
+            f"ssh throughput: plain ssh: {plain.rate:,.0f} lines/s, "
+            f"{plain.arrived}/{plain.expected} lines, in order: {plain.in_order}"
+        )
         af = b.throughput_fleet_ssh(self.dir("ssh-fleet"), s.ssh_procs, s.ssh_lines)
-        log(f"ssh throughput: agentize-fleet: {af.rate:,.0f} lines/s, "
-            f"{af.arrived}/{af.expected} lines, in order: {af.in_order}")
-        self.add(w, "lines/s (first start → last line in sink)", {AF: af.rate, REF: plain.rate},
-                 "higher", 0, na)
-        self.add(w, "lines arrived, in order", {AF: af.arrived, REF: plain.arrived}, "",
-                 text={**na, **{p: f"{r.arrived:,}/{r.expected:,} {'✓' if r.complete else '✗'}"
-                                for p, r in ((AF, af), (REF, plain))}})
-        self.add(w, "local CPU µs per line (AF: `up`; ref: the ssh clients)",
-                 {p: None if r.sup_cpu is None else 1e6 * r.sup_cpu / r.expected
-                  for p, r in ((AF, af), (REF, plain))}, "lower", 2, na)
-        self.target(f"{w}: every line arrives once, in order", af.complete and plain.complete,
-                    f"agentize-fleet {af.arrived:,}/{af.expected:,} at {af.rate:,.0f} lines/s, "
-                    f"plain ssh {plain.arrived:,}/{plain.expected:,} at {plain.rate:,.0f} "
-                    f"({af.rate / max(plain.rate, 1):.2f}× plain ssh)")
+        log(
+            f"ssh throughput: agentize-fleet: {af.rate:,.0f} lines/s, "
+            f"{af.arrived}/{af.expected} lines, in order: {af.in_order}"
+        )
+        self.add(
+            w,
+            "lines/s (first start → last line in sink)",
+            {AF: af.rate, REF: plain.rate},
+            "higher",
+            0,
+            na,
+        )
+        self.add(
+            w,
+            "lines arrived, in order",
+            {AF: af.arrived, REF: plain.arrived},
+            "",
+            text={
+                **na,
+                **{
+                    p: f"{r.arrived:,}/{r.expected:,} {'✓' if r.complete else '✗'}"
+                    for p, r in ((AF, af), (REF, plain))
+                },
+            },
+        )
+        self.add(
+            w,
+            "local CPU µs per line (AF: `up`; ref: the ssh clients)",
+            {
+                p: None if r.sup_cpu is None else 1e6 * r.sup_cpu / r.expected
+                for p, r in ((AF, af), (REF, plain))
+            },
+            "lower",
+            2,
+            na,
+        )
+        self.target(
+            f"{w}: every line arrives once, in order",
+            af.complete and plain.complete,
+            f"agentize-fleet {af.arrived:,}/{af.expected:,} at {af.rate:,.0f} lines/s, "
+            f"plain ssh {plain.arrived:,}/{plain.expected:,} at {plain.rate:,.0f} "
+            f"({af.rate / max(plain.rate, 1):.2f}× plain ssh)",
+        )
         idle = b.idle_ssh(self.dir("ssh-idle"), s.ssh_idle, s.idle_seconds, s.idle_settle)
-        log(f"ssh idle {s.ssh_idle}: supervisor {idle.sup_cpu:.3f} CPU s in "
+        log(
+            f"ssh idle {s.ssh_idle}: supervisor {idle.sup_cpu:.3f} CPU s in "
             f"{idle.seconds:.1f}s, remote side {fmt(idle.remote_cpu, 3)} s, peak RSS "
             f"{idle.peak_rss_mib:.1f} MiB, {idle.connections} sshd connection process(es), "
-            f"{idle.remote_processes} remote helper process(es)")
+            f"{idle.remote_processes} remote helper process(es)"
+        )
         wi = f"SSH idle {s.ssh_idle} agents × {s.idle_seconds:g}s"
         none = {**na, REF: "n/a"}
-        self.add(wi, "supervisor CPU ms per agent-second",
-                 {AF: idle.per_agent_second(idle.sup_cpu)}, "lower", 4, none)
-        self.add(wi, "remote side (sshd and all under it, agents excepted) CPU ms/agent-s",
-                 {AF: idle.per_agent_second(idle.remote_cpu)}, "lower", 4, none)
+        self.add(
+            wi,
+            "supervisor CPU ms per agent-second",
+            {AF: idle.per_agent_second(idle.sup_cpu)},
+            "lower",
+            4,
+            none,
+        )
+        self.add(
+            wi,
+            "remote side (sshd and all under it, agents excepted) CPU ms/agent-s",
+            {AF: idle.per_agent_second(idle.remote_cpu)},
+            "lower",
+            4,
+            none,
+        )
         self.add(wi, "supervisor peak RSS MiB", {AF: idle.peak_rss_mib}, "lower", 1, none)
-        self.add(wi, "remote processes besides the agents", {AF: idle.remote_processes},
-                 "lower", 0, none)
-        self.notes.append(f"{wi}: {idle.connections} sshd connection process(es) for "
-                          f"{s.ssh_idle} agents; all up in {idle.ready_seconds:.1f}s")
+        self.add(
+            wi, "remote processes besides the agents", {AF: idle.remote_processes}, "lower", 0, none
+        )
+        self.notes.append(
+            f"{wi}: {idle.connections} sshd connection process(es) for "
+            f"{s.ssh_idle} agents; all up in {idle.ready_seconds:.1f}s"
+        )
         rc = b.reconnect_ssh(self.dir("ssh-reconnect"), s.ssh_cuts)
-        log(f"ssh reconnect: median {rc.median:.3f}s, worst {rc.worst:.3f}s over "
-            f"{len(rc.gaps)} cuts, every line once and in order: {rc.lines_ok}")
+        log(
+            f"ssh reconnect: median {rc.median:.3f}s, worst {rc.worst:.3f}s over "
+            f"{len(rc.gaps)} cuts, every line once and in order: {rc.lines_ok}"
+        )
         wr = f"SSH link cut ×{s.ssh_cuts} under an agent printing every 10 ms"
-        self.add(wr, "s from the cut to output flowing again, median", {AF: rc.median},
-                 "lower", 3, none)
-        self.add(wr, "s from the cut to output flowing again, worst", {AF: rc.worst},
-                 "lower", 3, none)
-        self.target(f"{wr}: every line once, in order", rc.lines_ok,
-                    f"median {rc.median:.3f}s, worst {rc.worst:.3f}s until output flowed again")
+        self.add(
+            wr, "s from the cut to output flowing again, median", {AF: rc.median}, "lower", 3, none
+        )
+        self.add(
+            wr, "s from the cut to output flowing again, worst", {AF: rc.worst}, "lower", 3, none
+        )
+        self.target(
+            f"{wr}: every line once, in order",
+            rc.lines_ok,
+            f"median {rc.median:.3f}s, worst {rc.worst:.3f}s until output flowed again",
+        )
 
     def profile_fleet(self) -> None:
         """agentize-fleet alone, under pyinstrument, on each workload: bench/profiles/*.txt."""
@@ -1402,17 +1768,20 @@ class Bench:
                 if not self.keep:
                     shutil.rmtree(d, ignore_errors=True)
         if "restart" in todo:
-            restart_fleet(self.dir("restart-crash"), s.restarts, "crash",
-                          self.prof("restart-crash"))
+            restart_fleet(
+                self.dir("restart-crash"), s.restarts, "crash", self.prof("restart-crash")
+            )
         if "idle" in todo:
             n = max(s.idle)
-            idle(self.dir(f"idle{n}"), n, s.idle_seconds, (AF,), self.prof(f"idle{n}"),
-                 s.idle_settle)
+            idle(
+                self.dir(f"idle{n}"), n, s.idle_seconds, (AF,), self.prof(f"idle{n}"), s.idle_settle
+            )
         if "scale" in todo:
             d = self.dir("scale")
             scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale"))
-            scale_fleet(d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"),
-                        again=True)
+            scale_fleet(
+                d, s.scale_tasks, s.scale_cap, s.scale_agent, self.prof("scale-warm"), again=True
+            )
 
     def run(self) -> None:
         make_origin(self.work / "origin")
@@ -1450,10 +1819,14 @@ def report(bench: Bench, quick: bool, started: float) -> str:
         f"scale {s.scale_tasks} tasks × {s.scale_agent * 1000:g} ms, cap {s.scale_cap}",
         f"- load average (1 min) at the start {bench.load[0]:.2f}, at the end "
         f"{os.getloadavg()[0]:.2f}"
-        + (" — **the machine was busy with other work: figures are noisy**"
-           if max(bench.load[0], os.getloadavg()[0]) > 0.7 else ""),
+        + (
+            " — **the machine was busy with other work: figures are noisy**"
+            if max(bench.load[0], os.getloadavg()[0]) > 0.7
+            else ""
+        ),
         f"- bench time: {time.time() - started:.0f}s ("
-        + ", ".join(f"{k} {v:.0f}s" for k, v in bench.timings.items()) + ")",
+        + ", ".join(f"{k} {v:.0f}s" for k, v in bench.timings.items())
+        + ")",
         "",
         "Ratios are agentize-fleet ÷ peer; `better` says which direction is better for the row.",
         "",
@@ -1488,17 +1861,30 @@ def list_profiles() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="1/10 sizes, 4 s idle windows: checks the bench in under a minute")
-    parser.add_argument("--only", action="append", default=[],
-                        choices=["throughput", "restart", "idle", "scale", "ssh"],
-                        help="run only this workload (repeatable)")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead of the comparison: run agentize-fleet alone under "
-                        "pyinstrument on each workload (idle: just the measured window) and "
-                        "write its call trees to bench/profiles/*.txt")
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1/10 sizes, 4 s idle windows: checks the bench in under a minute",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=["throughput", "restart", "idle", "scale", "ssh"],
+        help="run only this workload (repeatable)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison: run agentize-fleet alone under "
+        "pyinstrument on each workload (idle: just the measured window) and "
+        "write its call trees to bench/profiles/*.txt",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep bench/.work/RUN afterwards")
     args = parser.parse_args(argv)
@@ -1507,8 +1893,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{exe} is missing: run scripts/bench, which installs it")
     started = time.time()
     if os.getloadavg()[0] > 0.7:
-        log(f"warning: load average {os.getloadavg()[0]:.2f}: other work on this machine "
-            "will make the figures noisy")
+        log(
+            f"warning: load average {os.getloadavg()[0]:.2f}: other work on this machine "
+            "will make the figures noisy"
+        )
     work = BENCH / ".work" / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True)
     bench = Bench(QUICK if args.quick else FULL, work, set(args.only), args.profile, args.keep)

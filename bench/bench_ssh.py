@@ -81,8 +81,16 @@ def machine(work: Path, group: CpuGroup | None = None) -> Iterator[SSHD]:
         yield server
 
 
-def ssh_fleet_config(path: Path, work: Path, server: SSHD, command: list[str], tasks: int, *,
-                     cap: int, lease_timeout: float = 60.0) -> Path:
+def ssh_fleet_config(
+    path: Path,
+    work: Path,
+    server: SSHD,
+    command: list[str],
+    tasks: int,
+    *,
+    cap: int,
+    lease_timeout: float = 60.0,
+) -> Path:
     """A fleet whose only machine is ``server`` (``local.max_agents = 0``)."""
     lines = [
         'name = "bench-ssh"',
@@ -121,9 +129,20 @@ def ssh_fleet_config(path: Path, work: Path, server: SSHD, command: list[str], t
 def ssh_argv(server: SSHD, command: list[str]) -> list[str]:
     """OpenSSH's client running ``command`` on ``server`` (batch mode, the test keys)."""
     return [
-        "ssh", "-q", "-T", "-p", str(server.port), "-i", str(server.client_key),
-        "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes", f"{server.user}@{server.address}",
+        "ssh",
+        "-q",
+        "-T",
+        "-p",
+        str(server.port),
+        "-i",
+        str(server.client_key),
+        "-o",
+        f"UserKnownHostsFile={server.known_hosts}",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        f"{server.user}@{server.address}",
         shlex.join(command),
     ]
 
@@ -138,13 +157,21 @@ def throughput_plain(work: Path, procs: int, lines: int) -> Throughput:
     files = {i: work / f"p{i}.out" for i in range(1, procs + 1)}
     with machine(work) as server:
         result.launched = time.time()
-        clients = [Spawned(ssh_argv(server, flood_cmd(lines, i, record, hold, 1)), cwd=work,
-                           stdout=files[i]) for i in range(1, procs + 1)]
+        clients = [
+            Spawned(
+                ssh_argv(server, flood_cmd(lines, i, record, hold, 1)), cwd=work, stdout=files[i]
+            )
+            for i in range(1, procs + 1)
+        ]
         try:
             result.last_line = time_sink(
                 lambda: sum(p.stat().st_size for p in files.values() if p.exists()),
                 lambda: sum(p.stat().st_size for p in files.values() if p.exists()) // 100,
-                procs * lines, record, procs, 600, lambda: True,
+                procs * lines,
+                record,
+                procs,
+                600,
+                lambda: True,
             )
             result.sup_cpu = cpu_of(c.proc for c in clients)  # the ssh clients carry the bytes
             hold.touch()
@@ -164,8 +191,14 @@ def throughput_fleet_ssh(work: Path, procs: int, lines: int) -> Throughput:
     result = Throughput(AF_SSH, procs, lines)
     record, hold = work / "record", work / "hold"
     with machine(work) as server:
-        config = ssh_fleet_config(work / "fleet.toml", work, server,
-                                  flood_cmd(lines, "{issue}", record, hold, 1), procs, cap=procs)
+        config = ssh_fleet_config(
+            work / "fleet.toml",
+            work,
+            server,
+            flood_cmd(lines, "{issue}", record, hold, 1),
+            procs,
+            cap=procs,
+        )
 
         def size() -> int:
             total = 0
@@ -180,8 +213,9 @@ def throughput_fleet_ssh(work: Path, procs: int, lines: int) -> Throughput:
         result.launched = time.time()
         sup = Spawned(fleet_argv(config), cwd=work, stdout=work / "console")
         try:
-            result.last_line = time_sink(size, count, procs * lines, record, procs, 900,
-                                         lambda: sup.popen.poll() is None)
+            result.last_line = time_sink(
+                size, count, procs * lines, record, procs, 900, lambda: sup.popen.poll() is None
+            )
             result.sup_cpu = cpu_of([sup.proc])
             hold.touch()
             if sup.wait(300) is None:
@@ -228,11 +262,13 @@ def idle_ssh(work: Path, agents: int, seconds: float, settle: float) -> IdleSSH:
     group = CpuGroup.make(f"ssh-idle{agents}")
     try:
         with machine(work, group) as server:
-            config = ssh_fleet_config(work / "fleet.toml", work, server, ["sleep", SLEEP_ARG],
-                                      agents, cap=agents)
+            config = ssh_fleet_config(
+                work / "fleet.toml", work, server, ["sleep", SLEEP_ARG], agents, cap=agents
+            )
             started = time.time()
             sup = Spawned(fleet_argv(config), cwd=work, stdout=work / "console")
             try:
+
                 def ready() -> bool:
                     if sup.popen.poll() is not None:
                         raise BenchError(f"agentize-fleet (SSH) exited early: see {work}")
@@ -257,7 +293,8 @@ def idle_ssh(work: Path, agents: int, seconds: float, settle: float) -> IdleSSH:
                 agent_pids = {p.pid for p in sleepers}
                 with contextlib.suppress(psutil.Error):
                     result.remote_processes = sum(
-                        1 for p in psutil.Process(server.pid).children(recursive=True)
+                        1
+                        for p in psutil.Process(server.pid).children(recursive=True)
                         if p.pid not in agent_pids
                     )
             finally:
@@ -306,12 +343,16 @@ def reconnect_ssh(work: Path, cuts: int) -> Reconnect:
     ticks = 100 * (4 + 4 * cuts)  # enough output to outlast every cut
     script = WORKLOADS / "ticker.py"
     with machine(work) as server:
-        config = ssh_fleet_config(work / "fleet.toml", work, server,
-                                  [PY, "-S", str(script), str(ticks)], 1, cap=1)
+        config = ssh_fleet_config(
+            work / "fleet.toml", work, server, [PY, "-S", str(script), str(ticks)], 1, cap=1
+        )
         sup = Spawned(fleet_argv(config), cwd=work, stdout=work / "console")
         try:
-            wait_until(lambda: b"tick 000050" in read_all(fleet_segments(work)), 60,
-                       "the ticker's first lines")
+            wait_until(
+                lambda: b"tick 000050" in read_all(fleet_segments(work)),
+                60,
+                "the ticker's first lines",
+            )
             for _ in range(cuts):
                 cut = time.time()
                 server.kill_connections()

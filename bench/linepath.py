@@ -87,8 +87,14 @@ async def pump(mux: LogMux, tag: Tag, handle: RunHandle, tails: dict[Stream, Out
     """What ``Worker._pump`` does, without the limit scan at its end."""
     from supervisor.lines import pump_output  # only here: the writer mode runs on older code too
 
-    await pump_output(mux, tag, handle.output({}), {}, 65536,
-                      on_block=lambda stream, block: tails[stream].add(block))
+    await pump_output(
+        mux,
+        tag,
+        handle.output({}),
+        {},
+        65536,
+        on_block=lambda stream, block: tails[stream].add(block),
+    )
 
 
 async def live_once(processes: int, lines: int, directory: Path) -> float:
@@ -104,8 +110,14 @@ async def live_once(processes: int, lines: int, directory: Path) -> float:
                 for number in range(1, processes + 1):
                     run_dir = directory / f"run{number}"
                     spec = RunSpec(
-                        argv=[sys.executable, "-S", str(WORKLOAD), str(lines), str(number),
-                              str(record)],
+                        argv=[
+                            sys.executable,
+                            "-S",
+                            str(WORKLOAD),
+                            str(lines),
+                            str(number),
+                            str(record),
+                        ],
                         cwd=str(directory),
                         run_dir=str(run_dir),
                         lease_path=str(directory / "lease"),
@@ -140,18 +152,23 @@ def main() -> None:
                 (tmp / str(number)).mkdir()
                 runs.append(anyio.run(live_once, args.live, lines, tmp / str(number)))
                 shutil.rmtree(tmp / str(number))
-            print(f"live {args.live} × {lines:,}: {min(runs) / total * 1e9:6.1f} ns CPU per line "
-                  f"(min of {args.repeat}; all: "
-                  + ", ".join(f"{r / total * 1e9:.0f}" for r in runs) + ")")
+            print(
+                f"live {args.live} × {lines:,}: {min(runs) / total * 1e9:6.1f} ns CPU per line "
+                f"(min of {args.repeat}; all: "
+                + ", ".join(f"{r / total * 1e9:.0f}" for r in runs)
+                + ")"
+            )
             return
         lines = args.lines or 1_000_000
         data = flood(lines)
         for chunk in args.chunk or [256 * 1024, 64 * 1024, 8 * 1024]:
             timed = [writer_once(data, chunk, tmp) for _ in range(args.repeat)]
             best, best_kernel = min(timed)
-            print(f"writer, reads of {chunk:>7} B: {best / lines * 1e9:6.1f} ns CPU per line, "
-                  f"{best_kernel / lines * 1e9:.0f} of it in the kernel "
-                  f"(min of {args.repeat} × {lines:,} lines)")
+            print(
+                f"writer, reads of {chunk:>7} B: {best / lines * 1e9:6.1f} ns CPU per line, "
+                f"{best_kernel / lines * 1e9:.0f} of it in the kernel "
+                f"(min of {args.repeat} × {lines:,} lines)"
+            )
 
 
 if __name__ == "__main__":

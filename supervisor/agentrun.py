@@ -150,8 +150,11 @@ class AgentRun:
         facts = self.reader.facts
         if not self.kind.resumes:
             return {}
-        found: dict[str, Any] = {"session_id": facts.session_id, "cost_usd": facts.cost_usd,
-                                 "turns": facts.turns}
+        found: dict[str, Any] = {
+            "session_id": facts.session_id,
+            "cost_usd": facts.cost_usd,
+            "turns": facts.turns,
+        }
         if facts.malformed:
             found["malformed_lines"] = facts.malformed
         return found

@@ -138,9 +138,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             held.release()
     if not args.quiet:  # through a sink: a closed or stalled stdout is no error, no hang
         summary = result.run_dir / "summary.json"
-        write_final(f"\n{report.summary_table([w.as_dict() for w in result.workers])}\n\n"
-                    f"logs: {result.run_dir / 'fleet.jsonl'}\n"
-                    f"summary: {summary if summary.exists() else 'not written (see the log)'}\n")
+        write_final(
+            f"\n{report.summary_table([w.as_dict() for w in result.workers])}\n\n"
+            f"logs: {result.run_dir / 'fleet.jsonl'}\n"
+            f"summary: {summary if summary.exists() else 'not written (see the log)'}\n"
+        )
     return result.exit_code
 
 
@@ -160,7 +162,7 @@ async def _github_tasks(config: FleetConfig) -> list[TaskConfig]:
         found = await fetch_github_tasks(query, gh=src.gh, cwd=str(config.base_dir))
     except TaskSourceError as exc:
         raise ConfigError(
-            f"{config.source_file}: tasks.source = \"github\" (path to gh: tasks.gh): {exc}"
+            f'{config.source_file}: tasks.source = "github" (path to gh: tasks.gh): {exc}'
         ) from None
     tasks = []
     for t in found:
@@ -169,11 +171,11 @@ async def _github_tasks(config: FleetConfig) -> list[TaskConfig]:
         except ValidationError as exc:
             # One issue GitHub lists but no run could be started for (a NUL or 128 KiB in its
             # title) must not stop the others: it is left out, and said so.
-            why = "; ".join(f"{'.'.join(map(str, e['loc']))} "
-                            f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())
-            structlog.get_logger(__name__).warning(
-                f"issue #{t.issue} from GitHub skipped: {why}"
+            why = "; ".join(
+                f"{'.'.join(map(str, e['loc']))} {str(e['msg']).removeprefix('Value error, ')}"
+                for e in exc.errors()
             )
+            structlog.get_logger(__name__).warning(f"issue #{t.issue} from GitHub skipped: {why}")
     return tasks
 
 
@@ -222,7 +224,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         async def one(name: str) -> None:
             rows[name] = await check_machine(
-                hosts[name], agent_executable=agent, workdir=workdirs[name], holder=holder,
+                hosts[name],
+                agent_executable=agent,
+                workdir=workdirs[name],
+                holder=holder,
                 stale_after=stale_after(config.lease_timeout),
             )
 
@@ -298,7 +303,10 @@ def _config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # Accepted before the sub-command and after it.  The sub-command's copy has no default, so
     # that `-c FILE up` is not undone by `up`'s own (absent) option.
     parser.add_argument(
-        "-c", "--config", metavar="FILE", default=None if top else argparse.SUPPRESS,
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=None if top else argparse.SUPPRESS,
         help="fleet config (default: configs/fleet.toml)",
     )
 
@@ -308,12 +316,19 @@ def colour_options(parser: argparse.ArgumentParser) -> None:
     that prints colour."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--color", "--colour", choices=("never", "auto", "always"), default="auto",
+        "--color",
+        "--colour",
+        choices=("never", "auto", "always"),
+        default="auto",
         help="colour the prefixes: never, auto (a terminal without NO_COLOR: the default) "
         "or always",
     )
     group.add_argument(
-        "--no-colour", "--no-color", dest="color", action="store_const", const="never",
+        "--no-colour",
+        "--no-color",
+        dest="color",
+        action="store_const",
+        const="never",
         help="same as --color=never",
     )
 
@@ -330,7 +345,10 @@ def _count(text: str) -> int:
 
 def _shift_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
-        "--shift", "--run", dest="shift", metavar="ID",
+        "--shift",
+        "--run",
+        dest="shift",
+        metavar="ID",
         help=f"the shift {what} (its id or a unique prefix; default: the latest); "
         "--run is its old name",
     )
@@ -342,12 +360,19 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
         "-f", "--follow", action="store_true", help="keep printing new records until the fleet ends"
     )
     logs.add_argument(
-        "-n", "--tail", dest="lines", type=_count, metavar="N",
+        "-n",
+        "--tail",
+        dest="lines",
+        type=_count,
+        metavar="N",
         help="start from the last N matching records (default: all)",
     )
     logs.add_argument(
-        "--task", type=control_commands.issue_number, action="append", metavar="N",
-        help="only task N (repeatable)"
+        "--task",
+        type=control_commands.issue_number,
+        action="append",
+        metavar="N",
+        help="only task N (repeatable)",
     )
     logs.add_argument(
         "--machine", action="append", metavar="NAME", help="only machine NAME (repeatable)"
@@ -356,7 +381,9 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
         "--worker", action="append", metavar="NAME", help="only worker NAME, e.g. w2 (repeatable)"
     )
     logs.add_argument(
-        "--stream", action="append", choices=STREAMS,
+        "--stream",
+        action="append",
+        choices=STREAMS,
         help="only this stream: stdout, stderr or fleet (repeatable)",
     )
     logs.add_argument(
@@ -364,7 +391,8 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
     )
     logs.add_argument("--grep", metavar="REGEX", help="only records whose line matches REGEX")
     logs.add_argument(
-        "--session", metavar="ID",
+        "--session",
+        metavar="ID",
         help="only the runs in agent session ID (or a unique start of it), and the runs that "
         "resumed it; default shift: that of its last run",
     )
@@ -381,57 +409,90 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_exit_code_list(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {version()}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {version()}",
+        help="print the version and exit",
+    )
     _config_option(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                     title="commands")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, title="commands"
+    )
 
     def command(
-        name: str, help: str, func: Callable[[argparse.Namespace], int], *,
-        aliases: Sequence[str] = (), state: bool = True, config: bool = True,
+        name: str,
+        help: str,
+        func: Callable[[argparse.Namespace], int],
+        *,
+        aliases: Sequence[str] = (),
+        state: bool = True,
+        config: bool = True,
         description: str | None = None,
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, aliases=list(aliases), help=help,
-                                  description=description or help[0].upper() + help[1:] + ".")
+        sub = commands.add_parser(
+            name,
+            aliases=list(aliases),
+            help=help,
+            description=description or help[0].upper() + help[1:] + ".",
+        )
         if config:
             _config_option(sub, top=False)
         if state:
-            sub.add_argument("--state-dir", metavar="DIR",
-                             help="state directory (default: the config's state_dir)")
+            sub.add_argument(
+                "--state-dir",
+                metavar="DIR",
+                help="state directory (default: the config's state_dir)",
+            )
         sub.set_defaults(func=func, command_parser=sub)
         return sub
 
-    up = command("up", "run the fleet in the foreground until every task has ended", cmd_up,
-                 state=False)
+    up = command(
+        "up", "run the fleet in the foreground until every task has ended", cmd_up, state=False
+    )
     up.add_argument("--concurrency", type=int, metavar="N", help="at most N agents at once")
     up.add_argument("-q", "--quiet", action="store_true", help="no terminal output")
     colour_options(up)
     up.add_argument("--until", metavar="HH:MM", help="soft deadline: no new run after this time")
     up.add_argument("--max-duration", metavar="DUR", help="soft deadline after DUR (8h, 90m)")
-    up.add_argument("--grace", metavar="DUR",
-                    help="after the soft deadline, running agents may finish for DUR (30m)")
+    up.add_argument(
+        "--grace",
+        metavar="DUR",
+        help="after the soft deadline, running agents may finish for DUR (30m)",
+    )
     once = up.add_mutually_exclusive_group()
-    once.add_argument("--once", action="store_true",
-                      help="exit when the queue is drained (the default)")
-    once.add_argument("--watch", action="store_true",
-                      help="keep polling the GitHub task source for new issues")
+    once.add_argument(
+        "--once", action="store_true", help="exit when the queue is drained (the default)"
+    )
+    once.add_argument(
+        "--watch", action="store_true", help="keep polling the GitHub task source for new issues"
+    )
     again = up.add_mutually_exclusive_group()
-    again.add_argument("--rerun", type=control_commands.issue_number, action="append",
-                       metavar="ISSUE",
-                       help="run this task again although the ledger has it done (repeatable)")
-    again.add_argument("--fresh", action="store_true",
-                       help="start every listed task anew, done ones too (run numbers go on)")
+    again.add_argument(
+        "--rerun",
+        type=control_commands.issue_number,
+        action="append",
+        metavar="ISSUE",
+        help="run this task again although the ledger has it done (repeatable)",
+    )
+    again.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start every listed task anew, done ones too (run numbers go on)",
+    )
 
     logs = command(
-        "logs", "print a shift's log (-f: follow it)", logcmd.cmd_logs,
+        "logs",
+        "print a shift's log (-f: follow it)",
+        logcmd.cmd_logs,
         description="Print the records of a shift (the latest, or --shift ID) with the live "
         "view's prefixes, or raw with --json; -f keeps following until the fleet ends.",
     )
     _logs_options(logs)
 
-    status = command("status", "show the running fleet's tasks and runs", cmd_status,
-                     aliases=["ps"])
+    status = command(
+        "status", "show the running fleet's tasks and runs", cmd_status, aliases=["ps"]
+    )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     for entry in control_commands.COMMANDS.values():
@@ -441,32 +502,40 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, options in entry.arguments:
             sub.add_argument(*flags, **options)
 
-    shifts = command("shifts", "list past shifts and how they ended (old name: runs)", cmd_runs,
-                     aliases=["runs"])
+    shifts = command(
+        "shifts", "list past shifts and how they ended (old name: runs)", cmd_runs, aliases=["runs"]
+    )
     shifts.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     rep = command("report", "write (again) a shift's morning report", cmd_report)
     _shift_option(rep, "to report on")
     rep.add_argument("--print", action="store_true", help="print the Markdown report too")
 
-    command("check", "can every machine run agents? (a table: reachable, auth, git, agent, ...)",
-            cmd_check, state=False)
+    command(
+        "check",
+        "can every machine run agents? (a table: reachable, auth, git, agent, ...)",
+        cmd_check,
+        state=False,
+    )
 
-    cron = command("cron", "print a crontab line and a systemd timer for nightly shifts",
-                   cmd_cron, state=False)
+    cron = command(
+        "cron", "print a crontab line and a systemd timer for nightly shifts", cmd_cron, state=False
+    )
     cron.add_argument("--at", metavar="HH:MM", default="22:00", help="start time (22:00)")
     cron.add_argument("--until", metavar="HH:MM", default="07:00", help="soft deadline (07:00)")
     cron.add_argument("--grace", metavar="DUR", default="30m", help="grace after it (30m)")
 
     completion = command(
-        "completion", "print a shell completion script", cmd_completion,
-        state=False, config=False,
+        "completion",
+        "print a shell completion script",
+        cmd_completion,
+        state=False,
+        config=False,
         description="Print the completion script for SHELL. bash: "
-        f"`eval \"$({PROG} completion bash)\"` in ~/.bashrc; zsh: save it as _{PROG} in a "
+        f'`eval "$({PROG} completion bash)"` in ~/.bashrc; zsh: save it as _{PROG} in a '
         f"directory of $fpath; fish: save it as ~/.config/fish/completions/{PROG}.fish.",
     )
-    completion.add_argument("shell", choices=SHELLS, metavar="SHELL",
-                            help="bash, zsh or fish")
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="bash, zsh or fish")
     return parser
 
 
@@ -481,8 +550,9 @@ def _warning_line(
     machine = event_dict.pop("machine", None)
     details = " ".join(f"{k}={v}" for k, v in event_dict.items())
     where = f"{machine}: " if machine else ""
-    print(f"{PROG}: {method}: {where}{event}" + (f" ({details})" if details else ""),
-          file=sys.stderr)
+    print(
+        f"{PROG}: {method}: {where}{event}" + (f" ({details})" if details else ""), file=sys.stderr
+    )
     raise structlog.DropEvent
 
 

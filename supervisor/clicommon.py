@@ -59,6 +59,7 @@ def colour_setting(args: argparse.Namespace) -> bool | None:
 
 # -- flag values -------------------------------------------------------------------------------
 
+
 def parse_duration(text: str, flag: str = "--grace") -> float:
     """``8h``, ``30m``, ``45s``, ``1h30m``, ``90`` (seconds) → seconds, or a usage error."""
     try:
@@ -90,8 +91,11 @@ def _not_a_repository(path: str) -> str | None:
     try:
         done = subprocess.run(
             ["git", "ls-remote", "--heads", "--", path],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=GIT_CHECK_TIMEOUT, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=GIT_CHECK_TIMEOUT,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
         )
     except FileNotFoundError:
         return "git is not installed (not on PATH)"

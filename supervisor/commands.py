@@ -43,7 +43,11 @@ class Steerable(Protocol):
     def worker_for(self, issue: int) -> Worker | None: ...
 
     def add_task(
-        self, task: TaskConfig, *, record: TaskRecord | None = None, again: bool = False,
+        self,
+        task: TaskConfig,
+        *,
+        record: TaskRecord | None = None,
+        again: bool = False,
         origin: str = "config",
     ) -> Worker: ...
 
@@ -97,15 +101,21 @@ def checked_task(issue: int, title: str, prompt: str | None) -> TaskConfig:
     try:
         return TaskConfig(issue=issue, title=title, prompt=prompt)
     except ValidationError as exc:
-        why = "; ".join(f"--{e['loc'][0]} {str(e['msg']).removeprefix('Value error, ')}"
-                        for e in exc.errors())
+        why = "; ".join(
+            f"--{e['loc'][0]} {str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()
+        )
         raise CommandError(f"task #{issue}: {why}") from None
 
 
 def _add_request(args: argparse.Namespace) -> Request:
     checked_task(args.task, args.title, args.prompt)
-    return {"cmd": "add", "task": args.task, "title": args.title, "prompt": args.prompt,
-            "rerun": args.rerun}
+    return {
+        "cmd": "add",
+        "task": args.task,
+        "title": args.title,
+        "prompt": args.prompt,
+        "rerun": args.rerun,
+    }
 
 
 def _issue(request: Request, cmd: str) -> int:
@@ -118,8 +128,7 @@ def _issue(request: Request, cmd: str) -> int:
 async def _status(fleet: Steerable, request: Request) -> Answer:
     # The holds in force (usage limits): ``status`` shows each held machine and its reset.
     holds = fleet.ledger.holds(active_at=time.time())
-    return {"ok": True, **fleet.snapshot(), "workers": await live_rows(fleet),
-            "holds": holds}
+    return {"ok": True, **fleet.snapshot(), "workers": await live_rows(fleet), "holds": holds}
 
 
 async def live_rows(fleet: Steerable) -> list[dict[str, Any]]:
@@ -137,8 +146,11 @@ async def live_rows(fleet: Steerable) -> list[dict[str, Any]]:
         elif handle is not None:
             with contextlib.suppress(Exception):
                 stats = await handle.stats()
-                row.update(cpu_percent=stats.cpu_percent, rss_bytes=stats.rss_bytes,
-                           processes=stats.processes)
+                row.update(
+                    cpu_percent=stats.cpu_percent,
+                    rss_bytes=stats.rss_bytes,
+                    processes=stats.processes,
+                )
         last = fleet.mux.last_output.get(worker.name)
         row["last_output_age"] = None if last is None else round(now - last, 1)
         rows.append(row)
@@ -160,8 +172,11 @@ def _gate(pause: bool) -> Callable[[Steerable, Request], Awaitable[Answer]]:
             fleet.starts.resume()
         effect = "held" if pause else "allowed"
         fleet.log.info(name, msg=f"{name} requested: new runs {effect}")
-        return {"ok": True, "paused": fleet.starts.paused,
-                "message": "new runs paused" if pause else "new runs allowed"}
+        return {
+            "ok": True,
+            "paused": fleet.starts.paused,
+            "message": "new runs paused" if pause else "new runs allowed",
+        }
 
     return handle
 
@@ -173,15 +188,18 @@ async def _restart(fleet: Steerable, request: Request) -> Answer:
         raise CommandError(f"task #{issue} is not in this fleet")
     restart = worker.request_restart()
     if restart is False:
-        raise CommandError(
-            f"task #{issue} has no run to restart (state {worker.status.state})"
-        )
+        raise CommandError(f"task #{issue} has no run to restart (state {worker.status.state})")
     if restart is True:
-        return {"ok": True, "message": f"task #{issue} restarting: its next run starts as soon "
-                "as it has a slot"}
+        return {
+            "ok": True,
+            "message": f"task #{issue} restarting: its next run starts as soon as it has a slot",
+        }
     fleet.stop_run_soon(worker, restart)
-    return {"ok": True, "message": f"task #{issue} restarting: run {worker.status.run} is "
-            "stopped and the next one starts at once in its slot"}
+    return {
+        "ok": True,
+        "message": f"task #{issue} restarting: run {worker.status.run} is "
+        "stopped and the next one starts at once in its slot",
+    }
 
 
 async def _add(fleet: Steerable, request: Request) -> Answer:
@@ -193,15 +211,24 @@ async def _add(fleet: Steerable, request: Request) -> Answer:
     if worker is not None:
         state = worker.status.state
         if not state.final:
-            return {"ok": True, "worker": worker.name,
-                    "message": f"task #{issue} is already in the fleet (state {state})"}
+            return {
+                "ok": True,
+                "worker": worker.name,
+                "message": f"task #{issue} is already in the fleet (state {state})",
+            }
         if state is WorkerState.DONE and not rerun:
             return {"ok": True, "worker": worker.name, "message": _done_already(issue)}
         fleet.requeue(worker)
-        fleet.log.info("task-requeued", msg=f"task #{issue} ({state}) queued again on "
-                       f"{worker.name}", task=issue)
-        return {"ok": True, "worker": worker.name,
-                "message": f"task #{issue} ({state}) queued again on {worker.name}"}
+        fleet.log.info(
+            "task-requeued",
+            msg=f"task #{issue} ({state}) queued again on {worker.name}",
+            task=issue,
+        )
+        return {
+            "ok": True,
+            "worker": worker.name,
+            "message": f"task #{issue} ({state}) queued again on {worker.name}",
+        }
     record = fleet.ledger.task(issue)
     if record is not None and record.state == WorkerState.DONE and not rerun:
         return {"ok": True, "message": _done_already(issue)}
@@ -224,24 +251,36 @@ def _task_argument(help_text: str) -> tuple[tuple[str, ...], dict[str, Any]]:
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
-        Command("status", "show the running fleet", _status,
-                lambda a: {"cmd": "status"}, custom_output=True),
-        Command("down", "stop the running fleet (like Ctrl-C)", _down,
-                lambda a: {"cmd": "down"}),
+        Command(
+            "status",
+            "show the running fleet",
+            _status,
+            lambda a: {"cmd": "status"},
+            custom_output=True,
+        ),
+        Command("down", "stop the running fleet (like Ctrl-C)", _down, lambda a: {"cmd": "down"}),
         Command("pause", "start no new runs", _gate(True), lambda a: {"cmd": "pause"}),
         Command("resume", "allow new runs again", _gate(False), lambda a: {"cmd": "resume"}),
-        Command("restart", "restart one task's run (the next run starts at once in its slot)",
-                _restart, lambda a: {"cmd": "restart", "task": a.task},
-                (_task_argument("the task's issue number"),)),
         Command(
-            "add", "queue a task in the running fleet (idempotent)", _add, _add_request,
+            "restart",
+            "restart one task's run (the next run starts at once in its slot)",
+            _restart,
+            lambda a: {"cmd": "restart", "task": a.task},
+            (_task_argument("the task's issue number"),),
+        ),
+        Command(
+            "add",
+            "queue a task in the running fleet (idempotent)",
+            _add,
+            _add_request,
             (
                 _task_argument("the task's issue number"),
-                (("--title",), {"default": "", "help": "the issue's title ({title} in the "
-                                "command)"}),
+                (
+                    ("--title",),
+                    {"default": "", "help": "the issue's title ({title} in the command)"},
+                ),
                 (("--prompt",), {"help": "the first prompt (default: the config's)"}),
-                (("--rerun",), {"action": "store_true",
-                                "help": "run it again even if it is done"}),
+                (("--rerun",), {"action": "store_true", "help": "run it again even if it is done"}),
             ),
         ),
     )

@@ -54,8 +54,12 @@ PLACEHOLDERS = frozenset({"issue", "title", "prompt", "workspace"})
 #: Set by the fleet in every run's environment (worker.py), so an agent that runs
 #: ``agentize-fleet`` itself has them: they are not config, and not misspelt config either.
 RUN_ENV = frozenset(
-    {"AGENTIZE_FLEET_ISSUE", "AGENTIZE_FLEET_RUN", "AGENTIZE_FLEET_WORKSPACE",
-     "AGENTIZE_FLEET_TITLE"}
+    {
+        "AGENTIZE_FLEET_ISSUE",
+        "AGENTIZE_FLEET_RUN",
+        "AGENTIZE_FLEET_WORKSPACE",
+        "AGENTIZE_FLEET_TITLE",
+    }
 )
 
 #: The longest title a run can be given.  The title reaches the agent as one argument
@@ -121,7 +125,6 @@ class AgentConfig(_Strict):
                     known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
                     raise ValueError(f"unknown placeholder {{{name}}}; known: {known}")
         return value
-
 
     @field_validator("usage_limit_patterns", "rate_limit_patterns")
     @classmethod
@@ -336,21 +339,23 @@ class FleetConfig(BaseSettings):
             at = names.index("local")
             raise FieldsError(
                 'the name "local" is reserved for this machine; fix: rename that machine',
-                f"machines.{at}.name"
+                f"machines.{at}.name",
             )
         twice = _first_repeat(names)
         if twice is not None:
             first, at = twice
             raise FieldsError(
                 f"two machines are named {names[at]!r}; fix: give each its own `name`",
-                f"machines.{first}.name", f"machines.{at}.name",
+                f"machines.{first}.name",
+                f"machines.{at}.name",
             )
         if self.local.max_agents == 0 and not any(m.max_agents for m in self.machines):
             where = ("machines.*.max_agents",) if self.machines else ("machines",)
             raise FieldsError(
                 "local.max_agents is 0 and no SSH machine has max_agents > 0: no agent could "
                 "ever run; fix: set local.max_agents to 1 or more, or add a machine",
-                "local.max_agents", *where,
+                "local.max_agents",
+                *where,
             )
         issues = [t.issue for t in self.tasks.items]
         twice = _first_repeat(issues)
@@ -358,7 +363,8 @@ class FleetConfig(BaseSettings):
             first, at = twice
             raise FieldsError(
                 f"issue {issues[at]} is listed twice; fix: remove one of the two entries",
-                f"tasks.{first}.issue", f"tasks.{at}.issue",
+                f"tasks.{first}.issue",
+                f"tasks.{at}.issue",
             )
         known = {"local", *names}
         for at, task in enumerate(self.tasks.items):
@@ -474,8 +480,9 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"{file}: cannot be read: {exc.strerror}.") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file}: not UTF-8 text ({exc.reason}); fix: save it as UTF-8.") \
-            from None
+        raise ConfigError(
+            f"{file}: not UTF-8 text ({exc.reason}); fix: save it as UTF-8."
+        ) from None
     environ = dict(os.environ)
     FIELD_NAMES.check_environment(environ, warn)
     clean = {k: v for k, v in overrides.items() if v is not None}
@@ -484,10 +491,10 @@ def load_config(
     try:
         config = FleetConfig(**clean)
     except ValidationError as exc:
-        problems = "; ".join(FIELD_NAMES.describe(e, file, data, flags, environ)
-                             for e in exc.errors())
-        raise ConfigError(problems if problems.endswith((".", "?")) else problems + ".") \
-            from None
+        problems = "; ".join(
+            FIELD_NAMES.describe(e, file, data, flags, environ) for e in exc.errors()
+        )
+        raise ConfigError(problems if problems.endswith((".", "?")) else problems + ".") from None
     except (SettingsError, ValueError) as exc:  # a malformed env override lands here
         raise ConfigError(f"{file}: invalid config: {exc}.") from None
     finally:

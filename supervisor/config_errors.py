@@ -206,16 +206,18 @@ class FieldNames:
                     json.loads(environ[name])
                 except ValueError:
                     what = {"list": "a list", "dict": "a table of keys", "table": "a table"}[kind]
-                    more = (
-                        f" (or set one key as {name}__KEY=value)" if kind == "dict" else ""
-                    )
+                    more = f" (or set one key as {name}__KEY=value)" if kind == "dict" else ""
                     raise ConfigError(
                         f"environment variable {name}={environ[name]!r}: {what} is expected, "
                         f"written as JSON; fix: e.g. {name}={_EXAMPLES[kind]}{more}."
                     ) from None
 
     def describe(
-        self, error: Any, file: Path, data: Mapping[str, Any], flags: Mapping[str, str],
+        self,
+        error: Any,
+        file: Path,
+        data: Mapping[str, Any],
+        flags: Mapping[str, str],
         environ: Mapping[str, str],
     ) -> str:
         """One problem: which field (from the file, a flag or a variable), what is wrong, the
@@ -234,8 +236,11 @@ class FieldNames:
             got = f" (got {error['input']!r})"
         if error["type"] == "extra_forbidden":
             near = _nearest(str(loc[-1]), self.keys_at(loc))
-            fix = (f"did you mean `{near}`?" if near else
-                   "remove it or check its spelling against configs/fleet.example.toml")
+            fix = (
+                f"did you mean `{near}`?"
+                if near
+                else "remove it or check its spelling against configs/fleet.example.toml"
+            )
             return f"{file}: field `{path}`{_task_label(path, data)}: unknown key{got}; fix: {fix}"
         if "; fix: " not in message:
             message += f"; fix: {_fix_hint(path, str(error['type']))}"
@@ -244,8 +249,10 @@ class FieldNames:
             return f"{flags[top]} {error.get('input')!r}: {message}"
         env = self.env_of(path)
         if env is not None and env in environ:
-            return (f"environment variable {env}={environ[env]!r} (overrides field `{path}` of "
-                    f"{file}): {message}")
+            return (
+                f"environment variable {env}={environ[env]!r} (overrides field `{path}` of "
+                f"{file}): {message}"
+            )
         hint = f" [env override: {env}]" if env is not None else ""
         where = f"{file}: field `{path}`{_task_label(path, data)}"
         if "; fix: " in message and got:

@@ -130,8 +130,9 @@ def text_table(rows: Sequence[Sequence[str]], *, rule: bool = False) -> str:
     wide as its widest cell, no trailing blanks; ``rule``: a line of dashes under the header
     (the first row)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     if rule:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -93,8 +93,18 @@ def cmd_cron(args: argparse.Namespace) -> int:
     config = config_from(args)
     preflight(config)
     config_file = Path(os.path.abspath(config.source_file))
-    argv = [*_self_command(), "up", "--config", str(config_file), "--once",
-            "--until", args.until, "--grace", args.grace, "--quiet"]
+    argv = [
+        *_self_command(),
+        "up",
+        "--config",
+        str(config_file),
+        "--once",
+        "--until",
+        args.until,
+        "--grace",
+        args.grace,
+        "--quiet",
+    ]
     path = cron_path()
     state = config.state_path
     log = state / "cron.log"

@@ -121,12 +121,16 @@ class Fleet:
         self.gate = StartGate(config.start_interval)
         self.stop = StopControl()
         self.starts = StartsGate()
-        width = max([len(f"w{len(config.tasks.items)} #{t.issue}") for t in config.tasks.items]
-                    + [5])
+        width = max(
+            [len(f"w{len(config.tasks.items)} #{t.issue}") for t in config.tasks.items] + [5]
+        )
         # Stream-JSON agents are shown as people read them; plain text agents as they print.
         lines = render_line if config.agent.kind != "command" else None
-        renderer = (ConsoleRenderer(console, colour=colour, width=width, line_renderer=lines)
-                    if console else None)
+        renderer = (
+            ConsoleRenderer(console, colour=colour, width=width, line_renderer=lines)
+            if console
+            else None
+        )
         self.started_at = time.time()
         try:
             self.died = self.ledger.begin_shift(self._shift_record())
@@ -139,8 +143,13 @@ class Fleet:
         route_structlog(self.mux)
         self.pool = SlotPool(config.concurrency, {})
         self.machines = Machines(
-            config, shift_id=self.shift_id, shift_dir=self.run_dir, pool=self.pool,
-            ledger=self.ledger, log=self.log, hosts=hosts,
+            config,
+            shift_id=self.shift_id,
+            shift_dir=self.run_dir,
+            pool=self.pool,
+            ledger=self.ledger,
+            log=self.log,
+            hosts=hosts,
         )
         self.workers: list[Worker] = []
         self.unlisted: list[TaskRecord] = []
@@ -164,13 +173,19 @@ class Fleet:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StateDirUnusable(
-                    self.run_dir, f"cannot be made ({exc.strerror})",
+                    self.run_dir,
+                    f"cannot be made ({exc.strerror})",
                     "make the state directory writable by you and give its disk room, or "
                     "point state_dir at another directory",
                     "the shift's directory",
                 ) from None
-            return LogMux(self.shift_id, self.run_dir / "fleet.jsonl", renderer,
-                          rotate_bytes=self.config.log_rotate_bytes, on_fault=self._log_fault)
+            return LogMux(
+                self.shift_id,
+                self.run_dir / "fleet.jsonl",
+                renderer,
+                rotate_bytes=self.config.log_rotate_bytes,
+                on_fault=self._log_fault,
+            )
         except (StateDirUnusable, LogUnwritable) as exc:
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()
@@ -179,20 +194,34 @@ class Fleet:
 
     def _shift_record(self) -> ShiftRecord:
         return ShiftRecord(
-            id=self.shift_id, pid=os.getpid(), pid_ticks=read_start_ticks(os.getpid()),
-            host=socket.gethostname(), config=str(self.config.source_file), dir=str(self.run_dir),
-            name=self.config.name, concurrency=self.config.concurrency,
-            started_at=self.started_at, ended_at=None, exit_code=None, exit_meaning=None,
-            state="running", found_by=None,
+            id=self.shift_id,
+            pid=os.getpid(),
+            pid_ticks=read_start_ticks(os.getpid()),
+            host=socket.gethostname(),
+            config=str(self.config.source_file),
+            dir=str(self.run_dir),
+            name=self.config.name,
+            concurrency=self.config.concurrency,
+            started_at=self.started_at,
+            ended_at=None,
+            exit_code=None,
+            exit_meaning=None,
+            state="running",
+            found_by=None,
         )
 
     def _shift_info(self) -> dict[str, Any]:
         """``shift.json``: who runs this shift, so that ``logs -f`` can tell whether it lives."""
         record = self._shift_record()
         return {
-            "id": self.shift_id, "fleet": self.shift_id, "pid": record.pid,
-            "pid_ticks": record.pid_ticks, "host": record.host, "started_at": self.started_at,
-            "config": record.config, "name": self.config.name,
+            "id": self.shift_id,
+            "fleet": self.shift_id,
+            "pid": record.pid,
+            "pid_ticks": record.pid_ticks,
+            "host": record.host,
+            "started_at": self.started_at,
+            "config": record.config,
+            "name": self.config.name,
             "workers": [{"worker": w.name, "task": w.task.issue} for w in self.workers],
         }
 
@@ -214,22 +243,33 @@ class Fleet:
                 self.log.info(
                     "task-done-before",
                     msg=f"task #{task.issue} was done in shift {record.last_shift}: "
-                    + ("run again as asked" if again else
-                       f"not started again (`up --rerun {task.issue}` runs it again)"),
+                    + (
+                        "run again as asked"
+                        if again
+                        else f"not started again (`up --rerun {task.issue}` runs it again)"
+                    ),
                     task=task.issue,
                 )
             elif record.state in _AGAIN:
-                self.log.info("task-again", msg=f"task #{task.issue} ended {record.state} in "
-                              f"shift {record.last_shift}: starting it again", task=task.issue)
+                self.log.info(
+                    "task-again",
+                    msg=f"task #{task.issue} ended {record.state} in "
+                    f"shift {record.last_shift}: starting it again",
+                    task=task.issue,
+                )
         for record in records.values():
             if record.issue in listed:
                 continue
             if record.origin == "add" and not WorkerState(record.state).final:
-                task = TaskConfig(issue=record.issue, title=record.title, prompt=record.prompt,
-                                  machine=record.pin)
+                task = TaskConfig(
+                    issue=record.issue, title=record.title, prompt=record.prompt, machine=record.pin
+                )
                 self._new_worker(task, record, False, "add")
-                self.log.info("task-carried", msg=f"task #{record.issue} (added by `add`) is "
-                              "not finished: carried on", task=record.issue)
+                self.log.info(
+                    "task-carried",
+                    msg=f"task #{record.issue} (added by `add`) is not finished: carried on",
+                    task=record.issue,
+                )
             elif record.state != WorkerState.DONE:
                 self.unlisted.append(record)
                 self.log.warning(
@@ -243,16 +283,32 @@ class Fleet:
         )
 
     def _new_worker(
-        self, task: TaskConfig, record: TaskRecord | None, again: bool, origin: str,
-        *, anew: bool = False,
+        self,
+        task: TaskConfig,
+        record: TaskRecord | None,
+        again: bool,
+        origin: str,
+        *,
+        anew: bool = False,
     ) -> Worker:
-        worker = Worker(f"w{len(self.workers) + 1}", task, self, record=record, again=again,
-                        anew=anew, origin=origin)
+        worker = Worker(
+            f"w{len(self.workers) + 1}",
+            task,
+            self,
+            record=record,
+            again=again,
+            anew=anew,
+            origin=origin,
+        )
         self.workers.append(worker)
         return worker
 
     def add_task(
-        self, task: TaskConfig, *, record: TaskRecord | None = None, again: bool = False,
+        self,
+        task: TaskConfig,
+        *,
+        record: TaskRecord | None = None,
+        again: bool = False,
         origin: str = "config",
     ) -> Worker:
         """Queue a task; once the fleet runs, its worker starts at once (``add``, ``--watch``)."""
@@ -346,7 +402,6 @@ class Fleet:
         if self._services is not None:
             self._services.start_soon(handle.stop, self.config.stop_timeout)
 
-
     # the shift ---------------------------------------------------------------------------
 
     async def run(self) -> FleetResult:
@@ -386,7 +441,11 @@ class Fleet:
             summary = self._summary()
             self.mux.flush()  # every record on disk before the report, however that ends
             await report.write_and_notify(
-                summary, self.run_dir, self.hosts, self.config, self.log,
+                summary,
+                self.run_dir,
+                self.hosts,
+                self.config,
+                self.log,
                 default_branch=self.machines.default_branches(),
             )
         finally:
@@ -401,8 +460,11 @@ class Fleet:
             ):
                 with anyio.move_on_after(CLEANUP_TIMEOUT):
                     await self.machines.dismiss_all(recovery.leases)
-                lost = {w.status.machine for w in self.workers
-                        if w.status.state is WorkerState.LOST and w.status.machine}
+                lost = {
+                    w.status.machine
+                    for w in self.workers
+                    if w.status.state is WorkerState.LOST and w.status.machine
+                }
                 with anyio.move_on_after(CLEANUP_TIMEOUT):
                     await self.machines.release_claims(lost)
                 await self.machines.aclose()
@@ -449,8 +511,13 @@ class Fleet:
             shift_dir = self.config.state_path / "runs" / shift_id
             if shift_dir.is_dir():
                 notes = [note for shift, note in recovery.notes if shift == shift_id]
-                self._write_state("summary.json", shift_dir, report.dead_shift_summary(
-                    self.ledger, shift_id, shift_dir, found_by=self.shift_id, notes=notes))
+                self._write_state(
+                    "summary.json",
+                    shift_dir,
+                    report.dead_shift_summary(
+                        self.ledger, shift_id, shift_dir, found_by=self.shift_id, notes=notes
+                    ),
+                )
 
     async def _give_up_when_stuck(self) -> None:
         """When every task left waits for a machine that cannot be reached (its run there, or
@@ -464,8 +531,7 @@ class Fleet:
             await self.machines.until_one_is_out()
             await anyio.sleep(STUCK_CHECK)
             waits = {w.waiting_for for w in self.workers if not w.status.state.final}
-            stuck = bool(waits) and all(m is not None and self.machines.hopeless(m)
-                                        for m in waits)
+            stuck = bool(waits) and all(m is not None and self.machines.hopeless(m) for m in waits)
             names = {str(m) for m in waits} if stuck else set()
             if "*" in names:
                 names = {v.name for v in self.machines if self.machines.hopeless(v.name)}
@@ -528,8 +594,9 @@ class Fleet:
                 if record is not None and record.state == WorkerState.DONE:
                     continue
                 self.add_task(task, record=record, again=record is not None, origin="github")
-                self.log.info("task-added", msg=f"task #{task.issue} found by --watch",
-                              task=task.issue)
+                self.log.info(
+                    "task-added", msg=f"task #{task.issue} found by --watch", task=task.issue
+                )
 
     # steering ---------------------------------------------------------------------------------
 
@@ -550,8 +617,7 @@ class Fleet:
             "stopping": self.stop.requested.is_set(),
             "paused": self.starts.paused,
             "held": dict(self.starts.holds),
-            "machines": [{"name": v.name, "reach": v.reach, "away": v.away}
-                         for v in self.machines],
+            "machines": [{"name": v.name, "reach": v.reach, "away": v.away} for v in self.machines],
             "deadline": {"soft": self.deadline.soft, "hard": self.deadline.hard},
             "peak_running": self.pool.peak,
             "workers": [w.status.as_dict() for w in self.workers],
@@ -647,8 +713,9 @@ class Fleet:
                 f"{self.ledger.path} ({self.ledger.fault.detail if self.ledger.fault else ''});"
                 " the next `up` reads how the runs ended from their run directories",
             )
-        self.log.info("fleet-ended", msg=f"fleet ended: exit {code} ({MEANINGS.get(code)})",
-                      exit_code=code)
+        self.log.info(
+            "fleet-ended", msg=f"fleet ended: exit {code} ({MEANINGS.get(code)})", exit_code=code
+        )
         self.mux.close()
         self.ledger.close()
         return FleetResult(code, self.shift_id, self.run_dir, [w.status for w in self.workers])

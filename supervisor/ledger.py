@@ -135,8 +135,9 @@ class Ledger(Committer):
         """Open ``target``, set the writer's journal up, check (or make) the schema."""
         db: sqlite3.Connection | None = None
         try:
-            db = sqlite3.connect(target, uri=not writable, timeout=BUSY_TIMEOUT,
-                                 isolation_level=None)
+            db = sqlite3.connect(
+                target, uri=not writable, timeout=BUSY_TIMEOUT, isolation_level=None
+            )
             ledger = cls(path, db, writable=writable)
             if writable:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -193,9 +194,7 @@ class Ledger(Committer):
 
     def _version(self) -> int | None:
         try:
-            row = self._db.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return None
@@ -235,17 +234,30 @@ class Ledger(Committer):
             db.execute(
                 "INSERT INTO shifts(id, pid, pid_ticks, host, config, dir, name, concurrency, "
                 "started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
-                (shift.id, shift.pid, shift.pid_ticks, shift.host, shift.config, shift.dir,
-                 shift.name, shift.concurrency, shift.started_at),
+                (
+                    shift.id,
+                    shift.pid,
+                    shift.pid_ticks,
+                    shift.host,
+                    shift.config,
+                    shift.dir,
+                    shift.name,
+                    shift.concurrency,
+                    shift.started_at,
+                ),
             )
         return died
 
     def end_shift(self, shift_id: str, exit_code: int, meaning: str) -> None:
         values = (time.time(), exit_code, meaning, shift_id)
-        self._commit(lambda db: db.execute(
-            "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
-            "exit_meaning = ? WHERE id = ?", values,
-        ), done=True)
+        self._commit(
+            lambda db: db.execute(
+                "UPDATE shifts SET state = 'ended', ended_at = ?, exit_code = ?, "
+                "exit_meaning = ? WHERE id = ?",
+                values,
+            ),
+            done=True,
+        )
 
     def shifts(self) -> list[ShiftRecord]:
         """Every shift, oldest first."""
@@ -289,8 +301,10 @@ class Ledger(Committer):
         """Several tasks (task, worker, adopted_from) in one transaction: a shift's start.
         A task's state follows what happened: it waits when it cannot be written."""
         now = time.time()
-        rows = [(dataclasses.replace(task), worker, adopted_from)
-                for task, worker, adopted_from in items]
+        rows = [
+            (dataclasses.replace(task), worker, adopted_from)
+            for task, worker, adopted_from in items
+        ]
 
         def put(db: Tx) -> None:
             for task, worker, adopted_from in rows:
@@ -352,9 +366,24 @@ class Ledger(Committer):
                 "lease_path, prompt_kind, milestones_before, state, intent_at, supervised_by, "
                 "supervisors, agent_kind, session_id, resumed_from) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?, ?, ?, ?)",
-                (task.issue, number, shift, worker, machine, workspace, run_dir, lease_path,
-                 prompt_kind, json.dumps(sorted(milestones_before)), now, shift,
-                 json.dumps([shift]), agent_kind, session_id, resumed_from),
+                (
+                    task.issue,
+                    number,
+                    shift,
+                    worker,
+                    machine,
+                    workspace,
+                    run_dir,
+                    lease_path,
+                    prompt_kind,
+                    json.dumps(sorted(milestones_before)),
+                    now,
+                    shift,
+                    json.dumps([shift]),
+                    agent_kind,
+                    session_id,
+                    resumed_from,
+                ),
             )
             _put_task(db, dataclasses.replace(task, runs=number), shift, now)
             _put_worker(db, task, shift, worker, None)
@@ -366,21 +395,44 @@ class Ledger(Committer):
         task.runs = number
         task.first_shift, task.last_shift = task.first_shift or shift, shift
         return RunRecord(
-            id=run_id, issue=task.issue, number=number, shift=shift, worker=worker,
-            machine=machine, workspace=workspace, run_dir=run_dir, lease_path=lease_path,
-            prompt_kind=prompt_kind, milestones_before=tuple(sorted(milestones_before)),
-            state="intent", pid=None, start_ticks=None, intent_at=now, started_at=None,
-            ended_at=None, exit_code=None, lost=False, outcome=None, reason="",
-            supervised_by=shift, supervisors=(shift,), agent_kind=agent_kind,
-            session_id=session_id, resumed_from=resumed_from,
+            id=run_id,
+            issue=task.issue,
+            number=number,
+            shift=shift,
+            worker=worker,
+            machine=machine,
+            workspace=workspace,
+            run_dir=run_dir,
+            lease_path=lease_path,
+            prompt_kind=prompt_kind,
+            milestones_before=tuple(sorted(milestones_before)),
+            state="intent",
+            pid=None,
+            start_ticks=None,
+            intent_at=now,
+            started_at=None,
+            ended_at=None,
+            exit_code=None,
+            lost=False,
+            outcome=None,
+            reason="",
+            supervised_by=shift,
+            supervisors=(shift,),
+            agent_kind=agent_kind,
+            session_id=session_id,
+            resumed_from=resumed_from,
         )
 
     def run_started(self, run_id: int, pid: int, start_ticks: int) -> None:
         values = (pid, start_ticks, time.time(), run_id)
-        self._commit(lambda db: db.execute(
-            "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
-            "WHERE id = ?", values,
-        ), done=True)
+        self._commit(
+            lambda db: db.execute(
+                "UPDATE runs SET state = 'running', pid = ?, start_ticks = ?, started_at = ? "
+                "WHERE id = ?",
+                values,
+            ),
+            done=True,
+        )
 
     def run_ended(
         self,
@@ -406,7 +458,8 @@ class Ledger(Committer):
         def end(db: Tx) -> None:
             db.execute(
                 "UPDATE runs SET state = ?, ended_at = ?, exit_code = ?, lost = ?, outcome = ?, "
-                "reason = ? WHERE id = ?", values,
+                "reason = ? WHERE id = ?",
+                values,
             )
             if usage:
                 _put_usage(db, run_id, usage)
@@ -453,7 +506,8 @@ class Ledger(Committer):
         """The USD cost of a task's runs numbered above ``after_run``, or of the runs a shift
         started (what ``max_cost_usd`` counts)."""
         where, args = (
-            ("issue = ? AND number > ?", (issue, after_run)) if issue is not None
+            ("issue = ? AND number > ?", (issue, after_run))
+            if issue is not None
             else ("shift = ?", (shift,))
         )
         row = self._db.execute(
@@ -501,10 +555,14 @@ class Ledger(Committer):
         self, machine: str, reason: str, until: float, *, shift: str, line: str | None = None
     ) -> None:
         values = (machine, reason, time.time(), until, shift, line)
-        self._commit(lambda db: db.execute(
-            "INSERT INTO holds(machine, reason, since, until, shift, line) "
-            "VALUES (?, ?, ?, ?, ?, ?)", values,
-        ), done=True)
+        self._commit(
+            lambda db: db.execute(
+                "INSERT INTO holds(machine, reason, since, until, shift, line) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                values,
+            ),
+            done=True,
+        )
 
     def holds(
         self, *, active_at: float | None = None, shift: str | None = None
@@ -518,10 +576,14 @@ class Ledger(Committer):
 
     def machine_event(self, machine: str, state: str, *, shift: str, detail: str = "") -> None:
         values = (machine, state, time.time(), shift, detail)
-        self._commit(lambda db: db.execute(
-            "INSERT INTO machine_events(machine, state, at, shift, detail) "
-            "VALUES (?, ?, ?, ?, ?)", values,
-        ), done=True)
+        self._commit(
+            lambda db: db.execute(
+                "INSERT INTO machine_events(machine, state, at, shift, detail) "
+                "VALUES (?, ?, ?, ?, ?)",
+                values,
+            ),
+            done=True,
+        )
 
     def machine_events(
         self, machine: str | None = None, *, shift: str | None = None
@@ -552,8 +614,9 @@ def _put_task(db: Tx, task: TaskRecord, shift: str, now: float) -> None:
 
 _SUM_USAGE = (
     "UPDATE tasks SET "
-    + ", ".join(f"{n} = (SELECT SUM({n}) FROM runs WHERE issue = tasks.issue)"
-                for n in SUMMED_FIELDS)
+    + ", ".join(
+        f"{n} = (SELECT SUM({n}) FROM runs WHERE issue = tasks.issue)" for n in SUMMED_FIELDS
+    )
     + ", session_id = COALESCE((SELECT session_id FROM runs WHERE issue = tasks.issue AND "
     "session_id IS NOT NULL ORDER BY number DESC LIMIT 1), session_id) "
     "WHERE issue = (SELECT issue FROM runs WHERE id = ?)"
@@ -590,11 +653,17 @@ def _put_worker(
         "adopted_from = COALESCE(excluded.adopted_from, workers.adopted_from), "
         "started_at = COALESCE(workers.started_at, excluded.started_at), "
         "ended_at = excluded.ended_at",
-        (shift, worker, task.issue, task.state, task.reason, adopted_from, task.started_at,
-         task.ended_at),
+        (
+            shift,
+            worker,
+            task.issue,
+            task.state,
+            task.reason,
+            adopted_from,
+            task.started_at,
+            task.ended_at,
+        ),
     )
-
-
 
 
 def _uri_path(path: Path) -> str:

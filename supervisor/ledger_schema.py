@@ -109,6 +109,7 @@ CREATE TABLE IF NOT EXISTS machine_events(
     shift TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
 """
 
+
 def _add_columns(table: str, columns: str) -> list[str]:
     return [f"ALTER TABLE {table} ADD COLUMN {c.strip()}" for c in columns.split(",")]
 
@@ -133,7 +134,6 @@ USAGE_FIELDS = (
 )
 #: The usage columns a task sums over its runs.
 SUMMED_FIELDS = USAGE_FIELDS[1:7]
-
 
 
 @dataclass

@@ -145,8 +145,10 @@ class Committer:
         try:
             if not self._waiting:
                 with self._tx() as db:
-                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)",
-                               (str(time.time()),))
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)",
+                        (str(time.time()),),
+                    )
             while self._waiting:
                 with self._tx() as db:
                     self._waiting[0](db)

@@ -42,9 +42,7 @@ _S = WorkerState
 _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     # pending → lost: its earlier run could not be checked (machine unreachable at start-up).
     _S.PENDING: frozenset({_S.PREPARING, _S.STOPPED, _S.FAILED, _S.LOST}),
-    _S.PREPARING: frozenset(
-        {_S.RUNNING, _S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STOPPED, _S.LOST}
-    ),
+    _S.PREPARING: frozenset({_S.RUNNING, _S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STOPPED, _S.LOST}),
     _S.RUNNING: frozenset(
         {_S.DONE, _S.RESUMING, _S.BACKOFF, _S.PAUSED, _S.FAILED, _S.STOPPING, _S.LOST}
     ),

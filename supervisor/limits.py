@@ -155,7 +155,14 @@ DEFAULT_RATE_PATTERNS: tuple[str, ...] = (
 #: plain ``in`` before any regex runs, so ordinary lines cost a few substring scans.  Not bare
 #: "429"/"529": numbers in ordinary output hold them all the time.
 DEFAULT_KEYWORDS: tuple[str, ...] = (
-    "imit", "IMIT", "API Error", "API ERROR", "api error", "ejected (429", "verload", "xtra usage",
+    "imit",
+    "IMIT",
+    "API Error",
+    "API ERROR",
+    "api error",
+    "ejected (429",
+    "verload",
+    "xtra usage",
 )
 
 #: A clock time without a date ("resets 3pm") that lies at most this far in the past is taken

@@ -110,14 +110,22 @@ def session_filter(
     with ledger:
         runs = ledger.runs_of_session(session)
     if not runs:
-        raise LogsError(f"no run has agent session {session!r} (ids are in `agentize-fleet "
-                        "status --json`, the report, and run-ended records); fix: give one of "
-                        "those, or a unique start of one")
-    ids = {i for r in runs for i in (r.session_id, r.resumed_from)
-           if i is not None and i.startswith(session)}
+        raise LogsError(
+            f"no run has agent session {session!r} (ids are in `agentize-fleet "
+            "status --json`, the report, and run-ended records); fix: give one of "
+            "those, or a unique start of one"
+        )
+    ids = {
+        i
+        for r in runs
+        for i in (r.session_id, r.resumed_from)
+        if i is not None and i.startswith(session)
+    }
     if len(ids) > 1:
-        raise LogsError(f"{session!r} starts more than one agent session "
-                        f"({', '.join(sorted(ids))}); fix: give more of the id")
+        raise LogsError(
+            f"{session!r} starts more than one agent session "
+            f"({', '.join(sorted(ids))}); fix: give more of the id"
+        )
     (full,) = ids
     runs = [r for r in runs if full in (r.session_id, r.resumed_from)]
     pairs = frozenset((r.issue, r.number) for r in runs)
@@ -201,8 +209,9 @@ def make_renderer(
     # Stream-JSON lines as people read them (plain lines come back as they are); a config of
     # kind "command" shows its agents' lines untouched, as the live view does.
     plain = config is not None and config.agent.kind == "command"
-    renderer = ConsoleRenderer(out, colour=colour, width=width,
-                               line_renderer=None if plain else render_line)
+    renderer = ConsoleRenderer(
+        out, colour=colour, width=width, line_renderer=None if plain else render_line
+    )
     # Colours are handed out in order of first appearance; the live view sees the fleet's own
     # records first, then the workers in order.  Seeding that order keeps a worker's colour the
     # same whatever the filters or -n hide.
@@ -267,8 +276,10 @@ def check_names(args: argparse.Namespace, run_dir: Path, config: FleetConfig | N
 
 
 def _say_gone(pid: int) -> None:
-    print(f"{PROG}: the fleet's supervisor (pid {pid}) is gone; its run ended without a summary",
-          file=sys.stderr)
+    print(
+        f"{PROG}: the fleet's supervisor (pid {pid}) is gone; its run ended without a summary",
+        file=sys.stderr,
+    )
 
 
 def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
@@ -290,8 +301,9 @@ def _logs(args: argparse.Namespace, out: BinaryIO) -> int:
     renderer = None
     if not args.json:
         colour = colour_setting(args)
-        renderer = make_renderer(sys.stdout, use_colour(sys.stdout) if colour is None else colour,
-                                 run_dir, config)
+        renderer = make_renderer(
+            sys.stdout, use_colour(sys.stdout) if colour is None else colour, run_dir, config
+        )
     printer = Printer(out, record_filter, renderer)
     reader = LogReader(run_dir)
     try:

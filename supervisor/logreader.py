@@ -167,8 +167,10 @@ class RawPrefilter:
     @classmethod
     def of(cls, record_filter: RecordFilter) -> RawPrefilter | None:
         wanted: list[tuple[str, Iterable[str | int] | None]] = [
-            ("worker", record_filter.workers), ("machine", record_filter.machines),
-            ("stream", record_filter.streams), ("task", record_filter.tasks),
+            ("worker", record_filter.workers),
+            ("machine", record_filter.machines),
+            ("stream", record_filter.streams),
+            ("task", record_filter.tasks),
         ]
         sets = [tuple(needle(name, v) for v in values) for name, values in wanted if values]
         return cls(tuple(sets)) if sets else None
@@ -449,13 +451,19 @@ class ShiftInfo:
                 for w in source:
                     if isinstance(w, dict) and isinstance(w.get("worker"), str):
                         machine = w.get("machine")
-                        workers.append((w["worker"], _int(w.get("task")),
-                                        machine if isinstance(machine, str) else None))
+                        workers.append(
+                            (
+                                w["worker"],
+                                _int(w.get("task")),
+                                machine if isinstance(machine, str) else None,
+                            )
+                        )
         machines: set[str] = {m for _, _, m in workers if m}
         if isinstance(config, dict):
             if not workers:
-                workers = [(f"w{i}", issue, None)
-                           for i, issue in enumerate(_config_issues(config), 1)]
+                workers = [
+                    (f"w{i}", issue, None) for i, issue in enumerate(_config_issues(config), 1)
+                ]
             for m in config.get("machines") or []:
                 if isinstance(m, dict) and isinstance(m.get("name"), str):
                     machines.add(m["name"])
@@ -552,8 +560,11 @@ def follow(
             pid = supervisor_gone(reader.run_dir)
             if pid is not None:
                 reader.pump(emit)
-                if (on_gone is not None and not reader.ended
-                        and not (reader.run_dir / SUMMARY_NAME).exists()):
+                if (
+                    on_gone is not None
+                    and not reader.ended
+                    and not (reader.run_dir / SUMMARY_NAME).exists()
+                ):
                     on_gone(pid)
                 return EXIT_OK
         time.sleep(POLL_INTERVAL)

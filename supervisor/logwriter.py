@@ -98,9 +98,7 @@ _SPECIALS = tuple(b for b in (0x22, 0x5C, *range(0x20)) if b != 0x0A)
 #: Deleting these from a block leaves the bytes JSON escapes, and the newlines.
 _ORDINARY = bytes(b for b in range(0x20, 0x100) if b not in b'"\\')
 #: How JSON writes each byte it escapes (as the C encoder does); the backslash goes first.
-_JSON_ESCAPES = {
-    b: _encode(chr(b))[1:-1].encode() for b in (0x5C, 0x22, *range(0x20)) if b != 0x0A
-}
+_JSON_ESCAPES = {b: _encode(chr(b))[1:-1].encode() for b in (0x5C, 0x22, *range(0x20)) if b != 0x0A}
 #: Seq numbers are ``high`` followed by three ``low`` digits: ``low`` comes from these tables,
 #: so that a block of records needs no number formatted per line.
 _SEQ_GROUP = 1000
@@ -288,12 +286,15 @@ class LogMux:
         """
         rest = self._heads.get((tag, stream))
         if rest is None:
-            fields = dict(zip(FIELDS[1:-2], (self.fleet, tag.worker, tag.task, tag.machine,
-                                             tag.run, stream), strict=True))
-            text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-            rest = (
-                ("," + text[1:-1] + ',"seq":').encode("utf-8", "replace").replace(b"%", b"%%")
+            fields = dict(
+                zip(
+                    FIELDS[1:-2],
+                    (self.fleet, tag.worker, tag.task, tag.machine, tag.run, stream),
+                    strict=True,
+                )
             )
+            text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+            rest = ("," + text[1:-1] + ',"seq":').encode("utf-8", "replace").replace(b"%", b"%%")
             if len(self._heads) > _HEADS_KEPT:
                 self._heads.clear()  # runs that ended long ago
             self._heads[(tag, stream)] = rest
@@ -339,8 +340,15 @@ class LogMux:
         seq = self._seq.get(tag.worker, 0) + 1
         self._seq[tag.worker] = seq
         record = event_record(
-            ts=utc_timestamp(self._clock()), fleet=self.fleet, worker=tag.worker, task=tag.task,
-            machine=tag.machine, run=tag.run, seq=seq, event=event, message=message,
+            ts=utc_timestamp(self._clock()),
+            fleet=self.fleet,
+            worker=tag.worker,
+            task=tag.task,
+            machine=tag.machine,
+            run=tag.run,
+            seq=seq,
+            event=event,
+            message=message,
             details=fields,
         )
         self._append(encode(record), output=False)
@@ -407,7 +415,9 @@ class LogMux:
             waiter.set()
         lost = (
             f"; {self._dropped:,} output batches beyond the memory bound were not logged "
-            "(their lines are in the runs' stdout/stderr files)" if self._dropped else ""
+            "(their lines are in the runs' stdout/stderr files)"
+            if self._dropped
+            else ""
         )
         self.event(
             Tag("fleet", None, "-", 0),

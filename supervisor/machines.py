@@ -144,7 +144,7 @@ class MachineView:
 
     @property
     def away(self) -> str:
-        """"m1 unreachable since 02:14:05" while it is away, else ""."""
+        """ "m1 unreachable since 02:14:05" while it is away, else ""."""
         if self.away_since is None:
             return ""
         return f"{self.name} {self.reach} since {clock(self.away_since)}"
@@ -185,15 +185,23 @@ class Machines:
             spec = remote.get(name)
             if spec is None:
                 view = MachineView(
-                    name, host, config.local.max_agents if name == LOCAL else 0,
-                    str(config.resolve(config.workspace_root)), config.clones_per_machine,
-                    DEFAULT_UNREACHABLE_AFTER, local=name == LOCAL,
+                    name,
+                    host,
+                    config.local.max_agents if name == LOCAL else 0,
+                    str(config.resolve(config.workspace_root)),
+                    config.clones_per_machine,
+                    DEFAULT_UNREACHABLE_AFTER,
+                    local=name == LOCAL,
                 )
             else:
                 view = MachineView(
-                    name, host, spec.max_agents, spec.workdir,
+                    name,
+                    host,
+                    spec.max_agents,
+                    spec.workdir,
                     spec.clones if spec.clones is not None else config.clones_per_machine,
-                    spec.unreachable_after, local=False,
+                    spec.unreachable_after,
+                    local=False,
                 )
             self.views[name] = view
         for view in self.views.values():
@@ -203,8 +211,11 @@ class Machines:
 
     def _subscribe(self, view: MachineView) -> None:
         """Hear the machine's reachability from its host (``Host.on_reachability``)."""
-        view.host.on_reachability(lambda change: self.reach_changed(
-            view.name, change.state.value, change.at, change.detail))
+        view.host.on_reachability(
+            lambda change: self.reach_changed(
+                view.name, change.state.value, change.at, change.detail
+            )
+        )
 
     # the views ------------------------------------------------------------------------------
 
@@ -233,8 +244,13 @@ class Machines:
         if name == LOCAL:
             host = LocalHost(LOCAL)
             self.views[LOCAL] = MachineView(
-                LOCAL, host, 0, str(self.config.resolve(self.config.workspace_root)),
-                self.config.clones_per_machine, DEFAULT_UNREACHABLE_AFTER, local=True,
+                LOCAL,
+                host,
+                0,
+                str(self.config.resolve(self.config.workspace_root)),
+                self.config.clones_per_machine,
+                DEFAULT_UNREACHABLE_AFTER,
+                local=True,
             )
             self.pool.capacity.setdefault(LOCAL, 0)
             self.pool.running.setdefault(LOCAL, 0)
@@ -412,15 +428,21 @@ class Machines:
                     await self.claim(view.name)
                 if said:  # harmless (commands are framed), but worth a line in the report
                     self.ledger.machine_event(
-                        view.name, NOISY_LOGIN, shift=self.shift_id,
+                        view.name,
+                        NOISY_LOGIN,
+                        shift=self.shift_id,
                         detail=f"its login shell prints {len(said.encode())} bytes before every "
                         f"command (dropped from their output): {said.strip()[:80]!r}",
                     )
             except (HostAuthError, WorkdirInUse, ClaimFailed) as exc:
                 self.refuse(view.name, exc)
             except (HostError, TimeoutError) as exc:  # the line is reach_changed's
-                self.reach_changed(view.name, UNREACHABLE, time.time(),
-                                   str(exc) or f"no answer within {PREFLIGHT_TIMEOUT:g}s")
+                self.reach_changed(
+                    view.name,
+                    UNREACHABLE,
+                    time.time(),
+                    str(exc) or f"no answer within {PREFLIGHT_TIMEOUT:g}s",
+                )
 
         async def zone(view: MachineView) -> None:
             view.timezone = await timezone_of(view.host)
@@ -441,8 +463,12 @@ class Machines:
         view.reach = REFUSED
         self._out_event.set()
         self.ledger.machine_event(name, REFUSED, shift=self.shift_id, detail=str(exc))
-        self.log.error("machine-refused", msg=f"✗ {exc}: machine left out of this fleet",
-                       machine=name, error=str(exc))
+        self.log.error(
+            "machine-refused",
+            msg=f"✗ {exc}: machine left out of this fleet",
+            machine=name,
+            error=str(exc),
+        )
 
     def reach_changed(self, name: str, state: str, at: float, detail: str = "") -> None:
         """``name``'s host reports a change of its reachability: record it, say it, and open
@@ -458,7 +484,8 @@ class Machines:
             self._out_event.set()
             runs = self.pool.running.get(name, 0)
             self.log.warning(
-                "machine-unreachable", machine=name,
+                "machine-unreachable",
+                machine=name,
                 msg=f"✗ machine {name} unreachable since {clock(at)}{why}: no new runs there; "
                 f"its {runs} run(s) stay theirs (counted against its max_agents) until it is "
                 "back and each is found again",
@@ -467,20 +494,29 @@ class Machines:
                 self.tg.start_soon(self._try_again, view)
         elif state == BACK:
             since = clock(view.away_since or at)
-            self.log.info("machine-back", machine=name,
-                          msg=f"↺ machine {name} back (unreachable since {since}): finding its "
-                          "runs again before anything new starts there")
+            self.log.info(
+                "machine-back",
+                machine=name,
+                msg=f"↺ machine {name} back (unreachable since {since}): finding its "
+                "runs again before anything new starts there",
+            )
         elif state == SLOW:
-            self.log.warning("machine-slow", machine=name,
-                             msg=f"⚠ machine {name} slow{why}: no new runs there until it "
-                             "answers again")
+            self.log.warning(
+                "machine-slow",
+                machine=name,
+                msg=f"⚠ machine {name} slow{why}: no new runs there until it answers again",
+            )
         elif state == UP and previous != CONNECTING:
             back = f" (away since {clock(view.away_since)})" if view.away_since else ""
-            self.log.info("machine-up", machine=name,
-                          msg=f"✓ machine {name} answers again{back}: new runs allowed there")
+            self.log.info(
+                "machine-up",
+                machine=name,
+                msg=f"✓ machine {name} answers again{back}: new runs allowed there",
+            )
         elif state == CONNECTING and previous in (UP, SLOW):
-            self.log.info("machine-reconnecting", machine=name,
-                          msg=f"⋯ machine {name}: reconnecting{why}")
+            self.log.info(
+                "machine-reconnecting", machine=name, msg=f"⋯ machine {name}: reconnecting{why}"
+            )
         if state == UP:
             view.away_since = None
         self._gate(view)
@@ -550,14 +586,20 @@ class Machines:
         for name in names:
             view = self.views[name]
             self.log.warning(
-                "machine-given-up", machine=name,
+                "machine-given-up",
+                machine=name,
                 msg=f"✗ nothing left to do but wait for machine {name} ({view.away or view.reach}"
                 "): its tasks are left for the next `up`, which looks at their runs again",
             )
         self.abandon.request(f"{', '.join(names)} cannot be reached")
 
     def hold(
-        self, name: str, until: float, reason: str, line: str | None = None, *,
+        self,
+        name: str,
+        until: float,
+        reason: str,
+        line: str | None = None,
+        *,
         record: bool = True,
     ) -> None:
         """No new runs on ``name`` (or everywhere: ``usage_limit_scope``) until ``until``: a

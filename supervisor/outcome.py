@@ -67,26 +67,64 @@ class WorkerStatus:
 
     def as_dict(self) -> dict[str, Any]:
         names = (
-            "worker", "task", "title", "machine", "workspace", "pid", "start_ticks", "run_dir",
-            "milestones", "crashes", "last_crash_run", "usage_pauses", "last_exit", "reason",
-            "started_at", "ended_at", "run_started_at", "next_run_at", "milestones_before",
-            "lease_path", "adopted_from", "outcome", "result_text",
+            "worker",
+            "task",
+            "title",
+            "machine",
+            "workspace",
+            "pid",
+            "start_ticks",
+            "run_dir",
+            "milestones",
+            "crashes",
+            "last_crash_run",
+            "usage_pauses",
+            "last_exit",
+            "reason",
+            "started_at",
+            "ended_at",
+            "run_started_at",
+            "next_run_at",
+            "milestones_before",
+            "lease_path",
+            "adopted_from",
+            "outcome",
+            "result_text",
         )
         row: dict[str, Any] = {name: getattr(self, name) for name in names}
-        row.update(state=str(self.state), runs=self.run, wall_time=round(self.wall_time, 3),
-                   **asdict(self.usage))
+        row.update(
+            state=str(self.state),
+            runs=self.run,
+            wall_time=round(self.wall_time, 3),
+            **asdict(self.usage),
+        )
         return row
 
     def to_record(self, prompt: str | None, pin: str | None, origin: str) -> TaskRecord:
         """The task as the ledger keeps it (``add``-ed ones are not listed by the config)."""
         return TaskRecord(
-            issue=self.task, state=str(self.state), title=self.title, prompt=prompt, pin=pin,
-            origin=origin, reason=self.reason, machine=self.machine, workspace=self.workspace,
-            runs=self.run, milestones=self.milestones, crashes=self.crashes,
-            last_crash_run=self.last_crash_run, usage_pauses=self.usage_pauses,
-            last_exit=self.last_exit, history=policy.history_to_dict(self.history),
-            listed=origin != "add", started_at=self.started_at, ended_at=self.ended_at,
-            outcome=self.outcome, result_text=self.result_text, next_resume=self.next_resume,
+            issue=self.task,
+            state=str(self.state),
+            title=self.title,
+            prompt=prompt,
+            pin=pin,
+            origin=origin,
+            reason=self.reason,
+            machine=self.machine,
+            workspace=self.workspace,
+            runs=self.run,
+            milestones=self.milestones,
+            crashes=self.crashes,
+            last_crash_run=self.last_crash_run,
+            usage_pauses=self.usage_pauses,
+            last_exit=self.last_exit,
+            history=policy.history_to_dict(self.history),
+            listed=origin != "add",
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            outcome=self.outcome,
+            result_text=self.result_text,
+            next_resume=self.next_resume,
             next_prompt=self.next_prompt,
         )
 
@@ -211,44 +249,87 @@ def judge(
     run = status.run
     fields = dict(run_fields or {})
     said = said or _said(ended)
-    going_on = agents.plan_next(kind, agents.Verdict(agents.Outcome.CRASHED, "interrupted"),
-                                new_milestones=False, session_id=session_id)
+    going_on = agents.plan_next(
+        kind,
+        agents.Verdict(agents.Outcome.CRASHED, "interrupted"),
+        new_milestones=False,
+        session_id=session_id,
+    )
     if lost:
         _next(status, going_on)
-        return Verdict("lost", MachineLost(lost), WorkerState.LOST, lost,
-                       [("lost", f"✗ {lost}", {"reason": lost, **fields})], going_on)
+        return Verdict(
+            "lost",
+            MachineLost(lost),
+            WorkerState.LOST,
+            lost,
+            [("lost", f"✗ {lost}", {"reason": lost, **fields})],
+            going_on,
+        )
     if stopping is not None:
         _next(status, going_on)
-        return Verdict("stopped", policy.Finish(), WorkerState.STOPPED, stopping, [(
-            "run-ended", f"■ run {run} ended with {ended.code} (stopped)",
-            {"exit_code": ended.code, "outcome": "stopped", **fields},
-        )], going_on)
+        return Verdict(
+            "stopped",
+            policy.Finish(),
+            WorkerState.STOPPED,
+            stopping,
+            [
+                (
+                    "run-ended",
+                    f"■ run {run} ended with {ended.code} (stopped)",
+                    {"exit_code": ended.code, "outcome": "stopped", **fields},
+                )
+            ],
+            going_on,
+        )
     if stopped_by_watchdog(ended) and not restart_requested:
         # Its lease was not renewed (its machine was away, its supervisor killed): not the
         # task's failure; the next run goes on as after an interruption, not counted.
-        step = agents.plan_next(kind, agents.Verdict(agents.Outcome.CRASHED, "interrupted"),
-                                new_milestones=bool(new_milestones), session_id=session_id)
+        step = agents.plan_next(
+            kind,
+            agents.Verdict(agents.Outcome.CRASHED, "interrupted"),
+            new_milestones=bool(new_milestones),
+            session_id=session_id,
+        )
         _next(status, step)
         decision: Decision = policy.Resume() if new_milestones else policy.Restart(0.0)
         state = WorkerState.RESUMING if new_milestones else WorkerState.BACKOFF
-        return Verdict("watchdog", decision, state, "stopped by its watchdog", [(
-            "restarting", f"↻ run {run} was stopped by its watchdog ({ended.reason}): the next "
-            "run starts at once, not counted as a crash",
-            {"exit_code": ended.code, "outcome": "watchdog", **fields},
-        )], step)
+        return Verdict(
+            "watchdog",
+            decision,
+            state,
+            "stopped by its watchdog",
+            [
+                (
+                    "restarting",
+                    f"↻ run {run} was stopped by its watchdog ({ended.reason}): the next "
+                    "run starts at once, not counted as a crash",
+                    {"exit_code": ended.code, "outcome": "watchdog", **fields},
+                )
+            ],
+            step,
+        )
     if restart_requested:
         decision = policy.Resume() if new_milestones else policy.Restart(0.0)
         state = WorkerState.RESUMING if new_milestones else WorkerState.BACKOFF
         step = NextStep(None, NEW_SESSION, "resume" if new_milestones else "auto")
         _next(status, step)
-        return Verdict("restarted", decision, state, "restart requested", [(
-            "restarting", f"↻ run {run} restarted on request: the next run starts at once in "
-            "its slot", {"outcome": "restarted", **fields},
-        )], step)
+        return Verdict(
+            "restarted",
+            decision,
+            state,
+            "restart requested",
+            [
+                (
+                    "restarting",
+                    f"↻ run {run} restarted on request: the next run starts at once in its slot",
+                    {"outcome": "restarted", **fields},
+                )
+            ],
+            step,
+        )
     if stalled:
         said = agents.Verdict(agents.Outcome.CRASHED, stalled)
-    step = agents.plan_next(kind, said, new_milestones=bool(new_milestones),
-                            session_id=session_id)
+    step = agents.plan_next(kind, said, new_milestones=bool(new_milestones), session_id=session_id)
     _next(status, step)
     outcome = "stalled" if stalled else said.outcome.value
     if new_milestones and said.outcome is not agents.Outcome.USAGE_LIMITED:
@@ -256,27 +337,54 @@ def judge(
     fields.update(exit_code=ended.code, outcome=outcome)
     if step.give_up is not None:
         reason = step.give_up
-        return Verdict(outcome, policy.GiveUp(reason), WorkerState.FAILED, reason, [
-            ("run-ended", f"✗ run {run} ended: {reason}", {**fields, "reason": reason}),
-            ("gave-up", f"✗ giving up: {reason}", {"reason": reason}),
-        ], step)
+        return Verdict(
+            outcome,
+            policy.GiveUp(reason),
+            WorkerState.FAILED,
+            reason,
+            [
+                ("run-ended", f"✗ run {run} ended: {reason}", {**fields, "reason": reason}),
+                ("gave-up", f"✗ giving up: {reason}", {"reason": reason}),
+            ],
+            step,
+        )
     if step.restart_now:
         line = said.line or said.reason
-        return Verdict(outcome, policy.Restart(0.0), WorkerState.BACKOFF, line, [(
-            "resume-refused", f"↻ run {run}: the agent refused to resume its session "
-            f"({line}); starting a fresh session with the continue prompt",
-            {**fields, "agent_line": line},
-        )], step)
+        return Verdict(
+            outcome,
+            policy.Restart(0.0),
+            WorkerState.BACKOFF,
+            line,
+            [
+                (
+                    "resume-refused",
+                    f"↻ run {run}: the agent refused to resume its session "
+                    f"({line}); starting a fresh session with the continue prompt",
+                    {**fields, "agent_line": line},
+                )
+            ],
+            step,
+        )
     assert step.outcome is not None
     decided, status.history = policy.decide(
-        rules, status.history, step.outcome, now=now, rand=rand, reset_at=step.reset_at,
+        rules,
+        status.history,
+        step.outcome,
+        now=now,
+        rand=rand,
+        reset_at=step.reset_at,
     )
     reason = decided.reason if isinstance(decided, policy.GiveUp) else ""
     lines: list[Line] = []
     if step.outcome is policy.Outcome.MILESTONE:
         status.milestones += 1
-        lines.append(("milestone", f"⚑ run {run} left milestone {', '.join(new_milestones)}: "
-                      "resuming in its slot", {"milestones": new_milestones, **fields}))
+        lines.append(
+            (
+                "milestone",
+                f"⚑ run {run} left milestone {', '.join(new_milestones)}: resuming in its slot",
+                {"milestones": new_milestones, **fields},
+            )
+        )
     elif step.outcome is policy.Outcome.USAGE_LIMIT:
         status.usage_pauses += 1
         window = f" ({said.window})" if said.window else ""
@@ -286,10 +394,20 @@ def judge(
             decided = policy.Pause(decided.until + min(MAX_JITTER, JITTER_SHARE * wait) * rand)
             reason = f"{reason} until {clock(decided.until)}"
         until = decided.until if isinstance(decided, policy.Pause) else now
-        lines.append(("usage-limit", f"⏸ usage limit reached{window}: pausing until "
-                      f"{clock(until)} (its slot goes to others meanwhile)",
-                      {"agent_line": said.line, "reset_at": said.reset_at, "until": until,
-                       "window": said.window, **fields}))
+        lines.append(
+            (
+                "usage-limit",
+                f"⏸ usage limit reached{window}: pausing until "
+                f"{clock(until)} (its slot goes to others meanwhile)",
+                {
+                    "agent_line": said.line,
+                    "reset_at": said.reset_at,
+                    "until": until,
+                    "window": said.window,
+                    **fields,
+                },
+            )
+        )
     elif step.outcome is policy.Outcome.CRASH:
         status.crashes += 1
         status.last_crash_run = run
@@ -336,8 +454,10 @@ def usage_wait_too_long(machine: str, until: float, limit: float) -> str:
     """Why new runs close when a usage hold outlasts ``max_usage_wait`` (a seven-day window,
     monthly credit): the fleet ends (exit 5) instead of sleeping for days, and says when it
     could go on."""
-    return (f"usage limit on {machine} until {when(until)}, longer than max_usage_wait "
-            f"({limit:g}s): the fleet can go on after {when(until)}")
+    return (
+        f"usage limit on {machine} until {when(until)}, longer than max_usage_wait "
+        f"({limit:g}s): the fleet can go on after {when(until)}"
+    )
 
 
 def clock(epoch: float) -> str:

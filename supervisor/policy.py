@@ -157,8 +157,10 @@ def decide(
         after = replace(history, usage_pauses=pauses)
         if pauses > policy.max_usage_pauses:
             return GiveUp(f"usage limit hit more than {policy.max_usage_pauses} times"), after
-        until = reset_at if reset_at is not None and reset_at > now else now + (
-            policy.usage_pause_default
+        until = (
+            reset_at
+            if reset_at is not None and reset_at > now
+            else now + (policy.usage_pause_default)
         )
         return Pause(until), after
 

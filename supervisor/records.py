@@ -155,7 +155,16 @@ def event_record(
 ) -> EventRecord:
     """A supervisor event of ``worker``'s: ``message`` is its ``line``, for people."""
     return EventRecord(
-        ts, fleet, worker, task, machine, run, FLEET_STREAM, seq, message, event,
+        ts,
+        fleet,
+        worker,
+        task,
+        machine,
+        run,
+        FLEET_STREAM,
+        seq,
+        message,
+        event,
         dict(details or {}),
     )
 

@@ -56,6 +56,7 @@ from supervisor.records import LOG_NAME, last_offsets, log_files
 PID_WAIT = 10.0
 PROBE_CONCURRENCY = 16
 
+
 class Seen(enum.Enum):
     """How far a run got, from its run directory."""
 
@@ -243,12 +244,17 @@ async def _settle(fleet: RecoveringFleet, run: RunRecord, look: Look, adopted: s
     label = f"#{run.issue} run {run.number} of shift {run.shift}"
     if look.seen is not Seen.STARTED:
         if look.seen is Seen.NO_AGENT:
-            ledger.run_ended(run.id, exit_code=look.code, outcome="not-started",
-                             reason="the run did not start")
+            ledger.run_ended(
+                run.id, exit_code=look.code, outcome="not-started", reason="the run did not start"
+            )
             return f"recorded {label}: it did not start (exit {look.code})"
         ledger.run_ended(run.id, state="abandoned", reason="never started: its supervisor died")
-        fleet.log.info("run-abandoned", msg=f"∅ {label} never started: abandoned",
-                       task=run.issue, run=run.number)
+        fleet.log.info(
+            "run-abandoned",
+            msg=f"∅ {label} never started: abandoned",
+            task=run.issue,
+            run=run.number,
+        )
         return f"abandoned {label}"
     assert look.pid is not None and look.ticks is not None
     host = fleet.machines.host_for(run.machine)
@@ -279,19 +285,26 @@ async def _settle(fleet: RecoveringFleet, run: RunRecord, look: Look, adopted: s
     return f"{'adopted' if live else 'took over the end of'} {label}"
 
 
-
 async def _stop(
     fleet: RecoveringFleet, run: RunRecord, handle: RunHandle, live: bool, why: str, label: str
 ) -> str:
     """Stop a run that is not to be adopted (or record how it ended) and record its end."""
     if live:
         await handle.stop(fleet.config.stop_timeout)
-        fleet.log.info("orphan-stopped", msg=f"■ stopped orphan {label} (pid {run.pid or '?'}): "
-                       f"{why}", task=run.issue, pid=handle.identity.pid, from_fleet=run.shift)
+        fleet.log.info(
+            "orphan-stopped",
+            msg=f"■ stopped orphan {label} (pid {run.pid or '?'}): {why}",
+            task=run.issue,
+            pid=handle.identity.pid,
+            from_fleet=run.shift,
+        )
     status = await handle.wait()
     fleet.ledger.run_ended(
-        run.id, exit_code=status.code, lost=status.lost,
-        outcome="stopped" if live else "ended-unwatched", reason=why,
+        run.id,
+        exit_code=status.code,
+        lost=status.lost,
+        outcome="stopped" if live else "ended-unwatched",
+        reason=why,
     )
     task = fleet.ledger.task(run.issue)
     if live and task is not None and fleet.adopter_for(run.issue) is None:
@@ -308,10 +321,14 @@ def _unchecked(
     adopter = fleet.adopter_for(run.issue)
     if adopter is not None:
         adopter.lost_unchecked(f"its run {run.number} could not be checked: {reason}")
-    fleet.log.warning("orphan-unchecked", msg=f"✗ #{run.issue} run {run.number}: {reason}; "
-                      "the task waits for the next `up`", task=run.issue)
-    notes.append((run.supervised_by or run.shift,
-                  f"could not check #{run.issue} run {run.number}: {reason}"))
+    fleet.log.warning(
+        "orphan-unchecked",
+        msg=f"✗ #{run.issue} run {run.number}: {reason}; the task waits for the next `up`",
+        task=run.issue,
+    )
+    notes.append(
+        (run.supervised_by or run.shift, f"could not check #{run.issue} run {run.number}: {reason}")
+    )
 
 
 async def _stray_runs(fleet: RecoveringFleet) -> None:
@@ -347,8 +364,11 @@ async def _stray_runs(fleet: RecoveringFleet) -> None:
                 await handle.stop(fleet.config.stop_timeout)
             except (HostError, HostUnreachable):
                 continue
-            fleet.log.warning("stray-stopped", msg=f"■ stopped a run the ledger does not hold "
-                              f"open: {run_dir} on {view.name}", machine=view.name)
+            fleet.log.warning(
+                "stray-stopped",
+                msg=f"■ stopped a run the ledger does not hold open: {run_dir} on {view.name}",
+                machine=view.name,
+            )
 
 
 async def _unfinished_runs(fleet: RecoveringFleet, machine: str) -> tuple[str, list[str]]:
@@ -370,8 +390,9 @@ def offsets_of(state_path: Path, run: RunRecord, workers: Mapping[str, str]) -> 
     ending with its ``off``: resuming from there repeats and loses nothing."""
     offsets: dict[Stream, int] = {}
     for shift in run.supervisors or (run.shift,):
-        found = last_offsets(log_files(state_path / "runs" / shift),
-                             workers.get(shift, run.worker), run.number)
+        found = last_offsets(
+            log_files(state_path / "runs" / shift), workers.get(shift, run.worker), run.number
+        )
         for stream in STREAMS:
             if stream in found:
                 offsets[stream] = max(offsets.get(stream, 0), found[stream])

@@ -110,8 +110,7 @@ async def _branch_commits(host: Host, workspaces: Sequence[str], base: str) -> d
     found.update((ws, []) for ws in workspaces if ws in unmoved)
     for start in range(0, len(moved), 200):  # keep the argument list short
         part = list(moved[start : start + 200])
-        result = await host.run(sh.command("report-commits", base, *part), check=False,
-                                timeout=120)
+        result = await host.run(sh.command("report-commits", base, *part), check=False, timeout=120)
         for block in result.stdout.split("\036")[1:]:
             path, _, commits = block.partition("\n")
             found[path] = commits.splitlines()
@@ -159,8 +158,7 @@ async def collect(
     async def commits_on(machine: str, rows: list[dict[str, Any]]) -> None:
         with contextlib.suppress(Exception):
             base = default_branch.get(machine, "main")
-            found = await _branch_commits(hosts[machine], [str(r["workspace"]) for r in rows],
-                                          base)
+            found = await _branch_commits(hosts[machine], [str(r["workspace"]) for r in rows], base)
             for row in rows:
                 row["commits"] = found.get(str(row["workspace"]), [])
 
@@ -236,8 +234,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- left unfinished: {left}")
     lines += [f"- machine {line}" for line in report.get("machines", [])]
     totals = report["totals"]
-    lines.append("- totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()
-                                          if not k.endswith(("_usd", "_tokens", "turns"))))
+    lines.append(
+        "- totals: "
+        + ", ".join(
+            f"{k} {v}" for k, v in totals.items() if not k.endswith(("_usd", "_tokens", "turns"))
+        )
+    )
     lines += spend.markdown(report)
     lines += [
         "",
@@ -254,8 +256,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     if report.get("not_in_config"):
         lines += ["", "In the ledger but no longer in the config (left as they were):", ""]
-        lines += [f"- #{t['task']} {t.get('title') or ''}: {t.get('state')}".rstrip()
-                  for t in report["not_in_config"]]
+        lines += [
+            f"- #{t['task']} {t.get('title') or ''}: {t.get('state')}".rstrip()
+            for t in report["not_in_config"]
+        ]
     for t in report["tasks"]:
         lines += ["", f"## #{t['task']} {t.get('title') or ''}".rstrip(), ""]
         reason = f": {t['reason']}" if t.get("reason") else ""
@@ -267,11 +271,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", "Commits on its branch:", ""]
             lines += [f"- `{c}`" for c in t["commits"]]
         if t.get("work_remaining"):
-            lines += ["", f"Work remaining (from `{t['latest_milestone']}`):", "",
-                      t["work_remaining"]]
+            lines += [
+                "",
+                f"Work remaining (from `{t['latest_milestone']}`):",
+                "",
+                t["work_remaining"],
+            ]
         if t.get("crashes") and t.get("last_crash_output"):
-            lines += ["", f"Last {len(t['last_crash_output'])} lines of its last crashed run:",
-                      "", "```", *t["last_crash_output"], "```"]
+            lines += [
+                "",
+                f"Last {len(t['last_crash_output'])} lines of its last crashed run:",
+                "",
+                "```",
+                *t["last_crash_output"],
+                "```",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -346,22 +360,31 @@ async def write_and_notify(
 
     async def write() -> None:
         try:
-            data = await collect(summary, shift_dir, hosts,
-                                 milestone_globs=config.milestone_globs,
-                                 default_branch=default_branch)
+            data = await collect(
+                summary,
+                shift_dir,
+                hosts,
+                milestone_globs=config.milestone_globs,
+                default_branch=default_branch,
+            )
             _, report_json = write_report(shift_dir, data)
         except OSError as exc:  # a full disk, a directory that refuses
-            log.warning("report-failed", msg=f"✗ cannot write the report in {shift_dir}: "
-                        f"{exc.strerror or exc}; `agentize-fleet report --shift "
-                        f"{shift_dir.name}` writes it later", error=str(exc))
+            log.warning(
+                "report-failed",
+                msg=f"✗ cannot write the report in {shift_dir}: "
+                f"{exc.strerror or exc}; `agentize-fleet report --shift "
+                f"{shift_dir.name}` writes it later",
+                error=str(exc),
+            )
             return
         except Exception as exc:  # the report must never cost the summary or the exit code
             log.warning("report-failed", msg=f"could not write the report: {exc!r}")
             return
         hooks = config.notify
         if hooks.command or hooks.webhook:
-            problems = await notify(hooks.command, hooks.webhook, report_json,
-                                    timeout=hooks.timeout)
+            problems = await notify(
+                hooks.command, hooks.webhook, report_json, timeout=hooks.timeout
+            )
             for problem in problems:
                 log.warning("notify-failed", msg=f"notification failed: {problem}")
             if not problems:
@@ -404,8 +427,14 @@ def dead_shift_summary(
     """The ``summary.json`` of a shift whose ``up`` died, written by the shift that found it:
     what the ledger says of it, and what the finder did with the runs it left."""
     summary = summary_from_ledger(ledger, shift_id, None) or {"fleet": shift_id}
-    return {**summary, "run_dir": str(shift_dir), "ended_at": None, "exit_code": None,
-            "exit_meaning": f"supervisor died; found by fleet {found_by}", "orphans": notes}
+    return {
+        **summary,
+        "run_dir": str(shift_dir),
+        "ended_at": None,
+        "exit_code": None,
+        "exit_meaning": f"supervisor died; found by fleet {found_by}",
+        "orphans": notes,
+    }
 
 
 def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
@@ -417,20 +446,30 @@ def workers_of(ledger: Ledger, shift: str) -> list[dict[str, Any]]:
         task = tasks.get(w.issue)
         ended = w.ended_at
         usage = asdict(ledger.task_usage(w.issue))
-        rows.append({**usage, "outcome": task.outcome if task else None,
-                     "result_text": task.result_text if task else None,
-            "worker": w.worker, "task": w.issue, "title": task.title if task else "",
-            "state": w.state, "reason": w.reason, "adopted_from": w.adopted_from,
-            "machine": task.machine if task else None,
-            "workspace": task.workspace if task else None,
-            "runs": task.runs if task else 0, "milestones": task.milestones if task else 0,
-            "crashes": task.crashes if task else 0,
-            "last_crash_run": task.last_crash_run if task else None,
-            "usage_pauses": task.usage_pauses if task else 0,
-            "last_exit": task.last_exit if task else None,
-            "started_at": w.started_at, "ended_at": ended,
-            "wall_time": round((ended or w.started_at or 0) - (w.started_at or 0), 3),
-        })
+        rows.append(
+            {
+                **usage,
+                "outcome": task.outcome if task else None,
+                "result_text": task.result_text if task else None,
+                "worker": w.worker,
+                "task": w.issue,
+                "title": task.title if task else "",
+                "state": w.state,
+                "reason": w.reason,
+                "adopted_from": w.adopted_from,
+                "machine": task.machine if task else None,
+                "workspace": task.workspace if task else None,
+                "runs": task.runs if task else 0,
+                "milestones": task.milestones if task else 0,
+                "crashes": task.crashes if task else 0,
+                "last_crash_run": task.last_crash_run if task else None,
+                "usage_pauses": task.usage_pauses if task else 0,
+                "last_exit": task.last_exit if task else None,
+                "started_at": w.started_at,
+                "ended_at": ended,
+                "wall_time": round((ended or w.started_at or 0) - (w.started_at or 0), 3),
+            }
+        )
     return rows
 
 
@@ -444,8 +483,11 @@ def summary_from_ledger(
         return None
     running = record.state == "running" and running_pid == record.pid
     return {
-        "fleet": shift, "name": record.name, "pid": record.pid,
-        "started_at": record.started_at, "ended_at": record.ended_at,
+        "fleet": shift,
+        "name": record.name,
+        "pid": record.pid,
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
         "exit_code": record.exit_code,
         "exit_meaning": record.exit_meaning or ("still running" if running else "supervisor died"),
         "workers": workers_of(ledger, shift),

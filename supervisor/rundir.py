@@ -60,7 +60,8 @@ def prepare_state_dir(path: Path) -> None:
         raise StateDirUnusable(path, "is not a directory", other) from None
     except OSError as exc:
         raise StateDirUnusable(
-            path, f"cannot be made ({exc.strerror})",
+            path,
+            f"cannot be made ({exc.strerror})",
             "make its parent directory writable by you, or " + other,
         ) from None
     try:
@@ -71,8 +72,10 @@ def prepare_state_dir(path: Path) -> None:
         raise StateDirUnusable(path, "is not a directory", other)
     if info.st_uid != os.geteuid():
         raise StateDirUnusable(
-            path, f"belongs to another user (uid {info.st_uid}): its files could be read or "
-            "replaced by them", other,
+            path,
+            f"belongs to another user (uid {info.st_uid}): its files could be read or "
+            "replaced by them",
+            other,
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
         try:
@@ -88,7 +91,8 @@ def prepare_state_dir(path: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise StateDirUnusable(
-            path, f"is not writable ({exc.strerror})",
+            path,
+            f"is not writable ({exc.strerror})",
             f"`chmod u+rwx {path}` (and free some disk space), or " + other,
         ) from None
 
@@ -265,8 +269,9 @@ def find_shift(state_dir: Path, ledger: Ledger | None, name: str | None) -> Shif
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise UnknownShift(f"no shift {name!r} in {state_dir} (latest: {shifts[-1].shift_id}); "
-                           "`agentize-fleet shifts` lists them")
+        raise UnknownShift(
+            f"no shift {name!r} in {state_dir} (latest: {shifts[-1].shift_id}); "
+            "`agentize-fleet shifts` lists them"
+        )
     shown = ", ".join(s.shift_id for s in matches[:5]) + (", ..." if len(matches) > 5 else "")
-    raise UnknownShift(f"--shift {name!r} is ambiguous: it matches {len(matches)} shifts "
-                       f"({shown})")
+    raise UnknownShift(f"--shift {name!r} is ambiguous: it matches {len(matches)} shifts ({shown})")

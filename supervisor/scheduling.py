@@ -106,7 +106,10 @@ class SlotPool:
         closed = frozenset(self.closed)
         return (
             choose_machine(
-                self.running, self.capacity, total_cap=self.total_cap, preferred=preferred,
+                self.running,
+                self.capacity,
+                total_cap=self.total_cap,
+                preferred=preferred,
                 closed=closed,
             )
             is None

@@ -239,8 +239,9 @@ def select_tasks(issues_json: str, prs_json: str, q: GitHubQuery) -> list[Source
             )
         if number <= 0:
             # No GitHub issue has such a number; one bad entry must not stop the others.
-            log.warning(f"`gh issue list` returned issue number {number}, which no issue has; "
-                        "skipped")
+            log.warning(
+                f"`gh issue list` returned issue number {number}, which no issue has; skipped"
+            )
             continue
         state = issue.get("state")
         if isinstance(state, str) and state.upper() != "OPEN":

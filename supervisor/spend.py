@@ -27,9 +27,22 @@ __all__ = ["add_costs", "markdown", "run_rows", "usd"]
 
 #: What a run row keeps of its agent (the ledger's columns).
 _RUN_FIELDS = (
-    "number", "outcome", "reason", "exit_code", "session_id", "resumed_from", "cost_usd",
-    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "turns",
-    "agent_duration_ms", "started_at", "ended_at", "machine",
+    "number",
+    "outcome",
+    "reason",
+    "exit_code",
+    "session_id",
+    "resumed_from",
+    "cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "turns",
+    "agent_duration_ms",
+    "started_at",
+    "ended_at",
+    "machine",
 )
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 #: A result text longer than this is cut in the Markdown report (report.json has it whole).
@@ -72,19 +85,28 @@ def markdown(report: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     totals = report.get("totals", {})
     if totals.get("cost_usd") is not None or totals.get("input_tokens") is not None:
-        lines.append(f"- cost {usd(totals.get('cost_usd'))}, tokens {_tokens(totals)}, "
-                     f"turns {totals.get('turns') or 0}")
+        lines.append(
+            f"- cost {usd(totals.get('cost_usd'))}, tokens {_tokens(totals)}, "
+            f"turns {totals.get('turns') or 0}"
+        )
     if report.get("starts_closed"):
         lines.append(f"- **new runs were stopped early**: {report['starts_closed']}")
     holds = report.get("holds") or []
     if holds:
-        lines += ["", "Usage holds (no new run on the machine until the reset):", "",
-                  "| since | machine | why | until | agent line |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Usage holds (no new run on the machine until the reset):",
+            "",
+            "| since | machine | why | until | agent line |",
+            "|---|---|---|---|---|",
+        ]
         for hold in holds:
             line = str(hold.get("line") or "").replace("|", "\\|")
             line = line if len(line) <= 120 else line[:119] + "…"
-            lines.append(f"| {_when(hold.get('since'))} | {hold.get('machine')} | "
-                         f"{hold.get('reason')} | {_when(hold.get('until'))} | `{line}` |")
+            lines.append(
+                f"| {_when(hold.get('since'))} | {hold.get('machine')} | "
+                f"{hold.get('reason')} | {_when(hold.get('until'))} | `{line}` |"
+            )
     return lines
 
 
@@ -96,21 +118,28 @@ def task_markdown(task: Mapping[str, Any]) -> list[str]:
     if task.get("session_id"):
         lines.append(f"Agent session `{task['session_id']}`.")
     if task.get("cost_usd") is not None or task.get("input_tokens") is not None:
-        lines.append(f"Cost {usd(task.get('cost_usd'))}, tokens {_tokens(task)}, "
-                     f"turns {task.get('turns') or 0} (all its runs).")
+        lines.append(
+            f"Cost {usd(task.get('cost_usd'))}, tokens {_tokens(task)}, "
+            f"turns {task.get('turns') or 0} (all its runs)."
+        )
     if task.get("result_text"):
         text = str(task["result_text"]).strip()
         text = text if len(text) <= RESULT_CHARS else text[: RESULT_CHARS - 1] + "…"
         lines += ["", "Last result:", "", *(f"> {line}" for line in text.splitlines())]
     runs = task.get("runs_detail") or []
     if any(r.get("session_id") or r.get("cost_usd") is not None for r in runs):
-        lines += ["", "| run | outcome | session | cost | turns | duration |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| run | outcome | session | cost | turns | duration |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in runs:
             session = str(r.get("session_id") or "-")[:8]
             duration = f"{float(r['duration']):.0f}s" if r.get("duration") is not None else "-"
-            lines.append(f"| {r.get('number')} | {r.get('outcome') or '-'} | {session} | "
-                         f"{usd(r.get('cost_usd'))} | {r.get('turns') or '-'} | {duration} |")
+            lines.append(
+                f"| {r.get('number')} | {r.get('outcome') or '-'} | {session} | "
+                f"{usd(r.get('cost_usd'))} | {r.get('turns') or '-'} | {duration} |"
+            )
         lines.append("")
     return lines
 

@@ -65,35 +65,52 @@ def _state(worker: dict[str, Any]) -> str:
     if state == "failed" and worker.get("reason"):
         reason = str(worker["reason"])
         return f"failed ({reason if len(reason) <= 40 else reason[:39] + '…'})"
-    if outcome and outcome not in (state, "done", "stopped", "restarted") and state not in (
-        "running", "preparing", "pending", "stopping"
+    if (
+        outcome
+        and outcome not in (state, "done", "stopped", "restarted")
+        and state not in ("running", "preparing", "pending", "stopping")
     ):
         return f"{state} ({outcome})"
     return state
 
 
 def status_table(workers: list[dict[str, Any]], now: float) -> str:
-    header = ("task", "worker", "machine", "state", "pid", "run", "milestones", "crashes",
-              "uptime", "last out", "cpu%", "rss", "cost")
+    header = (
+        "task",
+        "worker",
+        "machine",
+        "state",
+        "pid",
+        "run",
+        "milestones",
+        "crashes",
+        "uptime",
+        "last out",
+        "cpu%",
+        "rss",
+        "cost",
+    )
     rows = [header]
     for w in workers:
         started = w.get("run_started_at") if w.get("pid") else None
         cpu = w.get("cpu_percent")
-        rows.append((
-            f"#{w['task']}",
-            str(w["worker"]),
-            str(w.get("machine") or "-"),
-            _state(w),
-            str(w.get("pid") or "-"),
-            str(w.get("runs") or 0),
-            str(w.get("milestones") or 0),
-            str(w.get("crashes") or 0),
-            _age(now - started) if started else "-",
-            _age(w.get("last_output_age")),
-            "-" if cpu is None else f"{cpu:.0f}",
-            _human_bytes(w.get("rss_bytes")),
-            usd(w.get("cost_usd")),
-        ))
+        rows.append(
+            (
+                f"#{w['task']}",
+                str(w["worker"]),
+                str(w.get("machine") or "-"),
+                _state(w),
+                str(w.get("pid") or "-"),
+                str(w.get("runs") or 0),
+                str(w.get("milestones") or 0),
+                str(w.get("crashes") or 0),
+                _age(now - started) if started else "-",
+                _age(w.get("last_output_age")),
+                "-" if cpu is None else f"{cpu:.0f}",
+                _human_bytes(w.get("rss_bytes")),
+                usd(w.get("cost_usd")),
+            )
+        )
     return text_table(rows)
 
 
@@ -112,8 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"fleet {answer.get('fleet')} (pid {answer.get('pid')}){paused}")
     for machine in answer.get("machines", []):
         if machine.get("away") or machine.get("reach") not in ("up", "connecting"):
-            print(f"machine {machine.get('away') or machine.get('name')} "
-                  f"({machine.get('reach')})")
+            print(f"machine {machine.get('away') or machine.get('name')} ({machine.get('reach')})")
     held: dict[str, dict[str, Any]] = {}
     for hold in answer.get("holds") or []:  # the latest reset per machine
         if float(hold["until"]) > float(held.get(hold["machine"], {}).get("until", 0)):
@@ -160,8 +176,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
             else:
                 state = "ended" if info.summary is not None else "died"
             code = record.exit_code if record is not None else summary.get("exit_code")
-            meaning = (record.exit_meaning if record is not None
-                       else summary.get("exit_meaning")) or ""
+            meaning = (
+                record.exit_meaning if record is not None else summary.get("exit_meaning")
+            ) or ""
             row = {
                 "shift": info.shift_id,
                 "run": info.shift_id,
@@ -174,9 +191,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 "path": str(info.path),
             }
             out.append(row)
-            rows.append((info.shift_id, state, str(row["tasks"]), str(row["done"]),
-                         str(row["failed"]), "-" if row["exit_code"] is None
-                         else str(row["exit_code"]), str(row["meaning"])))
+            rows.append(
+                (
+                    info.shift_id,
+                    state,
+                    str(row["tasks"]),
+                    str(row["done"]),
+                    str(row["failed"]),
+                    "-" if row["exit_code"] is None else str(row["exit_code"]),
+                    str(row["meaning"]),
+                )
+            )
     finally:
         if ledger is not None:
             ledger.close()
@@ -208,15 +233,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         if ledger is not None:
             ledger.close()
     if summary is None:
-        return error(f"shift {info.shift_id} has neither summary.json nor a ledger row",
-                      EXIT_FAILED)
+        return error(
+            f"shift {info.shift_id} has neither summary.json nor a ledger row", EXIT_FAILED
+        )
     found = summary
 
     async def build() -> dict[str, Any]:
         hosts = Fleet.make_hosts(config)
         try:
             return await report.collect(
-                found, info.path, hosts,
+                found,
+                info.path,
+                hosts,
                 milestone_globs=config.milestone_globs,
                 default_branch={},
             )
@@ -228,8 +256,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         md, js = report.write_report(info.path, data)
     except OSError as exc:
-        return error(f"cannot write the report in {info.path}: {exc.strerror or exc}; fix: "
-                      "give its disk room and make it writable by you", EXIT_FAILED)
+        return error(
+            f"cannot write the report in {info.path}: {exc.strerror or exc}; fix: "
+            "give its disk room and make it writable by you",
+            EXIT_FAILED,
+        )
     if args.print:
         print(md.read_text(encoding="utf-8"), end="")
     print(f"{PROG}: wrote {md} and {js}")

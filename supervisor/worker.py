@@ -135,8 +135,12 @@ class Worker(RunDriver):
         if handle is None or self._stalled or self.status.state is not WorkerState.RUNNING:
             return None
         self._stalled = f"stalled: no output for {quiet:.0f}s"
-        self.log("stalled", f"⌛ run {self.status.run} printed nothing for {quiet:.0f}s "
-                 "(stall_timeout): stopping it; its session is resumed", quiet=round(quiet, 1))
+        self.log(
+            "stalled",
+            f"⌛ run {self.status.run} printed nothing for {quiet:.0f}s "
+            "(stall_timeout): stopping it; its session is resumed",
+            quiet=round(quiet, 1),
+        )
         return handle
 
     def wake(self) -> None:
@@ -187,8 +191,12 @@ class Worker(RunDriver):
             try:
                 await handle.signal(signal.SIGKILL)
             except (HostError, OSError) as exc:
-                self.log("kill-failed", f"✗ could not stop run {self.status.run}: {exc}; its "
-                         "watchdog stops it once its lease is not renewed", error=str(exc))
+                self.log(
+                    "kill-failed",
+                    f"✗ could not stop run {self.status.run}: {exc}; its "
+                    "watchdog stops it once its lease is not renewed",
+                    error=str(exc),
+                )
 
     def _fail(self, reason: str, detail: str = "") -> None:
         stopping = self.fleet.stop.requested.is_set() and not detail
@@ -240,8 +248,11 @@ class Worker(RunDriver):
             if pool.capacity.get(s.machine) and not moves:
                 return s.machine
             if moves:
-                self.log("requeued", f"↪ {away}: the task starts over on another machine",
-                         machine=s.machine)
+                self.log(
+                    "requeued",
+                    f"↪ {away}: the task starts over on another machine",
+                    machine=s.machine,
+                )
             s.workspace = None
             self._prepared = False
             self._plan(FIRST)  # its agent session stays in that worktree
@@ -259,8 +270,9 @@ class Worker(RunDriver):
             self.log("waiting-machine", f"⋯ waiting for {pin} ({away})", machine=pin)
         elif self.status.run and pool.would_wait(pin) and not self.fleet.starts.paused:
             where = f" on {pin}" if pin else ""
-            self.log("waiting", f"⋯ waiting for a slot{where} ({pool.total} of "
-                     f"{pool.total_cap} running)")
+            self.log(
+                "waiting", f"⋯ waiting for a slot{where} ({pool.total} of {pool.total_cap} running)"
+            )
         waiting = lambda: self.slot.acquire(pin)  # noqa: E731
         if not await self._unless_stopped(waiting, pin or "*") or not self.slot.held:
             return False

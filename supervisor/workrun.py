@@ -138,7 +138,9 @@ class RunDriver:
 
     def persist(self) -> None:
         self.fleet.ledger.save_task(
-            self.record(), shift=self.fleet.shift_id, worker=self.name,
+            self.record(),
+            shift=self.fleet.shift_id,
+            worker=self.name,
             adopted_from=self.status.adopted_from,
         )
 
@@ -198,20 +200,21 @@ class RunDriver:
         self._git_dir = clone.path
         self._prepared = True
         self.persist()
-        self.log("prepared", f"worktree {self.status.workspace}",
-                 workspace=self.status.workspace)
+        self.log("prepared", f"worktree {self.status.workspace}", workspace=self.status.workspace)
         if self.kind.name == "claude":
             env = {**self.fleet.config.agent.env, **self.task.env}
             problem = await worktree_trust.ensure_trusted(
                 self.fleet.hosts[machine], self.status.workspace, env
             )
             if problem:
-                self.log("trust-failed", f"⚠ could not mark the worktree trusted for Claude "
-                         f"Code ({problem}); the run goes on", error=problem)
+                self.log(
+                    "trust-failed",
+                    f"⚠ could not mark the worktree trusted for Claude "
+                    f"Code ({problem}); the run goes on",
+                    error=problem,
+                )
 
-    async def _prompt(
-        self, host: Host, kind: agents.PromptKind
-    ) -> tuple[agents.PromptKind, str]:
+    async def _prompt(self, host: Host, kind: agents.PromptKind) -> tuple[agents.PromptKind, str]:
         if kind == "auto":  # after a crash: resume if any milestone exists in the worktree
             assert self.status.workspace is not None
             existing = await host.glob(self.status.workspace, self._globs())
@@ -255,18 +258,31 @@ class RunDriver:
         root = await fleet.run_root(machine)
         lease = await fleet.lease_path(machine)
         launch = agentrun.launch(
-            self.kind, config, NextStep(None, session, kind), prompt, self._values(""),
+            self.kind,
+            config,
+            NextStep(None, session, kind),
+            prompt,
+            self._values(""),
             git_dir=self._git_dir or posixpath.dirname(posixpath.dirname(workspace)),
         )
         # Written before the host is asked: a supervisor killed during the start leaves the
         # next one an intent to look for, never a run nobody knows of.  No intent, no start.
-        run = await self._committed(lambda: fleet.ledger.run_intent(
-            self.record(), shift=fleet.shift_id, worker=self.name, machine=machine,
-            workspace=workspace, run_dir_of=lambda n: posixpath.join(root, self.name, f"run-{n}"),
-            lease_path=lease, prompt_kind=kind, milestones_before=sorted(before),
-            agent_kind=self.kind.name, session_id=launch.session_id,
-            resumed_from=session.resume,
-        ))
+        run = await self._committed(
+            lambda: fleet.ledger.run_intent(
+                self.record(),
+                shift=fleet.shift_id,
+                worker=self.name,
+                machine=machine,
+                workspace=workspace,
+                run_dir_of=lambda n: posixpath.join(root, self.name, f"run-{n}"),
+                lease_path=lease,
+                prompt_kind=kind,
+                milestones_before=sorted(before),
+                agent_kind=self.kind.name,
+                session_id=launch.session_id,
+                resumed_from=session.resume,
+            )
+        )
         if run is None:
             return policy.Finish()  # stopped while the ledger could not be written
         self._run = run
@@ -281,12 +297,25 @@ class RunDriver:
             "AGENTIZE_FLEET_TITLE": self.task.title,
         }
         # The run directory says whose run it is, for whoever finds it without the ledger.
-        meta = {"task": str(self.task.issue), "run": str(run.number), "shift": fleet.shift_id,
-                "worker": self.name, "machine": machine}
-        spec = RunSpec(argv=launch.argv, cwd=workspace, run_dir=run.run_dir, lease_path=lease,
-                       lease_timeout=config.lease_timeout, env=env, meta=meta)
-        self._agent = AgentRun.start(self.kind, launch, fleet.limit_detector(machine),
-                                     self._session_told)
+        meta = {
+            "task": str(self.task.issue),
+            "run": str(run.number),
+            "shift": fleet.shift_id,
+            "worker": self.name,
+            "machine": machine,
+        }
+        spec = RunSpec(
+            argv=launch.argv,
+            cwd=workspace,
+            run_dir=run.run_dir,
+            lease_path=lease,
+            lease_timeout=config.lease_timeout,
+            env=env,
+            meta=meta,
+        )
+        self._agent = AgentRun.start(
+            self.kind, launch, fleet.limit_detector(machine), self._session_told
+        )
         try:
             handle = await host.start(spec)
         except HostUnreachable as exc:
@@ -297,8 +326,7 @@ class RunDriver:
                 return found
             handle = found
         except HostError as exc:
-            fleet.ledger.run_ended(run.id, state="abandoned",
-                                   reason=f"start failed: {exc.message}")
+            fleet.ledger.run_ended(run.id, state="abandoned", reason=f"start failed: {exc.message}")
             self._run = self._agent = None  # nothing ran: no session to go on with
             raise
         fleet.ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
@@ -313,9 +341,15 @@ class RunDriver:
             "run-started",
             f"▶ run {run.number} started (pid {handle.identity.pid}{in_session}, {kind} prompt: "
             f"{prompt})",
-            pid=handle.identity.pid, prompt=prompt, prompt_kind=kind, run_dir=run.run_dir,
-            **({"session_id": launch.session_id, "resumed_from": session.resume}
-               if self.kind.resumes else {}),
+            pid=handle.identity.pid,
+            prompt=prompt,
+            prompt_kind=kind,
+            run_dir=run.run_dir,
+            **(
+                {"session_id": launch.session_id, "resumed_from": session.resume}
+                if self.kind.resumes
+                else {}
+            ),
         )
         return await self._finish_run(host, handle, before, {})
 
@@ -355,23 +389,28 @@ class RunDriver:
         away the run may live: nothing else starts in its slot, and if the fleet gives up on
         the machine the intent stays open for the next ``up`` to look at."""
         machine = run.machine
-        self.log("start-unconfirmed", f"⋯ run {run.number}: its start could not be confirmed "
-                 f"({error.message}); looking at its run directory once {machine} answers")
+        self.log(
+            "start-unconfirmed",
+            f"⋯ run {run.number}: its start could not be confirmed "
+            f"({error.message}); looking at its run directory once {machine} answers",
+        )
         while await self._unless_stopped(lambda: self.fleet.machine_up(machine), machine):
             try:
                 look = (await look_settled(host, [run], local=False))[run.id]
                 if look.seen is Seen.STARTED:
                     assert look.pid is not None and look.ticks is not None
-                    handle = await host.attach(RunIdentity(machine, run.run_dir, look.pid,
-                                                           look.ticks))
+                    handle = await host.attach(
+                        RunIdentity(machine, run.run_dir, look.pid, look.ticks)
+                    )
                     if handle is not None:
                         return handle
             except HostUnreachable:
                 continue  # away again: wait for it again
             if look.seen is Seen.NO_AGENT:
                 return self._ended(ExitStatus(look.code, reason="the run did not start"), [])
-            self.fleet.ledger.run_ended(run.id, state="abandoned",
-                                        reason="never started (its start was not confirmed)")
+            self.fleet.ledger.run_ended(
+                run.id, state="abandoned", reason="never started (its start was not confirmed)"
+            )
             self._run = self._agent = None
             return policy.Restart(0.0)
         away = self.fleet.machine_away(machine) or machine
@@ -382,8 +421,9 @@ class RunDriver:
         ``up`` to find by its run directory; the task is lost (stopped, if the fleet stops)."""
         self._run = None
         stopping = self.fleet.stop.requested.is_set()
-        return self._ended(ExitStatus(None, lost=True, reason=why), [],
-                           lost="" if stopping else why)
+        return self._ended(
+            ExitStatus(None, lost=True, reason=why), [], lost="" if stopping else why
+        )
 
     def _running(self, handle: RunHandle) -> None:
         self._current = handle
@@ -404,8 +444,12 @@ class RunDriver:
         s.adopted_from = run.supervised_by or run.shift
         self._run = run
         self._prepared = run.workspace is not None  # its agent works in it
-        self._agent = agentrun.adopted(run, self.fleet.config.agent.kind,
-                                       self.fleet.limit_detector(run.machine), self._session_told)
+        self._agent = agentrun.adopted(
+            run,
+            self.fleet.config.agent.kind,
+            self.fleet.limit_detector(run.machine),
+            self._session_told,
+        )
         self._set(WorkerState.PREPARING)
         # Its output is logged here only once the ledger names this shift among the run's
         # supervisors: a later adopter resumes from the logs of the shifts named there.
@@ -417,7 +461,9 @@ class RunDriver:
             "adopted",
             f"⇄ {what} run {run.number} (pid {handle.identity.pid}) of dead fleet "
             f"{s.adopted_from}, reading its output from {where}",
-            pid=handle.identity.pid, from_fleet=s.adopted_from, offsets=dict(adoption.offsets),
+            pid=handle.identity.pid,
+            from_fleet=s.adopted_from,
+            offsets=dict(adoption.offsets),
             live=adoption.live,
         )
         host = self.fleet.hosts[run.machine]
@@ -446,8 +492,9 @@ class RunDriver:
                 after = await host.glob(workspace, self._globs())
                 break
             except HostUnreachable:
-                if not await self._unless_stopped(lambda: self.fleet.machine_up(host.name),
-                                                  host.name):
+                if not await self._unless_stopped(
+                    lambda: self.fleet.machine_up(host.name), host.name
+                ):
                     break
                 await anyio.sleep(1.0)  # (a host that does not say it is away: not too often)
         return self._ended(status, sorted(after - before))
@@ -460,7 +507,11 @@ class RunDriver:
         async def pump() -> None:
             mux = self.fleet.mux
             await pump_output(
-                mux, self.tag, handle.output(offsets), offsets, self.fleet.config.max_line_bytes,
+                mux,
+                self.tag,
+                handle.output(offsets),
+                offsets,
+                self.fleet.config.max_line_bytes,
                 # Every block to the kind's reader too (kind "command": a bounded tail).
                 on_block=None if self._agent is None else self._agent.on_block,
                 # While the log cannot be written, the output waits in the run's own files.
@@ -512,8 +563,11 @@ class RunDriver:
                 ),
             )
         except HostUnreachable as exc:
-            self.log("stop-unreachable", f"■ cannot stop run {self.status.run} now ({exc}): "
-                     "its watchdog stops it once its lease runs out")
+            self.log(
+                "stop-unreachable",
+                f"■ cannot stop run {self.status.run} now ({exc}): "
+                "its watchdog stops it once its lease runs out",
+            )
             self._give_up_run()
 
     # the end of a run ---------------------------------------------------------------------
@@ -528,12 +582,19 @@ class RunDriver:
         now = time.time()
         said = agent.verdict(status.code, now) if agent is not None else None
         verdict = judge(
-            s, self._policy, status, new_milestones, said, kind=self.kind,
+            s,
+            self._policy,
+            status,
+            new_milestones,
+            said,
+            kind=self.kind,
             session_id=agent.session_id if agent is not None else None,
-            stalled=self._stalled, lost=lost,
+            stalled=self._stalled,
+            lost=lost,
             stopping=stop.reason if stop.requested.is_set() else None,
             restart_requested=self._restart_requested,
-            run_fields=agent.fields() if agent is not None else None, now=now,
+            run_fields=agent.fields() if agent is not None else None,
+            now=now,
             rand=random.random(),
         )
         self._restart_requested, self._stalled = False, ""
@@ -551,9 +612,15 @@ class RunDriver:
             s.ended_at = now
         if self._run is not None:
             self.fleet.ledger.run_ended(
-                self._run.id, exit_code=status.code, lost=status.lost, outcome=verdict.outcome,
+                self._run.id,
+                exit_code=status.code,
+                lost=status.lost,
+                outcome=verdict.outcome,
                 reason=status.reason or (said.reason if said is not None else ""),
-                task=self.record(), shift=self.fleet.shift_id, worker=self.name, usage=usage,
+                task=self.record(),
+                shift=self.fleet.shift_id,
+                worker=self.name,
+                usage=usage,
             )
             self._run = None
             if usage:
@@ -568,4 +635,3 @@ class RunDriver:
             why = "usage limit" + (f" ({said.window})" if said is not None and said.window else "")
             self.fleet.pause_machine(s.machine, verdict.decision.until, why, line)
         return verdict.decision
-

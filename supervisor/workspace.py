@@ -128,7 +128,10 @@ async def ensure_clone(
             await host.run(["rm", "-rf", partial])
             await _git(host, "clone", "--quiet", "--bare", repository, partial)
             await _git(
-                host, "config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*",
+                host,
+                "config",
+                "remote.origin.fetch",
+                "+refs/heads/*:refs/remotes/origin/*",
                 cwd=partial,
             )
             await _git(host, "config", "fetch.prune", "true", cwd=partial)

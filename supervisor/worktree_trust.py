@@ -42,8 +42,11 @@ async def ensure_trusted(host: Host, worktree: str, env: Mapping[str, str]) -> s
     path = "~/.claude.json"
     try:
         for _ in range(ATTEMPTS):
-            read = await host.run(sh.command("claude-trust", "read", worktree, config_dir),
-                                  check=False, timeout=TIMEOUT)
+            read = await host.run(
+                sh.command("claude-trust", "read", worktree, config_dir),
+                check=False,
+                timeout=TIMEOUT,
+            )
             if read.exit_code != 0:
                 return f"cannot read {path}: {read.stderr.strip() or f'exit {read.exit_code}'}"
             real, path, cksum, text = [*read.stdout.split("\n", 3), "", "", ""][:4]
@@ -54,8 +57,12 @@ async def ensure_trusted(host: Host, worktree: str, env: Mapping[str, str]) -> s
                 if _is_json(text):
                     return ""  # trusted already
                 continue  # being written by a Claude Code starting up: read it again
-            write = await host.run(sh.command("claude-trust", "write", path, cksum),
-                                   input=new.encode(), check=False, timeout=TIMEOUT)
+            write = await host.run(
+                sh.command("claude-trust", "write", path, cksum),
+                input=new.encode(),
+                check=False,
+                timeout=TIMEOUT,
+            )
             if write.exit_code == 0:
                 return ""
             if write.exit_code != CHANGED:

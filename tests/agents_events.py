@@ -25,32 +25,55 @@ def line(**event: Any) -> str:
 
 def claude_init(session_id: str = SID, cwd: str = "/w/demo.git/trees/issue-7") -> str:
     return line(
-        type="system", subtype="init", cwd=cwd, session_id=session_id,
-        tools=["Bash", "Edit", "Read"], mcp_servers=[], model="claude-opus-4-6",
-        permissionMode="bypassPermissions", apiKeySource="none",
+        type="system",
+        subtype="init",
+        cwd=cwd,
+        session_id=session_id,
+        tools=["Bash", "Edit", "Read"],
+        mcp_servers=[],
+        model="claude-opus-4-6",
+        permissionMode="bypassPermissions",
+        apiKeySource="none",
     )
 
 
 def claude_text(text: str, **extra: Any) -> str:
     return line(
         type="assistant",
-        message={"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4-6",
-                 "content": [{"type": "text", "text": text}]},
-        session_id=SID, **extra,
+        message={
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-opus-4-6",
+            "content": [{"type": "text", "text": text}],
+        },
+        session_id=SID,
+        **extra,
     )
 
 
 def claude_tool(name: str, arguments: dict[str, Any], text: str | None = None) -> str:
     content: list[dict[str, Any]] = [] if text is None else [{"type": "text", "text": text}]
     content.append({"type": "tool_use", "id": "toolu_1", "name": name, "input": arguments})
-    return line(type="assistant", message={"role": "assistant", "content": content},
-                session_id=SID)
+    return line(type="assistant", message={"role": "assistant", "content": content}, session_id=SID)
 
 
 def claude_tool_result(content: str, is_error: bool = False) -> str:
-    return line(type="user", message={"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "toolu_1", "content": content,
-         "is_error": is_error}]}, session_id=SID)
+    return line(
+        type="user",
+        message={
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": content,
+                    "is_error": is_error,
+                }
+            ],
+        },
+        session_id=SID,
+    )
 
 
 def claude_result(
@@ -63,10 +86,20 @@ def claude_result(
     **extra: Any,
 ) -> str:
     event: dict[str, Any] = dict(
-        type="result", subtype=subtype, is_error=is_error, duration_ms=125_000,
-        duration_api_ms=98_000, num_turns=turns, session_id=session_id, total_cost_usd=cost,
-        usage={"input_tokens": 1200, "output_tokens": 3400, "cache_creation_input_tokens": 2783,
-               "cache_read_input_tokens": 14707},
+        type="result",
+        subtype=subtype,
+        is_error=is_error,
+        duration_ms=125_000,
+        duration_api_ms=98_000,
+        num_turns=turns,
+        session_id=session_id,
+        total_cost_usd=cost,
+        usage={
+            "input_tokens": 1200,
+            "output_tokens": 3400,
+            "cache_creation_input_tokens": 2783,
+            "cache_read_input_tokens": 14707,
+        },
     )
     if result is not None:
         event["result"] = result
@@ -80,8 +113,12 @@ def claude_rate(status: str, resets: float, window: str = "five_hour", **extra: 
 
 
 def claude_compact(trigger: str = "auto", pre_tokens: int = 156_594) -> str:
-    return line(type="system", subtype="compact_boundary", session_id=SID,
-                compact_metadata={"trigger": trigger, "pre_tokens": pre_tokens})
+    return line(
+        type="system",
+        subtype="compact_boundary",
+        session_id=SID,
+        compact_metadata={"trigger": trigger, "pre_tokens": pre_tokens},
+    )
 
 
 # -- Codex ---------------------------------------------------------------------------------------
@@ -96,8 +133,10 @@ def codex_item(stage: str, **item: Any) -> str:
 
 
 def codex_turn_completed(inp: int = 24_763, cached: int = 24_448, out: int = 122) -> str:
-    return line(type="turn.completed",
-                usage={"input_tokens": inp, "cached_input_tokens": cached, "output_tokens": out})
+    return line(
+        type="turn.completed",
+        usage={"input_tokens": inp, "cached_input_tokens": cached, "output_tokens": out},
+    )
 
 
 def codex_turn_failed(message: str) -> str:
@@ -112,26 +151,37 @@ def codex_error(message: str) -> str:
 
 
 def gemini_init(session_id: str = SID) -> str:
-    return line(type="init", timestamp="2026-05-28T20:26:40.000Z", session_id=session_id,
-                model="gemini-2.5-pro")
+    return line(
+        type="init",
+        timestamp="2026-05-28T20:26:40.000Z",
+        session_id=session_id,
+        model="gemini-2.5-pro",
+    )
 
 
 def gemini_message(role: str, content: str, delta: bool = False) -> str:
-    event: dict[str, Any] = dict(type="message", timestamp="2026-05-28T20:26:41.000Z",
-                                 role=role, content=content)
+    event: dict[str, Any] = dict(
+        type="message", timestamp="2026-05-28T20:26:41.000Z", role=role, content=content
+    )
     if delta:
         event["delta"] = True
     return line(**event)
 
 
 def gemini_tool_use(name: str, parameters: dict[str, Any]) -> str:
-    return line(type="tool_use", timestamp="2026-05-28T20:26:42.000Z", tool_name=name,
-                tool_id="t1", parameters=parameters)
+    return line(
+        type="tool_use",
+        timestamp="2026-05-28T20:26:42.000Z",
+        tool_name=name,
+        tool_id="t1",
+        parameters=parameters,
+    )
 
 
 def gemini_tool_result(status: str = "success", message: str = "") -> str:
-    event: dict[str, Any] = dict(type="tool_result", timestamp="2026-05-28T20:26:43.000Z",
-                                 tool_id="t1", status=status)
+    event: dict[str, Any] = dict(
+        type="tool_result", timestamp="2026-05-28T20:26:43.000Z", tool_id="t1", status=status
+    )
     if status == "error":
         event["error"] = {"type": "tool_error", "message": message}
     else:
@@ -140,18 +190,25 @@ def gemini_tool_result(status: str = "success", message: str = "") -> str:
 
 
 def gemini_error(message: str, severity: str = "error") -> str:
-    return line(type="error", timestamp="2026-05-28T20:26:44.000Z", severity=severity,
-                message=message)
+    return line(
+        type="error", timestamp="2026-05-28T20:26:44.000Z", severity=severity, message=message
+    )
 
 
 def gemini_result(status: str = "success", message: str = "", **stats: int) -> str:
-    event: dict[str, Any] = dict(type="result", timestamp="2026-05-28T20:27:00.000Z",
-                                 status=status)
+    event: dict[str, Any] = dict(type="result", timestamp="2026-05-28T20:27:00.000Z", status=status)
     if status != "success":
         event["error"] = {"type": "FatalError", "message": message}
-    event["stats"] = {"total_tokens": 1500, "input_tokens": 1200, "output_tokens": 300,
-                      "cached": 800, "input": 400, "duration_ms": 20_000, "tool_calls": 2,
-                      **stats}
+    event["stats"] = {
+        "total_tokens": 1500,
+        "input_tokens": 1200,
+        "output_tokens": 300,
+        "cached": 800,
+        "input": 400,
+        "duration_ms": 20_000,
+        "tool_calls": 2,
+        **stats,
+    }
     return line(**event)
 
 

@@ -122,15 +122,18 @@ class FakeRun(RunHandle):
         if self._signal_code is not None:
             self._status = ExitStatus(self._signal_code)
         elif script.watchdog:
-            self._status = ExitStatus(143, reason="stopped by the watchdog: lease not renewed "
-                                                  "for 2s")
+            self._status = ExitStatus(
+                143, reason="stopped by the watchdog: lease not renewed for 2s"
+            )
         else:
             if script.milestone:
                 issue = self.started.issue
                 count = sum(1 for f in self.host.files if f"/issue-{issue}-milestone-" in f)
-                self.host.files.add(posixpath.join(
-                    self.cwd, ".tmp/milestones", f"issue-{issue}-milestone-{count + 1}.md"
-                ))
+                self.host.files.add(
+                    posixpath.join(
+                        self.cwd, ".tmp/milestones", f"issue-{issue}-milestone-{count + 1}.md"
+                    )
+                )
             self._status = ExitStatus(script.exit)
         if not self._status.lost:
             self.host.files.add(posixpath.join(self.identity.run_dir, "exit"))
@@ -266,17 +269,29 @@ class FakeHost(Host):
                 found[run_dir] = RunStatus(RunState.GONE)
                 continue
             status = run._status
-            state = (RunState.RUNNING if status is None
-                     else RunState.LOST if status.lost else RunState.EXITED)
-            found[run_dir] = RunStatus(state, None if status is None else status.code,
-                                       run.identity.pid, run.identity.start_ticks)
+            state = (
+                RunState.RUNNING
+                if status is None
+                else RunState.LOST
+                if status.lost
+                else RunState.EXITED
+            )
+            found[run_dir] = RunStatus(
+                state,
+                None if status is None else status.code,
+                run.identity.pid,
+                run.identity.start_ticks,
+            )
         return found
 
     async def scan(self, root: str) -> list[str]:
         """Run directories under ``root`` without an ``exit`` file."""
         self._reachable()
-        return sorted(d for d, run in self.runs.items()
-                      if d.startswith(root.rstrip("/") + "/") and f"{d}/exit" not in self.files)
+        return sorted(
+            d
+            for d, run in self.runs.items()
+            if d.startswith(root.rstrip("/") + "/") and f"{d}/exit" not in self.files
+        )
 
     async def attach_dir(self, run_dir: str) -> RunHandle | None:
         return self.runs.get(run_dir)

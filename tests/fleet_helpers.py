@@ -30,8 +30,6 @@ T = TypeVar("T")
 CLI_TIMEOUT = 20.0
 
 
-
-
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -121,9 +119,7 @@ def workers_by_task(status: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(w["task"]): w for w in status.get("workers", [])}
 
 
-def wait_states(
-    started: Started, wanted: dict[int, str], timeout: float = 20.0
-) -> dict[str, Any]:
+def wait_states(started: Started, wanted: dict[int, str], timeout: float = 20.0) -> dict[str, Any]:
     """Wait until ``status`` shows each task of ``wanted`` in its state; return that status."""
 
     def match() -> dict[str, Any] | None:
@@ -254,7 +250,9 @@ def assert_runs_logged_once(state_dir: Path, where: str = "") -> list[RunRecord]
     with Ledger.reader(state_dir) as ledger:  # type: ignore[union-attr]
         runs = ledger.runs()
     assert all(r.state in ("ended", "abandoned") for r in runs), (
-        [(r.issue, r.number, r.state) for r in runs], where)
+        [(r.issue, r.number, r.state) for r in runs],
+        where,
+    )
     ended = [r for r in runs if r.state == "ended"]
     records = [rec for shift_dir in shift_dirs(state_dir) for rec in run_records(shift_dir)]
     for run in ended:

@@ -47,13 +47,18 @@ def test_a_finished_run_is_done_with_its_facts(block_size: int) -> None:
     assert facts.turns == 12
     assert facts.duration_ms == 125_000
     assert facts.tokens.as_dict() == {
-        "input": 1200, "output": 3400, "cache_read": 14707, "cache_creation": 2783,
+        "input": 1200,
+        "output": 3400,
+        "cache_read": 14707,
+        "cache_creation": 2783,
     }
     assert facts.last_text == "All tests passed (3/3)!"
     assert facts.rate_limits["five_hour"].status == "allowed"
     assert not facts.rejections and facts.malformed == 0
     assert facts.summary()["result"] == {
-        "ok": True, "subtype": "success", "text": "All tests passed (3/3)!",
+        "ok": True,
+        "subtype": "success",
+        "text": "All tests passed (3/3)!",
     }
 
 
@@ -79,8 +84,12 @@ def test_other_api_errors_with_exit_0_are_crashes_with_their_text() -> None:
     text = "Your organization has disabled Claude subscription access for Claude Code"
     _, verdict = judge_run(
         "claude",
-        [claude_init(), claude_result(is_error=True, result=text, api_error_status=403,
-                                      terminal_reason="api_error")],
+        [
+            claude_init(),
+            claude_result(
+                is_error=True, result=text, api_error_status=403, terminal_reason="api_error"
+            ),
+        ],
         exit_code=0,
     )
     assert verdict.outcome is Outcome.CRASHED
@@ -94,8 +103,16 @@ def test_other_api_errors_with_exit_0_are_crashes_with_their_text() -> None:
 def test_turn_and_budget_limits_fail_the_task_with_the_reason(subtype: str, words: str) -> None:
     _, verdict = judge_run(
         "claude",
-        [claude_init(), claude_result(subtype=subtype, is_error=True, result=None, turns=40,
-                                      errors=[f"Reached maximum ({subtype})"])],
+        [
+            claude_init(),
+            claude_result(
+                subtype=subtype,
+                is_error=True,
+                result=None,
+                turns=40,
+                errors=[f"Reached maximum ({subtype})"],
+            ),
+        ],
         exit_code=1,
     )
     assert verdict.outcome is Outcome.FAILED
@@ -105,8 +122,15 @@ def test_turn_and_budget_limits_fail_the_task_with_the_reason(subtype: str, word
 def test_error_during_execution_is_a_crash() -> None:
     _, verdict = judge_run(
         "claude",
-        [claude_init(), claude_result(subtype="error_during_execution", is_error=True,
-                                      result=None, errors=["tool crashed"])],
+        [
+            claude_init(),
+            claude_result(
+                subtype="error_during_execution",
+                is_error=True,
+                result=None,
+                errors=["tool crashed"],
+            ),
+        ],
         exit_code=1,
     )
     assert verdict.outcome is Outcome.CRASHED
@@ -197,15 +221,22 @@ def test_a_rejection_does_not_outweigh_a_clean_finish() -> None:
 def test_a_rejection_superseded_by_allowed_is_over() -> None:
     _, verdict = judge_run(
         "claude",
-        [claude_init(), claude_rate("rejected", NOW + 60), claude_rate("allowed", NOW + 60),
-         claude_result(subtype="error_during_execution", is_error=True, result="tool died")],
+        [
+            claude_init(),
+            claude_rate("rejected", NOW + 60),
+            claude_rate("allowed", NOW + 60),
+            claude_result(subtype="error_during_execution", is_error=True, result="tool died"),
+        ],
         exit_code=1,
     )
     assert verdict.outcome is Outcome.CRASHED and verdict.reason == "tool died"
     _, other = judge_run(
         "claude",
-        [claude_init(), claude_rate("rejected", NOW + 60, "seven_day"),
-         claude_rate("allowed", NOW + 60, "five_hour")],
+        [
+            claude_init(),
+            claude_rate("rejected", NOW + 60, "seven_day"),
+            claude_rate("allowed", NOW + 60, "five_hour"),
+        ],
         exit_code=1,
     )
     assert other.outcome is Outcome.USAGE_LIMITED and other.window == "seven_day"
@@ -215,9 +246,11 @@ def test_overage_rejected_beside_allowed_is_information_only() -> None:
     """#38673: no extra usage available, but the request went through."""
     facts, verdict = judge_run(
         "claude",
-        [claude_init(),
-         claude_rate("allowed", NOW + 60, overageStatus="rejected", isUsingOverage=False),
-         claude_result(result="")],
+        [
+            claude_init(),
+            claude_rate("allowed", NOW + 60, overageStatus="rejected", isUsingOverage=False),
+            claude_result(result=""),
+        ],
     )
     assert verdict.outcome is Outcome.DONE
     assert not facts.rejections
@@ -226,9 +259,16 @@ def test_overage_rejected_beside_allowed_is_information_only() -> None:
 def test_overage_rejected_while_using_overage_is_a_usage_limit() -> None:
     _, verdict = judge_run(
         "claude",
-        [claude_init(),
-         claude_rate("allowed", NOW + 60, overageStatus="rejected", isUsingOverage=True,
-                     overageResetsAt=int(NOW + 86400))],
+        [
+            claude_init(),
+            claude_rate(
+                "allowed",
+                NOW + 60,
+                overageStatus="rejected",
+                isUsingOverage=True,
+                overageResetsAt=int(NOW + 86400),
+            ),
+        ],
         exit_code=1,
     )
     assert verdict.outcome is Outcome.USAGE_LIMITED
@@ -242,7 +282,9 @@ def test_rate_limit_event_spliced_into_an_assistant_line_is_salvaged() -> None:
     cut = assistant.index("and the rest")
     first, second = assistant[:cut] + event, assistant[cut:]
     facts, verdict = judge_run(
-        "claude", [claude_init(), first, second, claude_text("more")], exit_code=1,
+        "claude",
+        [claude_init(), first, second, claude_text("more")],
+        exit_code=1,
         block_size=1,
     )
     assert facts.malformed == 1
@@ -263,16 +305,24 @@ def test_resume_refused_as_an_error_result() -> None:
     """#40609: newer versions report it as error_during_execution with the text in errors."""
     _, verdict = judge_run(
         "claude",
-        [claude_result(subtype="error_during_execution", is_error=True, result=None,
-                       errors=[f"No conversation found with session ID: {SID}"])],
-        exit_code=1, session=RESUMED,
+        [
+            claude_result(
+                subtype="error_during_execution",
+                is_error=True,
+                result=None,
+                errors=[f"No conversation found with session ID: {SID}"],
+            )
+        ],
+        exit_code=1,
+        session=RESUMED,
     )
     assert verdict.outcome is Outcome.RESUME_REFUSED
 
 
 def test_the_refusal_text_means_nothing_when_the_run_did_not_resume() -> None:
-    _, verdict = judge_run("claude", [], [f"No conversation found with session ID: {SID}"],
-                           exit_code=1)
+    _, verdict = judge_run(
+        "claude", [], [f"No conversation found with session ID: {SID}"], exit_code=1
+    )
     assert verdict.outcome is Outcome.CRASHED
 
 
@@ -287,8 +337,9 @@ def test_session_id_is_re_read_from_init_and_result() -> None:
 
 
 def test_compactions_are_counted() -> None:
-    facts, _ = judge_run("claude", [claude_init(), claude_compact(), claude_compact("manual"),
-                                    claude_result()])
+    facts, _ = judge_run(
+        "claude", [claude_init(), claude_compact(), claude_compact("manual"), claude_result()]
+    )
     assert facts.compactions == 2
 
 

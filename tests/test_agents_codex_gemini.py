@@ -36,10 +36,21 @@ def test_codex_finished_turn_is_done_with_tokens() -> None:
         [
             codex_thread(),
             '{"type":"turn.started"}',
-            codex_item("started", type="command_execution", command="bash -lc 'git status'",
-                       aggregated_output="", status="in_progress"),
-            codex_item("completed", type="command_execution", command="bash -lc 'git status'",
-                       aggregated_output="On branch issue-7\n", exit_code=0, status="completed"),
+            codex_item(
+                "started",
+                type="command_execution",
+                command="bash -lc 'git status'",
+                aggregated_output="",
+                status="in_progress",
+            ),
+            codex_item(
+                "completed",
+                type="command_execution",
+                command="bash -lc 'git status'",
+                aggregated_output="On branch issue-7\n",
+                exit_code=0,
+                status="completed",
+            ),
             codex_item("completed", type="agent_message", text="All tests pass."),
             codex_turn_completed(),
         ],
@@ -50,7 +61,10 @@ def test_codex_finished_turn_is_done_with_tokens() -> None:
     assert facts.turns == 1
     assert facts.cost_usd is None  # Codex reports no cost
     assert facts.tokens.as_dict() == {
-        "input": 24_763, "output": 122, "cache_read": 24_448, "cache_creation": None,
+        "input": 24_763,
+        "output": 122,
+        "cache_read": 24_448,
+        "cache_creation": None,
     }
 
 
@@ -58,8 +72,11 @@ def test_codex_failed_turn_with_exit_0_is_not_done() -> None:
     """wzj998/ChatCCC#363: turn.failed decides, not the exit code."""
     _, verdict = judge_run(
         "codex",
-        [codex_thread(), codex_error("model is at capacity"),
-         codex_turn_failed("model is at capacity")],
+        [
+            codex_thread(),
+            codex_error("model is at capacity"),
+            codex_turn_failed("model is at capacity"),
+        ],
         exit_code=0,
     )
     assert verdict.outcome is Outcome.CRASHED
@@ -69,14 +86,21 @@ def test_codex_failed_turn_with_exit_0_is_not_done() -> None:
 @pytest.mark.parametrize(
     ("text", "reset"),
     [
-        ("You've hit your usage limit. Upgrade to Pro (https://openai.com/chatgpt/pricing) or "
-         "try again in 1 hour 5 minutes.", NOW + 3900),
-        ("You've hit your usage limit. Upgrade to Plus to continue using Codex "
-         "(https://chatgpt.com/explore/plus), or try again at Jul 5th, 2026 8:19 PM.",
-         datetime(2026, 7, 5, 20, 19, tzinfo=UTC).timestamp()),
-        ("You have reached your usage limit. Upgrade your plan or add credits to continue, or "
-         "try again after July 3, 2026 at 2:45 PM.",
-         datetime(2026, 7, 3, 14, 45, tzinfo=UTC).timestamp()),
+        (
+            "You've hit your usage limit. Upgrade to Pro (https://openai.com/chatgpt/pricing) or "
+            "try again in 1 hour 5 minutes.",
+            NOW + 3900,
+        ),
+        (
+            "You've hit your usage limit. Upgrade to Plus to continue using Codex "
+            "(https://chatgpt.com/explore/plus), or try again at Jul 5th, 2026 8:19 PM.",
+            datetime(2026, 7, 5, 20, 19, tzinfo=UTC).timestamp(),
+        ),
+        (
+            "You have reached your usage limit. Upgrade your plan or add credits to continue, or "
+            "try again after July 3, 2026 at 2:45 PM.",
+            datetime(2026, 7, 3, 14, 45, tzinfo=UTC).timestamp(),
+        ),
     ],
 )
 def test_codex_usage_limit_text_holds_until_its_time(text: str, reset: float) -> None:
@@ -96,16 +120,21 @@ def test_codex_429_is_transient() -> None:
 def test_codex_reconnecting_errors_are_not_failures() -> None:
     facts, verdict = judge_run(
         "codex",
-        [codex_thread(), codex_error("Reconnecting... 1/5 (stream error: 429 Too Many Requests)"),
-         codex_turn_completed()],
+        [
+            codex_thread(),
+            codex_error("Reconnecting... 1/5 (stream error: 429 Too Many Requests)"),
+            codex_turn_completed(),
+        ],
     )
     assert verdict.outcome is Outcome.DONE
     assert facts.errors == []
 
 
 def test_codex_resume_refused() -> None:
-    refusal = (f"Error: thread/resume: thread/resume failed: no rollout found for thread id "
-               f"{SID} (code -32600)")
+    refusal = (
+        f"Error: thread/resume: thread/resume failed: no rollout found for thread id "
+        f"{SID} (code -32600)"
+    )
     _, verdict = judge_run("codex", [], [refusal], exit_code=1, session=RESUMED)
     assert verdict.outcome is Outcome.RESUME_REFUSED
     assert verdict.reason == refusal
@@ -114,9 +143,11 @@ def test_codex_resume_refused() -> None:
 def test_codex_warning_items_do_not_fail_a_turn() -> None:
     _, verdict = judge_run(
         "codex",
-        [codex_thread(), codex_item("completed", type="error",
-                                    message="Under-development features enabled"),
-         codex_turn_completed()],
+        [
+            codex_thread(),
+            codex_item("completed", type="error", message="Under-development features enabled"),
+            codex_turn_completed(),
+        ],
     )
     assert verdict.outcome is Outcome.DONE
 
@@ -150,7 +181,10 @@ def test_gemini_finished_run_is_done_with_stats_and_joined_deltas() -> None:
     assert facts.session_id == SID and facts.model == "gemini-2.5-pro"
     assert facts.last_text == "All done."
     assert facts.tokens.as_dict() == {
-        "input": 1200, "output": 300, "cache_read": 800, "cache_creation": None,
+        "input": 1200,
+        "output": 300,
+        "cache_read": 800,
+        "cache_creation": None,
     }
     assert facts.duration_ms == 20_000
 
@@ -186,9 +220,7 @@ def test_gemini_daily_quota_is_a_usage_limit() -> None:
 
 def test_gemini_usage_limit_with_a_reset_time_and_gmt_offset() -> None:
     text = "Usage limit reached for gemini-3-flash-preview. Access resets at 10:57 PM GMT-3."
-    _, verdict = judge_run(
-        "gemini", [gemini_init(), gemini_result("error", text)], exit_code=1
-    )
+    _, verdict = judge_run("gemini", [gemini_init(), gemini_result("error", text)], exit_code=1)
     assert verdict.outcome is Outcome.USAGE_LIMITED
     # 22:57 at GMT-3 is 01:57 UTC the next day.
     assert verdict.reset_at == datetime(2026, 5, 29, 1, 57, tzinfo=UTC).timestamp()
@@ -212,8 +244,12 @@ def test_gemini_resume_refused_before_its_exit_code() -> None:
 def test_gemini_warnings_and_tool_errors_are_not_failures() -> None:
     facts, verdict = judge_run(
         "gemini",
-        [gemini_init(), gemini_error("Loop detected", severity="warning"),
-         gemini_tool_result("error", "file not found"), gemini_result()],
+        [
+            gemini_init(),
+            gemini_error("Loop detected", severity="warning"),
+            gemini_tool_result("error", "file not found"),
+            gemini_result(),
+        ],
     )
     assert verdict.outcome is Outcome.DONE
     assert facts.errors == []

@@ -41,10 +41,13 @@ def test_each_kind_has_its_default_command(tmp_path: Path, kind: str) -> None:
 
 
 def test_a_kind_with_the_users_command(tmp_path: Path) -> None:
-    config = _load(tmp_path, '[agent]\nkind = "claude"\n'
-                             'command = ["/opt/claude/bin/claude", "--model", "opus"]\n'
-                             "stall_timeout = 0\n"
-                             "[max_cost_usd]\ntask = 5\nfleet = 50.5\n")
+    config = _load(
+        tmp_path,
+        '[agent]\nkind = "claude"\n'
+        'command = ["/opt/claude/bin/claude", "--model", "opus"]\n'
+        "stall_timeout = 0\n"
+        "[max_cost_usd]\ntask = 5\nfleet = 50.5\n",
+    )
     assert config.agent.command == ["/opt/claude/bin/claude", "--model", "opus"]
     assert config.agent.stall_timeout == 0
     assert config.max_cost_usd.task == 5.0 and config.max_cost_usd.fleet == 50.5
@@ -54,16 +57,25 @@ def test_a_kind_with_the_users_command(tmp_path: Path) -> None:
     ("text", "words"),
     [
         ('[agent]\nkind = "cursor"\n', ["`agent.kind`", "'claude'", "cursor"]),
-        ('[agent]\nkind = "claude"\ncommand = ["claude", "-p", "{prompt}"]\n',
-         ["`agent.command`", "'-p'", "'claude'", "remove it"]),
-        ('[agent]\nkind = "claude"\ncommand = ["claude", "--output-format", "json"]\n',
-         ["`agent.command`", "'--output-format'"]),
+        (
+            '[agent]\nkind = "claude"\ncommand = ["claude", "-p", "{prompt}"]\n',
+            ["`agent.command`", "'-p'", "'claude'", "remove it"],
+        ),
+        (
+            '[agent]\nkind = "claude"\ncommand = ["claude", "--output-format", "json"]\n',
+            ["`agent.command`", "'--output-format'"],
+        ),
         ('[agent]\nkind = "codex"\ncommand = ["codex", "exec"]\n', ["'exec'", "'codex'"]),
-        ('[agent]\nkind = "gemini"\ncommand = ["gemini", "--resume", "latest"]\n',
-         ["'--resume'", "'gemini'"]),
-        ('[agent]\nkind = "claude"\ncommand = ["claude", "--append-system-prompt", "{prompt}"]\n',
-         ["'{prompt}'", "passes the prompt itself"]),
-        ('[agent]\nstall_timeout = -5\n', ["`agent.stall_timeout`"]),
+        (
+            '[agent]\nkind = "gemini"\ncommand = ["gemini", "--resume", "latest"]\n',
+            ["'--resume'", "'gemini'"],
+        ),
+        (
+            '[agent]\nkind = "claude"\n'
+            'command = ["claude", "--append-system-prompt", "{prompt}"]\n',
+            ["'{prompt}'", "passes the prompt itself"],
+        ),
+        ("[agent]\nstall_timeout = -5\n", ["`agent.stall_timeout`"]),
         ("max_usage_wait = -1\n", ["`max_usage_wait`"]),
         ("[max_cost_usd]\ntask = 0\n", ["`max_cost_usd.task`"]),
         ("[max_cost_usd]\nweekly = 3\n", ["`max_cost_usd.weekly`"]),
@@ -79,8 +91,11 @@ def test_bad_input_is_one_clear_paragraph(tmp_path: Path, text: str, words: list
 
 
 def test_kind_command_accepts_any_flags(tmp_path: Path) -> None:
-    config = _load(tmp_path, '[agent]\ncommand = ["claude", "-p", "{prompt}", "--verbose",'
-                             ' "--output-format", "stream-json"]\n')
+    config = _load(
+        tmp_path,
+        '[agent]\ncommand = ["claude", "-p", "{prompt}", "--verbose",'
+        ' "--output-format", "stream-json"]\n',
+    )
     assert config.agent.kind == "command"
 
 

@@ -56,11 +56,17 @@ def run_kind(
 ) -> Ran:
     """One run of ``kind``'s double, started and judged as the worker will."""
     agent = get_kind(kind)
-    launch = agent.launch(command or [str(SCRIPTS / f"fake-{kind}")], "implement it", session,
-                          git_dir=git_dir)
+    launch = agent.launch(
+        command or [str(SCRIPTS / f"fake-{kind}")], "implement it", session, git_dir=git_dir
+    )
     done = subprocess.run(
-        launch.argv, cwd=workdir, env={**_env(workdir, plan, run, env or {}), **launch.env},
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, check=False,
+        launch.argv,
+        cwd=workdir,
+        env={**_env(workdir, plan, run, env or {}), **launch.env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
     )
     reader = agent.reader(launch, tz=UTC)
     reader.feed("stdout", done.stdout.removesuffix(b"\n"))
@@ -74,10 +80,15 @@ def subjects(workdir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
-def test_finish_is_done_with_session_cost_and_tokens(kind: str, worktree: Path) -> None:  # noqa: F811
+def test_finish_is_done_with_session_cost_and_tokens(kind: str, worktree: Path) -> None:
     git_dir = str(worktree.parent.parent)  # the bare clone: NAME.git
-    ran = run_kind(kind, worktree, "finish", Session(new_id="8c9e3b51-2d1f-4f6a-9a57-3e0c1d2b4f60"),
-                   git_dir=git_dir)
+    ran = run_kind(
+        kind,
+        worktree,
+        "finish",
+        Session(new_id="8c9e3b51-2d1f-4f6a-9a57-3e0c1d2b4f60"),
+        git_dir=git_dir,
+    )
     assert ran.code == 0, ran.stderr
     assert ran.verdict.outcome is Outcome.DONE, ran.verdict
     assert ran.facts.session_id
@@ -98,7 +109,7 @@ def test_finish_is_done_with_session_cost_and_tokens(kind: str, worktree: Path) 
 
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
-def test_crash_mid_session_then_resume_in_the_same_worktree(kind: str, worktree: Path) -> None:  # noqa: F811
+def test_crash_mid_session_then_resume_in_the_same_worktree(kind: str, worktree: Path) -> None:
     first = run_kind(kind, worktree, "crash,finish")
     assert first.code == 1
     assert first.verdict.outcome is Outcome.CRASHED
@@ -116,7 +127,9 @@ def test_crash_mid_session_then_resume_in_the_same_worktree(kind: str, worktree:
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
 def test_resume_from_another_directory_is_refused(
-    kind: str, worktree: Path, tmp_path: Path  # noqa: F811
+    kind: str,
+    worktree: Path,
+    tmp_path: Path,
 ) -> None:
     store = {"FAKE_AGENT_SESSIONS": str(tmp_path / "sessions")}
     first = run_kind(kind, worktree, "crash", env=store)
@@ -135,7 +148,7 @@ def test_resume_from_another_directory_is_refused(
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
 @pytest.mark.parametrize("no_result", [False, True])
-def test_usage_limit_holds_until_the_reset(kind: str, no_result: bool, worktree: Path) -> None:  # noqa: F811
+def test_usage_limit_holds_until_the_reset(kind: str, no_result: bool, worktree: Path) -> None:
     began = time.time()
     ran = run_kind(kind, worktree, "usage-limit:7200" + ("+no-result" if no_result else ""))
     assert ran.code == 1
@@ -150,52 +163,82 @@ def test_usage_limit_holds_until_the_reset(kind: str, no_result: bool, worktree:
 
 
 @pytest.mark.parametrize(("kind", "code"), [("claude", 0), ("codex", 0), ("gemini", 1)])
-def test_api_error_is_transient_whatever_the_exit(kind: str, code: int, worktree: Path) -> None:  # noqa: F811
+def test_api_error_is_transient_whatever_the_exit(kind: str, code: int, worktree: Path) -> None:
     ran = run_kind(kind, worktree, "api-error")
     assert ran.code == code
     assert ran.verdict.outcome is Outcome.RATE_LIMITED, ran.verdict
 
 
-@pytest.mark.parametrize(("kind", "plan", "code"), [
-    ("claude", "max-turns", 1), ("claude", "max-budget", 1), ("gemini", "max-turns", 53),
-])
-def test_turn_and_budget_limits_fail(kind: str, plan: str, code: int, worktree: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize(
+    ("kind", "plan", "code"),
+    [
+        ("claude", "max-turns", 1),
+        ("claude", "max-budget", 1),
+        ("gemini", "max-turns", 53),
+    ],
+)
+def test_turn_and_budget_limits_fail(kind: str, plan: str, code: int, worktree: Path) -> None:
     ran = run_kind(kind, worktree, plan)
     assert ran.code == code
     assert ran.verdict.outcome is Outcome.FAILED, ran.verdict
 
 
-def test_parts_a_protocol_does_not_have_are_refused(worktree: Path) -> None:  # noqa: F811
+def test_parts_a_protocol_does_not_have_are_refused(worktree: Path) -> None:
     assert run_kind("codex", worktree, "max-turns").code == 64
     assert run_kind("gemini", worktree, "splice+finish").code == 64
-    plain = subprocess.run([str(SCRIPTS / "fake-agent")], cwd=worktree, capture_output=True,
-                           env=_env(worktree, "api-error", 1, {}), timeout=TIMEOUT, check=False)
+    plain = subprocess.run(
+        [str(SCRIPTS / "fake-agent")],
+        cwd=worktree,
+        capture_output=True,
+        env=_env(worktree, "api-error", 1, {}),
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert plain.returncode == 64 and b"without a protocol" in plain.stderr
 
 
-def test_claude_refuses_what_the_cli_refuses(worktree: Path) -> None:  # noqa: F811
+def test_claude_refuses_what_the_cli_refuses(worktree: Path) -> None:
     claude = str(SCRIPTS / "fake-claude")
 
     def run(*args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([claude, *args], cwd=worktree, capture_output=True,
-                              env=_env(worktree, "finish", 1, {}), timeout=TIMEOUT, check=False)
+        return subprocess.run(
+            [claude, *args],
+            cwd=worktree,
+            capture_output=True,
+            env=_env(worktree, "finish", 1, {}),
+            timeout=TIMEOUT,
+            check=False,
+        )
 
     no_verbose = run("-p", "--output-format", "stream-json", "--", "x")
     assert no_verbose.returncode == 1 and no_verbose.stdout == b""
-    assert (b"Error: When using --print, --output-format=stream-json requires --verbose"
-            in no_verbose.stderr)
-    both = run("-p", "--output-format", "stream-json", "--verbose", "--session-id",
-               "8c9e3b51-2d1f-4f6a-9a57-3e0c1d2b4f60", "--resume", "x", "--", "x")
+    assert (
+        b"Error: When using --print, --output-format=stream-json requires --verbose"
+        in no_verbose.stderr
+    )
+    both = run(
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--session-id",
+        "8c9e3b51-2d1f-4f6a-9a57-3e0c1d2b4f60",
+        "--resume",
+        "x",
+        "--",
+        "x",
+    )
     assert both.returncode == 1 and b"--fork-session" in both.stderr
-    bad_id = run("-p", "--output-format", "stream-json", "--verbose", "--session-id", "nope",
-                 "--", "x")
+    bad_id = run(
+        "-p", "--output-format", "stream-json", "--verbose", "--session-id", "nope", "--", "x"
+    )
     assert bad_id.returncode == 1 and b"Must be a valid UUID" in bad_id.stderr
     assert run("--output-format", "stream-json", "--verbose", "x").returncode == 2  # no -p
     assert subjects(worktree) == ["initial commit"]
 
 
 def test_claude_spliced_rejection_is_salvaged_and_a_clean_finish_still_wins(
-    worktree: Path,  # noqa: F811
+    worktree: Path,
 ) -> None:
     ran = run_kind("claude", worktree, "splice:600+crash")
     assert ran.facts.malformed == 1
@@ -206,7 +249,7 @@ def test_claude_spliced_rejection_is_salvaged_and_a_clean_finish_still_wins(
 
 
 def test_codex_commits_in_a_worktree_only_with_the_bare_clone_writable(
-    worktree: Path,  # noqa: F811
+    worktree: Path,
 ) -> None:
     """A linked worktree's git metadata lives in the bare clone, outside the workspace-write
     sandbox (sipyourdrink-ltd/bernstein#5375): the kind adds it as a writable root."""
@@ -217,25 +260,34 @@ def test_codex_commits_in_a_worktree_only_with_the_bare_clone_writable(
     allowed = run_kind("codex", worktree, "finish", git_dir=str(worktree.parent.parent))
     assert allowed.verdict.outcome is Outcome.DONE
     assert subjects(worktree)[0] == f"issue {ISSUE}: implement"
-    read_only = run_kind("codex", worktree, "finish", git_dir=str(worktree.parent.parent),
-                         command=[str(SCRIPTS / "fake-codex"), "--sandbox", "read-only"])
+    read_only = run_kind(
+        "codex",
+        worktree,
+        "finish",
+        git_dir=str(worktree.parent.parent),
+        command=[str(SCRIPTS / "fake-codex"), "--sandbox", "read-only"],
+    )
     assert b"Operation not permitted" in read_only.stdout
 
 
-def test_gemini_trust_comes_from_the_kinds_environment(worktree: Path) -> None:  # noqa: F811
+def test_gemini_trust_comes_from_the_kinds_environment(worktree: Path) -> None:
     trusting = run_kind("gemini", worktree, "finish", env={"FAKE_AGENT_FOLDER_TRUST": "1"})
     assert trusting.verdict.outcome is Outcome.DONE
     gemini = get_kind("gemini")
     launch = gemini.launch([str(SCRIPTS / "fake-gemini")], "x")
     untrusted = subprocess.run(  # the same run without the kind's environment
-        launch.argv, cwd=worktree, capture_output=True, timeout=TIMEOUT, check=False,
+        launch.argv,
+        cwd=worktree,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
         env=_env(worktree, "finish", 1, {"FAKE_AGENT_FOLDER_TRUST": "1"}),
     )
     assert untrusted.returncode == 52 and b"FatalUntrustedWorkspaceError" in untrusted.stderr
 
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
-def test_milestone_in_a_protocol(kind: str, worktree: Path) -> None:  # noqa: F811
+def test_milestone_in_a_protocol(kind: str, worktree: Path) -> None:
     ran = run_kind(kind, worktree, "milestone", git_dir=str(worktree.parent.parent))
     assert ran.verdict.outcome is Outcome.DONE  # the worker's milestone check decides
     assert (worktree / ".tmp" / "milestones" / f"issue-{ISSUE}-milestone-1.md").exists()
@@ -258,15 +310,24 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
 def test_a_session_killed_mid_way_can_be_resumed(
-    kind: str, worktree: Path, tmp_path: Path, started: list[subprocess.Popen[bytes]]  # noqa: F811
+    kind: str,
+    worktree: Path,
+    tmp_path: Path,
+    started: list[subprocess.Popen[bytes]],
 ) -> None:
     agent = get_kind(kind)
     launch = agent.launch([str(SCRIPTS / f"fake-{kind}")], "implement it")
     out = tmp_path / "out"
     with out.open("wb") as sink:
-        proc = subprocess.Popen(launch.argv, cwd=worktree, stdout=sink, stderr=subprocess.DEVNULL,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**_env(worktree, "hang,finish", 1, {}), **launch.env})
+        proc = subprocess.Popen(
+            launch.argv,
+            cwd=worktree,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**_env(worktree, "hang,finish", 1, {}), **launch.env},
+        )
     started.append(proc)
     deadline = time.monotonic() + TIMEOUT
     while b"step 3/3" not in out.read_bytes():
@@ -284,14 +345,18 @@ def test_a_session_killed_mid_way_can_be_resumed(
     assert resumed.verdict.outcome is Outcome.DONE
 
 
-def test_records_say_which_session_a_run_used(worktree: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_records_say_which_session_a_run_used(worktree: Path, tmp_path: Path) -> None:
     record = tmp_path / "record.jsonl"
     env = {"FAKE_AGENT_RECORD": str(record)}
     first = run_kind("codex", worktree, "crash,finish", env=env)
-    run_kind("codex", worktree, "crash,finish", Session(resume=first.facts.session_id), run=2,
-             env=env)
-    ends = [json.loads(line) for line in record.read_text().splitlines()
-            if json.loads(line)["event"] == "end"]
+    run_kind(
+        "codex", worktree, "crash,finish", Session(resume=first.facts.session_id), run=2, env=env
+    )
+    ends = [
+        json.loads(line)
+        for line in record.read_text().splitlines()
+        if json.loads(line)["event"] == "end"
+    ]
     assert [e["resumed"] for e in ends] == [None, first.facts.session_id]
     assert ends[0]["session"] == ends[1]["session"] == first.facts.session_id
     assert ends[0]["protocol"] == "codex" and ends[0]["prompt"] == "implement it"

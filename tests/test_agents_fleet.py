@@ -44,8 +44,9 @@ def starts(harness: Harness, issue: int) -> list[dict[str, Any]]:
 
 
 def ends(harness: Harness, issue: int) -> list[dict[str, Any]]:
-    return sorted((r for r in harness.agent_records("end") if r["issue"] == issue),
-                  key=lambda r: r["run"])
+    return sorted(
+        (r for r in harness.agent_records("end") if r["issue"] == issue), key=lambda r: r["run"]
+    )
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -94,7 +95,8 @@ def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_w
     run = fleet.run(kind_config(fleet, "claude", tasks), timeout=90)
     assert run.returncode == 0, run.explain()
     assert {w["task"]: w["state"] for w in run.summary["workers"]} == dict.fromkeys(
-        (1, 2, 3, 4), "done")
+        (1, 2, 3, 4), "done"
+    )
 
     # #4: the usage limit holds the machine until resetsAt; then its session is resumed.
     (_, after) = starts(fleet, 4)
@@ -146,8 +148,11 @@ def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_w
     # Cost: the report's total is the sum of the runs' total_cost_usd, exactly.
     costs = [r["total_cost_usd"] for r in results(run)]
     report = report_json(run)
-    assert report["totals"]["cost_usd"] == sum(costs) == sum(
-        r.cost_usd or 0.0 for r in ledger_runs(fleet))
+    assert (
+        report["totals"]["cost_usd"]
+        == sum(costs)
+        == sum(r.cost_usd or 0.0 for r in ledger_runs(fleet))
+    )
     assert all(c % COST_PER_TURN == 0 for c in costs)
     by_task = {t["task"]: t for t in report["tasks"]}
     assert by_task[1]["cost_usd"] == sum(r.cost_usd or 0 for r in ledger_runs(fleet, 1))
@@ -172,8 +177,9 @@ def test_a_claude_fleet_resumes_crashes_restarts_milestones_retries_errors_and_w
         assert config["projects"][path]["hasTrustDialogAccepted"] is True
 
     # `logs --session` shows that session's runs: #1's two runs, nothing else.
-    shown = cli(fleet, fleet.tmp / "fleet.toml", "logs", "--json", "--session",
-                crash_end["session"][:8])
+    shown = cli(
+        fleet, fleet.tmp / "fleet.toml", "logs", "--json", "--session", crash_end["session"][:8]
+    )
     assert shown.returncode == 0, explain(shown)
     records = [json.loads(line) for line in shown.stdout.splitlines()]
     assert records and {(r["task"], r["run"]) for r in records} == {(1, 1), (1, 2)}
@@ -267,8 +273,10 @@ def test_exit_5_on_a_usage_hold_then_the_next_up_resumes_the_session(fleet: Harn
 
 
 def test_status_shows_the_held_machine_its_reset_and_the_cost(fleet: Harness) -> None:
-    tasks = [{"issue": 1, "env": {"FAKE_AGENT_PLAN": "usage-limit:900,finish"}},
-             {"issue": 2, "env": {"FAKE_AGENT_PLAN": "finish"}}]
+    tasks = [
+        {"issue": 1, "env": {"FAKE_AGENT_PLAN": "usage-limit:900,finish"}},
+        {"issue": 2, "env": {"FAKE_AGENT_PLAN": "finish"}},
+    ]
     config = kind_config(fleet, "claude", tasks)
     started = fleet.start(config)
     wait_states(started, {1: "paused"}, timeout=30)
@@ -295,8 +303,10 @@ def test_a_silent_run_is_stopped_as_stalled_and_its_session_resumed(fleet: Harne
     assert flag(second["argv"], "--resume") == flag(first["argv"], "--session-id")
     assert [r.outcome for r in ledger_runs(fleet, 1)] == ["stalled", "done"]
     (crashed,) = run.events("crashed")
-    assert "stalled ran" not in crashed["line"] and "stalled (stalled: no output for" in (
-        crashed["line"])
+    assert (
+        "stalled ran" not in crashed["line"]
+        and "stalled (stalled: no output for" in (crashed["line"])
+    )
 
 
 def test_a_refused_resume_starts_a_fresh_session_with_the_continue_prompt(

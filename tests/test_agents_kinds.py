@@ -29,8 +29,17 @@ def test_claude_argv_new_pinned_and_resumed() -> None:
     claude = get_kind("claude")
     new = claude.launch(["/opt/claude", "--model", "opus"], "-start", Session(new_id=SID))
     assert new.argv == [
-        "/opt/claude", "--model", "opus", "-p", "--output-format", "stream-json", "--verbose",
-        "--session-id", SID, "--", "-start",
+        "/opt/claude",
+        "--model",
+        "opus",
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--session-id",
+        SID,
+        "--",
+        "-start",
     ]
     assert new.session_id == SID and not new.resuming and new.env == {}
     resumed = claude.launch(["claude"], "go on", Session(resume="old"))
@@ -45,8 +54,17 @@ def test_codex_argv_sandbox_and_resume() -> None:
     codex = get_kind("codex")
     new = codex.launch(["codex", "-m", "gpt-5"], "do it", git_dir="/w/demo.git")
     assert new.argv == [
-        "codex", "exec", "-m", "gpt-5", "--json", "--sandbox", "workspace-write",
-        "-c", 'sandbox_workspace_write.writable_roots=["/w/demo.git"]', "--", "do it",
+        "codex",
+        "exec",
+        "-m",
+        "gpt-5",
+        "--json",
+        "--sandbox",
+        "workspace-write",
+        "-c",
+        'sandbox_workspace_write.writable_roots=["/w/demo.git"]',
+        "--",
+        "do it",
     ]
     assert new.session_id is None  # Codex tells it in thread.started
     resumed = codex.launch(["codex"], "go on", Session(resume=SID, new_id="ignored"))
@@ -57,8 +75,9 @@ def test_codex_argv_sandbox_and_resume() -> None:
     assert "workspace-write" not in read_only.argv and "-c" not in read_only.argv
     chosen = codex.launch(["codex", "-s", "workspace-write"], "p", git_dir="/g")
     assert chosen.argv.count("workspace-write") == 1 and "-c" in chosen.argv
-    bypass = codex.launch(["codex", "--dangerously-bypass-approvals-and-sandbox"], "p",
-                          git_dir="/g")
+    bypass = codex.launch(
+        ["codex", "--dangerously-bypass-approvals-and-sandbox"], "p", git_dir="/g"
+    )
     assert "--sandbox" not in bypass.argv and "-c" not in bypass.argv
     own_roots = codex.launch(
         ["codex", "-c", 'sandbox_workspace_write.writable_roots=["/x"]'], "p", git_dir="/g"
@@ -69,8 +88,14 @@ def test_codex_argv_sandbox_and_resume() -> None:
 def test_gemini_argv_env_and_resume() -> None:
     gemini = get_kind("gemini")
     new = gemini.launch(["gemini", "-m", "flash"], "-dash first")
-    assert new.argv == ["gemini", "-m", "flash", "--output-format", "stream-json",
-                        "--prompt=-dash first"]
+    assert new.argv == [
+        "gemini",
+        "-m",
+        "flash",
+        "--output-format",
+        "stream-json",
+        "--prompt=-dash first",
+    ]
     assert new.env == {"GEMINI_TRUST_WORKSPACE": "true"}
     resumed = gemini.launch(["gemini"], "go on", Session(resume=SID))
     assert resumed.argv[1:3] == ["--resume", SID] and resumed.resuming
@@ -113,8 +138,17 @@ def test_a_managed_flag_in_the_command_is_named(kind: str, command: list[str], f
 
 def test_the_program_itself_and_other_flags_are_the_users() -> None:
     get_kind("claude").check_command(
-        ["/home/me/bin/claude", "--model", "opus", "--dangerously-skip-permissions",
-         "--max-turns", "80", "--allowedTools", "Bash", "Edit"]
+        [
+            "/home/me/bin/claude",
+            "--model",
+            "opus",
+            "--dangerously-skip-permissions",
+            "--max-turns",
+            "80",
+            "--allowedTools",
+            "Bash",
+            "Edit",
+        ]
     )
     get_kind("codex").check_command(["codex", "-m", "gpt-5", "-c", "model_reasoning_effort=high"])
     get_kind("gemini").check_command(["gemini", "--approval-mode", "yolo", "-m", "flash"])
@@ -159,8 +193,9 @@ def test_command_kind_keeps_todays_rules(
 
 
 def test_command_kind_reads_limits_on_stderr_and_only_the_tail() -> None:
-    _, verdict = judge_run("command", ["x"], ["You've hit your limit · resets 11pm (UTC)"],
-                           exit_code=1)
+    _, verdict = judge_run(
+        "command", ["x"], ["You've hit your limit · resets 11pm (UTC)"], exit_code=1
+    )
     assert verdict.outcome is Outcome.USAGE_LIMITED
     early = ["Claude AI usage limit reached|1750000000", *("y" * 200 for _ in range(1000))]
     _, verdict = judge_run("command", early, exit_code=1, block_size=50)
@@ -188,8 +223,7 @@ def test_command_kind_feeding_costs_nothing_per_line() -> None:
         ("try again in 45 seconds", NOW + 45),
         ("try again at 11:16 PM.", datetime(2026, 5, 28, 23, 16, tzinfo=UTC)),
         ("try again at Jul 5th, 2026 8:19 PM.", datetime(2026, 7, 5, 20, 19, tzinfo=UTC)),
-        ("try again after July 3, 2026 at 2:45 PM.",
-         datetime(2026, 7, 3, 14, 45, tzinfo=UTC)),
+        ("try again after July 3, 2026 at 2:45 PM.", datetime(2026, 7, 3, 14, 45, tzinfo=UTC)),
         ("Access resets at 10:57 PM GMT-3.", datetime(2026, 5, 29, 1, 57, tzinfo=UTC)),
         ("Access resets at 10:57 PM UTC.", datetime(2026, 5, 28, 22, 57, tzinfo=UTC)),
         ("resets 5am (Europe/Berlin)", datetime(2026, 5, 29, 3, 0, tzinfo=UTC)),
@@ -245,6 +279,7 @@ def test_command_kind_and_unknown_sessions_restart_as_today() -> None:
     step = _plan("command", Outcome.CRASHED)
     assert step.outcome is policy.Outcome.CRASH and step.prompt == "auto"
     assert step.session == Session()
-    no_id = plan_next(get_kind("claude"), Verdict(Outcome.CRASHED, "x"), new_milestones=False,
-                      session_id=None)
+    no_id = plan_next(
+        get_kind("claude"), Verdict(Outcome.CRASHED, "x"), new_milestones=False, session_id=None
+    )
     assert no_id.session == Session() and no_id.prompt == "auto"

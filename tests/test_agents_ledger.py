@@ -36,8 +36,12 @@ def test_a_version_1_ledger_is_read_as_is_and_migrated_by_the_writer(tmp_path: P
         assert task is not None and task.next_prompt is None
     with Ledger.open(tmp_path) as ledger:
         (run,) = ledger.runs()
-        ledger.run_ended(run.id, exit_code=0, outcome="done",
-                         usage={"session_id": "s", "result_text": "ok", "cost_usd": 1.0})
+        ledger.run_ended(
+            run.id,
+            exit_code=0,
+            outcome="done",
+            usage={"session_id": "s", "result_text": "ok", "cost_usd": 1.0},
+        )
         assert ledger.task_usage(1).cost_usd == 1.0
     db = sqlite3.connect(ledger_path(tmp_path))
     (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -52,17 +56,30 @@ def test_a_runs_usage_and_its_tasks_sums_and_costs(tmp_path: Path) -> None:
         costs = [0.015625 * n for n in (3, 5, 7)]
         for number, cost in enumerate(costs, 1):
             before = f"sess-{number - 1}" if number > 1 else None
-            usage = {"cost_usd": cost, "turns": number, "input_tokens": 100,
-                     "session_id": f"sess-{number}"}
+            usage = {
+                "cost_usd": cost,
+                "turns": number,
+                "input_tokens": 100,
+                "session_id": f"sess-{number}",
+            }
             run = ledger.run_intent(
-                task, shift="s1" if number < 3 else "s2", worker="w1", machine="local",
-                workspace="/ws", run_dir_of=lambda n: f"/r/{n}", lease_path=None,
-                prompt_kind="first", milestones_before=[], agent_kind="claude",
-                session_id=f"sess-{number}", resumed_from=before,
+                task,
+                shift="s1" if number < 3 else "s2",
+                worker="w1",
+                machine="local",
+                workspace="/ws",
+                run_dir_of=lambda n: f"/r/{n}",
+                lease_path=None,
+                prompt_kind="first",
+                milestones_before=[],
+                agent_kind="claude",
+                session_id=f"sess-{number}",
+                resumed_from=before,
             )
             ledger.run_started(run.id, 100 + number, 1)
-            ledger.run_ended(run.id, exit_code=0, outcome="done", task=task, shift="s1",
-                             worker="w1", usage=usage)
+            ledger.run_ended(
+                run.id, exit_code=0, outcome="done", task=task, shift="s1", worker="w1", usage=usage
+            )
         usage = ledger.task_usage(4)
         assert usage.cost_usd == sum(costs) and usage.turns == 6 and usage.input_tokens == 300
         assert usage.session_id == "sess-3"

@@ -44,34 +44,57 @@ TREE = "/home/u/fleet/demo.git/trees/issue-7"
         (claude_init(), f"● session {SID} (claude-opus-4-6)"),
         (claude_text("  I'll start with the tests.\n"), "I'll start with the tests."),
         (claude_tool("Bash", {"command": "git status"}), "Bash: git status"),
-        (claude_tool("Edit", {"file_path": f"{TREE}/src/x.py", "old_string": "a"}),
-         "Edit: src/x.py"),
+        (
+            claude_tool("Edit", {"file_path": f"{TREE}/src/x.py", "old_string": "a"}),
+            "Edit: src/x.py",
+        ),
         (claude_tool("Read", {"file_path": "/etc/hosts"}), "Read: /etc/hosts"),
-        (claude_tool("TodoWrite", {"todos": [{"content": "a"}, {"content": "b"}]}),
-         "Todo: 2 items"),
+        (
+            claude_tool("TodoWrite", {"todos": [{"content": "a"}, {"content": "b"}]}),
+            "Todo: 2 items",
+        ),
         (claude_tool("mcp__github__create_pr", {"title": "Fix"}), "mcp__github__create_pr: Fix"),
-        (claude_tool("Grep", {"pattern": "def main"}, text="Searching."),
-         "Searching.\nGrep: def main"),
+        (
+            claude_tool("Grep", {"pattern": "def main"}, text="Searching."),
+            "Searching.\nGrep: def main",
+        ),
         (claude_tool_result("ok"), None),
-        (claude_tool_result("Error: no such file\nat line 2", is_error=True),
-         "  ✗ Error: no such file …"),
-        (claude_result(),
-         "✓ done · 12 turns · $0.4213 · 2m05s"),
-        (claude_result(is_error=True, result="API Error: Rate limit reached", turns=1,
-                       cost=1.5, duration_ms=3000),
-         "✗ error: API Error: Rate limit reached · 1 turn · $1.50 · 3s"),
-        (claude_result(subtype="error_max_turns", is_error=True, result=None,
-                       errors=["max turns"]),
-         "✗ error_max_turns: max turns · 12 turns · $0.4213 · 2m05s"),
+        (
+            claude_tool_result("Error: no such file\nat line 2", is_error=True),
+            "  ✗ Error: no such file …",
+        ),
+        (claude_result(), "✓ done · 12 turns · $0.4213 · 2m05s"),
+        (
+            claude_result(
+                is_error=True,
+                result="API Error: Rate limit reached",
+                turns=1,
+                cost=1.5,
+                duration_ms=3000,
+            ),
+            "✗ error: API Error: Rate limit reached · 1 turn · $1.50 · 3s",
+        ),
+        (
+            claude_result(
+                subtype="error_max_turns", is_error=True, result=None, errors=["max turns"]
+            ),
+            "✗ error_max_turns: max turns · 12 turns · $0.4213 · 2m05s",
+        ),
         (claude_rate("allowed", NOW), None),
-        (claude_rate("rejected", NOW, "seven_day"),
-         "⛔ usage limit reached (seven_day), resets 2026-05-28 20:26 UTC"),
-        (claude_rate("allowed_warning", NOW, utilization=0.8),
-         "⚠ nearing the usage limit (five_hour) 80% used, resets 2026-05-28 20:26 UTC"),
+        (
+            claude_rate("rejected", NOW, "seven_day"),
+            "⛔ usage limit reached (seven_day), resets 2026-05-28 20:26 UTC",
+        ),
+        (
+            claude_rate("allowed_warning", NOW, utilization=0.8),
+            "⚠ nearing the usage limit (five_hour) 80% used, resets 2026-05-28 20:26 UTC",
+        ),
         (claude_compact(), "⋯ context compacted (auto, 156.6k tokens before)"),
         (line(type="stream_event", event={"type": "content_block_delta"}), None),
-        (claude_text("You've hit your limit", is_api_error_message=True),
-         "✗ You've hit your limit"),
+        (
+            claude_text("You've hit your limit", is_api_error_message=True),
+            "✗ You've hit your limit",
+        ),
     ],
 )
 def test_claude_events(event: str, shown: str | None) -> None:
@@ -83,21 +106,41 @@ def test_claude_events(event: str, shown: str | None) -> None:
     [
         (codex_thread(), f"● session {SID}"),
         ('{"type":"turn.started"}', None),
-        (codex_item("started", type="command_execution", command="bash -lc 'pytest -q'",
-                    status="in_progress"), "Bash: pytest -q"),
-        (codex_item("started", type="command_execution", command=["bash", "-lc", "ls"]),
-         "Bash: ls"),
-        (codex_item("completed", type="command_execution", command="false", exit_code=1),
-         "  ✗ exit 1"),
+        (
+            codex_item(
+                "started",
+                type="command_execution",
+                command="bash -lc 'pytest -q'",
+                status="in_progress",
+            ),
+            "Bash: pytest -q",
+        ),
+        (
+            codex_item("started", type="command_execution", command=["bash", "-lc", "ls"]),
+            "Bash: ls",
+        ),
+        (
+            codex_item("completed", type="command_execution", command="false", exit_code=1),
+            "  ✗ exit 1",
+        ),
         (codex_item("completed", type="command_execution", command="true", exit_code=0), None),
         (codex_item("completed", type="agent_message", text="Done.\n"), "Done."),
         (codex_item("completed", type="reasoning", text="thinking"), None),
-        (codex_item("completed", type="file_change",
-                    changes=[{"path": f"{TREE}/a.py", "kind": "update"},
-                             {"path": f"{TREE}/b/c.py", "kind": "add"}]),
-         "Edit: a.py, b/c.py"),
-        (codex_item("started", type="mcp_tool_call", server="gh", tool="pr", arguments={}),
-         "gh.pr"),
+        (
+            codex_item(
+                "completed",
+                type="file_change",
+                changes=[
+                    {"path": f"{TREE}/a.py", "kind": "update"},
+                    {"path": f"{TREE}/b/c.py", "kind": "add"},
+                ],
+            ),
+            "Edit: a.py, b/c.py",
+        ),
+        (
+            codex_item("started", type="mcp_tool_call", server="gh", tool="pr", arguments={}),
+            "gh.pr",
+        ),
         (codex_item("updated", type="todo_list", items=[]), None),
         (codex_turn_completed(), "· turn completed · 24.8k in / 122 out tokens"),
         (codex_turn_failed("model at capacity"), "✗ turn failed: model at capacity"),
@@ -124,8 +167,10 @@ def test_codex_events(event: str, shown: str | None) -> None:
         (gemini_error("Loop detected", severity="warning"), "⚠ Loop detected"),
         (gemini_error("boom"), "✗ boom"),
         (gemini_result(), "✓ done · 2 tool calls · 1200 in / 300 out tokens · 20s"),
-        (gemini_result("error", "quota"), "✗ error: quota · 2 tool calls · 1200 in / 300 out "
-                                          "tokens · 20s"),
+        (
+            gemini_result("error", "quota"),
+            "✗ error: quota · 2 tool calls · 1200 in / 300 out tokens · 20s",
+        ),
     ],
 )
 def test_gemini_events(event: str, shown: str | None) -> None:
@@ -165,10 +210,18 @@ def _mangle(value: Any, rng: random.Random) -> Any:
 
 def test_never_raises_on_odd_shapes() -> None:
     rng = random.Random(1)
-    events = [claude_init(), claude_tool("Edit", {"file_path": "x"}), claude_result(),
-              claude_rate("rejected", NOW), claude_compact(), claude_tool_result("e", True),
-              codex_item("completed", type="file_change", changes=[{"path": "a"}]),
-              codex_turn_completed(), gemini_result(), gemini_tool_use("glob", {"pattern": "*"})]
+    events = [
+        claude_init(),
+        claude_tool("Edit", {"file_path": "x"}),
+        claude_result(),
+        claude_rate("rejected", NOW),
+        claude_compact(),
+        claude_tool_result("e", True),
+        codex_item("completed", type="file_change", changes=[{"path": "a"}]),
+        codex_turn_completed(),
+        gemini_result(),
+        gemini_tool_use("glob", {"pattern": "*"}),
+    ]
     for _ in range(300):
         event = json.loads(rng.choice(events))
         mangled = {"type": event["type"], **_mangle(event, rng)}
@@ -189,11 +242,17 @@ def test_trust_entry_is_added_merged_and_not_rewritten() -> None:
     assert new["projects"][TREE] == {"allowedTools": [], "hasTrustDialogAccepted": True}
     assert trusted_claude_config(added, TREE) is None  # already trusted: nothing to write
 
-    existing = {"projects": {TREE: {"allowedTools": ["Bash"], "hasTrustDialogAccepted": False,
-                                    "lastCost": 1.2}}}
+    existing = {
+        "projects": {
+            TREE: {"allowedTools": ["Bash"], "hasTrustDialogAccepted": False, "lastCost": 1.2}
+        }
+    }
     merged = json.loads(trusted_claude_config(json.dumps(existing), TREE) or "{}")
-    assert merged["projects"][TREE] == {"allowedTools": ["Bash"], "hasTrustDialogAccepted": True,
-                                        "lastCost": 1.2}
+    assert merged["projects"][TREE] == {
+        "allowedTools": ["Bash"],
+        "hasTrustDialogAccepted": True,
+        "lastCost": 1.2,
+    }
     fresh = json.loads(trusted_claude_config("{}", TREE) or "{}")
     assert fresh == {"projects": {TREE: {"allowedTools": [], "hasTrustDialogAccepted": True}}}
 

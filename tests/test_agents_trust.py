@@ -105,8 +105,7 @@ def test_a_file_changed_since_it_was_read_is_not_overwritten(tmp_path: Path) -> 
     config = tmp_path / ".claude.json"
     config.write_text("{}")
     argv = sh.command("claude-trust", "write", str(config), "123 2")
-    done = subprocess.run(argv, input=b'{"new": 1}', capture_output=True, timeout=10,
-                          check=False)
+    done = subprocess.run(argv, input=b'{"new": 1}', capture_output=True, timeout=10, check=False)
     assert done.returncode == CHANGED and config.read_text() == "{}"
 
 
@@ -118,13 +117,20 @@ def test_a_claude_fleet_on_an_ssh_machine_trusts_and_resumes_in_the_remote_workt
     (config_dir / ".claude.json").write_text("{}")
     workdir = tmp_path / "remote-work"
     machine = {
-        "name": "m1", "host": sshd.address, "port": sshd.port, "user": "root",
-        "identity_file": str(sshd.client_key), "known_hosts": str(sshd.known_hosts),
-        "max_agents": 1, "workdir": str(workdir), "connect_timeout": 5.0,
+        "name": "m1",
+        "host": sshd.address,
+        "port": sshd.port,
+        "user": "root",
+        "identity_file": str(sshd.client_key),
+        "known_hosts": str(sshd.known_hosts),
+        "max_agents": 1,
+        "workdir": str(workdir),
+        "connect_timeout": 5.0,
     }
     config = fleet.config(
         [{"issue": 3, "env": {"FAKE_AGENT_PLAN": "crash,finish"}}],
-        local={"max_agents": 0}, machines=[machine],
+        local={"max_agents": 0},
+        machines=[machine],
         agent={"kind": "claude", "command": [str(SCRIPTS / "fake-claude")]},
     )
     config["agent"]["env"].update({MARK: fleet.mark, "CLAUDE_CONFIG_DIR": str(config_dir)})
@@ -138,4 +144,6 @@ def test_a_claude_fleet_on_an_ssh_machine_trusts_and_resumes_in_the_remote_workt
     assert trusted[os.path.realpath(first["cwd"])]["hasTrustDialogAccepted"] is True
     with Ledger.reader(fleet.state_dir) as ledger:  # type: ignore[union-attr]
         assert [(r.machine, r.outcome) for r in ledger.runs(issue=3)] == [
-            ("m1", "crashed"), ("m1", "done")]
+            ("m1", "crashed"),
+            ("m1", "done"),
+        ]

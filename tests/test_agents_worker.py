@@ -51,9 +51,9 @@ def agent(kind: str, **extra: Any) -> dict[str, Any]:
     return {"agent": {"kind": kind, "command": [f"fake-{kind}"], **extra}}
 
 
-async def run(tmp_path: Path, scripts: list[Script], kind: str, **config: Any) -> tuple[
-    Fleet, FleetResult, FakeHost
-]:
+async def run(
+    tmp_path: Path, scripts: list[Script], kind: str, **config: Any
+) -> tuple[Fleet, FleetResult, FakeHost]:
     host = FakeHost(scripts={7: scripts})
     overrides = {**agent(kind, **config.pop("agent", {})), **config}
     fleet = Fleet(fake_config(tmp_path, [{"issue": 7}], **overrides), hosts={"local": host})
@@ -81,12 +81,25 @@ CRASH = {
     "gemini": Script(exit=1, stdout=(gemini_init(),)),
 }
 USAGE = {
-    "claude": Script(exit=1, stdout=(claude_init(), claude_result(
-        is_error=True, result="Claude AI usage limit reached", cost=0.5))),
-    "codex": Script(exit=1, stdout=(codex_thread(), codex_error(
-        "You've hit your usage limit. Upgrade to Pro."), codex_turn_failed("usage limit"))),
-    "gemini": Script(exit=1, stdout=(gemini_init(), gemini_result(
-        "error", "Usage limit reached for gemini-2.5-pro."))),
+    "claude": Script(
+        exit=1,
+        stdout=(
+            claude_init(),
+            claude_result(is_error=True, result="Claude AI usage limit reached", cost=0.5),
+        ),
+    ),
+    "codex": Script(
+        exit=1,
+        stdout=(
+            codex_thread(),
+            codex_error("You've hit your usage limit. Upgrade to Pro."),
+            codex_turn_failed("usage limit"),
+        ),
+    ),
+    "gemini": Script(
+        exit=1,
+        stdout=(gemini_init(), gemini_result("error", "Usage limit reached for gemini-2.5-pro.")),
+    ),
 }
 
 
@@ -101,7 +114,9 @@ async def test_every_kind_resumes_a_crash_and_a_usage_pause_in_its_session(
     tmp_path: Path, kind: str
 ) -> None:
     _, result, host = await run(
-        tmp_path, [CRASH[kind], USAGE[kind], FINISH[kind]], kind,
+        tmp_path,
+        [CRASH[kind], USAGE[kind], FINISH[kind]],
+        kind,
         restart={"usage_pause_default": 0.2},
     )
     assert result.exit_code == 0 and str(result.workers[0].state) == "done"
@@ -109,7 +124,8 @@ async def test_every_kind_resumes_a_crash_and_a_usage_pause_in_its_session(
     assert resumed(kind, first.argv) is None
     assert resumed(kind, second.argv) == SID and resumed(kind, third.argv) == SID
     assert second.argv[-1].endswith("continue the work where it stopped.") or (
-        "continue the work where it stopped." in second.argv[-1])
+        "continue the work where it stopped." in second.argv[-1]
+    )
     with ledger(tmp_path) as book:
         runs = book.runs(issue=7)
         assert [r.outcome for r in runs] == ["crashed", "usage-limited", "done"]
@@ -148,8 +164,10 @@ async def test_a_refused_resume_is_not_a_crash_and_goes_on_fresh(tmp_path: Path)
 
 
 async def test_a_turn_limit_fails_the_task_with_its_reason(tmp_path: Path) -> None:
-    limited = Script(exit=1, stdout=(claude_init(), claude_result(
-        "error_max_turns", True, result=None, turns=30)))
+    limited = Script(
+        exit=1,
+        stdout=(claude_init(), claude_result("error_max_turns", True, result=None, turns=30)),
+    )
     _, result, host = await run(tmp_path, [limited], "claude")
     assert result.exit_code == 1 and len(host.starts) == 1
     status = result.workers[0]
@@ -160,8 +178,9 @@ async def test_the_stall_watchdog_stops_a_silent_run_once_and_it_is_resumed(
     tmp_path: Path,
 ) -> None:
     silent = Script(stdout=(claude_init(),), hang=True)
-    _, result, host = await run(tmp_path, [silent, FINISH["claude"]], "claude",
-                                agent={"stall_timeout": 0.3})
+    _, result, host = await run(
+        tmp_path, [silent, FINISH["claude"]], "claude", agent={"stall_timeout": 0.3}
+    )
     assert result.exit_code == 0
     first, second = host.runs_of(7)
     assert first.code == 143 and resumed("claude", second.argv) == SID
@@ -184,8 +203,11 @@ async def test_a_fleet_scope_hold_holds_every_machine(tmp_path: Path) -> None:
     local = FakeHost("local", scripts={1: [Script(exit=1, limit_in=0.6), Script()]})
     m2 = FakeHost("m2", scripts={2: [Script(duration=0.3, milestone=True), Script()]})
     config = fake_config(
-        tmp_path, [{"issue": 1, "machine": "local"}, {"issue": 2, "machine": "m2"}],
-        usage_limit_scope="fleet", local={"max_agents": 1}, start_interval=0,
+        tmp_path,
+        [{"issue": 1, "machine": "local"}, {"issue": 2, "machine": "m2"}],
+        usage_limit_scope="fleet",
+        local={"max_agents": 1},
+        start_interval=0,
         machines=[{"name": "m2", "host": "127.0.0.1", "max_agents": 1}],
     )
     fleet = Fleet(config, hosts={"local": local, "m2": m2})
@@ -207,37 +229,61 @@ def test_judge_tells_a_rate_limit_as_a_crash_and_holds_a_usage_limit_with_jitter
     rules = policy.RestartPolicy(backoff_base=1.0, backoff_max=1.0, max_crashes=1)
     status = WorkerStatus(worker="w1", task=7, title="", run=1)
     rate = Verdict(Outcome.RATE_LIMITED, "API Error: 429", line="API Error: 429")
-    first = judge(status, rules, ExitStatus(0), [], rate, kind=claude, session_id=SID, now=0.0,
-                  rand=0.5)
+    first = judge(
+        status, rules, ExitStatus(0), [], rate, kind=claude, session_id=SID, now=0.0, rand=0.5
+    )
     assert isinstance(first.decision, policy.Restart) and first.outcome == "rate-limited"
     assert (status.next_resume, status.next_prompt, status.crashes) == (SID, "continue", 1)
     status.run = 2
-    second = judge(status, rules, ExitStatus(0), [], rate, kind=claude, session_id=SID, now=1.0,
-                   rand=0.5)
+    second = judge(
+        status, rules, ExitStatus(0), [], rate, kind=claude, session_id=SID, now=1.0, rand=0.5
+    )
     assert isinstance(second.decision, policy.GiveUp)  # a 429 that persists ends the task
 
-    usage = Verdict(Outcome.USAGE_LIMITED, "limit", reset_at=1000.0, window="five_hour",
-                    line="{...}")
-    held = judge(WorkerStatus(worker="w1", task=7, title="", run=1), rules, ExitStatus(1), [],
-                 usage, kind=claude, session_id=SID, now=0.0, rand=1.0)
+    usage = Verdict(
+        Outcome.USAGE_LIMITED, "limit", reset_at=1000.0, window="five_hour", line="{...}"
+    )
+    held = judge(
+        WorkerStatus(worker="w1", task=7, title="", run=1),
+        rules,
+        ExitStatus(1),
+        [],
+        usage,
+        kind=claude,
+        session_id=SID,
+        now=0.0,
+        rand=1.0,
+    )
     assert isinstance(held.decision, policy.Pause)
     assert held.decision.until == 1000.0 + 50.0  # 5 % of the wait, at most 300 s
     ((event, message, fields),) = held.lines
     assert event == "usage-limit" and "(five_hour)" in message and fields["agent_line"] == "{...}"
     assert held.reason.startswith("usage limit (five_hour) until ")
 
-    with_milestone = judge(WorkerStatus(worker="w1", task=7, title="", run=1), rules,
-                           ExitStatus(1), ["m-1.md"], usage, kind=claude, session_id=SID,
-                           now=0.0, rand=0.0)
+    with_milestone = judge(
+        WorkerStatus(worker="w1", task=7, title="", run=1),
+        rules,
+        ExitStatus(1),
+        ["m-1.md"],
+        usage,
+        kind=claude,
+        session_id=SID,
+        now=0.0,
+        rand=0.0,
+    )
     assert with_milestone.step.session.resume is None and with_milestone.step.prompt == "resume"
 
 
 def test_the_status_table_says_which_outcome_and_what_it_cost() -> None:
     rows = [
-        {"task": 1, "worker": "w1", "state": "backoff", "outcome": "rate-limited",
-         "cost_usd": 1.5},
-        {"task": 2, "worker": "w2", "state": "failed", "outcome": "failed",
-         "reason": "turn limit reached (error_max_turns) after 30 turns"},
+        {"task": 1, "worker": "w1", "state": "backoff", "outcome": "rate-limited", "cost_usd": 1.5},
+        {
+            "task": 2,
+            "worker": "w2",
+            "state": "failed",
+            "outcome": "failed",
+            "reason": "turn limit reached (error_max_turns) after 30 turns",
+        },
         {"task": 3, "worker": "w3", "state": "done", "outcome": "done", "cost_usd": None},
         {"task": 4, "worker": "w4", "state": "paused", "outcome": "usage-limited"},
     ]

@@ -73,8 +73,7 @@ def _start_and_kill(fleet: Harness, config: Path, how: str, rng: random.Random) 
     return True
 
 
-def chaos(fleet: Harness, config: Path, *, tasks: int, cap: int, kills: int,
-          budget: float) -> None:
+def chaos(fleet: Harness, config: Path, *, tasks: int, cap: int, kills: int, budget: float) -> None:
     """Start ``up`` and SIGKILL it, ``kills`` times (or for ``budget`` seconds), at moments
     drawn from a seed (``CHAOS_SEED`` replays one); then let one ``up`` run to the end and
     check what the agents did: each of the ``tasks`` ran exactly once and succeeded, never
@@ -113,8 +112,12 @@ def chaos(fleet: Harness, config: Path, *, tasks: int, cap: int, kills: int,
 
 def test_random_sigkills_of_up_lose_and_repeat_nothing(fleet: Harness) -> None:
     config = fleet.write(
-        fleet.config([task(n, "finish") for n in range(1, TASKS + 1)], concurrency=CAP,
-                     stop_timeout=2, agent={"env": AGENT})
+        fleet.config(
+            [task(n, "finish") for n in range(1, TASKS + 1)],
+            concurrency=CAP,
+            stop_timeout=2,
+            agent={"env": AGENT},
+        )
     )
     chaos(fleet, config, tasks=TASKS, cap=CAP, kills=KILLS, budget=CHAOS_BUDGET)
 
@@ -126,10 +129,16 @@ def test_random_sigkills_of_up_while_ssh_runs_are_live(
     cut short by the kill is found by the next ``up`` through its run directory (the remote
     start holds its lock until the pid is written), and the cap is the machine's."""
     tasks, cap = 4, 2
-    config = fleet.write(ssh_config(
-        fleet, [task(n, "finish") for n in range(1, tasks + 1)], concurrency=cap,
-        stop_timeout=2, lease_timeout=6, local={"max_agents": 0},
-        machines=[machine(sshd, "m1", tmp_path / "m1-work", max_agents=cap)],
-        agent={"env": {"FAKE_AGENT_STEPS": "15", "FAKE_AGENT_STEP_DELAY": "0.2"}},
-    ))
+    config = fleet.write(
+        ssh_config(
+            fleet,
+            [task(n, "finish") for n in range(1, tasks + 1)],
+            concurrency=cap,
+            stop_timeout=2,
+            lease_timeout=6,
+            local={"max_agents": 0},
+            machines=[machine(sshd, "m1", tmp_path / "m1-work", max_agents=cap)],
+            agent={"env": {"FAKE_AGENT_STEPS": "15", "FAKE_AGENT_STEP_DELAY": "0.2"}},
+        )
+    )
     chaos(fleet, config, tasks=tasks, cap=cap, kills=6, budget=40)

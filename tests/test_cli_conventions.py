@@ -25,11 +25,22 @@ TIMEOUT = 30
 SHIFT = "20260101-000000-abcd"
 
 
-def run(*args: str, stdout: int | None = subprocess.PIPE, env: dict[str, str] | None = None,
-        timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT,
-                          env=env or clean_env(), stdin=subprocess.DEVNULL, stdout=stdout,
-                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+def run(
+    *args: str,
+    stdout: int | None = subprocess.PIPE,
+    env: dict[str, str] | None = None,
+    timeout: float = TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        cwd=ROOT,
+        env=env or clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
@@ -38,15 +49,30 @@ def shift_dir(tmp_path: Path, lines: int = 3) -> Path:
     run_dir = state / "runs" / SHIFT
     run_dir.mkdir(parents=True)
     records = [
-        {"ts": f"2026-01-01T00:00:{i:02d}.000Z", "fleet": SHIFT, "worker": "w1", "task": 7,
-         "machine": "local", "run": 1, "stream": "stdout", "seq": i, "line": f"line {i}"}
+        {
+            "ts": f"2026-01-01T00:00:{i:02d}.000Z",
+            "fleet": SHIFT,
+            "worker": "w1",
+            "task": 7,
+            "machine": "local",
+            "run": 1,
+            "stream": "stdout",
+            "seq": i,
+            "line": f"line {i}",
+        }
         for i in range(1, lines + 1)
     ]
     # In the writer's own form (no spaces): the reader finds records by their bytes.
     (run_dir / "fleet.jsonl").write_text(
-        "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-    summary = {"fleet": SHIFT, "pid": 1, "exit_code": 0, "exit_meaning": "all tasks done",
-               "workers": [{"worker": "w1", "task": 7, "machine": "local", "state": "done"}]}
+        "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    )
+    summary = {
+        "fleet": SHIFT,
+        "pid": 1,
+        "exit_code": 0,
+        "exit_meaning": "all tasks done",
+        "workers": [{"worker": "w1", "task": 7, "machine": "local", "state": "done"}],
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return state
 
@@ -60,8 +86,11 @@ def test_version() -> None:
 def test_config_before_or_after_the_subcommand(tmp_path: Path) -> None:
     config = tmp_path / "fleet.toml"
     config.write_text('repository = "x"\nstate_dir = "st"\n')
-    for argv in (["-c", str(config), "status"], ["status", "-c", str(config)],
-                 ["--config", str(config), "status"]):
+    for argv in (
+        ["-c", str(config), "status"],
+        ["status", "-c", str(config)],
+        ["--config", str(config), "status"],
+    ):
         done = run(*argv)
         assert done.returncode == 3, (argv, done.stderr)
         assert f"no fleet is running on {tmp_path / 'st'}" in done.stderr
@@ -90,8 +119,11 @@ def test_every_subcommand_and_argument_has_help() -> None:
     for action in cli._all_actions(parser):
         if isinstance(action, argparse._SubParsersAction):
             listed = {a.dest for a in action._choices_actions if a.help}
-            missing += [f"command {name}" for name in action.choices if name not in listed
-                        and name not in ("ps", "runs")]
+            missing += [
+                f"command {name}"
+                for name in action.choices
+                if name not in listed and name not in ("ps", "runs")
+            ]
         elif not action.help or action.help == argparse.SUPPRESS:
             missing.append("/".join(action.option_strings) or action.dest)
     assert missing == []
@@ -101,10 +133,17 @@ def test_every_subcommand_and_argument_has_help() -> None:
 
 
 @pytest.mark.parametrize("command", ["up", "logs"])
-@pytest.mark.parametrize(("flags", "setting"), [
-    ([], "auto"), (["--color=never"], "never"), (["--colour", "always"], "always"),
-    (["--color", "auto"], "auto"), (["--no-colour"], "never"), (["--no-color"], "never"),
-])
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        ([], "auto"),
+        (["--color=never"], "never"),
+        (["--colour", "always"], "always"),
+        (["--color", "auto"], "auto"),
+        (["--no-colour"], "never"),
+        (["--no-color"], "never"),
+    ],
+)
 def test_colour_options(command: str, flags: list[str], setting: str) -> None:
     args = cli.build_parser().parse_args([command, *flags])
     assert args.color == setting
@@ -142,10 +181,18 @@ def run_into_closed_pipe(*args: str, env: dict[str, str] | None = None) -> tuple
     return done.returncode, done.stderr
 
 
-@pytest.mark.parametrize("argv", [
-    ["shifts"], ["shifts", "--json"], ["runs"], ["logs"], ["logs", "--json"], ["logs", "-n", "2"],
-    ["completion", "bash"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["shifts"],
+        ["shifts", "--json"],
+        ["runs"],
+        ["logs"],
+        ["logs", "--json"],
+        ["logs", "-n", "2"],
+        ["completion", "bash"],
+    ],
+)
 def test_closed_output_ends_quietly(tmp_path: Path, argv: list[str]) -> None:
     state = shift_dir(tmp_path, lines=5000)
     extra = ["--state-dir", str(state)] if argv[0] != "completion" else []
@@ -178,16 +225,21 @@ def _bash_complete(script: Path, *words: str) -> list[str]:
     line = " ".join(["agentize-fleet", *words])
     program = f"""
 source {script}
-COMP_WORDS=(agentize-fleet {' '.join(words) if words[-1] else ' '.join(words) + " ''"})
+COMP_WORDS=(agentize-fleet {" ".join(words) if words[-1] else " ".join(words) + " ''"})
 COMP_CWORD={len(words)}
 COMP_LINE='{line}'
 COMP_POINT={len(line)}
 fn=$(complete -p agentize-fleet | sed -E 's/.* -F ([^ ]+) .*/\\1/')
-"$fn" agentize-fleet "{words[-1]}" "{words[-2] if len(words) > 1 else 'agentize-fleet'}"
+"$fn" agentize-fleet "{words[-1]}" "{words[-2] if len(words) > 1 else "agentize-fleet"}"
 printf '%s\\n' "${{COMPREPLY[@]}}"
 """
-    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], capture_output=True,
-                          text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -211,6 +263,11 @@ def test_zsh_and_fish_completion_scripts(tmp_path: Path, shell: str) -> None:
         pytest.skip(f"{shell} is not installed: the script's syntax is not checked")
     script = tmp_path / f"agentize-fleet.{shell}"
     script.write_text(done.stdout)
-    check = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True,
-                           timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    check = subprocess.run(
+        [shell, "-n", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
     assert check.returncode == 0, check.stderr

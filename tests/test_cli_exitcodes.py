@@ -26,17 +26,27 @@ TIMEOUT = 30
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT,
-                          env=env or clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        cwd=ROOT,
+        env=env or clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def test_unknown_shift_is_a_usage_error_for_logs_and_report(tmp_path: Path) -> None:
     state = shift_dir(tmp_path)
     config = tmp_path / "fleet.toml"
     config.write_text(f'repository = "{tmp_path}"\nstate_dir = "state"\n')
-    for argv in (["logs", "--shift", "nope"], ["logs", "--run", "nope"],
-                 ["report", "--shift", "nope"], ["report", "--run", "nope"]):
+    for argv in (
+        ["logs", "--shift", "nope"],
+        ["logs", "--run", "nope"],
+        ["report", "--shift", "nope"],
+        ["report", "--run", "nope"],
+    ):
         done = run(*argv, "-c", str(config))
         assert done.returncode == EXIT_USAGE, (argv, done.stderr)
         assert "no shift 'nope'" in done.stderr and SHIFT in done.stderr, done.stderr
@@ -71,8 +81,17 @@ def test_logs_knows_a_task_found_only_in_the_log(tmp_path: Path) -> None:
     """A task added while the shift ran is in its records, not in its config or summary."""
     state = shift_dir(tmp_path)
     log = state / "runs" / SHIFT / "fleet.jsonl"
-    added = {"ts": "2026-01-01T00:01:00.000Z", "fleet": SHIFT, "worker": "w2", "task": 57,
-             "machine": "box", "run": 1, "stream": "stdout", "seq": 1, "line": "added one"}
+    added = {
+        "ts": "2026-01-01T00:01:00.000Z",
+        "fleet": SHIFT,
+        "worker": "w2",
+        "task": 57,
+        "machine": "box",
+        "run": 1,
+        "stream": "stdout",
+        "seq": 1,
+        "line": "added one",
+    }
     with log.open("a") as handle:
         handle.write(json.dumps(added, separators=(",", ":")) + "\n")
     done = run("logs", "--state-dir", str(state), "--task", "57", "--machine", "box")
@@ -101,11 +120,13 @@ def test_refusals_of_the_running_fleet_are_usage_errors(fleet: Harness) -> None:
     assert started.wait(60).returncode == 130
 
 
-def test_check_says_an_unreachable_machine_once_and_exits_1(fleet: Harness,
-                                                           closed_port: int) -> None:
+def test_check_says_an_unreachable_machine_once_and_exits_1(
+    fleet: Harness, closed_port: int
+) -> None:
     config = fleet.config([task(1)])
-    config["machines"] = [{"name": "box", "host": "127.0.0.3", "port": closed_port,
-                           "connect_timeout": 3}]
+    config["machines"] = [
+        {"name": "box", "host": "127.0.0.3", "port": closed_port, "connect_timeout": 3}
+    ]
     path = fleet.write(config)
     done = run("check", "-c", str(path), env=fleet.env())
     assert done.returncode == EXIT_FAILED, done.stderr
@@ -116,10 +137,20 @@ def test_check_says_an_unreachable_machine_once_and_exits_1(fleet: Harness,
 
 def test_up_says_an_unreachable_machine_once(fleet: Harness, closed_port: int) -> None:
     config = fleet.config([task(1)])
-    config["machines"] = [{"name": "box", "host": "127.0.0.3", "port": closed_port,
-                           "connect_timeout": 3, "max_agents": 1}]
+    config["machines"] = [
+        {
+            "name": "box",
+            "host": "127.0.0.3",
+            "port": closed_port,
+            "connect_timeout": 3,
+            "max_agents": 1,
+        }
+    ]
     result = fleet.run(fleet.write(config), "--no-colour")
     assert result.returncode == 0, result.explain()
-    said = [line for line in (result.stdout + result.stderr).splitlines()
-            if "connection refused" in line]
+    said = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if "connection refused" in line
+    ]
     assert len(said) == 1, said

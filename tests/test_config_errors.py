@@ -119,8 +119,9 @@ def test_missing_config_file(fleet: Harness) -> None:
 def test_bad_value_from_the_environment(fleet: Harness) -> None:
     path = fleet.write(fleet.config([task(1)]))
     result = fleet.run(path, env={"AGENTIZE_FLEET_CONCURRENCY": "0"}, timeout=CONFIG_TIMEOUT)
-    _assert_usage_error(result, path, "environment variable AGENTIZE_FLEET_CONCURRENCY='0'",
-                        "`concurrency`")
+    _assert_usage_error(
+        result, path, "environment variable AGENTIZE_FLEET_CONCURRENCY='0'", "`concurrency`"
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])
@@ -133,10 +134,15 @@ def test_bad_flag_value_names_the_flag(fleet: Harness, value: str) -> None:
 
 def test_list_from_the_environment_says_how_to_write_it(fleet: Harness) -> None:
     path = fleet.write(fleet.config([task(1)]))
-    result = fleet.run(path, env={"AGENTIZE_FLEET_AGENT__COMMAND": "claude"},
-                       timeout=CONFIG_TIMEOUT)
-    _assert_usage_error(result, "AGENTIZE_FLEET_AGENT__COMMAND='claude'", "a list is expected",
-                        """'["claude","-p","{prompt}"]'""")
+    result = fleet.run(
+        path, env={"AGENTIZE_FLEET_AGENT__COMMAND": "claude"}, timeout=CONFIG_TIMEOUT
+    )
+    _assert_usage_error(
+        result,
+        "AGENTIZE_FLEET_AGENT__COMMAND='claude'",
+        "a list is expected",
+        """'["claude","-p","{prompt}"]'""",
+    )
     assert "EnvSettingsSource" not in result.stderr and "error parsing" not in result.stderr
 
 
@@ -144,9 +150,14 @@ def test_misspelt_environment_variable_is_warned_about(fleet: Harness) -> None:
     """A typo in a variable's name would do nothing at all: one warning line names it and the
     nearest real one; the run goes on (exit 0)."""
     path = fleet.write(fleet.config([task(1)]))
-    result = fleet.run(path, env={"AGENTIZE_FLEET_CONCURENCY": "1",
-                                  "AGENTIZE_FLEET_RESTART__MAX_CRASH": "4",
-                                  "AGENTIZE_FLEET_ISSUE": "9"})  # a run's own: no warning
+    result = fleet.run(
+        path,
+        env={
+            "AGENTIZE_FLEET_CONCURENCY": "1",
+            "AGENTIZE_FLEET_RESTART__MAX_CRASH": "4",
+            "AGENTIZE_FLEET_ISSUE": "9",
+        },
+    )  # a run's own: no warning
     assert result.returncode == 0, result.explain()
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert warnings == [

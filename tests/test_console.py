@@ -110,8 +110,9 @@ async def test_the_event_loop_keeps_ticking_while_nobody_reads_the_terminal(
         async with anyio.create_task_group() as tg:
             tg.start_soon(timer)
             for number in range(200):  # ~20 MB of console text, 300 times a pipe's buffer
-                block = b"\n".join(b"line %d of batch %d " % (i, number) + b"x" * 60
-                                   for i in range(1000))
+                block = b"\n".join(
+                    b"line %d of batch %d " % (i, number) + b"x" * 60 for i in range(1000)
+                )
                 mux.output(tag, "stdout", block, number)
                 lines += 1000
                 mux.flush()
@@ -211,7 +212,11 @@ def start_up(fleet: Harness, config: Path, stdout: int, stderr: int) -> subproce
     fixture kills it and everything it started after the test)."""
     popen = subprocess.Popen(
         [sys.executable, "-m", "supervisor.cli", "up", "-c", str(config)],
-        cwd=ROOT, env=fleet.env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        cwd=ROOT,
+        env=fleet.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
         start_new_session=True,
     )
     fleet.popens.append(popen)
@@ -227,10 +232,12 @@ def test_up_goes_on_while_nobody_reads_its_stdout(fleet: Harness) -> None:
     """``up | a-reader-that-stopped``: the supervisor keeps answering, keeps its leases fresh
     (a 2 s lease: a stalled supervisor would have its agents killed by their watchdogs) and
     ends on its own, every line in the JSONL."""
-    config = fleet.write(fleet.config(
-        [task(1, "flood:30000"), task(2, "sleep:4+finish"), task(3, "flood:20000")],
-        lease_timeout=2,
-    ))
+    config = fleet.write(
+        fleet.config(
+            [task(1, "flood:30000"), task(2, "sleep:4+finish"), task(3, "flood:20000")],
+            lease_timeout=2,
+        )
+    )
     read_end, write_end = os.pipe()
     err = open(fleet.tmp / "up.stderr", "wb")  # noqa: SIM115
     try:
@@ -255,8 +262,11 @@ def test_up_goes_on_while_nobody_reads_its_stdout(fleet: Harness) -> None:
     records = only_log(fleet)
     floods = {1: 30000, 3: 20000}
     for issue, count in floods.items():
-        out = [r for r in records if r["task"] == issue and r["stream"] == "stdout"
-               and " l0" in str(r["line"])]
+        out = [
+            r
+            for r in records
+            if r["task"] == issue and r["stream"] == "stdout" and " l0" in str(r["line"])
+        ]
         assert len(out) == count
     assert records[-1]["event"] == "fleet-ended" and records[-1]["exit_code"] == 0
     assert "Traceback" not in (fleet.tmp / "up.stderr").read_text()
@@ -271,8 +281,7 @@ def test_a_stdout_closed_early_is_no_error(fleet: Harness, also_stderr: bool) ->
     err_read, err_write = os.pipe() if also_stderr else (-1, -1)
     err_file = open(fleet.tmp / "up.stderr", "wb")  # noqa: SIM115
     try:
-        popen = start_up(fleet, config, write_end,
-                         err_write if also_stderr else err_file.fileno())
+        popen = start_up(fleet, config, write_end, err_write if also_stderr else err_file.fileno())
         os.close(write_end)
         if also_stderr:
             os.close(err_write)
@@ -290,5 +299,13 @@ def test_a_stdout_closed_early_is_no_error(fleet: Harness, also_stderr: bool) ->
     assert (fleet.tmp / "up.stderr").read_text() == ""
     records = only_log(fleet)
     assert records[-1]["event"] == "fleet-ended" and records[-1]["exit_code"] == 0
-    assert len([r for r in records if r["task"] == 1 and r["stream"] == "stdout"
-                and " l0" in str(r["line"])]) == 5000
+    assert (
+        len(
+            [
+                r
+                for r in records
+                if r["task"] == 1 and r["stream"] == "stdout" and " l0" in str(r["line"])
+            ]
+        )
+        == 5000
+    )

@@ -38,8 +38,15 @@ def cron(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str
     env = clean_env()
     if path is not None:
         env["PATH"] = path
-    return subprocess.run([*CLI, "cron", *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [*CLI, "cron", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def odd_setup(tmp_path: Path, dir_name: str = "my fleet 100%") -> tuple[Path, Path]:
@@ -97,8 +104,9 @@ def test_cron_at_blames_at(tmp_path: Path) -> None:
 
 def test_cron_line_carries_path_quotes_and_logs_to_the_state_dir(tmp_path: Path) -> None:
     config, bin_dir = odd_setup(tmp_path)
-    done = cron("-c", str(config), "--at", "22:30", "--until", "06:45",
-                path=f"{bin_dir}:/usr/bin:/bin")
+    done = cron(
+        "-c", str(config), "--at", "22:30", "--until", "06:45", path=f"{bin_dir}:/usr/bin:/bin"
+    )
     assert done.returncode == 0, done.stderr
     found = LINE.search(done.stdout)
     assert found is not None, done.stdout
@@ -152,11 +160,15 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = done.stdout.split("agentize-fleet.service\n", 1)[1].split("\n# ", 1)[0]
     service = tmp_path / "agentize-fleet-test.service"
     service.write_text(unit)
-    verify = subprocess.run(["systemd-analyze", "verify", str(service)], capture_output=True,
-                            text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
     assert verify.returncode == 0, verify.stderr
-    assert "specifier" not in verify.stderr.lower() and "escape" not in verify.stderr, \
-        verify.stderr
+    assert "specifier" not in verify.stderr.lower() and "escape" not in verify.stderr, verify.stderr
 
 
 # -- under a real cron daemon -----------------------------------------------------------------
@@ -192,15 +204,22 @@ started_crons: list[subprocess.Popen[bytes]] = []
 
 def start_cron(tmp_path: Path) -> subprocess.Popen[bytes]:
     log = open(tmp_path / "cron-daemon.log", "wb")  # noqa: SIM115 - closed with the process
-    popen = subprocess.Popen(["cron", "-f", "-L", "15"], stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    popen = subprocess.Popen(
+        ["cron", "-f", "-L", "15"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     started_crons.append(popen)
     with contextlib.suppress(subprocess.TimeoutExpired):
         popen.wait(timeout=1.0)
     if popen.returncode is not None:
-        pytest.skip("cron did not start (another cron daemon running?): "
-                    + (tmp_path / "cron-daemon.log").read_text(errors="replace")[-300:])
+        pytest.skip(
+            "cron did not start (another cron daemon running?): "
+            + (tmp_path / "cron-daemon.log").read_text(errors="replace")[-300:]
+        )
     return popen
 
 
@@ -210,8 +229,15 @@ def test_the_printed_line_runs_under_a_real_cron(tmp_path: Path, cron_daemon: Pa
     # At least 20 s ahead, so that the daemon is up and has read the file before that minute.
     at = (datetime.now() + timedelta(seconds=80)).replace(second=0, microsecond=0)
     until = (at + timedelta(hours=1)).strftime("%H:%M")
-    done = cron("-c", str(config), "--at", at.strftime("%H:%M"), "--until", until,
-                path=f"{bin_dir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin")
+    done = cron(
+        "-c",
+        str(config),
+        "--at",
+        at.strftime("%H:%M"),
+        "--until",
+        until,
+        path=f"{bin_dir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+    )
     assert done.returncode == 0, done.stderr
     found = LINE.search(done.stdout)
     assert found is not None, done.stdout
@@ -232,7 +258,8 @@ def test_the_printed_line_runs_under_a_real_cron(tmp_path: Path, cron_daemon: Pa
     assert summaries, (
         "cron's job left no summary; its log:\n"
         + (log.read_text(errors="replace") if log.exists() else "(no cron.log)")
-        + "\ndaemon:\n" + (tmp_path / "cron-daemon.log").read_text(errors="replace")
+        + "\ndaemon:\n"
+        + (tmp_path / "cron-daemon.log").read_text(errors="replace")
     )
     summary = json.loads(summaries[0].read_text())
     assert summary["exit_code"] == 0, summary

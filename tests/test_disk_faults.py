@@ -37,9 +37,18 @@ TAG = Tag("w1", 1, "local", 1)
 def mount_tmpfs(where: Path, size: str, *options: str) -> None:
     where.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", "mode=0755", *options]),
-         "tmpfs", str(where)],
-        capture_output=True, text=True, timeout=30,
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            ",".join([f"size={size}", "mode=0755", *options]),
+            "tmpfs",
+            str(where),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -166,11 +175,16 @@ def test_beyond_the_memory_bound_output_is_dropped_and_counted(
 async def _pump_one_run(mux: LogMux, run_dir: Path, lines: int) -> None:
     host = LocalHost("local")
     try:
-        handle = await host.start(RunSpec(
-            argv=[str(AGENT)], cwd=str(run_dir.parent), run_dir=str(run_dir),
-            lease_path=str(run_dir.parent / "lease"), lease_timeout=0,
-            env={"FAKE_AGENT_PLAN": f"flood:{lines}", **clean_env()},
-        ))
+        handle = await host.start(
+            RunSpec(
+                argv=[str(AGENT)],
+                cwd=str(run_dir.parent),
+                run_dir=str(run_dir),
+                lease_path=str(run_dir.parent / "lease"),
+                lease_timeout=0,
+                env={"FAKE_AGENT_PLAN": f"flood:{lines}", **clean_env()},
+            )
+        )
         await pump_output(mux, TAG, handle.output({}), {}, 65536)
         await handle.wait()
     finally:
@@ -387,8 +401,12 @@ def test_a_torn_tail_is_cut_back_to_the_last_whole_batch(tmp_path: Path) -> None
     lines = whole.splitlines(keepends=True)
     # A crash in the middle of the last batch: two of its records, then half of the third.
     torn = b"".join(lines[:-1]) + lines[-1][:40]
-    for damaged, keep in [(torn, b"".join(lines[:-3])), (whole + b'{"ts":"20', whole),
-                          (b"not a record\n" + b"garbage", b""), (whole, whole)]:
+    for damaged, keep in [
+        (torn, b"".join(lines[:-3])),
+        (whole + b'{"ts":"20', whole),
+        (b"not a record\n" + b"garbage", b""),
+        (whole, whole),
+    ]:
         path.write_bytes(damaged)
         os.chmod(path, 0o644)
         mux = LogMux("f", path, None)

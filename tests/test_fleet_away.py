@@ -36,9 +36,11 @@ LIMIT = 15.0
 def two_machines(tmp_path: Path, tasks: list[int], **overrides: Any) -> Any:
     """m1 (max 1, unreachable after 0.2 s) first, then local (max 1)."""
     settings: dict[str, Any] = {
-        "concurrency": 2, "local": {"max_agents": 1},
-        "machines": [{"name": "m1", "host": "m1.invalid", "max_agents": 1,
-                      "unreachable_after": 0.2}],
+        "concurrency": 2,
+        "local": {"max_agents": 1},
+        "machines": [
+            {"name": "m1", "host": "m1.invalid", "max_agents": 1, "unreachable_after": 0.2}
+        ],
     }
     return fake_config(tmp_path, [{"issue": n} for n in tasks], **{**settings, **overrides})
 
@@ -81,8 +83,9 @@ async def test_a_run_is_followed_to_its_end_across_its_machines_absence(
 async def test_a_run_stopped_by_its_watchdog_while_away_is_restarted_not_counted(
     tmp_path: Path,
 ) -> None:
-    m1 = FakeHost("m1", {1: [Script(duration=0.3, away=(0.05, 0.6), watchdog=True),
-                             Script(duration=0.05)]})
+    m1 = FakeHost(
+        "m1", {1: [Script(duration=0.3, away=(0.05, 0.6), watchdog=True), Script(duration=0.05)]}
+    )
     config = two_machines(tmp_path, [1], local={"max_agents": 0})
     _, result = await run_two(config, m1, FakeHost("local"))
     assert result.exit_code == 0
@@ -101,8 +104,9 @@ async def test_a_task_between_runs_waits_for_its_machine_or_moves(
     monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.9)  # backoff: 0.27 s
     m1 = FakeHost("m1", {1: [Script(exit=1, duration=0.05), Script()]})
     local = FakeHost("local", {1: [Script()]})
-    config = two_machines(tmp_path, [1], requeue_lost=requeue,
-                          restart={"backoff_base": 0.3, "backoff_max": 0.3})
+    config = two_machines(
+        tmp_path, [1], requeue_lost=requeue, restart={"backoff_base": 0.3, "backoff_max": 0.3}
+    )
     fleet = Fleet(config, hosts={"m1": m1, "local": local})
 
     async def away_after_the_crash() -> None:
@@ -132,8 +136,9 @@ async def test_a_start_whose_answer_was_lost_is_settled_by_its_run_directory(
 ) -> None:
     """m1 goes away while #1 starts: once it is back, the run directory says whether the run
     started (then it is followed: one run) or not (abandoned, a new run: still one agent)."""
-    m1 = FakeHost("m1", {1: [Script(duration=0.1, unanswered=0.4, started=started),
-                             Script(duration=0.05)]})
+    m1 = FakeHost(
+        "m1", {1: [Script(duration=0.1, unanswered=0.4, started=started), Script(duration=0.05)]}
+    )
     config = two_machines(tmp_path, [1], local={"max_agents": 0})
     _, result = await run_two(config, m1, FakeHost("local"))
     assert result.exit_code == 0 and states(result) == {1: "done"}

@@ -76,8 +76,11 @@ async def test_a_milestone_resumes_with_the_resume_prompt(tmp_path: Path) -> Non
     _, result = await run_fleet(config, host)
     assert result.exit_code == 0
     prompts = [s.argv[-1] for s in host.runs_of(4)]
-    assert prompts == ["/issue-to-impl 4", "Continue from the latest milestone",
-                       "Continue from the latest milestone"]
+    assert prompts == [
+        "/issue-to-impl 4",
+        "Continue from the latest milestone",
+        "Continue from the latest milestone",
+    ]
     assert (result.workers[0].milestones, result.workers[0].run) == (2, 3)
 
 
@@ -115,13 +118,14 @@ async def test_a_usage_limit_holds_the_machine_and_gives_the_slot_back(tmp_path:
 async def test_a_reset_time_is_read_in_the_machines_time_zone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """"resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there."""
+    """ "resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there."""
     monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.0)  # no reset jitter
     zone = "Pacific/Kiritimati"  # UTC+14: 5pm there is not 5pm here, wherever here is
     if datetime.now(ZoneInfo(zone)).utcoffset() == datetime.now().astimezone().utcoffset():
         pytest.skip("the supervisor runs in the machine's zone")
-    host = FakeHost(scripts={1: [Script(exit=1, stdout=("5-hour limit reached ∙ resets 5pm",))]},
-                    zone=zone)
+    host = FakeHost(
+        scripts={1: [Script(exit=1, stdout=("5-hour limit reached ∙ resets 5pm",))]}, zone=zone
+    )
     config = fake_config(tmp_path, [task(1)])
     fleet = Fleet(config, hosts={"local": host})
 
@@ -148,8 +152,12 @@ async def test_a_crashed_task_keeps_its_slot_through_a_short_backoff(tmp_path: P
     """cap 1: #1 crashes; its restart comes before #2 and #3 get the slot (it used to queue
     behind every pending task, "restarting in 0.1s" and then waiting minutes)."""
     host = FakeHost(scripts={1: [Script(exit=1), Script()], 2: [Script()], 3: [Script()]})
-    config = fake_config(tmp_path, [task(1), task(2), task(3)], concurrency=1,
-                         restart={"backoff_base": 0.2, "backoff_max": 0.2})
+    config = fake_config(
+        tmp_path,
+        [task(1), task(2), task(3)],
+        concurrency=1,
+        restart={"backoff_base": 0.2, "backoff_max": 0.2},
+    )
     fleet, result = await run_fleet(config, host)
     assert result.exit_code == 0
     order = [(s.issue, s.run) for s in host.starts]
@@ -163,8 +171,9 @@ async def test_a_long_backoff_gives_the_slot_back_and_says_so(
 ) -> None:
     monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.9)  # the jitter: 54 s
     host = FakeHost(scripts={1: [Script(exit=1), Script()], 2: [Script(duration=0.1)]})
-    config = fake_config(tmp_path, [task(1), task(2)], concurrency=1,
-                         restart={"backoff_base": 60, "backoff_max": 60})
+    config = fake_config(
+        tmp_path, [task(1), task(2)], concurrency=1, restart={"backoff_base": 60, "backoff_max": 60}
+    )
     fleet = Fleet(config, hosts={"local": host})
     with anyio.fail_after(LIMIT):
         async with anyio.create_task_group() as tg:
@@ -184,8 +193,9 @@ async def test_the_soft_deadline_ends_a_backoff_that_could_never_start_again(
     #2's run instead of sleeping out the backoff (it used to wait a minute for nothing)."""
     monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.9)  # the jitter: 54 s
     host = FakeHost(scripts={1: [Script(exit=1), Script()], 2: [Script(duration=0.6)]})
-    config = fake_config(tmp_path, [task(1), task(2)], concurrency=2,
-                         restart={"backoff_base": 60, "backoff_max": 60})
+    config = fake_config(
+        tmp_path, [task(1), task(2)], concurrency=2, restart={"backoff_base": 60, "backoff_max": 60}
+    )
     began = time.time()
     _, result = await run_fleet(config, host, deadline=Deadline(soft=time.time() + 0.3))
     assert time.time() - began < 5
@@ -207,8 +217,9 @@ async def _restart_when_waiting(fleet: Fleet, issue: int) -> None:
 async def test_restart_starts_the_next_run_at_once_in_the_same_slot(tmp_path: Path) -> None:
     """cap 1, #42 running, #7 pending: `restart 42` starts run 2 of #42 at once (it took 61 s,
     behind the pending tasks)."""
-    host = FakeHost(scripts={42: [Script(hang=True), Script(duration=0.05)],
-                             7: [Script(duration=0.05)]})
+    host = FakeHost(
+        scripts={42: [Script(hang=True), Script(duration=0.05)], 7: [Script(duration=0.05)]}
+    )
     config = fake_config(tmp_path, [task(42), task(7)], concurrency=1)
     fleet = Fleet(config, hosts={"local": host})
 
@@ -246,30 +257,62 @@ def _dead_shift(state_dir: Path, shift: str) -> Ledger:
     """A ledger as a killed ``up`` leaves it: its shift still ``running``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger.open(state_dir)
-    ledger.begin_shift(ShiftRecord(
-        id=shift, pid=999999, pid_ticks=1, host="h", config="c", dir=str(state_dir / "runs" /
-        shift), name="inproc", concurrency=1, started_at=time.time() - 10, ended_at=None,
-        exit_code=None, exit_meaning=None, state="running", found_by=None,
-    ))
+    ledger.begin_shift(
+        ShiftRecord(
+            id=shift,
+            pid=999999,
+            pid_ticks=1,
+            host="h",
+            config="c",
+            dir=str(state_dir / "runs" / shift),
+            name="inproc",
+            concurrency=1,
+            started_at=time.time() - 10,
+            ended_at=None,
+            exit_code=None,
+            exit_meaning=None,
+            state="running",
+            found_by=None,
+        )
+    )
     return ledger
 
 
-async def _orphan(host: FakeHost, ledger: Ledger, shift: str, issue: int, script: Script,
-                  state_dir: Path, lease: str | None = None) -> str:
+async def _orphan(
+    host: FakeHost,
+    ledger: Ledger,
+    shift: str,
+    issue: int,
+    script: Script,
+    state_dir: Path,
+    lease: str | None = None,
+) -> str:
     """A run of ``issue`` started by the dead shift, alive on ``host`` (or ended, as scripted)."""
     from supervisor.hosts.base import RunSpec
 
     task_record = TaskRecord(issue=issue, state="running", workspace="/ws/issue", machine="local")
     run = ledger.run_intent(
-        task_record, shift=shift, worker="w1", machine="local", workspace="/ws/issue",
+        task_record,
+        shift=shift,
+        worker="w1",
+        machine="local",
+        workspace="/ws/issue",
         run_dir_of=lambda n: str(state_dir / "runs" / shift / "agents" / "w1" / f"run-{n}"),
-        lease_path=lease, prompt_kind="first", milestones_before=[],
+        lease_path=lease,
+        prompt_kind="first",
+        milestones_before=[],
     )
     host.scripts[issue] = [script, *host.scripts.get(issue, [Script()])]
-    handle = await host.start(RunSpec(
-        argv=["agent"], cwd="/ws/issue", run_dir=run.run_dir, lease_path="", lease_timeout=0,
-        env={"AGENTIZE_FLEET_ISSUE": str(issue), "AGENTIZE_FLEET_RUN": str(run.number)},
-    ))
+    handle = await host.start(
+        RunSpec(
+            argv=["agent"],
+            cwd="/ws/issue",
+            run_dir=run.run_dir,
+            lease_path="",
+            lease_timeout=0,
+            env={"AGENTIZE_FLEET_ISSUE": str(issue), "AGENTIZE_FLEET_RUN": str(run.number)},
+        )
+    )
     ledger.run_started(run.id, handle.identity.pid, handle.identity.start_ticks)
     return run.run_dir
 
@@ -302,8 +345,9 @@ async def test_a_dead_shifts_lease_lives_as_long_as_its_adopted_run(tmp_path: Pa
     config = fake_config(tmp_path, [task(1), task(2)], lease_timeout=2)
     host = FakeHost(scripts={2: [Script(duration=1.5)]})
     ledger = _dead_shift(config.state_path, "dead-5")
-    run_dir = await _orphan(host, ledger, "dead-5", 1, Script(duration=0.6), config.state_path,
-                            lease="/dead-5/lease")
+    run_dir = await _orphan(
+        host, ledger, "dead-5", 1, Script(duration=0.6), config.state_path, lease="/dead-5/lease"
+    )
     ledger.close()
     fleet = Fleet(config, hosts={"local": host})
     renewed_while_watched: list[bool] = []
@@ -330,8 +374,9 @@ async def test_a_run_that_ended_unwatched_is_decided_as_if_watched(tmp_path: Pat
     config = fake_config(tmp_path, [task(5)])
     host = FakeHost()
     ledger = _dead_shift(config.state_path, "dead-2")
-    await _orphan(host, ledger, "dead-2", 5, Script(duration=0.0, milestone=True),
-                  config.state_path)
+    await _orphan(
+        host, ledger, "dead-2", 5, Script(duration=0.0, milestone=True), config.state_path
+    )
     ledger.close()
     await anyio.sleep(0.01)
     fleet, result = await run_fleet(config, host)
@@ -348,8 +393,14 @@ async def test_an_intent_that_never_started_is_abandoned_and_run_anew(tmp_path: 
     host = FakeHost()
     ledger = _dead_shift(config.state_path, "dead-3")
     ledger.run_intent(
-        TaskRecord(issue=6), shift="dead-3", worker="w1", machine="local", workspace=None,
-        run_dir_of=lambda n: f"/nowhere/run-{n}", lease_path=None, prompt_kind="first",
+        TaskRecord(issue=6),
+        shift="dead-3",
+        worker="w1",
+        machine="local",
+        workspace=None,
+        run_dir_of=lambda n: f"/nowhere/run-{n}",
+        lease_path=None,
+        prompt_kind="first",
         milestones_before=[],
     )
     ledger.close()

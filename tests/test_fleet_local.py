@@ -25,8 +25,6 @@ from conftest import AGENT, Harness, Started, git, proc_gone, task, wait_for
 RESUME = "Continue from the latest milestone"
 
 
-
-
 # -- the cap ------------------------------------------------------------------------------------
 
 
@@ -325,8 +323,10 @@ def _with_create_times(pids: list[int]) -> dict[int, float]:
 
 
 def _wrapper_pids(started: Started) -> list[int]:
-    return [int(p.read_text().split()[0])
-            for p in started.state_dir.glob("runs/*/agents/*/run-*/wrapper")]
+    return [
+        int(p.read_text().split()[0])
+        for p in started.state_dir.glob("runs/*/agents/*/run-*/wrapper")
+    ]
 
 
 def _alive(pids: dict[int, float]) -> list[int]:
@@ -587,9 +587,7 @@ def test_multiple_clones_layout_spreads_tasks_over_clones(fleet: Harness) -> Non
     each a bare clone with ``trees/main``, the tasks' worktrees spread over both."""
     result = fleet.run_config([task(n, "finish") for n in (1, 2, 3, 4)], clones_per_machine=2)
     assert result.returncode == 0, result.explain()
-    clones = {
-        str(Path(w["workspace"]).parent.parent.name) for w in result.summary["workers"]
-    }
+    clones = {str(Path(w["workspace"]).parent.parent.name) for w in result.summary["workers"]}
     assert clones == {"origin.git", "origin-2.git"}
     for name in clones:
         bare = fleet.workspace_root / name
@@ -604,7 +602,9 @@ def test_agents_that_exit_at_once_all_start_and_finish(fleet: Harness) -> None:
     counts as started: it ran, and its exit status decides, not a "did not start" failure."""
     issues = range(1, 81)
     result = fleet.run_config(
-        [task(n) for n in issues], concurrency=8, local={"max_agents": 8},
+        [task(n) for n in issues],
+        concurrency=8,
+        local={"max_agents": 8},
         agent={"command": ["true"]},
     )
     assert result.returncode == 0, result.explain()

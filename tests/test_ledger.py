@@ -37,17 +37,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def shift(shift_id: str, started_at: float = 0.0) -> ShiftRecord:
     return ShiftRecord(
-        id=shift_id, pid=os.getpid(), pid_ticks=None, host="h", config="c.toml", dir="/d",
-        name="n", concurrency=3, started_at=started_at or time.time(), ended_at=None,
-        exit_code=None, exit_meaning=None, state="running", found_by=None,
+        id=shift_id,
+        pid=os.getpid(),
+        pid_ticks=None,
+        host="h",
+        config="c.toml",
+        dir="/d",
+        name="n",
+        concurrency=3,
+        started_at=started_at or time.time(),
+        ended_at=None,
+        exit_code=None,
+        exit_meaning=None,
+        state="running",
+        found_by=None,
     )
 
 
 def intent(ledger: Ledger, task: TaskRecord, shift_id: str, worker: str = "w1") -> int:
     run = ledger.run_intent(
-        task, shift=shift_id, worker=worker, machine="local", workspace="/ws",
-        run_dir_of=lambda n: f"/runs/{shift_id}/{worker}/run-{n}", lease_path="/lease",
-        prompt_kind="first", milestones_before=["b", "a"],
+        task,
+        shift=shift_id,
+        worker=worker,
+        machine="local",
+        workspace="/ws",
+        run_dir_of=lambda n: f"/runs/{shift_id}/{worker}/run-{n}",
+        lease_path="/lease",
+        prompt_kind="first",
+        milestones_before=["b", "a"],
     )
     return run.id
 
@@ -276,8 +293,9 @@ def test_transitions_cut_by_sigkill_at_random_leave_old_or_new_state(tmp_path: P
             assert len(task.reason) == (ended[-1].number % 7) * 9000 if ended else True
             # Whatever was cut, the next run of the loop goes on from here: close its run.
             if runs[-1].state != "ended":
-                ledger.run_ended(runs[-1].id, exit_code=runs[-1].number % 256, task=task,
-                                 shift="s1", worker="w1")
+                ledger.run_ended(
+                    runs[-1].id, exit_code=runs[-1].number % 256, task=task, shift="s1", worker="w1"
+                )
                 task.last_exit = runs[-1].number % 256
                 task.reason = "r" * (runs[-1].number % 7) * 9000
                 ledger.save_task(task, shift="s1", worker="w1")

@@ -434,7 +434,7 @@ def test_feed_batch_finds_the_hit_among_many_lines() -> None:
     hit = detector.feed_batch([*noise, rate], now)
     assert hit is not None and hit.kind == "rate"
     event = '{"type":"result","subtype":"success","is_error":true,"result":"' + usage + '"}'
-    hit = detector.feed_batch(["{\"type\":\"assistant\"}", event], now)
+    hit = detector.feed_batch(['{"type":"assistant"}', event], now)
     assert hit is not None and hit.kind == "usage"
 
 

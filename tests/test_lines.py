@@ -49,8 +49,9 @@ def test_every_line_is_within_the_limit_and_nothing_is_lost(limit: int) -> None:
     """Random line lengths around the limit, fed in random reads: the pieces, re-joined,
     are the input exactly, and ``offset`` always points just after the last emitted byte."""
     rng = random.Random(limit)
-    lines = [b"y" * rng.choice([0, 1, limit - 1, limit, limit + 1, 3 * limit + 2])
-             for _ in range(300)]
+    lines = [
+        b"y" * rng.choice([0, 1, limit - 1, limit, limit + 1, 3 * limit + 2]) for _ in range(300)
+    ]
     data = b"".join(line + b"\n" for line in lines)
     s = LineSplitter(limit)
     emitted: list[bytes] = []

@@ -59,9 +59,7 @@ async def test_inherited_descriptors_do_not_reach_the_wrapper(tmp_path: Path) ->
     local._descriptors_checked = False
     out = tmp_path / "fds"
     try:
-        proc = WrapperProcess.spawn(
-            ["sh", "-c", f"ls /proc/$$/fd > {out}"], dict(os.environ)
-        )
+        proc = WrapperProcess.spawn(["sh", "-c", f"ls /proc/$$/fd > {out}"], dict(os.environ))
         with anyio.fail_after(10):
             assert await proc.wait() == 0
     finally:

@@ -197,8 +197,9 @@ def test_percent_signs_anywhere_are_kept(tmp_path: Path) -> None:
     lines = ["%s", "%%", "50% done", "%", "%(name)s %d %b", "end %"]
     mux.output(tag, "stdout", block(lines), 10)
     mux.close()
-    check_batches(read_records(tmp_path / "fleet.jsonl"), [(tag, "stdout", lines, 10)],
-                  "100% fleet %s")
+    check_batches(
+        read_records(tmp_path / "fleet.jsonl"), [(tag, "stdout", lines, 10)], "100% fleet %s"
+    )
 
 
 def test_invalid_utf8_becomes_the_replacement_character(tmp_path: Path) -> None:
@@ -213,8 +214,24 @@ def test_invalid_utf8_becomes_the_replacement_character(tmp_path: Path) -> None:
 
 def test_random_bytes_come_back_as_their_lenient_decoding(tmp_path: Path) -> None:
     rng = random.Random(99)
-    pieces = [b"a", b" ", b'"', b"\\", b"\t", b"\x00", b"\x1b", b"%", b"\xc3\xa9", b"\xff",
-              b"\xe6\xbc\xa2", b"\xf0\x9f\x8e\x89", b"\xc3", b"\n", b"\r", b"\x7f"]
+    pieces = [
+        b"a",
+        b" ",
+        b'"',
+        b"\\",
+        b"\t",
+        b"\x00",
+        b"\x1b",
+        b"%",
+        b"\xc3\xa9",
+        b"\xff",
+        b"\xe6\xbc\xa2",
+        b"\xf0\x9f\x8e\x89",
+        b"\xc3",
+        b"\n",
+        b"\r",
+        b"\x7f",
+    ]
     tag = Tag(worker="w", task=1, machine="m", run=1)
     mux = LogMux("f", tmp_path / "fleet.jsonl", None)
     expected: list[str] = []

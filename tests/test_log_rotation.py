@@ -24,15 +24,29 @@ def test_rotation_keeps_every_record_once_in_order(fleet: Harness) -> None:
     for worker in ("w1", "w2"):
         seqs = [r["seq"] for r in records if r["worker"] == worker]
         assert seqs == list(range(1, len(seqs) + 1))
-        flood = [r["line"] for r in records
-                 if r["worker"] == worker and r["stream"] == "stdout" and " l0" in r["line"]]
+        flood = [
+            r["line"]
+            for r in records
+            if r["worker"] == worker and r["stream"] == "stdout" and " l0" in r["line"]
+        ]
         assert len(flood) == 30000
         assert [int(line.split()[1][1:]) for line in flood] == list(range(30000))
 
     shown = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "logs", "--state-dir", str(fleet.state_dir),
-         "--json"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env=fleet.env(),
+        [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "logs",
+            "--state-dir",
+            str(fleet.state_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=fleet.env(),
     )
     assert shown.returncode == 0, shown.stderr
     assert [json.loads(line) for line in shown.stdout.splitlines()] == records

@@ -135,8 +135,10 @@ class Procs:
             for p in psutil.process_iter(["pid", "environ", "status"]):
                 with contextlib.suppress(psutil.Error):
                     environ = p.info.get("environ") or {}
-                    if environ.get(MARK) == str(self.tmp) and p.pid != os.getpid() and (
-                        p.info["status"] != psutil.STATUS_ZOMBIE
+                    if (
+                        environ.get(MARK) == str(self.tmp)
+                        and p.pid != os.getpid()
+                        and (p.info["status"] != psutil.STATUS_ZOMBIE)
                     ):
                         found.append(p)
             if not found:
@@ -169,8 +171,6 @@ def run_logs(
         timeout=timeout,
         check=False,
     )
-
-
 
 
 def lines_of(data: bytes) -> list[bytes]:
@@ -264,9 +264,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFleet]:
     state = tmp / "state"
     config = tmp / "fleet.toml"
     config.write_text(
-        FLEET_TOML.format(
-            origin=origin, workspaces=tmp / "workspaces", state=state, agent=AGENT
-        )
+        FLEET_TOML.format(origin=origin, workspaces=tmp / "workspaces", state=state, agent=AGENT)
     )
     procs = Procs(tmp)
     try:
@@ -274,8 +272,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFleet]:
             [sys.executable, "-m", "supervisor.cli", "up", "-c", str(config), "-q"], "up"
         )
         jsonl = wait_for(
-            lambda: next(iter(state.glob("runs/*/fleet.jsonl")), None), TIMEOUT,
-            "the fleet's JSONL", 0.02,
+            lambda: next(iter(state.glob("runs/*/fleet.jsonl")), None),
+            TIMEOUT,
+            "the fleet's JSONL",
+            0.02,
         )
         run_dir = jsonl.parent
         followers = {
@@ -408,13 +408,17 @@ def test_since_an_iso_time(live: LiveFleet) -> None:
         (["-n", "7"], lambda r: True, 7),
         (["-n", "0"], lambda r: True, 0),
         (["--tail", "5", "--task", "2"], lambda r: r["task"] == 2, 5),
-        (["-n", "3", "--stream", "stderr", "--grep", "step"], lambda r: (
-            r["stream"] == "stderr" and "step" in r["line"]), 3),
+        (
+            ["-n", "3", "--stream", "stderr", "--grep", "step"],
+            lambda r: r["stream"] == "stderr" and "step" in r["line"],
+            3,
+        ),
         (["-n", "1000000"], lambda r: True, 1000000),
     ],
 )
-def test_last_n(live: LiveFleet, args: list[str], select_: Callable[[Record], bool],
-                count: int) -> None:
+def test_last_n(
+    live: LiveFleet, args: list[str], select_: Callable[[Record], bool], count: int
+) -> None:
     done = run_logs("-c", str(live.config), "--json", *args)
     assert done.returncode == 0, done.stderr
     selected = [line for line, r in zip(live.lines, live.records, strict=True) if select_(r)]
@@ -517,8 +521,12 @@ def test_follow_across_rotation(tmp_path: Path, procs: Procs) -> None:
     time.sleep(0.3)
     log.reopen()
     log.write(50, tag="c")
-    wait_for(lambda: count_lines(follower) >= len(log.written), TIMEOUT,
-             "the records after rotation 1", 0.02)
+    wait_for(
+        lambda: count_lines(follower) >= len(log.written),
+        TIMEOUT,
+        "the records after rotation 1",
+        0.02,
+    )
     # Second rotation, and a moment with no fleet.jsonl at all.
     log.write(10, tag="d")
     log.rotate(2, create=False)
@@ -620,8 +628,13 @@ def run_on_tty(argv: list[str], env: dict[str, str]) -> bytes:
     master, slave = pty.openpty()
     try:
         popen = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave,
-            stderr=subprocess.PIPE, start_new_session=True,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         os.close(slave)
         slave = -1
@@ -717,8 +730,7 @@ def test_follow_ends_when_the_supervisor_is_gone(tmp_path: Path, procs: Procs) -
 def follow_until_gone(procs: Procs, log: HandLog, name: str, gone: int | None) -> None:
     """``logs -f`` of ``log``'s shift: it goes on while the supervisor lives (``gone`` None),
     and ends saying so once it is gone (``gone``: its pid)."""
-    follower = procs.logs("--state-dir", str(log.run_dir.parent.parent), "-f", "--json",
-                          name=name)
+    follower = procs.logs("--state-dir", str(log.run_dir.parent.parent), "-f", "--json", name=name)
     if gone is None:
         time.sleep(logreader.LIVENESS_INTERVAL * 2 + 0.5)
         assert follower.popen.poll() is None
@@ -812,7 +824,8 @@ def test_follow_ends_when_the_supervisor_named_in_shift_json_is_gone(
     for name, shift in shifts.items():
         if name != "alive":
             (log.run_dir / "state.json").write_text(
-                json.dumps({"pid": me, "started_at": time.time()}))
+                json.dumps({"pid": me, "started_at": time.time()})
+            )
         (log.run_dir / "shift.json").write_text(json.dumps(shift))
         gone = shift["pid"] if name != "alive" else None
         follow_until_gone(procs, log, f"shift-{name}", gone)  # type: ignore[arg-type]
@@ -822,24 +835,51 @@ def test_shift_info_from_shift_json_or_state_json(tmp_path: Path) -> None:
     run_dir = tmp_path / "shift"
     run_dir.mkdir()
     assert logreader.ShiftInfo.read(run_dir) == logreader.ShiftInfo()
-    (run_dir / "state.json").write_text(json.dumps({
-        "pid": 12, "started_at": 5.0,
-        "workers": [{"worker": "w1", "task": 3, "machine": "box"}],
-    }))
+    (run_dir / "state.json").write_text(
+        json.dumps(
+            {
+                "pid": 12,
+                "started_at": 5.0,
+                "workers": [{"worker": "w1", "task": 3, "machine": "box"}],
+            }
+        )
+    )
     old = logreader.ShiftInfo.read(run_dir)
     assert (old.pid, old.pid_ticks, old.workers, old.machines) == (
-        12, None, (("w1", 3, "box"),), frozenset({"box"}))
-    (run_dir / "shift.json").write_text(json.dumps({
-        "id": "x", "pid": 34, "pid_ticks": 777, "host": "h", "started_at": 6.0,
-        "config": {"tasks": {"items": [{"issue": 1}, {"issue": 30}]},
-                   "machines": [{"name": "gpu"}]},
-    }))
+        12,
+        None,
+        (("w1", 3, "box"),),
+        frozenset({"box"}),
+    )
+    (run_dir / "shift.json").write_text(
+        json.dumps(
+            {
+                "id": "x",
+                "pid": 34,
+                "pid_ticks": 777,
+                "host": "h",
+                "started_at": 6.0,
+                "config": {
+                    "tasks": {"items": [{"issue": 1}, {"issue": 30}]},
+                    "machines": [{"name": "gpu"}],
+                },
+            }
+        )
+    )
     new = logreader.ShiftInfo.read(run_dir)
     assert (new.pid, new.pid_ticks, new.host, new.started_at) == (34, 777, "h", 6.0)
     assert new.workers == (("w1", 1, None), ("w2", 30, None))
     assert new.machines == frozenset({"gpu"})
     # The summary of an ended shift lists every worker, the added ones too.
-    (run_dir / "summary.json").write_text(json.dumps({
-        "workers": [{"worker": "w1", "task": 1}, {"worker": "w2", "task": 30},
-                    {"worker": "w3", "task": 57, "machine": "gpu"}]}))
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "workers": [
+                    {"worker": "w1", "task": 1},
+                    {"worker": "w2", "task": 30},
+                    {"worker": "w3", "task": 57, "machine": "gpu"},
+                ]
+            }
+        )
+    )
     assert [w for w, _, _ in logreader.ShiftInfo.read(run_dir).workers] == ["w1", "w2", "w3"]

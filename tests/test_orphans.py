@@ -59,9 +59,15 @@ def running_in_ledger(
             return None
         with ledger:
             rows = {
-                r.issue: {"task": r.issue, "pid": r.pid, "start_ticks": r.start_ticks,
-                          "run_dir": r.run_dir, "lease_path": r.lease_path, "runs": r.number,
-                          "worker": r.worker}
+                r.issue: {
+                    "task": r.issue,
+                    "pid": r.pid,
+                    "start_ticks": r.start_ticks,
+                    "run_dir": r.run_dir,
+                    "lease_path": r.lease_path,
+                    "runs": r.number,
+                    "worker": r.worker,
+                }
                 for r in ledger.open_runs()
                 if r.state == "running" and r.pid and (shift is None or r.supervised_by == shift)
             }
@@ -78,9 +84,7 @@ def file_lines(path: Path) -> list[str]:
 
 def grandchildren(records: list[dict[str, Any]]) -> list[int]:
     return [
-        int(m[1])
-        for r in records
-        if r["stream"] == "stdout" and (m := GRANDCHILD.match(r["line"]))
+        int(m[1]) for r in records if r["stream"] == "stdout" and (m := GRANDCHILD.match(r["line"]))
     ]
 
 
@@ -182,26 +186,35 @@ def test_a_run_started_just_before_the_kill_is_adopted_not_started_again(
     """SIGKILL within a few milliseconds of an agent's start (4 of 4 such kills left no pid in
     the old state file, and the task was started again beside its living run): the intent and
     the pid were in the ledger before and right after the start, so the next `up` adopts it."""
-    config = fleet.write(fleet.config([task(1, "sleep:2+finish")],
-                                      agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
+    config = fleet.write(
+        fleet.config([task(1, "sleep:2+finish")], agent={"env": {"FAKE_AGENT_STEPS": "3"}})
+    )
     for attempt in range(3):
         up = fleet.start(config)
-        wait_for(lambda n=attempt, up=up: len(fleet.agent_records("start")) > n or up.popen.poll(),
-                 15,
-                 "the agent's start")
+        wait_for(
+            lambda n=attempt, up=up: len(fleet.agent_records("start")) > n or up.popen.poll(),
+            15,
+            "the agent's start",
+        )
         kill_up(up)
         if attempt < 2:
             # Let this one end (the next attempt needs a task to start again).
             again = fleet.start(config).wait(30)
             assert again.returncode == 0, again.explain()
-            fleet.write(fleet.config([task(attempt + 2, "sleep:2+finish")],
-                                     agent={"env": {"FAKE_AGENT_STEPS": "3"}}))
+            fleet.write(
+                fleet.config(
+                    [task(attempt + 2, "sleep:2+finish")], agent={"env": {"FAKE_AGENT_STEPS": "3"}}
+                )
+            )
     result = fleet.start(config).wait(30)
     assert result.returncode == 0, result.explain()
     starts = fleet.agent_records("start")
     assert sorted(r["issue"] for r in starts) == [1, 2, 3], starts  # each once
     assert sorted((r["issue"], r["exit"]) for r in fleet.agent_records("end")) == [
-        (1, 0), (2, 0), (3, 0)]
+        (1, 0),
+        (2, 0),
+        (3, 0),
+    ]
     assert [p for p in agent_pids(fleet).values() if alive(p)] == []
 
 
@@ -393,8 +406,11 @@ def test_a_run_adopted_twice_loses_and_repeats_nothing(fleet: Harness) -> None:
     wait_ready(second)
     second_dir = new_run_dir(fleet.state_dir, first_id)
     wait_for(lambda: events(run_records(second_dir), "adopted"), 10, "the second fleet to adopt")
-    wait_for(lambda: running_in_ledger(fleet.state_dir, 1, second_dir.name), 10,
-             "the adopted run watched by the second fleet in the ledger")
+    wait_for(
+        lambda: running_in_ledger(fleet.state_dir, 1, second_dir.name),
+        10,
+        "the adopted run watched by the second fleet in the ledger",
+    )
     kill_up(second)
     assert alive(row["pid"], row["start_ticks"]), "the run ended too early for this test"
 
@@ -424,8 +440,7 @@ def test_a_dead_fleets_watchdog_ends_with_the_runs_it_adopted(fleet: Harness) ->
     assert alive(dog_pid)
 
     # The next fleet adopts both, and has a task of its own that keeps it going.
-    fleet.write(fleet.config([*tasks, task(3, "hang")], lease_timeout=30,
-                             agent={"env": STEPS}))
+    fleet.write(fleet.config([*tasks, task(3, "hang")], lease_timeout=30, agent={"env": STEPS}))
     second = fleet.start(config)
     wait_ready(second)
 
@@ -439,8 +454,10 @@ def test_a_dead_fleets_watchdog_ends_with_the_runs_it_adopted(fleet: Harness) ->
     result = second.wait(20)
     assert result.returncode == 130, result.explain()
     assert not result.leftovers, result.leftovers
-    assert {e["from_fleet"] for e in events(run_records(new_run_dir(fleet.state_dir, old_id)),
-                                            "adopted")} == {old_id}
+    assert {
+        e["from_fleet"]
+        for e in events(run_records(new_run_dir(fleet.state_dir, old_id)), "adopted")
+    } == {old_id}
 
 
 @pytest.mark.parametrize("all_ended", [True, False])
@@ -505,16 +522,20 @@ def test_a_batch_torn_by_the_kill_is_not_logged_twice(fleet: Harness) -> None:
     records = run_records(old_dir)
     stdout = [r for r in records if r["stream"] == "stdout" and r["task"] == 1]
     resume_at = max(r["off"] for r in stdout if "off" in r)
-    wait_for(lambda: Path(row["run_dir"], "stdout").stat().st_size > resume_at, 10,
-             "more output of the orphaned run")
+    wait_for(
+        lambda: Path(row["run_dir"], "stdout").stat().st_size > resume_at,
+        10,
+        "more output of the orphaned run",
+    )
     after = Path(row["run_dir"], "stdout").read_bytes()[resume_at:]
     torn_lines = after.decode("utf-8", "replace").split("\n")[:-1][:2]
     assert torn_lines, "the run printed nothing after the kill"
     last = stdout[-1]
     with log.open("ab") as out:
         for n, line in enumerate(torn_lines, start=1):
-            record = {k: last[k] for k in ("ts", "fleet", "worker", "task", "machine", "run",
-                                           "stream")}
+            record = {
+                k: last[k] for k in ("ts", "fleet", "worker", "task", "machine", "run", "stream")
+            }
             record.update(seq=last["seq"] + n, line=line)
             out.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
         out.write(b'{"ts":"2026-12-04T00:00:00.000Z","fleet":')  # cut mid-record

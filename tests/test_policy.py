@@ -9,8 +9,15 @@ from supervisor.durations import parse_duration
 from supervisor.lifecycle import InvalidTransition, WorkerState, advance
 from supervisor.policy import History, Outcome, RestartPolicy, decide
 
-P = RestartPolicy(backoff_base=1.0, backoff_max=10.0, max_crashes=2, crash_window=60.0,
-                  max_milestones=2, max_usage_pauses=1, usage_pause_default=100.0)
+P = RestartPolicy(
+    backoff_base=1.0,
+    backoff_max=10.0,
+    max_crashes=2,
+    crash_window=60.0,
+    max_milestones=2,
+    max_usage_pauses=1,
+    usage_pause_default=100.0,
+)
 
 
 def test_done_resets_consecutive_crashes() -> None:
@@ -78,8 +85,17 @@ def test_usage_limit_pauses_until_reset_and_is_not_a_crash() -> None:
 
 def test_lifecycle_allows_the_documented_paths() -> None:
     s = WorkerState.PENDING
-    for nxt in ("preparing", "running", "resuming", "running", "backoff", "running", "paused",
-                "running", "done"):
+    for nxt in (
+        "preparing",
+        "running",
+        "resuming",
+        "running",
+        "backoff",
+        "running",
+        "paused",
+        "running",
+        "done",
+    ):
         s = advance(s, WorkerState(nxt))
     assert s.final
 
@@ -95,8 +111,15 @@ def test_lifecycle_refuses_impossible_transitions(current: str, target: str) -> 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("45s", 45.0), ("30m", 1800.0), ("8h", 28800.0), ("1h30m", 5400.0), ("90", 90.0),
-     ("1d", 86400.0), ("0.5h", 1800.0)],
+    [
+        ("45s", 45.0),
+        ("30m", 1800.0),
+        ("8h", 28800.0),
+        ("1h30m", 5400.0),
+        ("90", 90.0),
+        ("1d", 86400.0),
+        ("0.5h", 1800.0),
+    ],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -117,8 +140,7 @@ def test_a_short_backoff_keeps_the_slot_a_long_one_and_a_pause_give_it_back() ->
 
 
 def test_the_history_goes_through_the_ledger_and_back() -> None:
-    history = History(crash_times=(1.5, 2.5), consecutive_crashes=2, milestones=3,
-                      usage_pauses=1)
+    history = History(crash_times=(1.5, 2.5), consecutive_crashes=2, milestones=3, usage_pauses=1)
     assert policy.history_from_dict(policy.history_to_dict(history)) == history
     assert policy.history_from_dict({}) == History()
 
@@ -137,10 +159,10 @@ def test_the_verdict_says_what_the_fleet_will_do() -> None:
     short = judge(status, rules, ExitStatus(3), [], None, now=1.0, rand=0.001)
     assert "restarting in 0.1s" in short.lines[0][1] and "slot" not in short.lines[0][1]
     assert (status.crashes, status.last_crash_run) == (2, 2)
-    asked = judge(status, rules, ExitStatus(143), [], None, restart_requested=True, now=2.0,
-                  rand=0.5)
+    asked = judge(
+        status, rules, ExitStatus(143), [], None, restart_requested=True, now=2.0, rand=0.5
+    )
     assert asked.decision == policy.Restart(0.0) and asked.outcome == "restarted"
-    stopped = judge(status, rules, ExitStatus(143), [], None, stopping="SIGTERM", now=3.0,
-                    rand=0.5)
+    stopped = judge(status, rules, ExitStatus(143), [], None, stopping="SIGTERM", now=3.0, rand=0.5)
     assert (stopped.state, stopped.reason) == ("stopped", "SIGTERM")
     assert status.crashes == 2  # neither a restart on request nor a stop is a crash

@@ -38,10 +38,37 @@ TS = records.utc_timestamp(NOW)
 
 #: Pieces of agent output: every kind of byte JSON escapes, invalid and cut UTF-8, ``%``.
 PIECES = [
-    b"a", b"word ", b" ", b'"', b"\\", b"\\n", b"\t", b"\r", b"\x00", b"\x1b[31m", b"\x7f",
-    b"\x0b\x0c\x08", b"\x1f", b"%", b"%s", b"%%", b"%(x)d", b"\xc3\xa9", b"\xe6\xbc\xa2",
-    b"\xf0\x9f\x8e\x89", b"\xff", b"\xc3", b"\xe6\xbc", b"\xed\xa0\x80", b"\xe2\x80\xa8",
-    b"\n", b"\n", b"\n", b"\r\n", b"x" * 70, b'{"json":"inside"}',
+    b"a",
+    b"word ",
+    b" ",
+    b'"',
+    b"\\",
+    b"\\n",
+    b"\t",
+    b"\r",
+    b"\x00",
+    b"\x1b[31m",
+    b"\x7f",
+    b"\x0b\x0c\x08",
+    b"\x1f",
+    b"%",
+    b"%s",
+    b"%%",
+    b"%(x)d",
+    b"\xc3\xa9",
+    b"\xe6\xbc\xa2",
+    b"\xf0\x9f\x8e\x89",
+    b"\xff",
+    b"\xc3",
+    b"\xe6\xbc",
+    b"\xed\xa0\x80",
+    b"\xe2\x80\xa8",
+    b"\n",
+    b"\n",
+    b"\n",
+    b"\r\n",
+    b"x" * 70,
+    b'{"json":"inside"}',
 ]
 NAMES = ["w1", 'w"2', "w\\3", "w%s", "wé", "w\x01", "100% fleet %d"]
 
@@ -59,8 +86,16 @@ def slow_records(
     for index, line in enumerate(lines):
         last = index == len(lines) - 1
         record = OutputRecord(
-            TS, fleet, tag.worker, tag.task, tag.machine, tag.run, stream,
-            first_seq + index, line, end_offset if last else None,
+            TS,
+            fleet,
+            tag.worker,
+            tag.task,
+            tag.machine,
+            tag.run,
+            stream,
+            first_seq + index,
+            line,
+            end_offset if last else None,
         )
         out += encode(record)
     return out
@@ -79,8 +114,12 @@ def test_the_fast_encoder_writes_the_schemas_bytes(tmp_path: Path, seed: int) ->
     expected = b""
     seqs: dict[str, int] = {}
     for _ in range(rng.randrange(1, 12)):
-        tag = Tag(rng.choice(NAMES), rng.choice([None, 0, 7, 123456]), rng.choice(NAMES),
-                  rng.randrange(0, 1000))
+        tag = Tag(
+            rng.choice(NAMES),
+            rng.choice([None, 0, 7, 123456]),
+            rng.choice(NAMES),
+            rng.randrange(0, 1000),
+        )
         if tag.worker not in seqs:  # start some workers just short of a thousand boundary
             seqs[tag.worker] = rng.choice([0, 0, 995, 9_990, 999_999, 123_456_700])
             mux._seq[tag.worker] = seqs[tag.worker]
@@ -107,8 +146,10 @@ def test_lines_cut_by_the_splitter_are_encoded_as_the_schema_says(
     rng = random.Random(seed)
     limit = rng.choice([16, 100, 1000])
     data = b"".join(
-        random_output(rng, rng.randrange(0, 8)) + (b"y" * rng.randrange(0, 4 * limit))
-        + rng.choice([b"\xc3\xa9" * limit, b"", b"\n"]) + b"\n"
+        random_output(rng, rng.randrange(0, 8))
+        + (b"y" * rng.randrange(0, 4 * limit))
+        + rng.choice([b"\xc3\xa9" * limit, b"", b"\n"])
+        + b"\n"
         for _ in range(200)
     )
     path = tmp_path / "fleet.jsonl"
@@ -138,14 +179,27 @@ def test_events_are_written_with_the_schemas_encoder(tmp_path: Path) -> None:
     mux = fast_mux(path)
     tag = Tag("w2", 42, "local", 3)
     mux.output(tag, "stdout", b"one\ntwo", 8)
-    mux.event(tag, "crashed", 'run 3 crashed: "exit 1"', {"code": 1, "ts": "not this one",
-                                                          "path": Path("/x")})
+    mux.event(
+        tag,
+        "crashed",
+        'run 3 crashed: "exit 1"',
+        {"code": 1, "ts": "not this one", "path": Path("/x")},
+    )
     mux.close()
     lines = path.read_bytes().splitlines(keepends=True)
     assert lines[2] == encode(
-        event_record(ts=TS, fleet=mux.fleet, worker="w2", task=42, machine="local", run=3,
-                     seq=3, event="crashed", message='run 3 crashed: "exit 1"',
-                     details={"code": 1, "path": "/x"})
+        event_record(
+            ts=TS,
+            fleet=mux.fleet,
+            worker="w2",
+            task=42,
+            machine="local",
+            run=3,
+            seq=3,
+            event="crashed",
+            message='run 3 crashed: "exit 1"',
+            details={"code": 1, "path": "/x"},
+        )
     )
     event = parse(lines[2])
     assert isinstance(event, EventRecord)
@@ -173,9 +227,16 @@ def test_parse_gives_the_kind_and_refuses_what_is_no_record() -> None:
     event = EventRecord(TS, "f", "fleet", None, "-", 0, "fleet", 1, "hi", "started", {"n": 1})
     assert parse(encode(event)) == event
     torn = encode(out)[:-10]
-    for raw in [torn, b"", b"[1,2]", b"not json", b'{"ts":1}', b"\xff\xfe",
-                encode(out).replace(b'"run":2', b'"run":"2"'),
-                encode(out).replace(b'"seq":9', b'"seq":true')]:
+    for raw in [
+        torn,
+        b"",
+        b"[1,2]",
+        b"not json",
+        b'{"ts":1}',
+        b"\xff\xfe",
+        encode(out).replace(b'"run":2', b'"run":"2"'),
+        encode(out).replace(b'"seq":9', b'"seq":true'),
+    ]:
         assert parse(raw) is None, raw
 
 
@@ -218,11 +279,17 @@ def test_lines_of_last_lines_and_last_offsets(tmp_path: Path) -> None:
     mux.close()
     files = [segment, path]
     assert [(r.stream, r.line) for r in lines_of(files, "w1", 2)] == [
-        ("stdout", "a"), ("stdout", "b"), ("stderr", "err"), ("stdout", "c"), ("stdout", "d"),
+        ("stdout", "a"),
+        ("stdout", "b"),
+        ("stderr", "err"),
+        ("stdout", "c"),
+        ("stdout", "d"),
         ("stdout", "e"),
     ]
-    assert last_lines(files, {"w1": 2, "w2": 1}, 3) == {"w1": ["c", "d", "e"],
-                                                       "w2": ["other worker"]}
+    assert last_lines(files, {"w1": 2, "w2": 1}, 3) == {
+        "w1": ["c", "d", "e"],
+        "w2": ["other worker"],
+    }
     assert last_offsets(files, "w1", 2) == {"stdout": 10, "stderr": 4}
     assert last_offsets(files, "w1", 1) == {"stdout": 8}
     assert last_offsets(files, "w3", 1) == {}

@@ -74,7 +74,8 @@ def thaw(paths: list[Path]) -> None:
 
 
 def test_a_ledger_that_cannot_be_written_refuses_acts_and_keeps_what_was_done(
-    tmp_path: Path, immutable: list[Path]  # noqa: F811
+    tmp_path: Path,
+    immutable: list[Path],
 ) -> None:
     """A transition that announces an act (an intent) is refused, so the act does not happen;
     those that record acts already done (a pid, an end) wait in memory, in order, and are
@@ -111,22 +112,27 @@ def test_a_ledger_that_cannot_be_written_refuses_acts_and_keeps_what_was_done(
 
 
 def _events(fleet: Fleet) -> list[EventRecord]:
-    records = [parse(raw) for path in log_files(fleet.run_dir) for raw in path.read_bytes()
-               .splitlines()]
+    records = [
+        parse(raw) for path in log_files(fleet.run_dir) for raw in path.read_bytes().splitlines()
+    ]
     return [r for r in records if isinstance(r, EventRecord)]
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("what", ["log", "ledger"])
 async def test_no_run_starts_while_the_log_or_the_ledger_cannot_be_written(
-    tmp_path: Path, immutable: list[Path], quick_retries: None, what: str  # noqa: F811
+    tmp_path: Path,
+    immutable: list[Path],
+    quick_retries: None,
+    what: str,
 ) -> None:
     """cap 2: #1 (long) and #2 (short) run; the log (or the ledger) becomes unwritable.  #2's
     end finds it so: new runs are held -- #3 does not start, though a slot is free -- while #1
     goes on to its own end; once the file can be written again #3 starts, and the shift ends
     with every task done, every transition in the ledger and every event in the log."""
-    host = FakeHost(scripts={1: [Script(duration=1.2)], 2: [Script(duration=0.2)],
-                             3: [Script(duration=0.05)]})
+    host = FakeHost(
+        scripts={1: [Script(duration=1.2)], 2: [Script(duration=0.2)], 3: [Script(duration=0.05)]}
+    )
     config = fake_config(tmp_path, [{"issue": n} for n in (1, 2, 3)], concurrency=2)
     fleet = Fleet(config, hosts={"local": host})
     files = [fleet.run_dir / "fleet.jsonl"] if what == "log" else ledger_files(config.state_path)
@@ -157,9 +163,13 @@ async def test_no_run_starts_while_the_log_or_the_ledger_cannot_be_written(
     assert names.count(f"{what}-unwritable") == 1 and fault < names.index("starts-resumed")
     with Ledger.reader(config.state_path) as ledger:  # type: ignore[union-attr]
         assert {t.issue: t.state for t in ledger.tasks().values()} == dict.fromkeys(
-            (1, 2, 3), "done")
+            (1, 2, 3), "done"
+        )
         assert [(r.issue, r.state, r.exit_code) for r in ledger.runs()] == [
-            (1, "ended", 0), (2, "ended", 0), (3, "ended", 0)]
+            (1, "ended", 0),
+            (2, "ended", 0),
+            (3, "ended", 0),
+        ]
         assert ledger.shift(fleet.shift_id).state == "ended"  # type: ignore[union-attr]
 
 
@@ -228,7 +238,10 @@ def test_a_state_dir_that_runs_out_while_up_starts_is_exit_2_never_a_traceback(
 
 
 def test_the_state_disk_fills_while_remote_agents_run(
-    fleet: Harness, sshd: SSHD, tmp_path: Path, small_disk: Path  # noqa: F811
+    fleet: Harness,
+    sshd: SSHD,
+    tmp_path: Path,
+    small_disk: Path,
 ) -> None:
     """``up`` on a state directory whose disk fills while its agents run (on an SSH machine,
     whose run directories are on another disk): no traceback, no agent killed, no new run
@@ -238,19 +251,28 @@ def test_the_state_disk_fills_while_remote_agents_run(
     workdir = tmp_path / "m1-work"
     agent = {"FAKE_AGENT_STEPS": "40", "FAKE_AGENT_STEP_DELAY": "0.1"}
     config = ssh_config(
-        fleet, [task(n, "stderr+finish") for n in (1, 2, 3)], concurrency=2,
-        state_dir=str(state_disk), local={"max_agents": 0}, agent={"env": agent},
+        fleet,
+        [task(n, "stderr+finish") for n in (1, 2, 3)],
+        concurrency=2,
+        state_dir=str(state_disk),
+        local={"max_agents": 0},
+        agent={"env": agent},
         machines=[machine(sshd, "m1", workdir, max_agents=2)],
     )
     started = fleet.start(fleet.write(config))
     wait_for(lambda: len(fleet.agent_records("start")) == 2, 60, "two remote agents")
-    shift_dir = wait_for(lambda: next((state_disk / "runs").glob("*/fleet.jsonl"), None), 10,
-                         "the log").parent
-    wait_for(lambda: b'"stream":"stderr"' in (shift_dir / "fleet.jsonl").read_bytes(), 20,
-             "output in the log")
+    shift_dir = wait_for(
+        lambda: next((state_disk / "runs").glob("*/fleet.jsonl"), None), 10, "the log"
+    ).parent
+    wait_for(
+        lambda: b'"stream":"stderr"' in (shift_dir / "fleet.jsonl").read_bytes(),
+        20,
+        "output in the log",
+    )
     filler = fill(state_disk, 0)
-    status = wait_for(lambda: (s := try_status(state_disk)) and s.get("held") and s, 20,
-                      "new runs held")
+    status = wait_for(
+        lambda: (s := try_status(state_disk)) and s.get("held") and s, 20, "new runs held"
+    )
     assert set(status["held"]) <= {"log", "ledger"}, status
     # The agents go on to their ends meanwhile, and the third task does not start.
     wait_for(lambda: fleet.agent_records("end"), 30, "an agent's end")
@@ -265,24 +287,35 @@ def test_the_state_disk_fills_while_remote_agents_run(
     assert sorted((r["issue"], r["exit"]) for r in ends) == [(1, 0), (2, 0), (3, 0)]
     summary = json.loads((shift_dir / "summary.json").read_text())
     assert summary["exit_code"] == 0
-    records = [parse(raw) for path in log_files(shift_dir) for raw in path.read_bytes()
-               .splitlines()]
+    records = [
+        parse(raw) for path in log_files(shift_dir) for raw in path.read_bytes().splitlines()
+    ]
     events = [r.event for r in records if isinstance(r, EventRecord)]
     assert events.count("log-unwritable") <= 1 and events.count("starts-resumed") == 1, events
     with Ledger.reader(state_disk) as ledger:  # type: ignore[union-attr]
         runs = ledger.runs()
     assert sorted((r.issue, r.state, r.exit_code) for r in runs) == [
-        (1, "ended", 0), (2, "ended", 0), (3, "ended", 0)]
+        (1, "ended", 0),
+        (2, "ended", 0),
+        (3, "ended", 0),
+    ]
     for run in runs:
         for stream in ("stdout", "stderr"):
-            logged = [r.line for r in records if isinstance(r, OutputRecord)
-                      and r.task == run.issue and r.run == run.number and r.stream == stream]
+            logged = [
+                r.line
+                for r in records
+                if isinstance(r, OutputRecord)
+                and r.task == run.issue
+                and r.run == run.number
+                and r.stream == stream
+            ]
             written = Path(run.run_dir, stream).read_text().splitlines()
             assert logged == written, (run.issue, stream, len(logged), len(written))
 
 
 def test_a_shift_directory_that_refuses_writes_costs_lines_not_the_shift(
-    fleet: Harness, immutable: list[Path]  # noqa: F811
+    fleet: Harness,
+    immutable: list[Path],
 ) -> None:
     """The shift's directory and its log made immutable while two agents print (``EPERM``
     even for root, the same for the fleet as permissions taken away): new runs are held, the
@@ -291,12 +324,16 @@ def test_a_shift_directory_that_refuses_writes_costs_lines_not_the_shift(
     so on the terminal.  Once writable again, ``report`` rebuilds the report from the
     ledger."""
     agent = {"FAKE_AGENT_STEPS": "400", "FAKE_AGENT_STEP_DELAY": "0.05"}
-    config = fleet.write(fleet.config([task(n, "stderr+finish") for n in (1, 2, 3)],
-                                      concurrency=2, agent={"env": agent}))
+    config = fleet.write(
+        fleet.config(
+            [task(n, "stderr+finish") for n in (1, 2, 3)], concurrency=2, agent={"env": agent}
+        )
+    )
     started = fleet.start(config)
     wait_for(lambda: len(fleet.agent_records("start")) == 2, 30, "two agents")
-    shift_dir = wait_for(lambda: next((fleet.state_dir / "runs").glob("*/fleet.jsonl"), None),
-                         10, "the log").parent
+    shift_dir = wait_for(
+        lambda: next((fleet.state_dir / "runs").glob("*/fleet.jsonl"), None), 10, "the log"
+    ).parent
     freeze([shift_dir / "fleet.jsonl", shift_dir], immutable)
     wait_for(lambda: (try_status(fleet.state_dir) or {}).get("held"), 20, "new runs held")
     os.kill(started.popen.pid, signal.SIGTERM)

@@ -46,7 +46,7 @@ def test_a_script_gets_only_the_functions_it_uses() -> None:
 
 def test_framed_prints_the_mark_on_both_streams() -> None:
     done = subprocess.run(
-        ["sh", "-c", sh.framed('echo out; echo err >&2'), "sh"], capture_output=True, timeout=10
+        ["sh", "-c", sh.framed("echo out; echo err >&2"), "sh"], capture_output=True, timeout=10
     )
     assert done.stdout == sh.FRAME_MARK + b"out\n"
     assert done.stderr == sh.FRAME_MARK + b"err\n"

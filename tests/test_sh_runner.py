@@ -181,9 +181,7 @@ def renew_while(lease: Path, predicate: object, timeout: float) -> bool:
     return False
 
 
-def test_the_watchdog_stops_a_run_whose_lease_is_not_renewed(
-    tmp_path: Path, procs: Procs
-) -> None:
+def test_the_watchdog_stops_a_run_whose_lease_is_not_renewed(tmp_path: Path, procs: Procs) -> None:
     dog = tmp_path / "shift" / "lease"
     dog.parent.mkdir()
     rd = tmp_path / "shift" / "run-1"

@@ -322,8 +322,9 @@ def test_select_skips_issue_numbers_no_issue_has() -> None:
 def test_up_skips_bad_github_issues_with_a_warning(fleet: Harness, fake_gh: FakeGh) -> None:
     """Issue 0, a NUL in a title, a title too long for a run's environment: each is left out
     with one warning line naming it; the good issue runs; no traceback, exit 0."""
-    fake_gh.configure(issues=[issue(0), issue(6, "nul \0 here"), issue(7, "x" * 140_000),
-                              issue(8, "fine")])
+    fake_gh.configure(
+        issues=[issue(0), issue(6, "nul \0 here"), issue(7, "x" * 140_000), issue(8, "fine")]
+    )
     config = fleet.config([])
     config["tasks"] = {"source": "github", "gh": str(fake_gh.path)}
     result = fleet.run(fleet.write(config))

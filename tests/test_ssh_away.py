@@ -36,8 +36,13 @@ def remote_runs(workdir: Path) -> list[Path]:
 
 
 def check_story(
-    fleet: Harness, result: FleetRun, *, tasks: list[int], caps: dict[str, int],
-    roots: dict[str, Path], report: list[str],
+    fleet: Harness,
+    result: FleetRun,
+    *,
+    tasks: list[int],
+    caps: dict[str, int],
+    roots: dict[str, Path],
+    report: list[str],
 ) -> None:
     """What every case of issue 16 must end with (see the module docstring)."""
     assert result.returncode == 0, result.explain()
@@ -71,29 +76,51 @@ def test_the_link_comes_back_after_unreachable_after(
     workdir = tmp_path / "m1-work"
     config = ssh_config(
         fleet,
-        [task(1, "finish"), task(2, "stderr+finish", env=SLOW_AGENT),
-         task(3, "stderr+finish", env=SLOW_AGENT)],
-        concurrency=3, local={"max_agents": 1}, requeue_lost=requeue, lease_timeout=30,
+        [
+            task(1, "finish"),
+            task(2, "stderr+finish", env=SLOW_AGENT),
+            task(3, "stderr+finish", env=SLOW_AGENT),
+        ],
+        concurrency=3,
+        local={"max_agents": 1},
+        requeue_lost=requeue,
+        lease_timeout=30,
         machines=[machine(sshd, "m1", workdir, max_agents=2, unreachable_after=1.0)],
     )
     started = fleet.start(fleet.write(config))
-    wait_for(lambda: {2, 3} <= {r["issue"] for r in fleet.agent_records("start")}, 60,
-             "#2 and #3 running on m1")
+    wait_for(
+        lambda: {2, 3} <= {r["issue"] for r in fleet.agent_records("start")},
+        60,
+        "#2 and #3 running on m1",
+    )
     wait_for(lambda: 1 in {r["issue"] for r in fleet.agent_records("end")}, 30, "#1 done")
     sshd.stop()
-    status = wait_for(lambda: (s := try_status(fleet.state_dir)) and any(
-        m.get("reach") == "unreachable" for m in s.get("machines", [])) and s, 20,
-        "m1 unreachable")
+    status = wait_for(
+        lambda: (
+            (s := try_status(fleet.state_dir))
+            and any(m.get("reach") == "unreachable" for m in s.get("machines", []))
+            and s
+        ),
+        20,
+        "m1 unreachable",
+    )
     assert {w["task"]: w["state"] for w in status["workers"]}.get(2) == "lost", status
     time.sleep(1.0)
     assert sorted(r["issue"] for r in fleet.agent_records("start")) == [1, 2, 3]
     sshd.restart()
     result = started.wait(90)
     roots = {"local": fleet.workspace_root, "m1": workdir}
-    check_story(fleet, result, tasks=[1, 2, 3], caps={"local": 1, "m1": 2}, roots=roots,
-                report=["machine m1 unreachable since", ", back at "])
-    assert {where(r["cwd"], roots) for r in fleet.agent_records("start")
-            if r["issue"] in (2, 3)} == {"m1"}
+    check_story(
+        fleet,
+        result,
+        tasks=[1, 2, 3],
+        caps={"local": 1, "m1": 2},
+        roots=roots,
+        report=["machine m1 unreachable since", ", back at "],
+    )
+    assert {
+        where(r["cwd"], roots) for r in fleet.agent_records("start") if r["issue"] in (2, 3)
+    } == {"m1"}
     assert not result.events("requeued") and not result.events("crashed")
 
 
@@ -110,26 +137,45 @@ def test_logins_that_hang_while_connections_live(
     directory = tmp_path / "sshd-hang"
     directory.mkdir()
     workdir = tmp_path / "m1-work"
-    with run_sshd(directory, client_key=client_key,
-                  extra_config=hanging_login(directory, flag)) as server:
+    with run_sshd(
+        directory, client_key=client_key, extra_config=hanging_login(directory, flag)
+    ) as server:
         config = ssh_config(
-            fleet, [task(n, "stderr+finish", env=SLOW_AGENT) for n in (1, 2, 3)],
-            concurrency=2, local={"max_agents": 0}, lease_timeout=30,
-            machines=[machine(server, "m1", workdir, max_agents=2, unreachable_after=20.0,
-                              command_timeout=1.5)],
+            fleet,
+            [task(n, "stderr+finish", env=SLOW_AGENT) for n in (1, 2, 3)],
+            concurrency=2,
+            local={"max_agents": 0},
+            lease_timeout=30,
+            machines=[
+                machine(
+                    server, "m1", workdir, max_agents=2, unreachable_after=20.0, command_timeout=1.5
+                )
+            ],
         )
         started = fleet.start(fleet.write(config))
         wait_for(lambda: len(fleet.agent_records("start")) == 2, 60, "two runs on m1")
         flag.touch()
-        wait_for(lambda: (s := try_status(fleet.state_dir)) and any(
-            m.get("reach") == "slow" for m in s.get("machines", [])), 30, "m1 slow")
+        wait_for(
+            lambda: (
+                (s := try_status(fleet.state_dir))
+                and any(m.get("reach") == "slow" for m in s.get("machines", []))
+            ),
+            30,
+            "m1 slow",
+        )
         wait_for(lambda: len(fleet.agent_records("end")) == 2, 30, "the two runs' ends")
         time.sleep(1.0)
         assert len(fleet.agent_records("start")) == 2, "a run started on a slow machine"
         flag.unlink()
         result = started.wait(90)
-    check_story(fleet, result, tasks=[1, 2, 3], caps={"m1": 2}, roots={"m1": workdir},
-                report=["machine m1 slow from"])
+    check_story(
+        fleet,
+        result,
+        tasks=[1, 2, 3],
+        caps={"m1": 2},
+        roots={"m1": workdir},
+        report=["machine m1 slow from"],
+    )
     assert not result.events("crashed") and not result.events("lost")
 
 
@@ -149,20 +195,32 @@ def test_logins_that_print_never_reach_the_agents_logs(
     for path in dirs.values():
         path.mkdir()
     with (
-        run_sshd(dirs["m1"], client_key=client_key,
-                 extra_config=noisy_login(dirs["m1"], **noise["m1"])) as m1,
-        run_sshd(dirs["m2"], address="127.0.0.2", client_key=client_key,
-                 extra_config=noisy_login(dirs["m2"], **noise["m2"])) as m2,
+        run_sshd(
+            dirs["m1"], client_key=client_key, extra_config=noisy_login(dirs["m1"], **noise["m1"])
+        ) as m1,
+        run_sshd(
+            dirs["m2"],
+            address="127.0.0.2",
+            client_key=client_key,
+            extra_config=noisy_login(dirs["m2"], **noise["m2"]),
+        ) as m2,
     ):
         config = ssh_config(
-            fleet, [task(n, "stderr+finish") for n in (1, 2, 3, 4)], concurrency=4,
+            fleet,
+            [task(n, "stderr+finish") for n in (1, 2, 3, 4)],
+            concurrency=4,
             local={"max_agents": 0},
             machines=[machine(m1, "m1", workdirs["m1"]), machine(m2, "m2", workdirs["m2"])],
         )
         result = fleet.run(fleet.write(config), timeout=90)
-    check_story(fleet, result, tasks=[1, 2, 3, 4], caps={"m1": 2, "m2": 2},
-                roots=dict(workdirs),
-                report=["m1: its login shell prints", "m2: its login shell prints"])
+    check_story(
+        fleet,
+        result,
+        tasks=[1, 2, 3, 4],
+        caps={"m1": 2, "m2": 2},
+        roots=dict(workdirs),
+        report=["m1: its login shell prints", "m2: its login shell prints"],
+    )
     lines = [r["line"] for r in result.records if r["stream"] in ("stdout", "stderr")]
     assert not any("rehash" in line or "Welcome" in line for line in lines)
 
@@ -178,17 +236,21 @@ def test_up_killed_within_10ms_of_a_remote_start_is_adopted_by_the_next(
     holds its lock until the pid is written): every task once, never two agents on m1 (max 1),
     every line once; the dead shifts' summaries say what the next one did."""
     workdir = tmp_path / "m1-work"
-    config = fleet.write(ssh_config(
-        fleet, [task(n, "stderr+finish") for n in (1, 2, 3)], concurrency=1,
-        local={"max_agents": 0}, lease_timeout=10,
-        machines=[machine(sshd, "m1", workdir, max_agents=1)],
-    ))
+    config = fleet.write(
+        ssh_config(
+            fleet,
+            [task(n, "stderr+finish") for n in (1, 2, 3)],
+            concurrency=1,
+            local={"max_agents": 0},
+            lease_timeout=10,
+            machines=[machine(sshd, "m1", workdir, max_agents=1)],
+        )
+    )
     for _ in range(3):
         if not _kill_at_a_remote_start(fleet, config, workdir):
             break
     result = fleet.start(config).wait(90)
-    check_story(fleet, result, tasks=[1, 2, 3], caps={"m1": 1}, roots={"m1": workdir},
-                report=[])
+    check_story(fleet, result, tasks=[1, 2, 3], caps={"m1": 1}, roots={"m1": workdir}, report=[])
     adopted = [r for d in shift_dirs(fleet.state_dir) for r in _events(d, "adopted")]
     assert adopted, "no run was adopted"
 
@@ -198,8 +260,12 @@ def _kill_at_a_remote_start(fleet: Harness, config: Path, workdir: Path) -> bool
     millisecond's poll); False if it ended first."""
     seen = len(remote_runs(workdir))
     up = fleet.start(config)
-    wait_for(lambda: len(remote_runs(workdir)) > seen or up.popen.poll() is not None, 60,
-             "a remote start", interval=0.001)
+    wait_for(
+        lambda: len(remote_runs(workdir)) > seen or up.popen.poll() is not None,
+        60,
+        "a remote start",
+        interval=0.001,
+    )
     if up.popen.poll() is not None:
         return False
     kill_up(up)

@@ -50,8 +50,6 @@ PID_LINE = re.compile(r"^fake-agent: (?:grand-)?grandchild pid (\d+)$")
 # -- helpers ------------------------------------------------------------------------------------
 
 
-
-
 def machine(server: SSHD, name: str, workdir: Path, **extra: Any) -> dict[str, Any]:
     """A ``[[machines]]`` entry that logs in to ``server`` as root with the test key."""
     entry: dict[str, Any] = {
@@ -150,9 +148,14 @@ def test_fleet_over_local_and_two_ssh_machines(
     # Placement is first come, first served on the least-loaded machine: w1 local, w2 and w4
     # m1, w3 and w5 m2, w6 local once w1 is done; so every machine resumes one task.  Runs take
     # 2.5 s (4 s for the first runs of the remote tasks): they overlap on every machine.
-    plans = {1: "milestone,finish", 2: "sleep:1.5+milestone,finish",
-             3: "sleep:1.5+milestone,finish", 4: "sleep:1.5+finish", 5: "sleep:1.5+finish",
-             6: "finish"}
+    plans = {
+        1: "milestone,finish",
+        2: "sleep:1.5+milestone,finish",
+        3: "sleep:1.5+milestone,finish",
+        4: "sleep:1.5+finish",
+        5: "sleep:1.5+finish",
+        6: "finish",
+    }
     config = ssh_config(
         fleet,
         [task(n, plan) for n, plan in plans.items()],
@@ -221,11 +224,15 @@ def test_lost_link_loses_and_repeats_no_line(fleet: Harness, sshd: SSHD, tmp_pat
     started = fleet.start(fleet.write(config))
 
     def steps_seen() -> int:
-        return sum(1 for r in started.jsonl() if r["stream"] == "stdout"
-                   and STEP_LINE.match(r["line"]))
+        return sum(
+            1 for r in started.jsonl() if r["stream"] == "stdout" and STEP_LINE.match(r["line"])
+        )
 
-    wait_for(lambda: steps_seen() >= 20 or started.popen.poll() is not None, 30,
-             "the remote agent's first steps in the log")
+    wait_for(
+        lambda: steps_seen() >= 20 or started.popen.poll() is not None,
+        30,
+        "the remote agent's first steps in the log",
+    )
     assert started.popen.poll() is None, "the fleet ended before the link could be cut"
     agent = fleet.runs_of(7)
     assert len(agent) == 1
@@ -327,15 +334,15 @@ def _bad_machine(kind: str, sshd: SSHD, tmp_path: Path, closed_port: int) -> dic
     if kind == "host-key":
         impostor = keygen(tmp_path / "impostor")
         known = tmp_path / "known_hosts_impostor"
-        known.write_text(machines.known_hosts_line(sshd.address, sshd.port,
-                                                   Path(f"{impostor}.pub")))
+        known.write_text(
+            machines.known_hosts_line(sshd.address, sshd.port, Path(f"{impostor}.pub"))
+        )
         return machine(sshd, "bad", tmp_path / "bad-work", known_hosts=str(known))
     if kind == "wrong-key":
         wrong = keygen(tmp_path / "wrong_key")
         return machine(sshd, "bad", tmp_path / "bad-work", identity_file=str(wrong))
     assert kind == "closed-port"
-    return {**machine(sshd, "bad", tmp_path / "bad-work"), "host": "127.0.0.3",
-            "port": closed_port}
+    return {**machine(sshd, "bad", tmp_path / "bad-work"), "host": "127.0.0.3", "port": closed_port}
 
 
 @pytest.mark.parametrize(
@@ -414,7 +421,7 @@ def _table(stdout: str) -> tuple[list[str], dict[str, dict[str, str]]]:
     lines = stdout.rstrip("\n").splitlines()
     at = [i for i, line in enumerate(lines) if line.startswith("MACHINE ")]
     assert len(at) == 1, stdout
-    lines = lines[at[0]:]
+    lines = lines[at[0] :]
     header = lines[0]
     names = re.split(r" {2,}", header.strip())
     starts = [header.index(name) for name in names]
@@ -444,7 +451,11 @@ def test_check_prints_a_row_per_machine(
     def check(cfg: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "supervisor.cli", "check", "-c", str(cfg)],
-            cwd=ROOT, env=fleet.env(), capture_output=True, text=True, timeout=60,
+            cwd=ROOT,
+            env=fleet.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
             stdin=subprocess.DEVNULL,
         )
 
@@ -452,11 +463,21 @@ def test_check_prints_a_row_per_machine(
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     names, rows = _table(done.stdout)
-    assert names == ["MACHINE", "REACHABLE", "AUTH", "HOST KEY", "GIT", "AGENT", "FREE DISK",
-                     "LOAD", "ERROR"]
+    assert names == [
+        "MACHINE",
+        "REACHABLE",
+        "AUTH",
+        "HOST KEY",
+        "GIT",
+        "AGENT",
+        "FREE DISK",
+        "LOAD",
+        "ERROR",
+    ]
     assert list(rows) == ["local", "good", "badauth", "badkey", "down"], done.stdout
-    version = subprocess.run(["git", "--version"], capture_output=True, text=True,
-                             check=True).stdout.split()[2]
+    version = subprocess.run(
+        ["git", "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[2]
     for name in ("local", "good"):
         row = rows[name]
         assert row["REACHABLE"] == row["AUTH"] == row["HOST KEY"] == row["AGENT"] == "yes", row
@@ -481,9 +502,7 @@ def test_check_prints_a_row_per_machine(
 # -- 6. known_hosts = "none" -------------------------------------------------------------------
 
 
-def test_known_hosts_none_works_with_a_warning(
-    fleet: Harness, sshd: SSHD, tmp_path: Path
-) -> None:
+def test_known_hosts_none_works_with_a_warning(fleet: Harness, sshd: SSHD, tmp_path: Path) -> None:
     config = ssh_config(
         fleet,
         [task(3, "finish")],
@@ -504,20 +523,24 @@ def test_known_hosts_none_works_with_a_warning(
     assert subjects(tree)[0] == "issue 3: implement"
 
 
-
 # -- known problems (strict xfails: they start failing once fixed) ---------------------------------
 
 
 def test_known_hosts_none_warning_names_the_machine_on_the_terminal(
     fleet: Harness, sshd: SSHD, tmp_path: Path, closed_port: int
 ) -> None:
-    trusting = {**_bad_machine("closed-port", sshd, tmp_path, closed_port),
-                "name": "trusting", "known_hosts": "none"}
-    result = run(fleet, ssh_config(fleet, [task(1)], local={"max_agents": 1},
-                                   machines=[trusting]))
+    trusting = {
+        **_bad_machine("closed-port", sshd, tmp_path, closed_port),
+        "name": "trusting",
+        "known_hosts": "none",
+    }
+    result = run(fleet, ssh_config(fleet, [task(1)], local={"max_agents": 1}, machines=[trusting]))
     assert result.returncode == 0, result.explain()
-    warned = [line for line in result.stdout.splitlines()
-              if "host key checking disabled" in line and "trusting" in line]
+    warned = [
+        line
+        for line in result.stdout.splitlines()
+        if "host key checking disabled" in line and "trusting" in line
+    ]
     assert warned, result.stdout[-3000:]
 
 
@@ -526,9 +549,19 @@ def test_check_stdout_is_only_the_table(
 ) -> None:
     down = {**_bad_machine("closed-port", sshd, tmp_path, closed_port), "name": "down"}
     done = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "check", "-c",
-         str(fleet.write(ssh_config(fleet, [task(1)], machines=[down])))],
-        cwd=ROOT, env=fleet.env(), capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "check",
+            "-c",
+            str(fleet.write(ssh_config(fleet, [task(1)], machines=[down]))),
+        ],
+        cwd=ROOT,
+        env=fleet.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
         stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 1, (done.stdout, done.stderr)
@@ -551,7 +584,11 @@ def test_machine_unreachable_too_long_reports_lost_or_requeues(
     wd = tmp_path / "m1-work"
     tasks = [task(1, "sleep:4+finish", machine="local"), task(2, "hang,finish")]
     config = ssh_config(
-        fleet, tasks, concurrency=2, local={"max_agents": 1}, lease_timeout=3,
+        fleet,
+        tasks,
+        concurrency=2,
+        local={"max_agents": 1},
+        lease_timeout=3,
         requeue_lost=requeue,
         machines=[machine(sshd, "m1", wd, max_agents=1, unreachable_after=3.0)],
     )
@@ -574,9 +611,14 @@ def test_machine_unreachable_too_long_reports_lost_or_requeues(
     report = (result.run_dir / "report.md").read_text()
     assert "machine m1 unreachable since" in report and "not back by the shift's end" in report
     # The stranded remote agent is stopped by the lease watchdog within its timeout.
-    wait_for(lambda: not psutil.pid_exists(remote["pid"]) or
-             psutil.Process(remote["pid"]).status() == psutil.STATUS_ZOMBIE,
-             3 + 5 + 10, "the stranded remote agent to be stopped")
+    wait_for(
+        lambda: (
+            not psutil.pid_exists(remote["pid"])
+            or psutil.Process(remote["pid"]).status() == psutil.STATUS_ZOMBIE
+        ),
+        3 + 5 + 10,
+        "the stranded remote agent to be stopped",
+    )
 
 
 def one_remote_run(
@@ -586,8 +628,11 @@ def one_remote_run(
     from tests.fleet_helpers import wait_states
 
     config = ssh_config(
-        fleet, [task(1, plan)], local={"max_agents": 0},
-        machines=[machine(sshd, "m1", workdir, max_agents=1)], stop_timeout=2,
+        fleet,
+        [task(1, plan)],
+        local={"max_agents": 0},
+        machines=[machine(sshd, "m1", workdir, max_agents=1)],
+        stop_timeout=2,
     )
     path = fleet.write(config)
     started = fleet.start(path)
@@ -656,9 +701,12 @@ def test_a_second_fleet_is_kept_out_of_a_workdir_in_use(
     (tmp_path / "other").mkdir()
     other = Controller(tmp_path / "other", fleet.origin)
     second = ssh_config(
-        fleet, [task(2, "finish")], local={"max_agents": 0},
+        fleet,
+        [task(2, "finish")],
+        local={"max_agents": 0},
         machines=[machine(sshd, "m1", wd, max_agents=1)],
-        state_dir=str(other.state_dir), workspace_root=str(other.workspace_root),
+        state_dir=str(other.state_dir),
+        workspace_root=str(other.workspace_root),
     )
     refused = other.run(other.write(second))
     assert refused.returncode == 1, refused.explain()
@@ -691,8 +739,11 @@ def test_a_claim_counts_while_its_lease_is_fresh(
     wd = tmp_path / "m1-work"
     _foreign_claim(wd, "0123456789abcdef", lease_age)
     config = ssh_config(
-        fleet, [task(1, "finish")], local={"max_agents": 0},
-        machines=[machine(sshd, "m1", wd, max_agents=1)], lease_timeout=600,
+        fleet,
+        [task(1, "finish")],
+        local={"max_agents": 0},
+        machines=[machine(sshd, "m1", wd, max_agents=1)],
+        lease_timeout=600,
     )
     result = run(fleet, config)
     no_traceback(result)
@@ -717,7 +768,9 @@ def test_a_workdir_that_cannot_be_claimed_is_left_out(
     wd.mkdir()
     (wd / ".agentize-fleet").write_text("not a directory\n")
     config = ssh_config(
-        fleet, [task(1, "finish")], local={"max_agents": 1},
+        fleet,
+        [task(1, "finish")],
+        local={"max_agents": 1},
         machines=[machine(sshd, "m1", wd, max_agents=1)],
     )
     result = run(fleet, config)
@@ -778,7 +831,11 @@ def test_check_names_a_fleet_holding_a_machines_workdir(
     path = fleet.write(ssh_config(fleet, [task(1)], machines=[machine(sshd, "m1", wd)]))
     done = subprocess.run(
         [sys.executable, "-m", "supervisor.cli", "check", "-c", str(path)],
-        cwd=ROOT, env=fleet.env(), capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=fleet.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
         stdin=subprocess.DEVNULL,
     )
     _, rows = _table(done.stdout)

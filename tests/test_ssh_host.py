@@ -736,8 +736,10 @@ async def test_fifty_runs_on_one_machine_start_stream_and_stop_cleanly(
     by one watcher over one connection once the starts are over; nothing is left behind."""
     h = SSHHost(sshd.target())
     count = 50
-    script = 'i=1; while [ $i -le 20 ]; do echo "$0 line $i"; i=$((i+1)); sleep 0.05; done; ' \
+    script = (
+        'i=1; while [ $i -le 20 ]; do echo "$0 line $i"; i=$((i+1)); sleep 0.05; done; '
         'if [ "$0" -ge 25 ]; then sleep 600; fi'
+    )
     got: dict[int, bytes] = {}
     codes: dict[int, int | None] = {}
     try:

@@ -144,9 +144,13 @@ def test_down_stops_a_running_fleet(fleet: Harness) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     wait_for(lambda: len(agent_pids(fleet)) == 2, 10, "both agents' start records")
+
     def grandchildren() -> list[int]:
-        lines = [r["line"] for r in run_records(only_run_dir(fleet.state_dir))
-                 if r["task"] == 2 and r["stream"] == "stdout"]
+        lines = [
+            r["line"]
+            for r in run_records(only_run_dir(fleet.state_dir))
+            if r["task"] == 2 and r["stream"] == "stdout"
+        ]
         found = [int(m[1]) for line in lines if (m := GRANDCHILD.match(line))]
         return found if len(found) == 2 else []
 
@@ -265,11 +269,14 @@ def test_add_is_idempotent_and_never_puts_two_workers_in_one_worktree(fleet: Har
     for done in (first, second):
         assert done.returncode == 0, explain(done)
     assert "task #2 (failed) queued again on w2" in first.stdout, explain(first)
-    assert second.stdout.strip().endswith(("already in the fleet (state pending)",
-                                           "already in the fleet (state preparing)",
-                                           "already in the fleet (state running)",
-                                           "task #2 is already done; `add 2 --rerun` runs it "
-                                           "again")), explain(second)
+    assert second.stdout.strip().endswith(
+        (
+            "already in the fleet (state pending)",
+            "already in the fleet (state preparing)",
+            "already in the fleet (state running)",
+            "task #2 is already done; `add 2 --rerun` runs it again",
+        )
+    ), explain(second)
     wait_states(up, {2: "done"})
     done_again = cli(fleet, config, "add", "2")
     assert "already done; `add 2 --rerun` runs it again" in done_again.stdout
@@ -426,8 +433,9 @@ def test_control_socket_is_private_and_survives_malformed_requests(fleet: Harnes
 
 
 def test_runs_lists_past_and_running_fleets(fleet: Harness) -> None:
-    config = fleet.write(fleet.config([task(1, "finish"), task(2, "crash:3")],
-                                      restart={"max_crashes": 0}))
+    config = fleet.write(
+        fleet.config([task(1, "finish"), task(2, "crash:3")], restart={"max_crashes": 0})
+    )
     none = cli(fleet, config, "runs")
     assert none.returncode == 3 and "no fleet runs" in none.stderr, explain(none)
     assert cli(fleet, config, "shifts").returncode == 3

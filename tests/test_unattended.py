@@ -78,16 +78,33 @@ def test_cron_bare_environment_without_tty(fleet: Harness, tmp_path: Path) -> No
 
 def _fake_gh(bin_dir: Path, log: Path, *, fail: bool = False) -> None:
     issues = [
-        {"number": 11, "title": "Add the widget", "labels": [{"name": "agentize:plan"}],
-         "state": "OPEN"},
-        {"number": 12, "title": "Already has a PR", "labels": [{"name": "agentize:plan"}],
-         "state": "OPEN"},
-        {"number": 13, "title": "Marked done", "labels": [{"name": "agentize:plan"},
-                                                          {"name": "agentize:done"}],
-         "state": "OPEN"},
+        {
+            "number": 11,
+            "title": "Add the widget",
+            "labels": [{"name": "agentize:plan"}],
+            "state": "OPEN",
+        },
+        {
+            "number": 12,
+            "title": "Already has a PR",
+            "labels": [{"name": "agentize:plan"}],
+            "state": "OPEN",
+        },
+        {
+            "number": 13,
+            "title": "Marked done",
+            "labels": [{"name": "agentize:plan"}, {"name": "agentize:done"}],
+            "state": "OPEN",
+        },
     ]
-    prs = [{"number": 99, "headRefName": "feature-x", "body": "Closes #12",
-            "closingIssuesReferences": []}]
+    prs = [
+        {
+            "number": 99,
+            "headRefName": "feature-x",
+            "body": "Closes #12",
+            "closingIssuesReferences": [],
+        }
+    ]
     script = f"""\
         #!/bin/sh
         printf '%s\\n' "$*" >> {log}
@@ -105,8 +122,11 @@ def _fake_gh(bin_dir: Path, log: Path, *, fail: bool = False) -> None:
 
 def _github_config(fleet: Harness) -> Path:
     config = fleet.config([])
-    config["tasks"] = {"source": "github", "labels": ["agentize:plan"],
-                       "skip_labels": ["agentize:done"]}
+    config["tasks"] = {
+        "source": "github",
+        "labels": ["agentize:plan"],
+        "skip_labels": ["agentize:done"],
+    }
     return fleet.write(config)
 
 
@@ -188,9 +208,12 @@ def test_report_rows_and_notifications(fleet: Harness, tmp_path: Path) -> None:
             restart={"backoff_base": 0.01, "backoff_max": 0.02, "max_crashes": 1},
         )
         config["notify"] = {
-            "command": [sys.executable, "-c",
-                        f"import sys; open({str(notified)!r}, 'w').write(sys.argv[1])",
-                        "{report}"],
+            "command": [
+                sys.executable,
+                "-c",
+                f"import sys; open({str(notified)!r}, 'w').write(sys.argv[1])",
+                "{report}",
+            ],
             "webhook": f"http://127.0.0.1:{server.server_port}/hook",
         }
         run = fleet.run(fleet.write(config))
@@ -218,7 +241,11 @@ def test_report_rows_and_notifications(fleet: Harness, tmp_path: Path) -> None:
     # `report` rebuilds it after the fact.
     again = subprocess.run(
         [str(CLI), "report", "-c", str(fleet.tmp / "fleet.toml"), "--print"],
-        capture_output=True, text=True, timeout=60, env=fleet.env(), cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=fleet.env(),
+        cwd=ROOT,
     )
     assert again.returncode == 0, again.stderr
     assert "| #2 |" in again.stdout
@@ -243,8 +270,11 @@ def test_ctrl_c_during_the_report_skips_only_the_report(fleet: Harness, tmp_path
         "timeout": 120,
     }
     started = fleet.start(fleet.write(config))
-    hook_pid = int(wait_for(lambda: hooked.exists() and hooked.read_text().strip(), 30,
-                            "the notify hook to start"))
+    hook_pid = int(
+        wait_for(
+            lambda: hooked.exists() and hooked.read_text().strip(), 30, "the notify hook to start"
+        )
+    )
     os.killpg(started.popen.pid, signal.SIGINT)
     run = started.wait(20)
     assert run.returncode == 0, run.explain()  # the work was done; only the hook was cut off
@@ -273,29 +303,44 @@ def test_watch_polls_the_github_source_for_new_issues(fleet: Harness, tmp_path: 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     issues_file = tmp_path / "issues.json"
-    issues_file.write_text(json.dumps(
-        [{"number": 21, "title": "First", "labels": [], "state": "OPEN"}]))
+    issues_file.write_text(
+        json.dumps([{"number": 21, "title": "First", "labels": [], "state": "OPEN"}])
+    )
     gh = bin_dir / "gh"
-    gh.write_text(textwrap.dedent(f"""\
+    gh.write_text(
+        textwrap.dedent(f"""\
         #!/bin/sh
         case "$1 $2" in
           "issue list") cat {issues_file} ;;
           "pr list") echo '[]' ;;
         esac
-        """))
+        """)
+    )
     gh.chmod(0o755)
     config = fleet.config([])
     config["tasks"] = {"source": "github", "poll_interval": 0.5}
-    started = fleet.start(fleet.write(config), "--watch", "--max-duration", "5s", "--grace", "2s",
-                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    started = fleet.start(
+        fleet.write(config),
+        "--watch",
+        "--max-duration",
+        "5s",
+        "--grace",
+        "2s",
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
     import time
 
     deadline = time.monotonic() + 20
     while not fleet.runs_of(21) and time.monotonic() < deadline:
         time.sleep(0.1)
-    issues_file.write_text(json.dumps(
-        [{"number": 21, "title": "First", "labels": [], "state": "OPEN"},
-         {"number": 22, "title": "Filed later", "labels": [], "state": "OPEN"}]))
+    issues_file.write_text(
+        json.dumps(
+            [
+                {"number": 21, "title": "First", "labels": [], "state": "OPEN"},
+                {"number": 22, "title": "Filed later", "labels": [], "state": "OPEN"},
+            ]
+        )
+    )
     run = started.wait(30)
     assert run.returncode == 0, run.explain()
     states = {w["task"]: w["state"] for w in run.summary["workers"]}

@@ -40,11 +40,24 @@ class Services:
         self.starts = StartsGate()
         config.state_path.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger.open(config.state_path)
-        self.ledger.begin_shift(ShiftRecord(
-            id=SHIFT, pid=1, pid_ticks=None, host="h", config="c", dir="d", name="n",
-            concurrency=1, started_at=time.time(), ended_at=None, exit_code=None,
-            exit_meaning=None, state="running", found_by=None,
-        ))
+        self.ledger.begin_shift(
+            ShiftRecord(
+                id=SHIFT,
+                pid=1,
+                pid_ticks=None,
+                host="h",
+                config="c",
+                dir="d",
+                name="n",
+                concurrency=1,
+                started_at=time.time(),
+                ended_at=None,
+                exit_code=None,
+                exit_meaning=None,
+                state="running",
+                found_by=None,
+            )
+        )
         self.shift_id = SHIFT
         self.paused: list[tuple[str, float, str]] = []
         self._given_up = StopControl()
@@ -137,8 +150,9 @@ async def test_a_crash_backs_off_in_its_slot_then_runs_again(
     # The whole jitter range (rand 1.0: 0.3 s), so that the backoff lasts long enough to be
     # seen on a loaded machine (full jitter may otherwise make it a millisecond).
     monkeypatch.setattr("supervisor.workrun.random.random", lambda: 1.0)
-    services, worker = setup(tmp_path, [Script(exit=2), Script()],
-                             restart={"backoff_base": 0.3, "backoff_max": 0.3})
+    services, worker = setup(
+        tmp_path, [Script(exit=2), Script()], restart={"backoff_base": 0.3, "backoff_max": 0.3}
+    )
     assert await slots_held_in(services, worker, "backoff") == 1  # kept through the backoff
     assert (worker.status.state, worker.status.run, worker.status.crashes) == ("done", 2, 1)
     history = services.ledger.task(7).history  # type: ignore[union-attr]
@@ -159,8 +173,9 @@ async def test_a_machine_away_is_the_machines_trouble_never_a_crash(tmp_path: Pa
     """The machine goes away during run 1, which its watchdog stops meanwhile (its lease is
     not renewed): its end is read once the machine is back, and run 2 starts at once, the
     crash budget untouched."""
-    services, worker = setup(tmp_path, [Script(duration=0.2, away=(0.05, 0.3), watchdog=True),
-                                        Script()])
+    services, worker = setup(
+        tmp_path, [Script(duration=0.2, away=(0.05, 0.3), watchdog=True), Script()]
+    )
     await life(worker)
     assert (worker.status.state, worker.status.crashes, worker.status.run) == ("done", 0, 2)
     first, second = services.ledger.runs(issue=7)
@@ -188,20 +203,35 @@ async def test_an_adopted_run_is_followed_from_its_offsets(tmp_path: Path) -> No
     services, worker = setup(tmp_path, [Script(stdout=["one", "two", "three"], duration=0.1)])
     record = TaskRecord(issue=7, state="running", machine="local", workspace="/ws")
     run = services.ledger.run_intent(
-        record, shift="dead", worker="w9", machine="local", workspace="/ws",
-        run_dir_of=lambda n: f"/runs/dead/w9/run-{n}", lease_path="/runs/dead/lease",
-        prompt_kind="first", milestones_before=[],
+        record,
+        shift="dead",
+        worker="w9",
+        machine="local",
+        workspace="/ws",
+        run_dir_of=lambda n: f"/runs/dead/w9/run-{n}",
+        lease_path="/runs/dead/lease",
+        prompt_kind="first",
+        milestones_before=[],
     )
-    handle = await services.host.start(RunSpec(
-        argv=["a"], cwd="/ws", run_dir=run.run_dir, lease_path="", lease_timeout=0,
-        env={"AGENTIZE_FLEET_ISSUE": "7", "AGENTIZE_FLEET_RUN": "1"},
-    ))
+    handle = await services.host.start(
+        RunSpec(
+            argv=["a"],
+            cwd="/ws",
+            run_dir=run.run_dir,
+            lease_path="",
+            lease_timeout=0,
+            env={"AGENTIZE_FLEET_ISSUE": "7", "AGENTIZE_FLEET_RUN": "1"},
+        )
+    )
     worker.adopt(Adoption(run, handle, {"stdout": len(b"one\n")}, live=True))
     assert services.pool.total == 1  # taken at once, before any wait
     await life(worker)
     services.mux.flush()
-    lines = [line for line in (tmp_path / "fleet.jsonl").read_text().splitlines()
-             if '"stream":"stdout"' in line]
+    lines = [
+        line
+        for line in (tmp_path / "fleet.jsonl").read_text().splitlines()
+        if '"stream":"stdout"' in line
+    ]
     assert ['"line":"two"' in lines[0], '"line":"three"' in lines[1]] == [True, True]
     assert len(lines) == 2 and worker.status.state == "done"
     assert services.adopted_ended == ["local"] and len(services.host.starts) == 1

@@ -1,6 +1,6 @@
 """Bench workload: print ``tick NNNNNN`` every 10 ms, COUNT times (the reconnect row's agent).
 
-    python3 -S ticker.py COUNT
+python3 -S ticker.py COUNT
 """
 
 import os

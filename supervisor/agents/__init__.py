@@ -117,9 +117,7 @@ def plan_next(
     can (``--resume``), so no work done is lost.
     """
     fresh = NEW_SESSION
-    resume = (
-        Session(resume=session_id) if kind.resumes and session_id is not None else None
-    )
+    resume = Session(resume=session_id) if kind.resumes and session_id is not None else None
     outcome = verdict.outcome
     if new_milestones:
         if outcome is Outcome.USAGE_LIMITED:

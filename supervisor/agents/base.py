@@ -94,9 +94,7 @@ class ManagedFlagError(AgentKindError):
             what = f"kind {kind!r} passes the prompt itself (first_prompt, resume_prompt)"
         else:
             what = f"which kind {kind!r} adds itself" + (f" ({why})" if why else "")
-        super().__init__(
-            f"command contains {flag!r}, {what}; remove it from agent.command"
-        )
+        super().__init__(f"command contains {flag!r}, {what}; remove it from agent.command")
         self.kind = kind
         self.flag = flag
 

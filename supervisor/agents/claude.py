@@ -137,8 +137,10 @@ def _rate_limit(facts: RunFacts, event: Event, line: str) -> None:
     status = text_of(info.get("status")) or "?"
     resets = number_of(info.get("resetsAt"))
     window = text_of(info.get("rateLimitType")) or None
-    if status != "rejected" and info.get("isUsingOverage") is True and (
-        info.get("overageStatus") == "rejected"
+    if (
+        status != "rejected"
+        and info.get("isUsingOverage") is True
+        and (info.get("overageStatus") == "rejected")
     ):
         status, window = "rejected", "overage"
         resets = number_of(info.get("overageResetsAt")) or resets

@@ -233,9 +233,11 @@ def _codex_item_completed(event: Event) -> str | None:
         return (text.strip() or None) if isinstance(text, str) else None
     if kind == "file_change":
         changes = item.get("changes")
-        paths = [c.get("path") for c in changes if isinstance(c, dict)] if isinstance(
-            changes, list
-        ) else []
+        paths = (
+            [c.get("path") for c in changes if isinstance(c, dict)]
+            if isinstance(changes, list)
+            else []
+        )
         return tool_line("Edit", {"file_path": [p for p in paths if isinstance(p, str)]})
     if kind == "command_execution":
         code = item.get("exit_code")

@@ -253,8 +253,7 @@ def judge(
             return Verdict(Outcome.CRASHED, f"{_exit(exit_code)} after a successful result")
         if rate is not None or result.api_status in (429, 529):
             why = rate.line if rate is not None else result.text
-            return Verdict(Outcome.RATE_LIMITED, why or f"API error {result.api_status}",
-                           line=why)
+            return Verdict(Outcome.RATE_LIMITED, why or f"API error {result.api_status}", line=why)
         return Verdict(Outcome.CRASHED, result.text or result.subtype)
     if rate is not None:
         return Verdict(Outcome.RATE_LIMITED, rate.line, line=rate.line)

@@ -389,7 +389,10 @@ class LocalHost(Host):
         try:
             with anyio.fail_after(timeout):
                 done = await anyio.run_process(
-                    argv, cwd=cwd, check=False, input=input,
+                    argv,
+                    cwd=cwd,
+                    check=False,
+                    input=input,
                     stdin=subprocess.DEVNULL if input is None else None,
                 )
         except TimeoutError:

@@ -107,8 +107,9 @@ class SSHHost(Host):
         home = decode(out.stdout)
         if out.code != 0 or not home.startswith("/"):
             detail = decode(out.stderr).strip()
-            raise HostError(self.name, f"cannot find the home directory of {user or 'the login'}"
-                            f": {detail}")
+            raise HostError(
+                self.name, f"cannot find the home directory of {user or 'the login'}: {detail}"
+            )
         return home
 
     async def resolve_path(self, path: str) -> str:

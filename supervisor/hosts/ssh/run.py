@@ -73,8 +73,7 @@ class SSHRunHandle(RunHandle):
 
     def __repr__(self) -> str:
         return (
-            f"SSHRunHandle({self.conns.name!r}, {self.identity.run_dir!r}, "
-            f"pid={self.identity.pid})"
+            f"SSHRunHandle({self.conns.name!r}, {self.identity.run_dir!r}, pid={self.identity.pid})"
         )
 
     @property

@@ -149,6 +149,7 @@ def where(t: SSHTarget) -> str:
     user = f"{t.user}@" if t.user else ""
     return f"{user}{t.host}:{t.port}"
 
+
 def connect_options(t: SSHTarget) -> dict[str, Any]:
     """Arguments for ``asyncssh.connect``; bad local files raise :class:`SSHLoginError`."""
     kwargs: dict[str, Any] = {
@@ -188,6 +189,7 @@ def connect_options(t: SSHTarget) -> dict[str, Any]:
         kwargs["config"] = [path]
     return kwargs
 
+
 def connect_error(t: SSHTarget, exc: BaseException) -> HostError:
     """One clear line for a failed connection attempt."""
     at = where(t)
@@ -220,14 +222,13 @@ def connect_error(t: SSHTarget, exc: BaseException) -> HostError:
     if isinstance(exc, ConnectionRefusedError):
         return HostUnreachable(t.name, f"connection refused at {at} (is sshd running?)")
     if isinstance(exc, TimeoutError):
-        return HostUnreachable(
-            t.name, f"timed out after {t.connect_timeout:g}s connecting to {at}"
-        )
+        return HostUnreachable(t.name, f"timed out after {t.connect_timeout:g}s connecting to {at}")
     if isinstance(exc, asyncssh.DisconnectError):
         return HostUnreachable(t.name, f"disconnected by {at}: {exc.reason or exc}")
     if isinstance(exc, OSError):
         return HostUnreachable(t.name, f"cannot connect to {at}: {exc.strerror or exc}")
     return HostUnreachable(t.name, f"cannot connect to {at}: {type(exc).__name__}: {exc}")
+
 
 def link_error(name: str, exc: BaseException) -> HostError:
     """One clear line for a channel that failed on an open connection."""
