@@ -228,7 +228,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class ShiftInfo:
+class ListedShift:
     """One shift found in the state directory: its ledger row and its ``summary.json``."""
 
     shift_id: str
@@ -237,7 +237,7 @@ class ShiftInfo:
     summary: dict[str, Any] | None
 
 
-def list_shifts(state_dir: Path, ledger: Ledger | None) -> list[ShiftInfo]:
+def list_shifts(state_dir: Path, ledger: Ledger | None) -> list[ListedShift]:
     """Every shift under ``state_dir``, oldest first: those the ledger knows, and directories
     of shifts from before the ledger (their ``summary.json`` is all there is)."""
     known = {r.id: r for r in ledger.shifts()} if ledger is not None else {}
@@ -246,7 +246,7 @@ def list_shifts(state_dir: Path, ledger: Ledger | None) -> list[ShiftInfo]:
     if runs.is_dir():
         names |= {p.name for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")}
     return [
-        ShiftInfo(name, runs / name, known.get(name), read_json(runs / name / "summary.json"))
+        ListedShift(name, runs / name, known.get(name), read_json(runs / name / "summary.json"))
         for name in sorted(names)
     ]
 
@@ -255,7 +255,7 @@ class UnknownShift(Exception):
     """A shift name (``--shift NAME``) that matches no shift, or several."""
 
 
-def find_shift(state_dir: Path, ledger: Ledger | None, name: str | None) -> ShiftInfo | None:
+def find_shift(state_dir: Path, ledger: Ledger | None, name: str | None) -> ListedShift | None:
     """The shift ``name`` names (its id, or a unique prefix of one), else the latest; None when
     there is no shift at all.  A name that matches none or several raises :class:`UnknownShift`
     with a message that says what there is."""
