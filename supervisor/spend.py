@@ -22,10 +22,11 @@ from typing import Any
 
 from supervisor.agents.render import usd
 from supervisor.ledger import Ledger
+from supervisor.ledger_schema import SUMMED_FIELDS
 
 __all__ = ["add_costs", "markdown", "run_rows", "usd"]
 
-#: What a run row keeps of its agent (the ledger's columns).
+#: What a run row keeps of its agent (the ledger's columns; the usage ones are the ledger's).
 _RUN_FIELDS = (
     "number",
     "outcome",
@@ -33,18 +34,13 @@ _RUN_FIELDS = (
     "exit_code",
     "session_id",
     "resumed_from",
-    "cost_usd",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "turns",
+    *SUMMED_FIELDS,  # cost, the four token counts, turns
     "agent_duration_ms",
     "started_at",
     "ended_at",
     "machine",
 )
-_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+_TOKENS = tuple(name for name in SUMMED_FIELDS if name.endswith("_tokens"))
 #: A result text longer than this is cut in the Markdown report (report.json has it whole).
 RESULT_CHARS = 600
 
