@@ -42,6 +42,7 @@ from pydantic_settings import (
 
 from supervisor import agents
 from supervisor.config_errors import ConfigError, FieldNames, FieldsError
+from supervisor.policy import RestartPolicy
 
 ENV_PREFIX = "AGENTIZE_FLEET_"
 DEFAULT_CONFIG = Path("configs/fleet.toml")
@@ -140,13 +141,14 @@ class AgentConfig(_Strict):
 class RestartConfig(_Strict):
     """Crash backoff, restart intensity and milestone caps (see ``policy.py``)."""
 
-    backoff_base: Annotated[float, Field(gt=0)] = 2.0
-    backoff_max: Annotated[float, Field(gt=0)] = 300.0
-    max_crashes: Annotated[int, Field(ge=0)] = 3
-    crash_window: Annotated[float, Field(gt=0)] = 600.0
-    max_milestones: Annotated[int, Field(ge=0)] = 20
-    max_usage_pauses: Annotated[int, Field(ge=0)] = 5
-    usage_pause_default: Annotated[float, Field(gt=0)] = 900.0
+    # The defaults are the policy's own (one owner): the config only bounds them.
+    backoff_base: Annotated[float, Field(gt=0)] = RestartPolicy.backoff_base
+    backoff_max: Annotated[float, Field(gt=0)] = RestartPolicy.backoff_max
+    max_crashes: Annotated[int, Field(ge=0)] = RestartPolicy.max_crashes
+    crash_window: Annotated[float, Field(gt=0)] = RestartPolicy.crash_window
+    max_milestones: Annotated[int, Field(ge=0)] = RestartPolicy.max_milestones
+    max_usage_pauses: Annotated[int, Field(ge=0)] = RestartPolicy.max_usage_pauses
+    usage_pause_default: Annotated[float, Field(gt=0)] = RestartPolicy.usage_pause_default
 
 
 class TaskConfig(_Strict):
