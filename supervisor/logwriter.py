@@ -88,7 +88,6 @@ _encode: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps's, 
 assert FIELDS[-2:] == ("seq", "line"), "LogMux.output writes seq (and off), then line"
 _RECORD_END = b'"}\n'
 _LINE_KEY = b',"line":"'
-_SEQ_SLOTS = b"%s%s"  # a record's seq, in two parts: see _seq_args
 #: The bytes JSON escapes (control characters, the quote, the backslash) but the newline:
 #: ``byte in block`` with an int is one ``memchr`` (vectorised), and looking for each of them
 #: in turn takes less time than one ``translate`` (a byte at a time): 34 against 41 ns for a
@@ -99,11 +98,13 @@ _SPECIALS = tuple(b for b in (0x22, 0x5C, *range(0x20)) if b != 0x0A)
 _ORDINARY = bytes(b for b in range(0x20, 0x100) if b not in b'"\\')
 #: How JSON writes each byte it escapes (as the C encoder does); the backslash goes first.
 _JSON_ESCAPES = {b: _encode(chr(b))[1:-1].encode() for b in (0x5C, 0x22, *range(0x20)) if b != 0x0A}
-#: Seq numbers are ``high`` followed by three ``low`` digits: ``low`` comes from these tables,
-#: so that a block of records needs no number formatted per line.
-_SEQ_GROUP = 1000
-_SEQ_PLAIN = [b"%d" % n for n in range(_SEQ_GROUP)]
-_SEQ_PADDED = [b"%03d" % n for n in range(_SEQ_GROUP)]
+#: Seq numbers are ``high`` digits followed by four ``low`` ones: ``low`` comes from these
+#: tables, so that a block of records needs no number formatted per line; ``high`` is the same
+#: for every record of a block that stays within one group of 10,000 (almost every block), and
+#: is then written into the block's format once (see :func:`_seq_slots`).
+_SEQ_GROUP = 10_000
+_SEQ_PLAIN = tuple(b"%d" % n for n in range(_SEQ_GROUP))
+_SEQ_PADDED = tuple(b"%04d" % n for n in range(_SEQ_GROUP))
 
 
 def _json_contents(block: bytes) -> tuple[bytes, bytes]:
@@ -130,24 +131,40 @@ def _json_contents(block: bytes) -> tuple[bytes, bytes]:
     return block, escaped
 
 
-def _seq_args(first: int, count: int, last: bytes) -> tuple[bytes, ...]:
-    """The ``%s%s`` arguments of ``count`` records numbered from ``first``: the high digits and
-    the low three (from the tables), the last record's pair replaced by ``b"", last``."""
-    args: list[bytes] = [b""] * (2 * count)
+def _one_slot(high: int) -> bytes:
+    """A record's seq in a block's ``%`` format when its high digits are shared."""
+    return b"%d%%s" % high if high else b"%s"
+
+
+def _seq_slots(first: int, count: int, tail: bytes) -> tuple[bytes, tuple[bytes, ...]]:
+    """How ``count`` records numbered from ``first`` write their seqs: what stands for a
+    record's seq in the block's ``%`` format, and the arguments (``tail``, ``,"off":N``, after
+    the last record's digits).
+
+    A block within one group of :data:`_SEQ_GROUP` has one slot per record, its shared high
+    digits written into the format: a slot costs the formatting a few nanoseconds a line.  A
+    block that crosses into the next group (one in 10,000 records) has two: its high digits
+    and its low ones.
+    """
+    high, low = divmod(first, _SEQ_GROUP)
+    if low + count <= _SEQ_GROUP:
+        table = _SEQ_PADDED if high else _SEQ_PLAIN
+        args = (*table[low : low + count - 1], table[low + count - 1] + tail)
+        return _one_slot(high), args
+    pairs: list[bytes] = [b""] * (2 * count)
     done = 0
     while done < count:
         high, low = divmod(first + done, _SEQ_GROUP)
         size = min(count - done, _SEQ_GROUP - low)
         at = 2 * done
         if high:
-            args[at : at + 2 * size : 2] = [b"%d" % high] * size
-            args[at + 1 : at + 2 * size : 2] = _SEQ_PADDED[low : low + size]
+            pairs[at : at + 2 * size : 2] = [b"%d" % high] * size
+            pairs[at + 1 : at + 2 * size : 2] = _SEQ_PADDED[low : low + size]
         else:
-            args[at + 1 : at + 2 * size : 2] = _SEQ_PLAIN[low : low + size]
+            pairs[at + 1 : at + 2 * size : 2] = _SEQ_PLAIN[low : low + size]
         done += size
-    args[-2] = b""
-    args[-1] = last
-    return tuple(args)
+    pairs[-1] += tail
+    return b"%s%s", tuple(pairs)
 
 
 # -- the file ----------------------------------------------------------------------------------
@@ -314,22 +331,29 @@ class LogMux:
         :func:`_json_contents`) becomes one ``%`` format by turning each newline into the end
         of one record and the start of the next (which also counts the lines: each newline
         grows the block by the same number of bytes), and the seqs come from tables
-        (:func:`_seq_args`).  That is a few C passes over the block, whatever its line count.
+        (:func:`_seq_slots`: one ``%s`` per record, the digits the block's records share written
+        once).  That is a few C passes over the block, whatever its line count.
         """
         now = self._clock()
         text, escaped = _json_contents(block)
         if b"%" in escaped:
             escaped = escaped.replace(b"%", b"%%")
-        starts = self._head(tag, stream, utc_timestamp(now)) + _SEQ_SLOTS + _LINE_KEY
-        between = _RECORD_END + starts
+        head = self._head(tag, stream, utc_timestamp(now))
+        seq = self._seq.get(tag.worker, 0)
+        # One slot per record if the block stays within one seq group (see _seq_slots); the
+        # line count follows from the body's growth (each newline adds the same bytes).
+        slot = _one_slot((seq + 1) // _SEQ_GROUP)
+        between = _RECORD_END + head + slot + _LINE_KEY
         body = escaped.replace(b"\n", between)
         count = (len(body) - len(escaped)) // (len(between) - 1) + 1
-        seq = self._seq.get(tag.worker, 0)
+        slot_used, args = _seq_slots(seq + 1, count, b',"off":%d' % end_offset)
+        if slot_used != slot:  # the block crosses into the next group: two slots a record
+            between = _RECORD_END + head + slot_used + _LINE_KEY
+            body = escaped.replace(b"\n", between)
         self._seq[tag.worker] = seq + count
         self.last_output[tag.worker] = now
-        last = b'%d,"off":%d' % (seq + count, end_offset)
-        form = b"".join((starts, body, _RECORD_END))
-        self._append(form % _seq_args(seq + 1, count, last), output=True)
+        form = b"".join((between[len(_RECORD_END) :], body, _RECORD_END))
+        self._append(form % args, output=True)
         if self._renderer is not None:
             self._console_pending.append(
                 self._renderer.render_text(tag.worker, tag.task, stream, text.decode("utf-8"))
