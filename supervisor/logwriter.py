@@ -282,7 +282,6 @@ class LogMux:
         self._seq: dict[str, int] = {}
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._fleet_json = _encode(fleet)
         self._heads: dict[tuple[Tag, str], bytes] = {}
         self.last_output: dict[str, float] = {}
         self._wanted: anyio.Event | None = None  # made by the flusher, inside the event loop
@@ -306,7 +305,7 @@ class LogMux:
             fields = dict(
                 zip(
                     FIELDS[1:-2],
-                    (self.fleet, tag.worker, tag.task, tag.machine, tag.run, stream),
+                    (tag.worker, tag.task, tag.machine, tag.run, stream),
                     strict=True,
                 )
             )

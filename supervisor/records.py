@@ -3,11 +3,15 @@
 Every line of a shift's log (``<state_dir>/runs/<shift>/fleet.jsonl`` and its rotated segments
 ``fleet.jsonl.N``) is one record, a JSON object whose fields come in this order::
 
-    {"ts", "fleet", "worker", "task", "machine", "run", "stream", "seq", "line"}
+    {"ts", "worker", "task", "machine", "run", "stream", "seq", "line"}
 
 with ``off`` on the last record of an output batch, written just before ``line`` (the writer
-fills ``seq`` and ``off`` in one slot: that is where logs have always had it), and ``event``
-and the event's own fields after ``line`` on a supervisor event.  Two kinds:
+fills ``seq`` and ``off`` in one slot: that is where logs have always had it); a supervisor
+event has ``fleet`` (the shift's id) right after ``ts``, and ``event`` and the event's own
+fields after ``line``.  Output records do not repeat the shift's id: their file is in the
+shift's directory, named for it, and a record that said it again would be a third longer
+for a 100-byte line, on the path every agent line takes (logs written before this version
+have ``fleet`` on output records too; readers take both).  Two kinds:
 
 * :class:`OutputRecord` -- a line an agent printed (``stream`` ``stdout`` or ``stderr``).  The
   last record of each batch also carries ``off``, the byte offset in the run's ``stdout`` or
@@ -47,7 +51,9 @@ from pathlib import Path
 from typing import Any, Final, TypeGuard
 
 #: The fields every record has, in the order they are written.
-FIELDS: Final = ("ts", "fleet", "worker", "task", "machine", "run", "stream", "seq", "line")
+FIELDS: Final = ("ts", "worker", "task", "machine", "run", "stream", "seq", "line")
+#: On a supervisor event, right after ``ts``: the shift's id.
+FLEET: Final = "fleet"
 #: On the last record of an output batch, between ``seq`` and ``line``.
 OFF: Final = "off"
 #: On a supervisor event, after ``line``; the event's own fields follow it.
@@ -69,7 +75,6 @@ class Record:
     """The fields every record has (see the module's text for their meaning and order)."""
 
     ts: str
-    fleet: str
     worker: str
     task: int | None
     machine: str
@@ -88,10 +93,12 @@ class OutputRecord(Record):
 
 @dataclass(frozen=True)
 class EventRecord(Record):
-    """A supervisor event (``stream`` is always ``fleet``) and its own fields."""
+    """A supervisor event (``stream`` is always ``fleet``) and its own fields; ``fleet`` is
+    the shift's id."""
 
     event: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    fleet: str = ""
 
 
 _second_text: list[Any] = [None, ""]  # the last second formatted, and its text
@@ -119,6 +126,8 @@ def utc_timestamp(now: float | None = None) -> str:
 def as_dict(record: Record) -> dict[str, Any]:
     """The record's fields in the schema's order (event details last, never overriding one)."""
     data: dict[str, Any] = {name: getattr(record, name) for name in FIELDS[:-1]}
+    if isinstance(record, EventRecord):
+        data = {FIELDS[0]: data.pop(FIELDS[0]), FLEET: record.fleet, **data}
     if isinstance(record, OutputRecord) and record.off is not None:
         data[OFF] = record.off
     data[FIELDS[-1]] = record.line
@@ -155,17 +164,7 @@ def event_record(
 ) -> EventRecord:
     """A supervisor event of ``worker``'s: ``message`` is its ``line``, for people."""
     return EventRecord(
-        ts,
-        fleet,
-        worker,
-        task,
-        machine,
-        run,
-        FLEET_STREAM,
-        seq,
-        message,
-        event,
-        dict(details or {}),
+        ts, worker, task, machine, run, FLEET_STREAM, seq, message, event, dict(details or {}), fleet
     )
 
 
@@ -178,10 +177,9 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 def from_dict(data: Mapping[str, Any]) -> Record | None:
     """The record ``data`` (a parsed JSON object) is, or None if it is not one."""
-    ts, fleet, worker, task, machine, run, stream, seq, line = (data.get(n) for n in FIELDS)
+    ts, worker, task, machine, run, stream, seq, line = (data.get(n) for n in FIELDS)
     if not (
         isinstance(ts, str)
-        and isinstance(fleet, str)
         and isinstance(worker, str)
         and (task is None or _is_int(task))
         and isinstance(machine, str)
@@ -192,14 +190,14 @@ def from_dict(data: Mapping[str, Any]) -> Record | None:
     ):
         return None
     if stream == FLEET_STREAM:
-        event = data.get(EVENT, "")
-        details = {k: v for k, v in data.items() if k not in FIELDS and k != EVENT}
+        event, fleet = data.get(EVENT, ""), data.get(FLEET, "")
+        details = {k: v for k, v in data.items() if k not in FIELDS and k not in (EVENT, FLEET)}
         return EventRecord(
-            ts, fleet, worker, task, machine, run, stream, seq, line, str(event), details
+            ts, worker, task, machine, run, stream, seq, line, str(event), details, str(fleet)
         )
     off = data.get(OFF)
     return OutputRecord(
-        ts, fleet, worker, task, machine, run, stream, seq, line, off if _is_int(off) else None
+        ts, worker, task, machine, run, stream, seq, line, off if _is_int(off) else None
     )
 
 

@@ -46,7 +46,7 @@ def test_lines_are_aligned_behind_their_worker_and_coloured_per_worker() -> None
 
 def test_a_record_renders_as_its_line_does() -> None:
     renderer = ConsoleRenderer(io.StringIO(), colour=False)
-    record = OutputRecord("t", "f", "w3", 7, "m", 1, "stderr", 5, "boom", 40)
+    record = OutputRecord("t", "w3", 7, "m", 1, "stderr", 5, "boom", 40)
     assert render_record(renderer, record) == renderer.render_text("w3", 7, "stderr", "boom")
 
 

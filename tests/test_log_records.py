@@ -23,7 +23,7 @@ from supervisor.logwriter import LogMux, Tag
 from supervisor.records import lines_containing
 
 TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-FIELDS = {"ts", "fleet", "worker", "task", "machine", "run", "stream", "seq", "line"}
+FIELDS = {"ts", "worker", "task", "machine", "run", "stream", "seq", "line"}
 
 CLEAN = ["plain output", "", "é 漢字 🎉 naïve", "x" * 300, "~!@#$%^&*()_+{}|:<>?`-=[];',./"]
 QUOTES_AND_CONTROLS = [
@@ -67,7 +67,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def check_batches(
     records: list[dict[str, Any]],
     batches: list[tuple[Tag, str, list[str], int]],
-    fleet: str,
 ) -> None:
     """``records`` are exactly ``batches`` (tag, stream, lines, end offset), in order."""
     assert len(records) == sum(len(lines) for _, _, lines, _ in batches)
@@ -84,7 +83,6 @@ def check_batches(
             assert set(record) == (FIELDS | {"off"} if last else FIELDS), record
             if last:
                 assert record["off"] == end_offset
-            assert record["fleet"] == fleet
             assert record["worker"] == tag.worker
             assert record["task"] == tag.task
             assert record["machine"] == tag.machine
@@ -112,7 +110,7 @@ def test_batches_come_back_exactly_with_gapless_seq(tmp_path: Path) -> None:
             mux.output(who, stream, block(lines), offsets[who.worker])
             written.append((who, stream, list(lines), offsets[who.worker]))
     mux.close()
-    check_batches(read_records(tmp_path / "fleet.jsonl"), written, fleet)
+    check_batches(read_records(tmp_path / "fleet.jsonl"), written)
 
 
 def test_seq_continues_across_batches_after_flushes(tmp_path: Path) -> None:
@@ -129,7 +127,7 @@ def test_seq_continues_across_batches_after_flushes(tmp_path: Path) -> None:
             mux.flush()
     mux.close()
     records = read_records(tmp_path / "fleet.jsonl")
-    check_batches(records, written, "f")
+    check_batches(records, written)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert [r["off"] for r in records if "off" in r] == [100 * n for n in range(20)]
 
@@ -166,7 +164,7 @@ def test_a_large_random_batch(tmp_path: Path) -> None:
     mux.output(tag, "stderr", block(clean), 2)
     mux.close()
     records = read_records(tmp_path / "fleet.jsonl")
-    check_batches(records, [(tag, "stdout", lines, 1), (tag, "stderr", clean, 2)], "f")
+    check_batches(records, [(tag, "stdout", lines, 1), (tag, "stderr", clean, 2)])
 
 
 @pytest.mark.parametrize("resume", [0, 995, 9_990, 999_998, 123_456_789])
@@ -197,9 +195,7 @@ def test_percent_signs_anywhere_are_kept(tmp_path: Path) -> None:
     lines = ["%s", "%%", "50% done", "%", "%(name)s %d %b", "end %"]
     mux.output(tag, "stdout", block(lines), 10)
     mux.close()
-    check_batches(
-        read_records(tmp_path / "fleet.jsonl"), [(tag, "stdout", lines, 10)], "100% fleet %s"
-    )
+    check_batches(read_records(tmp_path / "fleet.jsonl"), [(tag, "stdout", lines, 10)])
 
 
 def test_invalid_utf8_becomes_the_replacement_character(tmp_path: Path) -> None:

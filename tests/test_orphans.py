@@ -534,11 +534,11 @@ def test_a_batch_torn_by_the_kill_is_not_logged_twice(fleet: Harness) -> None:
     with log.open("ab") as out:
         for n, line in enumerate(torn_lines, start=1):
             record = {
-                k: last[k] for k in ("ts", "fleet", "worker", "task", "machine", "run", "stream")
+                k: last[k] for k in ("ts", "worker", "task", "machine", "run", "stream")
             }
             record.update(seq=last["seq"] + n, line=line)
             out.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
-        out.write(b'{"ts":"2026-12-04T00:00:00.000Z","fleet":')  # cut mid-record
+        out.write(b'{"ts":"2026-12-04T00:00:00.000Z","worker":')  # cut mid-record
 
     result = fleet.start(config).wait(45)
     assert result.returncode == 0, result.explain()

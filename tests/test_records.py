@@ -87,7 +87,6 @@ def slow_records(
         last = index == len(lines) - 1
         record = OutputRecord(
             TS,
-            fleet,
             tag.worker,
             tag.task,
             tag.machine,
@@ -214,17 +213,18 @@ def test_field_order_is_the_schemas(tmp_path: Path) -> None:
     mux.event(Tag("w1", None, "m", 1), "ended", "done", {"extra": [1, 2]})
     mux.close()
     keys = [list(json.loads(line)) for line in path.read_bytes().splitlines()]
-    assert keys == [list(FIELDS), [*FIELDS[:-1], "off", "line"], [*FIELDS, "event", "extra"]]
+    event_fields = [FIELDS[0], "fleet", *FIELDS[1:], "event", "extra"]
+    assert keys == [list(FIELDS), [*FIELDS[:-1], "off", "line"], event_fields]
 
 
 # -- parse ----------------------------------------------------------------------------------
 
 
 def test_parse_gives_the_kind_and_refuses_what_is_no_record() -> None:
-    out = OutputRecord(TS, "f", "w1", None, "m", 2, "stdout", 9, "é \x00", 77)
+    out = OutputRecord(TS, "w1", None, "m", 2, "stdout", 9, "é \x00", 77)
     assert parse(encode(out)) == out
     assert parse(encode(out).rstrip(b"\n")) == out
-    event = EventRecord(TS, "f", "fleet", None, "-", 0, "fleet", 1, "hi", "started", {"n": 1})
+    event = EventRecord(TS, "fleet", None, "-", 0, "fleet", 1, "hi", "started", {"n": 1}, "f")
     assert parse(encode(event)) == event
     torn = encode(out)[:-10]
     for raw in [
