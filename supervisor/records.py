@@ -164,7 +164,17 @@ def event_record(
 ) -> EventRecord:
     """A supervisor event of ``worker``'s: ``message`` is its ``line``, for people."""
     return EventRecord(
-        ts, worker, task, machine, run, FLEET_STREAM, seq, message, event, dict(details or {}), fleet
+        ts,
+        worker,
+        task,
+        machine,
+        run,
+        FLEET_STREAM,
+        seq,
+        message,
+        event,
+        dict(details or {}),
+        fleet,
     )
 
 

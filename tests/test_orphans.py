@@ -533,9 +533,7 @@ def test_a_batch_torn_by_the_kill_is_not_logged_twice(fleet: Harness) -> None:
     last = stdout[-1]
     with log.open("ab") as out:
         for n, line in enumerate(torn_lines, start=1):
-            record = {
-                k: last[k] for k in ("ts", "worker", "task", "machine", "run", "stream")
-            }
+            record = {k: last[k] for k in ("ts", "worker", "task", "machine", "run", "stream")}
             record.update(seq=last["seq"] + n, line=line)
             out.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
         out.write(b'{"ts":"2026-12-04T00:00:00.000Z","worker":')  # cut mid-record
