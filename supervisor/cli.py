@@ -9,7 +9,9 @@ colour options, a usage error that shows the sub-command's own usage, and the en
 whose reader went away (``status --json | head``): quiet, exit 141.  The helpers the commands
 share are :mod:`supervisor.clicommon`'s; ``up``, ``check``, ``completion`` and the control
 commands are here, the read-only views in :mod:`supervisor.views`, ``cron`` in
-:mod:`supervisor.cron`, ``logs`` in :mod:`supervisor.logcmd`.
+:mod:`supervisor.cron`, ``logs`` in :mod:`supervisor.logcmd`.  Those modules, and the fleet
+itself, are imported when their command runs: every start builds the whole parser, and no
+command should pay for the others' imports (``up``'s start-up CPU counts in every benchmark).
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import sys
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 from pydantic import ValidationError
 
 from supervisor import commands as control_commands
-from supervisor import logcmd, report
 from supervisor.allocator import keep_buffers
 from supervisor.clicommon import (
     PROG,
@@ -45,7 +46,6 @@ from supervisor.clicommon import (
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.config_errors import ConfigError
 from supervisor.console import write_final
-from supervisor.cron import cmd_cron
 from supervisor.exitcodes import (
     DETAILS,
     EXIT_BROKEN_PIPE,
@@ -55,7 +55,6 @@ from supervisor.exitcodes import (
     EXIT_NOTHING,
     EXIT_USAGE,
 )
-from supervisor.fleet import Deadline, Fleet
 from supervisor.ledger import LedgerError
 from supervisor.logwriter import LogUnwritable
 from supervisor.records import STREAMS
@@ -66,7 +65,9 @@ from supervisor.rundir import (
     prepare_socket_dir,
     prepare_state_dir,
 )
-from supervisor.views import cmd_report, cmd_runs, cmd_status
+
+if TYPE_CHECKING:
+    from supervisor.fleet import Deadline
 
 WORKSPACE_LOCK = ".agentize-fleet.lock"
 
@@ -76,6 +77,8 @@ WORKSPACE_LOCK = ".agentize-fleet.lock"
 
 def deadline_from(args: argparse.Namespace) -> Deadline:
     """``--until``, ``--max-duration`` and ``--grace`` as the shift's deadline."""
+    from supervisor.fleet import Deadline  # start-up: only `up` runs a fleet
+
     now = time.time()
     candidates = []
     if args.until:
@@ -91,6 +94,9 @@ def deadline_from(args: argparse.Namespace) -> Deadline:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the fleet in the foreground until every task has ended (or it is stopped)."""
+    from supervisor import report  # start-up: only `up` runs a fleet (and reports on it)
+    from supervisor.fleet import Fleet
+
     config = config_from(args, concurrency=args.concurrency)
     preflight(config)
     deadline = deadline_from(args)
@@ -209,6 +215,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Connect to every machine and tell whether it can run agents (exit 1 if one cannot)."""
     from supervisor.check import check_machine, format_check_table
     from supervisor.claim import Claimant, stale_after
+    from supervisor.fleet import Fleet
     from supervisor.hosts.local import LocalHost
 
     config = config_from(args)
@@ -284,6 +291,45 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 # -- the parser ---------------------------------------------------------------------------------
 
 
+# The commands whose modules only they need: imported when the command runs, not at every start
+# (the parser is built for every command, ``up`` included).
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``logs``: :func:`supervisor.logcmd.cmd_logs`."""
+    from supervisor import logcmd  # start-up: only `logs` reads logs
+
+    return logcmd.cmd_logs(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``status``: :func:`supervisor.views.cmd_status`."""
+    from supervisor import views  # start-up: only the views need it
+
+    return views.cmd_status(args)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``shifts``: :func:`supervisor.views.cmd_runs`."""
+    from supervisor import views  # start-up: only the views need it
+
+    return views.cmd_runs(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``report``: :func:`supervisor.views.cmd_report`."""
+    from supervisor import views  # start-up: only the views need it
+
+    return views.cmd_report(args)
+
+
+def cmd_cron(args: argparse.Namespace) -> int:
+    """``cron``: :func:`supervisor.cron.cmd_cron`."""
+    from supervisor import cron  # start-up: only `cron` needs it
+
+    return cron.cmd_cron(args)
+
+
 def version() -> str:
     """The installed distribution's version (the source tree's when not installed)."""
     from importlib.metadata import PackageNotFoundError
@@ -293,6 +339,21 @@ def version() -> str:
         return dist_version(PROG)
     except PackageNotFoundError:
         return "0+unknown"
+
+
+class _VersionAction(argparse._VersionAction):
+    """``--version``, the version looked up only when asked for: finding it scans the installed
+    distributions, which every other start would pay for."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        self.version = f"{PROG} {version()}"
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _exit_code_list() -> str:
@@ -411,8 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version",
-        action="version",
-        version=f"{PROG} {version()}",
+        action=_VersionAction,
         help="print the version and exit",
     )
     _config_option(parser, top=True)
@@ -484,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command(
         "logs",
         "print a shift's log (-f: follow it)",
-        logcmd.cmd_logs,
+        cmd_logs,
         description="Print the records of a shift (the latest, or --shift ID) with the live "
         "view's prefixes, or raw with --json; -f keeps following until the fleet ends.",
     )

@@ -16,17 +16,20 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
 from pydantic import ValidationError
 
 from supervisor.config import TaskConfig
-from supervisor.ledger import Ledger, TaskRecord
 from supervisor.lifecycle import WorkerState
-from supervisor.logwriter import LogMux
-from supervisor.scheduling import StartsGate, StopControl
-from supervisor.worker import Worker
+
+if TYPE_CHECKING:  # the fleet's side, only named here: the CLI's commands import this table
+    import structlog
+
+    from supervisor.ledger import Ledger, TaskRecord
+    from supervisor.logwriter import LogMux
+    from supervisor.scheduling import StartsGate, StopControl
+    from supervisor.worker import Worker
 
 Request = dict[str, Any]
 Answer = dict[str, Any]
