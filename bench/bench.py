@@ -1282,6 +1282,7 @@ class Bench:
     def throughput(self) -> None:
         s = self.sizes
         lost_ok = True
+        line_by_line: dict[int, tuple[Throughput, Throughput]] = {}
         for procs, block in s.floods:
             results: dict[str, Throughput] = {}
             for peer, fn in (
@@ -1410,10 +1411,42 @@ class Bench:
                 af.rate >= 8 * hon.rate,
                 f"{af.rate:,.0f} vs {hon.rate:,.0f} lines/s ({af.rate / hon.rate:.1f}×)",
             )
+            if block == 1 and af.sup_cpu is not None and sd.sup_cpu is not None:
+                line_by_line[procs] = (af, sd)
+                ratio = (af.sup_cpu / af.expected) / (sd.sup_cpu / sd.expected)
+                self.target(
+                    f"{w}: supervisor CPU per line ≤ 1.5× supervisord's (issue 14)",
+                    ratio <= 1.5,
+                    f"{1e6 * af.sup_cpu / af.expected:.3f} vs "
+                    f"{1e6 * sd.sup_cpu / sd.expected:.3f} µs ({ratio:.2f}×)",
+                )
         self.target(
             "no line lost or reordered within a worker, anywhere",
             lost_ok,
             "every sink counted and checked line by line",
+        )
+        self.split_cpu(line_by_line)
+
+    def split_cpu(self, runs: dict[int, tuple[Throughput, Throughput]]) -> None:
+        """A note: each supervisor's CPU split into what it pays once (start-up, shutdown
+        excluded) and what it pays per line, from its two line-by-line runs (4 and 16
+        processes) of this bench: the per-line part is the slope between them."""
+        if len(runs) < 2:
+            return
+        few, many = min(runs), max(runs)
+        parts = []
+        for index, peer in enumerate((AF, SD)):
+            a, b = runs[few][index], runs[many][index]
+            assert a.sup_cpu is not None and b.sup_cpu is not None
+            slope = (b.sup_cpu - a.sup_cpu) / (b.expected - a.expected)
+            parts.append(
+                f"{peer} {1e9 * slope:.0f} ns a line + {a.sup_cpu - slope * a.expected:.2f} s"
+            )
+        self.notes.append(
+            f"supervisor CPU, from the {few}- and {many}-process line-by-line runs (the slope "
+            f"between them is the cost per line, the rest the cost paid once): "
+            + "; ".join(parts)
+            + "."
         )
 
     def restart(self) -> None:
