@@ -107,28 +107,32 @@ _SEQ_PLAIN = tuple(b"%d" % n for n in range(_SEQ_GROUP))
 _SEQ_PADDED = tuple(b"%04d" % n for n in range(_SEQ_GROUP))
 
 
-def _json_contents(block: bytes) -> tuple[bytes, bytes]:
-    """``block`` made valid UTF-8 (U+FFFD for what is not), and the same JSON-escaped with its
-    newlines kept as they are.
+def _valid_utf8(block: bytes) -> bytes:
+    """``block`` made valid UTF-8 (U+FFFD for what is not): the same object when it is."""
+    if not block.isascii():
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            block = block.decode("utf-8", "replace").encode("utf-8")
+    return block
+
+
+def _json_escaped(text: bytes) -> bytes:
+    """``text`` (valid UTF-8) JSON-escaped with its newlines kept as they are.
 
     Most output needs no escaping at all; a ``memchr`` for each byte JSON escapes tells (all of
     them are ASCII, and UTF-8 never uses ASCII bytes inside a multi-byte character); when some
     are there, the deleting ``translate`` shows which, and one ``replace`` per such byte escapes
     the block.
     """
-    if not block.isascii():
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            block = block.decode("utf-8", "replace").encode("utf-8")
-    if not any(map(block.__contains__, _SPECIALS)):
-        return block, block
-    escaped = block
-    present = set(block.translate(None, _ORDINARY))
+    if not any(map(text.__contains__, _SPECIALS)):
+        return text
+    escaped = text
+    present = set(text.translate(None, _ORDINARY))
     for byte, replacement in _JSON_ESCAPES.items():  # the backslash first
         if byte in present:
             escaped = escaped.replace(bytes((byte,)), replacement)
-    return block, escaped
+    return escaped
 
 
 def _one_slot(high: int) -> bytes:
@@ -165,6 +169,53 @@ def _seq_slots(first: int, count: int, tail: bytes) -> tuple[bytes, tuple[bytes,
         done += size
     pairs[-1] += tail
     return b"%s%s", tuple(pairs)
+
+
+def encode_lines_py(text: bytes, head: bytes, first: int, tail: bytes) -> tuple[bytes, int]:
+    """The output records of a block of lines, and how many: the fast path in Python.
+
+    ``text`` is the lines joined by newlines (valid UTF-8), ``head`` every field of a record
+    up to ``"seq":``, ``first`` the first record's seq, ``tail`` what follows the last
+    record's seq (``,"off":N``).  No line becomes a Python object: the records of a block
+    differ only in ``seq`` and ``line``, so the escaped block (:func:`_json_escaped`) becomes
+    one ``%`` format by turning each newline into the end of one record and the start of the
+    next (which also counts the lines: each newline grows the block by the same number of
+    bytes), and the seqs come from tables (:func:`_seq_slots`: one ``%s`` per record, the
+    digits the block's records share written once).  A few C passes over the block, whatever
+    its line count; ``supervisor/_recordenc.c`` does the same in one.
+    """
+    escaped = _json_escaped(text)
+    if b"%" in escaped:
+        escaped = escaped.replace(b"%", b"%%")
+    if b"%" in head:
+        head = head.replace(b"%", b"%%")
+    slot = _one_slot(first // _SEQ_GROUP)
+    between = _RECORD_END + head + slot + _LINE_KEY
+    body = escaped.replace(b"\n", between)
+    count = (len(body) - len(escaped)) // (len(between) - 1) + 1
+    slot_used, args = _seq_slots(first, count, tail)
+    if slot_used != slot:  # the block crosses into the next group: two slots a record
+        between = _RECORD_END + head + slot_used + _LINE_KEY
+        body = escaped.replace(b"\n", between)
+    form = b"".join((between[len(_RECORD_END) :], body, _RECORD_END))
+    return form % args, count
+
+
+EncodeLines = Callable[[bytes, bytes, int, bytes], tuple[bytes, int]]
+
+
+def _c_encoder() -> EncodeLines | None:
+    """The C encoder, if it was built (the install had a C compiler)."""
+    try:
+        from supervisor._recordenc import encode
+    except ImportError:
+        return None
+    return encode
+
+
+#: The encoder the writer uses: the C one (``supervisor/_recordenc.c``), else
+#: :func:`encode_lines_py`; both give exactly the schema's bytes (tested for any input).
+encode_lines: EncodeLines = _c_encoder() or encode_lines_py
 
 
 # -- the file ----------------------------------------------------------------------------------
@@ -295,7 +346,7 @@ class LogMux:
     # records ---------------------------------------------------------------------------
 
     def _head(self, tag: Tag, stream: str, ts: str) -> bytes:
-        """Every field of an output record up to ``"seq":``, as a ``%`` format (``%%``).
+        """Every field of an output record up to ``"seq":``.
 
         The fields after ``ts`` are the same for every block of one worker's run and stream:
         made once (by ``json``, in the schema's order), kept.
@@ -310,7 +361,7 @@ class LogMux:
                 )
             )
             text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-            rest = ("," + text[1:-1] + ',"seq":').encode("utf-8", "replace").replace(b"%", b"%%")
+            rest = ("," + text[1:-1] + ',"seq":').encode("utf-8", "replace")
             if len(self._heads) > _HEADS_KEPT:
                 self._heads.clear()  # runs that ended long ago
             self._heads[(tag, stream)] = rest
@@ -325,34 +376,17 @@ class LogMux:
         so after a crash the last ``off`` in the log says exactly where a re-adopting
         supervisor must resume reading: nothing lost, nothing repeated.
 
-        An agent can print a million lines a second, so no line becomes a Python object: the
-        records of a block differ only in ``seq`` and ``line``, so the block (escaped by
-        :func:`_json_contents`) becomes one ``%`` format by turning each newline into the end
-        of one record and the start of the next (which also counts the lines: each newline
-        grows the block by the same number of bytes), and the seqs come from tables
-        (:func:`_seq_slots`: one ``%s`` per record, the digits the block's records share written
-        once).  That is a few C passes over the block, whatever its line count.
+        An agent can print a million lines a second: a block becomes its records in one call
+        of :data:`encode_lines`, whatever its line count.
         """
         now = self._clock()
-        text, escaped = _json_contents(block)
-        if b"%" in escaped:
-            escaped = escaped.replace(b"%", b"%%")
-        head = self._head(tag, stream, utc_timestamp(now))
+        text = _valid_utf8(block)
         seq = self._seq.get(tag.worker, 0)
-        # One slot per record if the block stays within one seq group (see _seq_slots); the
-        # line count follows from the body's growth (each newline adds the same bytes).
-        slot = _one_slot((seq + 1) // _SEQ_GROUP)
-        between = _RECORD_END + head + slot + _LINE_KEY
-        body = escaped.replace(b"\n", between)
-        count = (len(body) - len(escaped)) // (len(between) - 1) + 1
-        slot_used, args = _seq_slots(seq + 1, count, b',"off":%d' % end_offset)
-        if slot_used != slot:  # the block crosses into the next group: two slots a record
-            between = _RECORD_END + head + slot_used + _LINE_KEY
-            body = escaped.replace(b"\n", between)
+        head = self._head(tag, stream, utc_timestamp(now))
+        batch, count = encode_lines(text, head, seq + 1, b',"off":%d' % end_offset)
         self._seq[tag.worker] = seq + count
         self.last_output[tag.worker] = now
-        form = b"".join((between[len(_RECORD_END) :], body, _RECORD_END))
-        self._append(form % args, output=True)
+        self._append(batch, output=True)
         if self._renderer is not None:
             self._console_pending.append(
                 self._renderer.render_text(tag.worker, tag.task, stream, text.decode("utf-8"))

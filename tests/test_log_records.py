@@ -49,6 +49,9 @@ BACKSLASHES = [
 ]
 BATCHES = [CLEAN, QUOTES_AND_CONTROLS, BACKSLASHES, ["one"], [""], ["é"], ["\t"]]
 
+# Every test here runs with each record encoder (the C one and the Python fast path).
+pytestmark = pytest.mark.usefixtures("each_encoder")
+
 
 def block(lines: list[str]) -> bytes:
     """Lines as :class:`~supervisor.lines.LineSplitter` gives them: one block of bytes."""

@@ -72,6 +72,9 @@ PIECES = [
 ]
 NAMES = ["w1", 'w"2', "w\\3", "w%s", "wé", "w\x01", "100% fleet %d"]
 
+# Every test here runs with each record encoder (the C one and the Python fast path).
+pytestmark = pytest.mark.usefixtures("each_encoder")
+
 
 def random_output(rng: random.Random, size: int) -> bytes:
     return b"".join(rng.choices(PIECES, k=size))

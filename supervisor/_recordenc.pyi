@@ -1,0 +1,3 @@
+"""The output records of a block of agent lines, in C (see ``_recordenc.c``)."""
+
+def encode(block: bytes, head: bytes, first_seq: int, tail: bytes, /) -> tuple[bytes, int]: ...
