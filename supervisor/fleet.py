@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from supervisor import commands, control, report, spend, stall
+from supervisor import commands, control, report, spend, stall, watches
 from supervisor.agents.render import render_line
 from supervisor.config import FleetConfig, TaskConfig
 from supervisor.console import ConsoleRenderer
@@ -51,7 +51,7 @@ from supervisor.ledger import Ledger, LedgerUnwritable, ShiftRecord, TaskRecord
 from supervisor.lifecycle import WorkerState
 from supervisor.limits import LimitDetector, LimitPatterns, shared_detector
 from supervisor.logwriter import LogMux, LogUnwritable, Tag, route_structlog
-from supervisor.machines import Machines, build_hosts, clock
+from supervisor.machines import Machines, build_hosts
 from supervisor.outcome import WorkerStatus, usage_wait_too_long
 from supervisor.recovery import Recovery, recover
 from supervisor.rundir import (
@@ -64,7 +64,6 @@ from supervisor.scheduling import SlotPool, StartGate, StartsGate, StopControl
 from supervisor.worker import Worker
 from supervisor.workspace import Clone
 
-STUCK_CHECK = 1.0
 CLEANUP_TIMEOUT = 15.0
 _AGAIN = frozenset({"failed", "stopped", "lost"})
 
@@ -386,9 +385,9 @@ class Fleet:
         if not self.starts.closed:
             self.log.warning("starts-closed", msg=f"■ no new runs: {reason}", reason=reason)
         self.starts.close(reason)
-        self._wake_workers()
+        self.wake_workers()
 
-    def _wake_workers(self) -> None:
+    def wake_workers(self) -> None:
         """New runs were closed: a task waiting out a backoff or a usage hold stops waiting
         (it would never start again), so the shift ends with its running runs."""
         for worker in self.workers:
@@ -413,14 +412,14 @@ class Fleet:
                 self._services = self.machines.tg = services
                 services.start_soon(self.mux.flush_periodically)
                 services.start_soon(self.ledger.keep_writing)
-                services.start_soon(self._handle_signals)
+                services.start_soon(watches.handle_signals, self)
                 await self.machines.preflight()
                 self._fail_without_machines()
                 recovery = await recover(self, self.died)
                 self._close_dead_shifts(recovery)
                 services.start_soon(self.machines.keep_leases, self.supervised_runs)
-                services.start_soon(self._keep_deadlines)
-                services.start_soon(self._give_up_when_stuck)
+                services.start_soon(watches.keep_deadlines, self)
+                services.start_soon(watches.give_up_when_stuck, self)
                 services.start_soon(stall.watch, self)
                 self._restore_holds()
                 await self._serve_control(services)
@@ -435,7 +434,7 @@ class Fleet:
                     for worker in self.workers:
                         workers.start_soon(worker.run)
                     if self.watch is not None:
-                        workers.start_soon(self._watch_source)
+                        workers.start_soon(watches.watch_source, self)
                 self._workers_tg = None
                 services.cancel_scope.cancel()
             summary = self._summary()
@@ -517,85 +516,6 @@ class Fleet:
                     report.dead_shift_summary(
                         self.ledger, shift_id, shift_dir, found_by=self.shift_id, notes=notes
                     ),
-                )
-
-    async def _give_up_when_stuck(self) -> None:
-        """When every task left waits for a machine that cannot be reached (its run there, or
-        a slot there), and has for long enough (:meth:`Machines.hopeless`), nothing more
-        happens until the machine is back: rather than wait for ever, the shift gives those
-        tasks up (``lost``; their runs there stay open in the ledger, for the next ``up`` to
-        look at).  Checked twice, a second apart, so that a worker between two steps is not
-        taken for a blocked one."""
-        stuck_before: set[str] = set()
-        while True:
-            await self.machines.until_one_is_out()
-            await anyio.sleep(STUCK_CHECK)
-            waits = {w.waiting_for for w in self.workers if not w.status.state.final}
-            stuck = bool(waits) and all(m is not None and self.machines.hopeless(m) for m in waits)
-            names = {str(m) for m in waits} if stuck else set()
-            if "*" in names:
-                names = {v.name for v in self.machines if self.machines.hopeless(v.name)}
-            if names and names == stuck_before:
-                self.machines.give_up(sorted(names))
-                return
-            stuck_before = names
-
-    async def _keep_deadlines(self) -> None:
-        soft, hard = self.deadline.soft, self.deadline.hard
-        if soft is None:
-            return
-        await anyio.sleep(max(0.0, soft - time.time()))
-        self.deadline_hit = True
-        self.starts.close(f"soft deadline {clock(soft)} reached")
-        self._wake_workers()
-        self.log.info(
-            "deadline-soft",
-            msg=f"⏰ soft deadline {clock(soft)}: no new runs; running ones may finish until "
-            f"{clock(hard) if hard else 'they end'}",
-        )
-        if hard is None:
-            return
-        await anyio.sleep(max(0.0, hard - time.time()))
-        self.log.info("deadline-hard", msg=f"⏰ hard deadline {clock(hard)}: stopping all runs")
-        self.stop.request("hard deadline")
-
-    async def _handle_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.stop.requested.is_set():
-                    self.log.info("stop-forced", msg=f"{name} again: killing runs now")
-                else:
-                    self.log.info(
-                        "stopping",
-                        msg=f"{name}: stopping all runs (SIGTERM, then SIGKILL after "
-                        f"{self.config.stop_timeout:g}s; {name} again to kill now)",
-                    )
-                self.stop.request(name)
-
-    async def _watch_source(self) -> None:
-        """``--watch``: re-read the task source every poll interval and queue new tasks."""
-        assert self.watch is not None
-        interval = self.config.tasks.poll_interval
-        while not self.stop.requested.is_set() and not self.starts.closed:
-            with anyio.move_on_after(interval):
-                await self.stop.requested.wait()
-            if self.stop.requested.is_set() or self.starts.closed:
-                return
-            try:
-                tasks = await self.watch()
-            except Exception as exc:  # a failing source is logged and polled again
-                self.log.warning("source-failed", msg=f"task source failed: {exc}")
-                continue
-            for task in tasks:
-                if self.worker_for(task.issue) is not None:
-                    continue
-                record = self.ledger.task(task.issue)
-                if record is not None and record.state == WorkerState.DONE:
-                    continue
-                self.add_task(task, record=record, again=record is not None, origin="github")
-                self.log.info(
-                    "task-added", msg=f"task #{task.issue} found by --watch", task=task.issue
                 )
 
     # steering ---------------------------------------------------------------------------------

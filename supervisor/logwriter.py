@@ -44,6 +44,7 @@ from typing import Any, Final
 import anyio
 import structlog
 
+from supervisor import recordenc
 from supervisor.console import ConsoleRenderer, ConsoleSink
 from supervisor.records import (
     FIELDS,
@@ -79,143 +80,6 @@ class LogUnwritable(Exception):
             "make the state directory writable by this user and give its file system room "
             "(or choose another state_dir)"
         )
-
-
-# -- record encoding (the fast path) ---------------------------------------------------------
-
-_encode: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps's, ensure_ascii=False
-# The fast path fills in the two last fields of the schema itself, in this order.
-assert FIELDS[-2:] == ("seq", "line"), "LogMux.output writes seq (and off), then line"
-_RECORD_END = b'"}\n'
-_LINE_KEY = b',"line":"'
-#: The bytes JSON escapes (control characters, the quote, the backslash) but the newline:
-#: ``byte in block`` with an int is one ``memchr`` (vectorised), and looking for each of them
-#: in turn takes less time than one ``translate`` (a byte at a time): 34 against 41 ns for a
-#: line of 100 bytes.  (With one-byte ``bytes`` instead of ints, ``in`` first fails to read
-#: the argument as an int -- an exception raised and cleared per byte -- and takes 70.)
-_SPECIALS = tuple(b for b in (0x22, 0x5C, *range(0x20)) if b != 0x0A)
-#: Deleting these from a block leaves the bytes JSON escapes, and the newlines.
-_ORDINARY = bytes(b for b in range(0x20, 0x100) if b not in b'"\\')
-#: How JSON writes each byte it escapes (as the C encoder does); the backslash goes first.
-_JSON_ESCAPES = {b: _encode(chr(b))[1:-1].encode() for b in (0x5C, 0x22, *range(0x20)) if b != 0x0A}
-#: Seq numbers are ``high`` digits followed by four ``low`` ones: ``low`` comes from these
-#: tables, so that a block of records needs no number formatted per line; ``high`` is the same
-#: for every record of a block that stays within one group of 10,000 (almost every block), and
-#: is then written into the block's format once (see :func:`_seq_slots`).
-_SEQ_GROUP = 10_000
-_SEQ_PLAIN = tuple(b"%d" % n for n in range(_SEQ_GROUP))
-_SEQ_PADDED = tuple(b"%04d" % n for n in range(_SEQ_GROUP))
-
-
-def _valid_utf8(block: bytes) -> bytes:
-    """``block`` made valid UTF-8 (U+FFFD for what is not): the same object when it is."""
-    if not block.isascii():
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            block = block.decode("utf-8", "replace").encode("utf-8")
-    return block
-
-
-def _json_escaped(text: bytes) -> bytes:
-    """``text`` (valid UTF-8) JSON-escaped with its newlines kept as they are.
-
-    Most output needs no escaping at all; a ``memchr`` for each byte JSON escapes tells (all of
-    them are ASCII, and UTF-8 never uses ASCII bytes inside a multi-byte character); when some
-    are there, the deleting ``translate`` shows which, and one ``replace`` per such byte escapes
-    the block.
-    """
-    if not any(map(text.__contains__, _SPECIALS)):
-        return text
-    escaped = text
-    present = set(text.translate(None, _ORDINARY))
-    for byte, replacement in _JSON_ESCAPES.items():  # the backslash first
-        if byte in present:
-            escaped = escaped.replace(bytes((byte,)), replacement)
-    return escaped
-
-
-def _one_slot(high: int) -> bytes:
-    """A record's seq in a block's ``%`` format when its high digits are shared."""
-    return b"%d%%s" % high if high else b"%s"
-
-
-def _seq_slots(first: int, count: int, tail: bytes) -> tuple[bytes, tuple[bytes, ...]]:
-    """How ``count`` records numbered from ``first`` write their seqs: what stands for a
-    record's seq in the block's ``%`` format, and the arguments (``tail``, ``,"off":N``, after
-    the last record's digits).
-
-    A block within one group of :data:`_SEQ_GROUP` has one slot per record, its shared high
-    digits written into the format: a slot costs the formatting a few nanoseconds a line.  A
-    block that crosses into the next group (one in 10,000 records) has two: its high digits
-    and its low ones.
-    """
-    high, low = divmod(first, _SEQ_GROUP)
-    if low + count <= _SEQ_GROUP:
-        table = _SEQ_PADDED if high else _SEQ_PLAIN
-        args = (*table[low : low + count - 1], table[low + count - 1] + tail)
-        return _one_slot(high), args
-    pairs: list[bytes] = [b""] * (2 * count)
-    done = 0
-    while done < count:
-        high, low = divmod(first + done, _SEQ_GROUP)
-        size = min(count - done, _SEQ_GROUP - low)
-        at = 2 * done
-        if high:
-            pairs[at : at + 2 * size : 2] = [b"%d" % high] * size
-            pairs[at + 1 : at + 2 * size : 2] = _SEQ_PADDED[low : low + size]
-        else:
-            pairs[at + 1 : at + 2 * size : 2] = _SEQ_PLAIN[low : low + size]
-        done += size
-    pairs[-1] += tail
-    return b"%s%s", tuple(pairs)
-
-
-def encode_lines_py(text: bytes, head: bytes, first: int, tail: bytes) -> tuple[bytes, int]:
-    """The output records of a block of lines, and how many: the fast path in Python.
-
-    ``text`` is the lines joined by newlines (valid UTF-8), ``head`` every field of a record
-    up to ``"seq":``, ``first`` the first record's seq, ``tail`` what follows the last
-    record's seq (``,"off":N``).  No line becomes a Python object: the records of a block
-    differ only in ``seq`` and ``line``, so the escaped block (:func:`_json_escaped`) becomes
-    one ``%`` format by turning each newline into the end of one record and the start of the
-    next (which also counts the lines: each newline grows the block by the same number of
-    bytes), and the seqs come from tables (:func:`_seq_slots`: one ``%s`` per record, the
-    digits the block's records share written once).  A few C passes over the block, whatever
-    its line count; ``supervisor/_recordenc.c`` does the same in one.
-    """
-    escaped = _json_escaped(text)
-    if b"%" in escaped:
-        escaped = escaped.replace(b"%", b"%%")
-    if b"%" in head:
-        head = head.replace(b"%", b"%%")
-    slot = _one_slot(first // _SEQ_GROUP)
-    between = _RECORD_END + head + slot + _LINE_KEY
-    body = escaped.replace(b"\n", between)
-    count = (len(body) - len(escaped)) // (len(between) - 1) + 1
-    slot_used, args = _seq_slots(first, count, tail)
-    if slot_used != slot:  # the block crosses into the next group: two slots a record
-        between = _RECORD_END + head + slot_used + _LINE_KEY
-        body = escaped.replace(b"\n", between)
-    form = b"".join((between[len(_RECORD_END) :], body, _RECORD_END))
-    return form % args, count
-
-
-EncodeLines = Callable[[bytes, bytes, int, bytes], tuple[bytes, int]]
-
-
-def _c_encoder() -> EncodeLines | None:
-    """The C encoder, if it was built (the install had a C compiler)."""
-    try:
-        from supervisor._recordenc import encode
-    except ImportError:
-        return None
-    return encode
-
-
-#: The encoder the writer uses: the C one (``supervisor/_recordenc.c``), else
-#: :func:`encode_lines_py`; both give exactly the schema's bytes (tested for any input).
-encode_lines: EncodeLines = _c_encoder() or encode_lines_py
 
 
 # -- the file ----------------------------------------------------------------------------------
@@ -377,13 +241,13 @@ class LogMux:
         supervisor must resume reading: nothing lost, nothing repeated.
 
         An agent can print a million lines a second: a block becomes its records in one call
-        of :data:`encode_lines`, whatever its line count.
+        of :data:`supervisor.recordenc.encode_lines`, whatever its line count.
         """
         now = self._clock()
-        text = _valid_utf8(block)
+        text = recordenc.valid_utf8(block)
         seq = self._seq.get(tag.worker, 0)
         head = self._head(tag, stream, utc_timestamp(now))
-        batch, count = encode_lines(text, head, seq + 1, b',"off":%d' % end_offset)
+        batch, count = recordenc.encode_lines(text, head, seq + 1, b',"off":%d' % end_offset)
         self._seq[tag.worker] = seq + count
         self.last_output[tag.worker] = now
         self._append(batch, output=True)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from supervisor import logwriter
+from supervisor import recordenc
 from supervisor.hosts.base import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +54,12 @@ def unstartable_spec(base: Path) -> RunSpec:
 # The real-sshd fixtures (tests/sshd.py), for the SSH test modules.
 from tests.sshd import client_key, closed_port, session_reaper, sshd, sshd2  # noqa: E402, F401
 
-_C_ENCODER = logwriter._c_encoder()
+_C_ENCODER = recordenc.c_encoder()
 
 
 @pytest.fixture(
     params=[
-        pytest.param(logwriter.encode_lines_py, id="python-encoder"),
+        pytest.param(recordenc.encode_lines_py, id="python-encoder"),
         pytest.param(
             _C_ENCODER,
             id="c-encoder",
@@ -72,11 +72,11 @@ _C_ENCODER = logwriter._c_encoder()
 )
 def each_encoder(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> logwriter.EncodeLines:
+) -> recordenc.EncodeLines:
     """The test runs once with each record encoder the writer can use (the C one and the
     Python fast path): both must write exactly the schema's bytes."""
-    encoder: logwriter.EncodeLines = request.param
-    monkeypatch.setattr(logwriter, "encode_lines", encoder)
+    encoder: recordenc.EncodeLines = request.param
+    monkeypatch.setattr(recordenc, "encode_lines", encoder)
     return encoder
 
 
