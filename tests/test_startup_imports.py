@@ -61,3 +61,37 @@ def test_the_parser_imports_no_command_module(cli_only: set[str]) -> None:
 def test_a_local_up_imports_neither_ssh_nor_other_commands(local_up: set[str]) -> None:
     assert "supervisor.fleet" in local_up  # the probe does import what `up` runs
     assert among(local_up, OTHER_COMMANDS + SSH) == []
+
+
+CONSOLE_SCRIPT = """
+import gc, sys
+seen = []
+
+
+class Watch:  # notes whether the collector is on when supervisor.cli is imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "supervisor.cli":
+            seen.append(gc.isenabled())
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+from supervisor import entry
+sys.argv = ["agentize-fleet", "--version"]
+try:
+    entry.main()
+except SystemExit as exit:
+    print(seen, gc.isenabled(), exit.code)
+"""
+
+
+def test_the_console_script_imports_with_the_collector_off_and_runs_with_it_on() -> None:
+    """``agentize-fleet`` (``supervisor.entry:main``) imports the program with the garbage
+    collector off (start-up makes no garbage) and runs the command with it on again."""
+    out = subprocess.run(
+        [sys.executable, "-c", CONSOLE_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("agentize-fleet "), out.stdout  # the command ran: --version
+    assert lines[-1] == "[False] True 0", out.stdout
