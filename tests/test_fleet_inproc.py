@@ -118,13 +118,17 @@ async def test_a_usage_limit_holds_the_machine_and_gives_the_slot_back(tmp_path:
 async def test_a_reset_time_is_read_in_the_machines_time_zone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ "resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there."""
+    """ "resets 5pm" printed on a machine whose zone is not the supervisor's means 5pm there
+    (the hour the test uses is six hours ahead of the machine's clock, whenever it runs)."""
     monkeypatch.setattr("supervisor.workrun.random.random", lambda: 0.0)  # no reset jitter
     zone = "Pacific/Kiritimati"  # UTC+14: 5pm there is not 5pm here, wherever here is
     if datetime.now(ZoneInfo(zone)).utcoffset() == datetime.now().astimezone().utcoffset():
         pytest.skip("the supervisor runs in the machine's zone")
+    # Hours ahead of the machine's clock: never just passed (then it would mean "now").
+    hour = (datetime.now(ZoneInfo(zone)).hour + 6) % 24
+    said = f"{hour % 12 or 12}{'pm' if hour >= 12 else 'am'}"
     host = FakeHost(
-        scripts={1: [Script(exit=1, stdout=("5-hour limit reached ∙ resets 5pm",))]}, zone=zone
+        scripts={1: [Script(exit=1, stdout=(f"5-hour limit reached ∙ resets {said}",))]}, zone=zone
     )
     config = fake_config(tmp_path, [task(1)])
     fleet = Fleet(config, hosts={"local": host})
@@ -141,7 +145,7 @@ async def test_a_reset_time_is_read_in_the_machines_time_zone(
     with Ledger.reader(config.state_path) as ledger:  # type: ignore[union-attr]
         (hold,) = ledger.holds()
     there = datetime.fromtimestamp(hold["until"], ZoneInfo(zone))
-    assert (there.hour, there.minute) == (17, 0), there
+    assert (there.hour, there.minute) == (hour, 0), there
     assert until_at == 0.0 or until_at == hold["until"]
 
 
