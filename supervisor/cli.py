@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import logging
 import os
 import sys
@@ -291,43 +292,25 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 # -- the parser ---------------------------------------------------------------------------------
 
 
-# The commands whose modules only they need: imported when the command runs, not at every start
-# (the parser is built for every command, ``up`` included).
+def _deferred(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command whose module only it needs (``logs``, the views, ``cron``): imported when the
+    command runs, not at every start (the parser is built for every command, ``up`` included)."""
+
+    def run(args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(module), name
+        )
+        return command(args)
+
+    run.__doc__ = f"``{name}`` of :mod:`{module}`, imported when it runs."
+    return run
 
 
-def cmd_logs(args: argparse.Namespace) -> int:
-    """``logs``: :func:`supervisor.logcmd.cmd_logs`."""
-    from supervisor import logcmd  # start-up: only `logs` reads logs
-
-    return logcmd.cmd_logs(args)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """``status``: :func:`supervisor.views.cmd_status`."""
-    from supervisor import views  # start-up: only the views need it
-
-    return views.cmd_status(args)
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    """``shifts``: :func:`supervisor.views.cmd_runs`."""
-    from supervisor import views  # start-up: only the views need it
-
-    return views.cmd_runs(args)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """``report``: :func:`supervisor.views.cmd_report`."""
-    from supervisor import views  # start-up: only the views need it
-
-    return views.cmd_report(args)
-
-
-def cmd_cron(args: argparse.Namespace) -> int:
-    """``cron``: :func:`supervisor.cron.cmd_cron`."""
-    from supervisor import cron  # start-up: only `cron` needs it
-
-    return cron.cmd_cron(args)
+cmd_logs = _deferred("supervisor.logcmd", "cmd_logs")
+cmd_status = _deferred("supervisor.views", "cmd_status")
+cmd_runs = _deferred("supervisor.views", "cmd_runs")
+cmd_report = _deferred("supervisor.views", "cmd_report")
+cmd_cron = _deferred("supervisor.cron", "cmd_cron")
 
 
 def version() -> str:

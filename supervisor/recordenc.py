@@ -29,12 +29,10 @@ _LINE_KEY = b',"line":"'
 _SPECIALS = tuple(b for b in (0x22, 0x5C, *range(0x20)) if b != 0x0A)
 #: Deleting these from a block leaves the bytes JSON escapes, and the newlines.
 _ORDINARY = bytes(b for b in range(0x20, 0x100) if b not in b'"\\')
-#: How JSON writes each byte it escapes (as the C encoder does); the backslash goes first.
+#: How JSON writes each byte it escapes (as ``json``'s own encoder does); the backslash first.
 _JSON_ESCAPES = {b: _encode(chr(b))[1:-1].encode() for b in (0x5C, 0x22, *range(0x20)) if b != 0x0A}
 #: Seq numbers are ``high`` digits followed by four ``low`` ones: ``low`` comes from these
-#: tables, so that a block of records needs no number formatted per line; ``high`` is the same
-#: for every record of a block that stays within one group of 10,000 (almost every block), and
-#: is then written into the block's format once (see :func:`_seq_slots`).
+#: tables, so that a block of records needs no number formatted per line (see :func:`_seq_args`).
 _SEQ_GROUP = 10_000
 
 
@@ -74,27 +72,10 @@ def _json_escaped(text: bytes) -> bytes:
     return escaped
 
 
-def _one_slot(high: int) -> bytes:
-    """A record's seq in a block's ``%`` format when its high digits are shared."""
-    return b"%d%%s" % high if high else b"%s"
-
-
-def _seq_slots(first: int, count: int, tail: bytes) -> tuple[bytes, tuple[bytes, ...]]:
-    """How ``count`` records numbered from ``first`` write their seqs: what stands for a
-    record's seq in the block's ``%`` format, and the arguments (``tail``, ``,"off":N``, after
-    the last record's digits).
-
-    A block within one group of :data:`_SEQ_GROUP` has one slot per record, its shared high
-    digits written into the format: a slot costs the formatting a few nanoseconds a line.  A
-    block that crosses into the next group (one in 10,000 records) has two: its high digits
-    and its low ones.
-    """
+def _seq_args(first: int, count: int, tail: bytes) -> tuple[bytes, ...]:
+    """The ``%s%s`` arguments of ``count`` records numbered from ``first``: each record's high
+    digits and its low four (from the tables), ``tail`` (``,"off":N``) after the last one's."""
     plain, padded = _seq_tables()
-    high, low = divmod(first, _SEQ_GROUP)
-    if low + count <= _SEQ_GROUP:
-        table = padded if high else plain
-        args = (*table[low : low + count - 1], table[low + count - 1] + tail)
-        return _one_slot(high), args
     pairs: list[bytes] = [b""] * (2 * count)
     done = 0
     while done < count:
@@ -108,7 +89,7 @@ def _seq_slots(first: int, count: int, tail: bytes) -> tuple[bytes, tuple[bytes,
             pairs[at + 1 : at + 2 * size : 2] = plain[low : low + size]
         done += size
     pairs[-1] += tail
-    return b"%s%s", tuple(pairs)
+    return tuple(pairs)
 
 
 def encode_lines_py(text: bytes, head: bytes, first: int, tail: bytes) -> tuple[bytes, int]:
@@ -120,25 +101,19 @@ def encode_lines_py(text: bytes, head: bytes, first: int, tail: bytes) -> tuple[
     differ only in ``seq`` and ``line``, so the escaped block (:func:`_json_escaped`) becomes
     one ``%`` format by turning each newline into the end of one record and the start of the
     next (which also counts the lines: each newline grows the block by the same number of
-    bytes), and the seqs come from tables (:func:`_seq_slots`: one ``%s`` per record, the
-    digits the block's records share written once).  A few C passes over the block, whatever
-    its line count; ``supervisor/_recordenc.c`` does the same in one.
+    bytes), and the seqs come from tables (:func:`_seq_args`).  A few C passes over the block,
+    whatever its line count; ``supervisor/_recordenc.c`` does the same in one.
     """
     escaped = _json_escaped(text)
     if b"%" in escaped:
         escaped = escaped.replace(b"%", b"%%")
     if b"%" in head:
         head = head.replace(b"%", b"%%")
-    slot = _one_slot(first // _SEQ_GROUP)
-    between = _RECORD_END + head + slot + _LINE_KEY
+    between = _RECORD_END + head + b"%s%s" + _LINE_KEY
     body = escaped.replace(b"\n", between)
     count = (len(body) - len(escaped)) // (len(between) - 1) + 1
-    slot_used, args = _seq_slots(first, count, tail)
-    if slot_used != slot:  # the block crosses into the next group: two slots a record
-        between = _RECORD_END + head + slot_used + _LINE_KEY
-        body = escaped.replace(b"\n", between)
     form = b"".join((between[len(_RECORD_END) :], body, _RECORD_END))
-    return form % args, count
+    return form % _seq_args(first, count, tail), count
 
 
 EncodeLines = Callable[[bytes, bytes, int, bytes], tuple[bytes, int]]
